@@ -1,0 +1,172 @@
+"""Domain types that cross the engine boundary: what a caller submits and what it streams back.
+
+Protobuf types never reach this far: `server/api/` translates to and from these.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator, Optional
+
+from server.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from server.lora.weights import LoraWeights
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_ABORT = "abort"
+FINISH_ERROR = "error"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings; temperature 0 means greedy."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: Optional[int] = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def validate(self, prompt_len: int, max_context: int) -> None:
+        """Raise InvalidRequestError naming the first field out of its range."""
+        if prompt_len < 1:
+            raise InvalidRequestError("prompt", "must contain at least one token")
+        if prompt_len >= max_context:
+            raise InvalidRequestError(
+                "prompt", f"is {prompt_len} tokens; the model's context is {max_context}, "
+                f"so a prompt may have at most {max_context - 1}")
+        if not 1 <= self.max_new_tokens <= max_context - prompt_len:
+            raise InvalidRequestError(
+                "max_new_tokens", f"is {self.max_new_tokens}; allowed range is "
+                f"[1, {max_context - prompt_len}] for this {prompt_len}-token prompt "
+                f"(context {max_context})")
+        if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 100.0):
+            raise InvalidRequestError("temperature", f"is {self.temperature}; allowed range is [0, 100]")
+        if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise InvalidRequestError("top_p", f"is {self.top_p}; allowed range is (0, 1]")
+        if not 0 <= self.top_k <= 1_000_000:
+            raise InvalidRequestError("top_k", f"is {self.top_k}; allowed range is [0, 1000000] (0 = off)")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InvalidRequestError("seed", f"is {self.seed}; allowed range is [0, 2^63)")
+        if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
+            raise InvalidRequestError("stop", "at most 16 non-empty strings of at most 256 characters")
+        if len(self.stop_token_ids) > 64:
+            raise InvalidRequestError("stop_token_ids", "at most 64 ids")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What the engine needs to serve one immutable adapter version.
+
+    `key` identifies the weights (a content digest): two specs with one key share
+    a device slot, and different keys never do. `load` returns host tensors and
+    may be slow (disk); the engine calls it off its own loop thread.
+    """
+
+    key: str
+    adapter_id: str
+    version: int
+    load: Callable[[], "LoraWeights"]
+
+
+@dataclass
+class Request:
+    prompt_token_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    adapter: Optional[AdapterSpec] = None
+    request_id: str = ""
+    tenant: str = "default"
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Delta:
+    """One increment of a request's output; the last one has `finish_reason` set."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: Optional[str] = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    adapter_id: str = ""
+    adapter_version: int = 0
+    error: Optional[BaseException] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class RequestStream:
+    """The per-request channel from the engine thread to one consumer.
+
+    The engine thread calls `put`; a consumer either iterates synchronously or,
+    when the stream was made with an event loop, with `async for`. An error
+    delta is raised to the consumer as its exception.
+    """
+
+    def __init__(self, request_id: str, loop: Optional[asyncio.AbstractEventLoop] = None):
+        self.request_id = request_id
+        self._loop = loop
+        self._aq: Optional[asyncio.Queue] = asyncio.Queue() if loop is not None else None
+        self._q: "queue.SimpleQueue[Delta]" = queue.SimpleQueue()
+        self._done = threading.Event()
+
+    def put(self, delta: Delta) -> None:
+        if self._done.is_set():
+            return
+        if delta.finished:
+            self._done.set()
+        if self._aq is not None and self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._aq.put_nowait, delta)
+            except RuntimeError:  # loop closed: the consumer is gone
+                pass
+        else:
+            self._q.put(delta)
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    def __iter__(self) -> Iterator[Delta]:
+        while True:
+            d = self._q.get()
+            if d.error is not None:
+                raise d.error
+            yield d
+            if d.finished:
+                return
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        assert self._aq is not None, "stream was created without an event loop"
+        while True:
+            d = await self._aq.get()
+            if d.error is not None:
+                raise d.error
+            yield d
+            if d.finished:
+                return
+
+    def collect(self) -> Delta:
+        """Block until finished and merge all deltas into one (for unary calls and tests)."""
+        ids: list[int] = []
+        texts: list[str] = []
+        last: Optional[Delta] = None
+        for d in self:
+            ids.extend(d.token_ids)
+            texts.append(d.text)
+            last = d
+        assert last is not None
+        return Delta(last.request_id, ids, "".join(texts), last.finish_reason, last.prompt_tokens,
+                     last.completion_tokens, last.adapter_id, last.adapter_version)
