@@ -1,0 +1,88 @@
+"""Attention over a flat mixed batch with a paged KV cache, on torch SDPA.
+
+Prefilling sequences start at position 0 (preemption recomputes from scratch), so
+their attention needs only their own new tokens: one causal SDPA call each. Decoding
+sequences read their whole context from the paged cache: one batched, masked SDPA
+call for all of them. On CUDA, `server.attention.backend` may swap in xformers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each token's K/V goes and what each query may read.
+
+    slot_mapping: [T] flat cache row of each new token (None: no cache, e.g. scoring).
+    prefill: (start, length) of every prefilling sequence's token run in the batch.
+    decode_rows: [D] batch rows of decoding tokens (None when there are none).
+    decode_kv: [D, L] flat cache rows of each decoding sequence's context, padded.
+    decode_mask: [D, 1, 1, L] True where a cache row is real context.
+    all_decode: every token is a decode token, in row order (no gather/scatter needed).
+    """
+
+    slot_mapping: Optional[torch.Tensor]
+    prefill: tuple[tuple[int, int], ...]
+    decode_rows: Optional[torch.Tensor] = None
+    decode_kv: Optional[torch.Tensor] = None
+    decode_mask: Optional[torch.Tensor] = None
+    all_decode: bool = False
+
+    @classmethod
+    def prefill_only(cls, lengths: list[int], device: torch.device,
+                     slot_mapping: Optional[torch.Tensor] = None) -> "AttentionMetadata":
+        runs, start = [], 0
+        for n in lengths:
+            runs.append((start, n))
+            start += n
+        return cls(slot_mapping=slot_mapping, prefill=tuple(runs))
+
+
+# Swappable prefill kernel (xformers on CUDA): fn(q [n, nh, hd], k [n, nkv, hd], v) -> [n, nh, hd].
+PrefillFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+    return out[0].transpose(0, 1)
+
+
+_prefill_fn: PrefillFn = sdpa_causal
+
+
+def set_prefill_backend(fn: PrefillFn) -> None:
+    global _prefill_fn  # noqa: PLW0603 (one process-wide backend, chosen once at start-up)
+    _prefill_fn = fn
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttentionMetadata,
+                    kv: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """q [T, nh, hd], k/v [T, nkv, hd] for the new tokens; returns [T, nh, hd]."""
+    if kv is not None and attn.slot_mapping is not None:
+        kv[0].index_copy_(0, attn.slot_mapping, k)
+        kv[1].index_copy_(0, attn.slot_mapping, v)
+    if attn.all_decode:
+        return _decode(q, attn, kv)
+    out = torch.empty_like(q)
+    for start, n in attn.prefill:
+        out[start:start + n] = _prefill_fn(q[start:start + n], k[start:start + n], v[start:start + n])
+    if attn.decode_rows is not None:
+        out.index_copy_(0, attn.decode_rows, _decode(q.index_select(0, attn.decode_rows), attn, kv))
+    return out
+
+
+def _decode(q: torch.Tensor, attn: AttentionMetadata,
+            kv: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    assert kv is not None and attn.decode_kv is not None, "decoding needs the KV cache"
+    kc = kv[0][attn.decode_kv].permute(0, 2, 1, 3)  # [D, nkv, L, hd]
+    vc = kv[1][attn.decode_kv].permute(0, 2, 1, 3)
+    out = F.scaled_dot_product_attention(q[:, :, None, :], kc, vc, attn_mask=attn.decode_mask,
+                                         enable_gqa=q.shape[1] != kc.shape[1])
+    return out[:, :, 0, :]

@@ -1,0 +1,290 @@
+"""The engine: one loop thread that schedules, runs the model, samples and streams.
+
+Callers on any thread `submit` a Request and read its RequestStream; `abort` frees
+a request's KV blocks and adapter slot at the loop's next turn (milliseconds, or
+the end of the step in flight). An exception inside one step fails only the
+requests in that step; the loop itself keeps running.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from server.engine.config import EngineConfig
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.kv_cache import BlockAllocator
+from server.engine.runner import ModelRunner
+from server.engine.sampler import make_generator, sample
+from server.engine.scheduler import FINISHED, Scheduler, Sequence
+from server.engine.types import (FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, AdapterSpec, Delta, Request,
+                                 RequestStream, SamplingParams)
+from server.errors import CapacityError, InvalidRequestError, LoraServeError, UnavailableError
+from server.lora.pool import AdapterPool
+from server.model.config import ModelConfig
+from server.model.llama import KVCache, LlamaForCausalLM
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_TOKENS = 16384
+MAX_DEFAULT_CONTEXT = 8192
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    last_batch_size: int
+    steps: int
+    adapters_on_device: int
+    adapter_slots_total: int
+    adapter_loads: int
+    adapter_load_failures: int
+    adapter_evictions: int
+    adapter_hits: int
+    adapter_misses: int
+    adapter_load_seconds_total: float
+
+
+class Engine:
+    def __init__(self, model: LlamaForCausalLM, tokenizer: Any, config: EngineConfig,
+                 model_dir: Optional[Path] = None):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.model_config: ModelConfig = model.config
+        self.model_dir = model_dir
+        self.device, self.dtype = model.device, model.dtype
+        bs = config.kv_block_size
+        kv_tokens = config.kv_cache_tokens or self._auto_kv_tokens()
+        self.max_model_len = min(config.max_model_len or min(self.model_config.max_position_embeddings,
+                                                              MAX_DEFAULT_CONTEXT),
+                                 model.max_len, kv_tokens)
+        self.blocks = BlockAllocator(-(-kv_tokens // bs), bs)
+        self.kv = KVCache.allocate(self.model_config, self.blocks.num_blocks, bs, self.dtype, self.device)
+        self.pool = AdapterPool(self.model_config, config.max_adapters_on_device, config.max_rank,
+                                self.device, self.dtype)
+        self.scheduler = Scheduler(self.blocks, self.pool, config.max_batch_size, config.max_batch_tokens)
+        self.runner = ModelRunner(model, self.kv, self.blocks, self.pool)
+        self.eos_ids = self._eos_ids()
+        self._inbox: "queue.SimpleQueue[tuple[str, Any]]" = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._live: set[str] = set()
+        self._accepting = False
+        self._stop = False
+        self._thread: Optional[threading.Thread] = None
+        self._last_batch = 0
+        self._steps = 0
+        log.info("engine: device=%s dtype=%s quantize=%s kv=%d tokens (%d blocks of %d) context=%d "
+                 "slots=%d max_rank=%d", self.device, str(self.dtype).replace("torch.", ""), model.quantize,
+                 self.blocks.num_blocks * bs, self.blocks.num_blocks, bs, self.max_model_len,
+                 config.max_adapters_on_device, config.max_rank)
+
+    # ---- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: EngineConfig) -> "Engine":
+        from server.model.loader import load_tokenizer, resolve_model
+
+        device = cfg.resolve_device()
+        dtype = cfg.resolve_dtype(device)
+        model_dir = resolve_model(cfg.model, cfg.resolve_home())
+        t0 = time.perf_counter()
+        model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype, device=device, quantize=cfg.quantize,
+                                                 max_len=cfg.max_model_len or None)
+        log.info("model %s loaded in %.2fs", model_dir, time.perf_counter() - t0)
+        return cls(model, load_tokenizer(model_dir), cfg, model_dir)
+
+    def _auto_kv_tokens(self) -> int:
+        if self.device.type != "cuda":
+            return DEFAULT_CPU_KV_TOKENS
+        free, _ = torch.cuda.mem_get_info(self.device)
+        per_token = KVCache.bytes_per_token(self.model_config, self.dtype)
+        return max(self.config.kv_block_size, int(free * 0.6) // per_token)
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids = set(self.model_config.eos_token_ids)
+        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
+        if tok_eos is not None:
+            ids.add(int(tok_eos))
+        return frozenset(ids)
+
+    # ---- public API --------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._accepting = True
+        self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop taking requests, abort what is left, join the loop."""
+        self._accepting = False
+        with self._lock:
+            live = list(self._live)
+        for rid in live:
+            self.abort(rid)
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self.pool.shutdown()
+
+    def validate(self, request: Request) -> None:
+        """Every check that needs no loop state; raises typed errors naming the field."""
+        vocab = self.model_config.vocab_size
+        if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in request.prompt_token_ids):
+            raise InvalidRequestError("prompt_token_ids", f"every id must be in [0, {vocab})")
+        request.params.validate(len(request.prompt_token_ids), self.max_model_len)
+        if len(request.request_id) > 256:
+            raise InvalidRequestError("request_id", "at most 256 characters")
+
+    def submit(self, request: Request, loop: Optional[asyncio.AbstractEventLoop] = None) -> RequestStream:
+        if not self._accepting:
+            raise UnavailableError("the engine is not accepting requests (starting or shutting down)")
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        self.validate(request)
+        with self._lock:
+            if request.request_id in self._live:
+                raise InvalidRequestError("request_id", f"{request.request_id!r} is already in flight")
+            if len(self._live) - len(self.scheduler.running) >= self.config.max_waiting:
+                raise CapacityError(f"the waiting queue is full ({self.config.max_waiting} requests); retry later")
+            self._live.add(request.request_id)
+        stream = RequestStream(request.request_id, loop)
+        p = request.params
+        seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        seq = Sequence(
+            request=request, stream=stream, detok=IncrementalDetokenizer(self.tokenizer, p.stop),
+            generator=make_generator(seed) if p.temperature > 0 else None,
+            token_ids=list(request.prompt_token_ids), num_prompt=len(request.prompt_token_ids))
+        self._inbox.put(("add", seq))
+        self._wake.set()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def generate(self, prompt_token_ids: list[int], params: Optional[SamplingParams] = None,
+                 adapter: Optional[AdapterSpec] = None, tenant: str = "default") -> Delta:
+        """Blocking convenience: submit and collect one request."""
+        return self.submit(Request(list(prompt_token_ids), params or SamplingParams(), adapter,
+                                   tenant=tenant)).collect()
+
+    def stats(self) -> EngineStats:
+        ps = self.pool.stats
+        return EngineStats(
+            running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+            kv_blocks_used=self.blocks.num_used, kv_blocks_total=self.blocks.num_blocks,
+            last_batch_size=self._last_batch, steps=self._steps,
+            adapters_on_device=sum(1 for s in self.pool.resident() if s.state == "ready"),
+            adapter_slots_total=self.pool.num_slots, adapter_loads=ps.loads,
+            adapter_load_failures=ps.load_failures, adapter_evictions=ps.evictions, adapter_hits=ps.hits,
+            adapter_misses=ps.misses, adapter_load_seconds_total=ps.load_seconds_total)
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    # ---- the loop ------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            self._drain_inbox()
+            if self._stop:
+                break
+            if self.scheduler.num_unfinished == 0:
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                self._step()
+            except Exception:  # noqa: BLE001 (a bug in one step must not kill the loop)
+                log.exception("engine step failed")
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self.scheduler.add(item)
+            else:
+                seq = self.scheduler.find(item)
+                if seq is not None:
+                    self._finish(seq, FINISH_ABORT, "")
+
+    def _step(self) -> None:
+        plan = self.scheduler.schedule()
+        for seq, err in plan.failed:
+            self._fail(seq, err)
+            if seq.request.adapter is not None:
+                self.pool.clear_failure(seq.request.adapter.key)
+        if plan.empty:
+            # Everything waits on adapter loads or memory: let workers progress.
+            self._wake.wait(0.002)
+            self._wake.clear()
+            return
+        batch = plan.prefill + plan.decode
+        try:
+            result = self.runner.execute(plan.prefill, plan.decode)
+            tokens = sample(result.logits, [s.request.params for s in result.seqs],
+                            [s.generator for s in result.seqs])
+        except Exception as e:  # noqa: BLE001
+            log.exception("model step failed for %d sequences", len(batch))
+            for seq in batch:
+                self._fail(seq, e)
+            return
+        self._last_batch = len(batch)
+        self._steps += 1
+        now = time.monotonic()
+        for seq, tok in zip(result.seqs, tokens):
+            if seq.status != FINISHED:
+                self._append(seq, tok, now)
+
+    def _append(self, seq: Sequence, tok: int, now: float) -> None:
+        seq.token_ids.append(tok)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        p = seq.request.params
+        text, stop_hit = seq.detok.add(tok)
+        reason: Optional[str] = None
+        if stop_hit or tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_ids):
+            reason = FINISH_STOP
+        elif seq.num_generated >= p.max_new_tokens or len(seq.token_ids) >= self.max_model_len:
+            reason = FINISH_LENGTH
+        if reason is None:
+            seq.stream.put(self._delta(seq, [tok], text, None))
+        else:
+            if not stop_hit:
+                text += seq.detok.finish()
+            self._finish(seq, reason, text, [tok])
+
+    def _delta(self, seq: Sequence, ids: list[int], text: str, reason: Optional[str],
+               error: Optional[BaseException] = None) -> Delta:
+        a = seq.request.adapter
+        return Delta(seq.request_id, ids, text, reason, seq.num_prompt, seq.num_generated,
+                     a.adapter_id if a else "", a.version if a else 0, error)
+
+    def _finish(self, seq: Sequence, reason: str, text: str, ids: Optional[list[int]] = None,
+                error: Optional[BaseException] = None) -> None:
+        self.scheduler.finish(seq)
+        with self._lock:
+            self._live.discard(seq.request_id)
+        seq.stream.put(self._delta(seq, ids or [], text, reason, error))
+
+    def _fail(self, seq: Sequence, err: BaseException) -> None:
+        if not isinstance(err, LoraServeError):
+            log.error("request %s failed: %r", seq.request_id, err)
+        self._finish(seq, "error", "", error=err)

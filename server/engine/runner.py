@@ -1,0 +1,88 @@
+"""Build one step's batch tensors and run the model: tokens in, next-token logits out.
+
+Sequences are ordered by adapter slot so that each slot's tokens are contiguous
+(one LoRA segment per distinct adapter); prefill runs and decode rows are then
+described to attention by index, whatever their interleaving.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from server.attention.sdpa import AttentionMetadata
+from server.engine.kv_cache import BlockAllocator
+from server.engine.scheduler import Sequence
+from server.lora.pool import AdapterPool
+from server.model.llama import KVCache, LlamaForCausalLM
+
+
+@dataclass
+class StepResult:
+    seqs: list[Sequence]   # in the order of the logits rows
+    logits: torch.Tensor   # [len(seqs), vocab] fp32
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, kv: KVCache, blocks: BlockAllocator, pool: AdapterPool):
+        self.model, self.kv, self.blocks, self.pool = model, kv, blocks, pool
+        self.device = model.device
+
+    def execute(self, prefill: list[Sequence], decode: list[Sequence]) -> StepResult:
+        seqs = sorted(prefill + decode, key=lambda s: (s.slot or 0, s.order))
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        token_slots: list[int] = []
+        prefill_runs: list[tuple[int, int]] = []
+        decode_rows: list[int] = []
+        decode_seqs: list[Sequence] = []
+        last_rows: list[int] = []
+        bs = self.blocks.block_size
+        for s in seqs:
+            start = len(ids)
+            if s.is_prefill:
+                n = len(s.token_ids)
+                ids.extend(s.token_ids)
+                pos.extend(range(n))
+                prefill_runs.append((start, n))
+            else:
+                n = 1
+                p = len(s.token_ids) - 1
+                ids.append(s.token_ids[-1])
+                pos.append(p)
+                decode_rows.append(start)
+                decode_seqs.append(s)
+            first = len(s.token_ids) - n
+            for p in range(first, first + n):
+                slots.append(s.blocks[p // bs] * bs + p % bs)
+            token_slots.extend([s.slot or 0] * n)
+            last_rows.append(len(ids) - 1)
+
+        dev = self.device
+        attn = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            prefill=tuple(prefill_runs),
+            all_decode=not prefill_runs,
+        )
+        if decode_seqs:
+            ctx = [len(s.token_ids) for s in decode_seqs]
+            L = max(ctx)
+            kv_idx = torch.zeros((len(decode_seqs), L), dtype=torch.long)
+            for i, s in enumerate(decode_seqs):
+                nb = self.blocks.blocks_for(ctx[i])
+                rows = (torch.tensor(s.blocks[:nb], dtype=torch.long)[:, None] * bs + torch.arange(bs)).flatten()
+                kv_idx[i, :ctx[i]] = rows[:ctx[i]]
+            mask = torch.arange(L)[None, :] < torch.tensor(ctx)[:, None]
+            attn.decode_kv = kv_idx.to(dev)
+            attn.decode_mask = mask[:, None, None, :].to(dev)
+            if prefill_runs:
+                attn.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=dev)
+
+        lora = self.pool.batch(token_slots) if any(token_slots) else None
+        hidden = self.model(torch.tensor(ids, dtype=torch.long, device=dev),
+                            torch.tensor(pos, dtype=torch.long, device=dev), attn, self.kv, lora)
+        logits = self.model.logits(hidden.index_select(0, torch.tensor(last_rows, device=dev)))
+        for s in seqs:
+            s.num_cached = len(s.token_ids)
+        return StepResult(seqs, logits)

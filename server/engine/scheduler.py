@@ -1,0 +1,222 @@
+"""Continuous batching: which sequences run in the next step.
+
+Every step: running sequences get the KV block for their next token (preempting
+the newest running sequence, by recompute, when blocks run out); then waiting
+sequences are admitted while KV blocks, batch slots, the prefill token budget and
+an adapter slot allow. Waiting order is fair across tenants (S-LoRA's virtual
+token counter): the tenant that has been served the fewest weighted tokens goes
+first, and within a tenant, first come first served. A lone request always fits
+(submit refuses anything larger than the whole cache), so nothing deadlocks.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.kv_cache import BlockAllocator
+from server.engine.types import Request, RequestStream
+from server.errors import LoraServeError
+from server.lora.pool import AdapterPool
+
+WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+# VTC weights: generated tokens cost more than prompt tokens (S-LoRA uses 1 and 2).
+PROMPT_TOKEN_COST, OUTPUT_TOKEN_COST = 1.0, 2.0
+
+_order = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: Request
+    stream: RequestStream
+    detok: IncrementalDetokenizer
+    generator: Optional[torch.Generator]
+    token_ids: list[int]
+    num_prompt: int
+    blocks: list[int] = field(default_factory=list)
+    num_cached: int = 0  # tokens whose K/V are in the cache
+    slot: Optional[int] = None
+    status: str = WAITING
+    order: int = field(default_factory=lambda: next(_order))
+    first_token_time: Optional[float] = None
+    preemptions: int = 0
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.num_cached == 0
+
+
+@dataclass
+class StepPlan:
+    prefill: list[Sequence]
+    decode: list[Sequence]
+    failed: list[tuple[Sequence, LoraServeError]]
+    preempted: list[Sequence]
+
+    @property
+    def empty(self) -> bool:
+        return not self.prefill and not self.decode
+
+
+class FairWaitQueue:
+    """Per-tenant FIFO queues served lowest virtual counter first."""
+
+    def __init__(self) -> None:
+        self._queues: dict[str, deque[Sequence]] = {}
+        self.counters: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def push(self, seq: Sequence, front: bool = False) -> None:
+        t = seq.request.tenant
+        if t not in self._queues or not self._queues[t]:
+            # A tenant that was idle starts at the least-served active tenant's level, so
+            # idling earns no credit to burst past everyone later (VTC's lift).
+            active = [self.counters[k] for k, q in self._queues.items() if q and k != t]
+            floor = min(active) if active else 0.0
+            self.counters[t] = max(self.counters.get(t, 0.0), floor)
+        q = self._queues.setdefault(t, deque())
+        if front:
+            q.appendleft(seq)
+        else:
+            q.append(seq)
+
+    def charge(self, tenant: str, tokens: float) -> None:
+        self.counters[tenant] = self.counters.get(tenant, 0.0) + tokens
+
+    def in_order(self) -> list[Sequence]:
+        """All waiting sequences, tenants interleaved by counter then arrival."""
+        tenants = sorted((t for t, q in self._queues.items() if q), key=lambda t: (self.counters.get(t, 0.0), t))
+        out: list[Sequence] = []
+        iters = [iter(self._queues[t]) for t in tenants]
+        for group in itertools.zip_longest(*iters):
+            out.extend(s for s in group if s is not None)
+        return out
+
+    def remove(self, seq: Sequence) -> None:
+        q = self._queues.get(seq.request.tenant)
+        if q is not None:
+            try:
+                q.remove(seq)
+            except ValueError:
+                pass
+
+    def find(self, request_id: str) -> Optional[Sequence]:
+        for q in self._queues.values():
+            for s in q:
+                if s.request_id == request_id:
+                    return s
+        return None
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockAllocator, pool: AdapterPool, max_batch_size: int, max_batch_tokens: int,
+                 clock: Callable[[], float] = time.monotonic):
+        self.blocks, self.pool = blocks, pool
+        self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
+        self.waiting = FairWaitQueue()
+        self.running: list[Sequence] = []
+        self._clock = clock
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.push(seq)
+
+    def find(self, request_id: str) -> Optional[Sequence]:
+        for s in self.running:
+            if s.request_id == request_id:
+                return s
+        return self.waiting.find(request_id)
+
+    def finish(self, seq: Sequence) -> None:
+        """Release everything a sequence holds (KV blocks, adapter slot reference)."""
+        if seq.status == RUNNING:
+            self.running.remove(seq)
+        elif seq.status == WAITING:
+            self.waiting.remove(seq)
+        self._release(seq)
+        seq.status = FINISHED
+
+    def _release(self, seq: Sequence) -> None:
+        self.blocks.free(seq.blocks)
+        if seq.slot is not None:
+            self.pool.release(seq.slot)
+            seq.slot = None
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Drop a running sequence's cache; it re-enters waiting at the front and recomputes."""
+        self.running.remove(seq)
+        self._release(seq)
+        seq.num_cached = 0
+        seq.status = WAITING
+        seq.preemptions += 1
+        self.waiting.push(seq, front=True)
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan([], [], [], [])
+        # 1. Room for each running sequence's next token, oldest first; the newest yield.
+        for seq in sorted(self.running, key=lambda s: s.order):
+            if seq.status != RUNNING:
+                continue
+            need = self.blocks.blocks_for(len(seq.token_ids)) - len(seq.blocks)
+            while need > self.blocks.num_free:
+                victim = max((s for s in self.running if s.status == RUNNING), key=lambda s: s.order)
+                self._preempt(victim)
+                plan.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status == RUNNING:
+                if need > 0:
+                    seq.blocks.extend(self.blocks.allocate(need))
+                plan.decode.append(seq)
+        # 2. Admit waiting sequences while blocks, batch slots, token budget and adapter slots allow.
+        budget = self.max_batch_tokens - len(plan.decode)
+        for seq in self.waiting.in_order():
+            if len(self.running) >= self.max_batch_size:
+                break
+            n = len(seq.token_ids)
+            if n > budget and (plan.prefill or plan.decode):
+                break  # keep order: this one goes first next step
+            need = self.blocks.blocks_for(n)
+            if need > self.blocks.num_free:
+                break
+            slot = 0
+            if seq.request.adapter is not None:
+                try:
+                    got = self.pool.acquire(seq.request.adapter)
+                except LoraServeError as e:
+                    self.waiting.remove(seq)
+                    plan.failed.append((seq, e))
+                    continue
+                if got is None:
+                    continue  # loading off-thread; the rest of the queue is not held up
+                slot = got
+            self.waiting.remove(seq)
+            seq.slot = slot
+            seq.blocks = self.blocks.allocate(need)
+            seq.status = RUNNING
+            self.running.append(seq)
+            plan.prefill.append(seq)
+            budget -= n
+            self.waiting.charge(seq.request.tenant, PROMPT_TOKEN_COST * n)
+        for seq in plan.decode:
+            self.waiting.charge(seq.request.tenant, OUTPUT_TOKEN_COST)
+        return plan

@@ -1,0 +1,193 @@
+"""A compact Llama-family decoder over a flattened batch of tokens.
+
+The runner hands one flat batch (prefilling and decoding sequences mixed, T tokens
+in all) with its attention metadata and LoRA segments; every linear is the shared
+(quantized) base plus each token's adapter delta. Numerics follow Hugging Face's
+Llama (fp32 RMSNorm statistics, its RoPE tables) so greedy outputs match token for token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from server.attention.sdpa import AttentionMetadata, paged_attention
+from server.model.config import TARGETS, ModelConfig
+from server.model.quant import make_linear
+
+
+class LoraHook:
+    """What a linear needs to add LoRA deltas; implemented by server.lora.pool.LoraBatch."""
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, target: str) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Statistics in fp32, as transformers' LlamaRMSNorm does, whatever the activation dtype.
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_tables(config: ModelConfig, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [max_len, head_dim] in fp32, computed by transformers' own RoPE code.
+
+    Reusing transformers' rotary module keeps every rope_scaling type it knows
+    (linear, llama3, yarn, ...) exact; dynamic scaling depends on the sequence
+    length at run time and is refused because one table cannot express it.
+    """
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in ("dynamic", "longrope"):
+        raise ValueError(f"rope_scaling type {kind!r} depends on sequence length and is not supported")
+    raw = dict(config.raw)
+    raw.pop("architectures", None)
+    hf_cfg = LlamaConfig(**raw)
+    rotary = LlamaRotaryEmbedding(config=hf_cfg)
+    pos = torch.arange(max_len, dtype=torch.long)[None]
+    dummy = torch.zeros(1, dtype=torch.float32)
+    cos, sin = rotary(dummy, pos)
+    return cos[0].float().contiguous(), sin[0].float().contiguous()
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, index: int, weights: dict[str, torch.Tensor],
+                 quantize: str, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.index = index
+        self.eps = config.rms_norm_eps
+        self.nh, self.nkv, self.hd = config.num_heads, config.num_kv_heads, config.head_dim
+        p = f"model.layers.{index}."
+        self.input_norm = nn.Parameter(weights[p + "input_layernorm.weight"].to(device, dtype), requires_grad=False)
+        self.post_norm = nn.Parameter(weights[p + "post_attention_layernorm.weight"].to(device, dtype),
+                                      requires_grad=False)
+        mods = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+        self.proj = nn.ModuleDict({
+            t: make_linear(weights[p + m + ".weight"], weights.get(p + m + ".bias"), quantize, dtype, device)
+            for t, m in mods.items()
+        })
+
+    def _linear(self, target: str, x: torch.Tensor, lora: Optional[LoraHook]) -> torch.Tensor:
+        y = self.proj[target](x)
+        if lora is not None:
+            y = lora.apply(y, x, self.index, target)
+        return y
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionMetadata,
+                kv: Optional[tuple[torch.Tensor, torch.Tensor]], lora: Optional[LoraHook]) -> torch.Tensor:
+        T = h.shape[0]
+        x = rms_norm(h, self.input_norm, self.eps)
+        q = self._linear("q", x, lora).view(T, self.nh, self.hd)
+        k = self._linear("k", x, lora).view(T, self.nkv, self.hd)
+        v = self._linear("v", x, lora).view(T, self.nkv, self.hd)
+        c, s = cos[:, None, :], sin[:, None, :]
+        q = q * c + rotate_half(q) * s
+        k = k * c + rotate_half(k) * s
+        o = paged_attention(q, k, v, attn, kv)
+        h = h + self._linear("o", o.reshape(T, self.nh * self.hd), lora)
+        x = rms_norm(h, self.post_norm, self.eps)
+        g = self._linear("gate", x, lora)
+        u = self._linear("up", x, lora)
+        return h + self._linear("down", F.silu(g) * u, lora)
+
+
+@dataclass
+class KVCache:
+    """Paged KV storage: per layer, k and v of shape [num_blocks * block_size, n_kv_heads, head_dim]."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    block_size: int
+
+    @classmethod
+    def allocate(cls, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device) -> "KVCache":
+        shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
+        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)],
+                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)],
+                   block_size)
+
+    @staticmethod
+    def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+        return 2 * config.num_layers * config.num_kv_heads * config.head_dim * torch.finfo(dtype).bits // 8
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], *, dtype: torch.dtype,
+                 device: torch.device, quantize: str = "none", max_len: Optional[int] = None):
+        super().__init__()
+        self.config, self.dtype, self.device, self.quantize = config, dtype, device, quantize
+        self.max_len = min(max_len or config.max_position_embeddings, config.max_position_embeddings)
+        self.embed = nn.Parameter(weights["model.embed_tokens.weight"].to(device, dtype), requires_grad=False)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, weights, quantize, dtype, device) for i in range(config.num_layers))
+        self.norm = nn.Parameter(weights["model.norm.weight"].to(device, dtype), requires_grad=False)
+        head = weights.get("lm_head.weight")
+        if head is None or config.tie_word_embeddings:
+            head = None
+        if quantize == "none" and head is None:
+            self.lm_head = None  # tied: reuse the embedding, no copy
+        else:
+            # The tied lm_head is the largest matmul at small batch: a quantized copy pays for itself.
+            self.lm_head = make_linear(head if head is not None else weights["model.embed_tokens.weight"],
+                                       None, quantize, dtype, device)
+        cos, sin = rope_tables(config, self.max_len)
+        self.register_buffer("cos", cos.to(device), persistent=False)
+        self.register_buffer("sin", sin.to(device), persistent=False)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: Path, *, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str = "cpu", quantize: str = "none",
+                        max_len: Optional[int] = None) -> "LlamaForCausalLM":
+        from server.model.loader import load_state_dict
+
+        config = ModelConfig.from_file(Path(model_dir) / "config.json")
+        weights = load_state_dict(Path(model_dir))
+        return cls(config, weights, dtype=dtype, device=torch.device(device), quantize=quantize, max_len=max_len)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
+                kv: Optional[KVCache] = None, lora: Optional[LoraHook] = None) -> torch.Tensor:
+        """Hidden states after the final norm, [T, hidden], for a flat batch of T tokens."""
+        h = F.embedding(input_ids, self.embed)
+        cos = self.cos.index_select(0, positions).to(self.dtype)
+        sin = self.sin.index_select(0, positions).to(self.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, attn, None if kv is None else (kv.k[i], kv.v[i]), lora)
+        return rms_norm(h, self.norm, self.config.rms_norm_eps)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits for the rows that will be sampled only."""
+        if self.lm_head is None:
+            out = F.linear(hidden, self.embed)
+        else:
+            out = self.lm_head(hidden)
+        return out.float()
+
+    @torch.inference_mode()
+    def score(self, input_ids: torch.Tensor, lora: Optional[LoraHook] = None) -> torch.Tensor:
+        """Logits [L, vocab] for every position of one sequence (perplexity, tests); no KV cache."""
+        L = input_ids.shape[0]
+        ids = input_ids.to(self.device)
+        attn = AttentionMetadata.prefill_only([L], self.device)
+        hidden = self.forward(ids, torch.arange(L, device=self.device), attn, None, lora)
+        return self.logits(hidden)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return TARGETS

@@ -1,0 +1,89 @@
+"""Builders shared by the tests: tiny random Llama checkpoints, a byte-level tokenizer, PEFT adapters."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True,
+            bos_token_id=256, eos_token_id=257, pad_token_id=258)
+
+
+def byte_tokenizer():
+    """A real (fast, byte-level) tokenizer with 256 byte tokens and three specials: ids 256-258."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<s>", "</s>", "<pad>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+    return fast
+
+
+def make_tiny_model_dir(path: Path, seed: int = 0, std: float = 0.08, **overrides) -> Path:
+    """Save a random-weight Llama with its tokenizer in Hugging Face format.
+
+    A larger init std than transformers' default makes the logits peaked, so greedy
+    decoding is not decided by float noise between two near-equal tokens.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**{**TINY, **overrides})
+    cfg.initializer_range = std
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    path = Path(path)
+    model.save_pretrained(path, safe_serialization=True)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def make_peft_adapter(model_dir: Path, out_dir: Path, *, r: int = 8, alpha: float = 16,
+                      targets: Sequence[str] = ("q_proj", "v_proj"), use_rslora: bool = False,
+                      rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None,
+                      seed: int = 0, std: float = 0.05) -> Path:
+    """A PEFT LoRA adapter with random (non-zero) A and B, saved as safetensors."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=use_rslora,
+                     rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, lora_dropout=0.0,
+                     init_lora_weights=False)
+    model = get_peft_model(base, cfg)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * std)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)
+
+
+def peft_greedy(model_dir: Path, adapter_dir: Optional[Path], prompt: Sequence[int], max_new_tokens: int,
+                eos_token_id: Optional[int] = None) -> list[int]:
+    """The oracle: Hugging Face (+ PEFT) greedy generation for one request alone, fp32 on CPU."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    ids = torch.tensor([list(prompt)])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+    return out[0, ids.shape[1]:].tolist()
