@@ -1,0 +1,31 @@
+"""Build engines for tests without the server."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from server.engine.config import EngineConfig
+from server.engine.engine import Engine
+from server.engine.types import AdapterSpec
+from server.lora.weights import load_peft_adapter
+from server.model.llama import LlamaForCausalLM
+from server.model.loader import load_tokenizer
+
+
+def make_engine(model_dir: Path, **overrides) -> Engine:
+    import torch
+
+    cfg = EngineConfig(**{"quantize": "none", "dtype": "float32", "device": "cpu", "max_rank": 16,
+                          "max_adapters_on_device": 4, "kv_cache_tokens": 4096, **overrides})
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=cfg.resolve_dtype(torch.device("cpu")),
+                                             device="cpu", quantize=cfg.quantize)
+    eng = Engine(model, load_tokenizer(model_dir), cfg, model_dir)
+    eng.start()
+    return eng
+
+
+def spec(engine: Engine, name: str, path: Optional[Path], version: int = 1) -> Optional[AdapterSpec]:
+    if path is None:
+        return None
+    return AdapterSpec(key=f"{name}@{version}", adapter_id=name, version=version,
+                       load=lambda: load_peft_adapter(path, engine.model_config, engine.config.max_rank))
