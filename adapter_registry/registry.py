@@ -1,0 +1,413 @@
+"""The adapter registry: what the server resolves adapter ids through.
+
+Disk (content-addressed objects + SQLite index) -> host LRU (`HostCache`) -> device slots
+(the engine's pool, keyed by the same digest). `resolve` hands the engine an AdapterSpec
+whose `load` reads through the host tier; the engine calls it in a worker thread.
+
+Deleting a version removes its index row at once (it can no longer be resolved), but its
+files stay until the last AdapterSpec handed out for it is gone, so requests that
+resolved it before the delete still finish on it.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+from server.engine.types import AdapterSpec
+from server.errors import (AdapterInUseError, AdapterLoadError, AdapterNotFoundError, AdapterRejectedError,
+                           InvalidRequestError, PermissionDeniedError, QuotaExceededError, UnavailableError)
+from server.lora.weights import CONFIG_NAME, WEIGHTS_NAME, LoraWeights
+from server.model.config import ModelConfig
+
+from .cache import HostCache
+from .ids import AdapterRef, check_name, check_tenant, parse_adapter_id
+from .index import Index, VersionRow
+from .store import ObjectStore, content_digest
+from .tenants import TenantDirectory
+from .validate import BIN_HINT, RegistryLimits, load_validated, validate_adapter
+
+log = logging.getLogger("loraserve.registry")
+
+
+@dataclass(frozen=True)
+class AdapterVersionInfo:
+    tenant: str
+    name: str
+    version: int
+    digest: str
+    rank: int
+    targets: tuple[str, ...]
+    size_bytes: int
+    created_at: float
+    metadata: dict[str, str]
+    base_fingerprint: str
+    in_host_memory: bool = False
+    pinned: bool = False
+
+    @property
+    def adapter_id(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    tenant: str
+    name: str
+    latest_version: int
+    versions: list[AdapterVersionInfo] = field(default_factory=list)
+
+
+@dataclass
+class RegistryCounters:
+    registered: int = 0
+    rejected: int = 0
+    deleted_versions: int = 0
+    resolves: int = 0
+    objects_removed: int = 0
+    startup_temp_removed: int = 0
+    startup_orphans_removed: int = 0
+
+
+class _Loader:
+    """The `load` of an AdapterSpec. While one is alive its version's files are kept on disk."""
+
+    def __init__(self, registry: "Registry", digest: str, adapter_id: str):
+        self._registry = registry
+        self.digest = digest
+        self.adapter_id = adapter_id
+
+    def __call__(self) -> LoraWeights:
+        return self._registry._load_weights(self.digest, self.adapter_id)
+
+
+class Registry:
+    """Persistent, versioned, validated, tenant-scoped adapters (see the module docstring)."""
+
+    def __init__(self, root: Path, model_config: ModelConfig, base_fingerprint: str, max_rank: int,
+                 import_dirs: Sequence[Path] = (), host_cache_bytes: int = 2 << 30,
+                 limits: RegistryLimits = RegistryLimits(), tenants: Optional[TenantDirectory] = None):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.model_config = model_config
+        self.base_fingerprint = base_fingerprint
+        self.max_rank = int(max_rank)
+        self.limits = limits
+        self.tenants = tenants or TenantDirectory.open()
+        self.import_dirs = tuple(Path(d).resolve() for d in import_dirs)
+        self._lock_fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock_fd)
+            raise UnavailableError(f"registry {self.root} is in use by another loraserve process") from None
+        self.store = ObjectStore(self.root)
+        self.index = Index(self.root / "index.sqlite")
+        self.cache = HostCache(host_cache_bytes)
+        self.counters = RegistryCounters()
+        self._publish_lock = threading.RLock()   # store + index changes, so GC never races a publish
+        self._state_lock = threading.RLock()    # the two dicts below
+        self._live: dict[str, int] = {}         # digest -> AdapterSpecs alive for it
+        self._pins: set[tuple[str, str, int]] = set()
+        swept = self.store.sweep(self.index.all_digests())
+        self.counters.startup_temp_removed = swept["temp"]
+        self.counters.startup_orphans_removed = swept["orphan_objects"]
+        if swept["temp"] or swept["orphan_objects"]:
+            log.warning("registry start-up removed %d unfinished publishes and %d orphan objects",
+                        swept["temp"], swept["orphan_objects"])
+
+    def close(self) -> None:
+        self.index.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = -1
+
+    # ---- publish -----------------------------------------------------------------------------
+
+    def register_bytes(self, tenant: str, name: str, config_json: bytes, weights: bytes,
+                       metadata: Optional[Mapping[str, str]] = None) -> AdapterVersionInfo:
+        """Validate, store and index a new version of `name`; nothing is visible until all passed."""
+        check_tenant(tenant)
+        check_name(name)
+        meta = self._check_metadata(metadata or {})
+        self._precheck_quota(tenant, name)
+        try:
+            v = validate_adapter(bytes(config_json), bytes(weights), self.model_config, self.max_rank, self.limits)
+        except AdapterRejectedError:
+            self.counters.rejected += 1
+            raise
+        digest = content_digest(config_json, weights)
+        quotas = self._quotas(tenant)
+        with self._publish_lock:
+            self.store.publish(digest, bytes(config_json), bytes(weights))
+            try:
+                row = self.index.publish(tenant, name, digest, self.base_fingerprint, v.rank, v.targets,
+                                         len(config_json) + len(weights), meta,
+                                         max_names=quotas.max_adapters, max_versions=quotas.max_adapter_versions)
+            except BaseException:
+                self._maybe_remove_object(digest)
+                raise
+        self.cache.put(digest, v.weights)
+        self.counters.registered += 1
+        log.info("registered %s/%s digest=%s rank=%d targets=%s", tenant, row.adapter_id, digest[:12],
+                 v.rank, ",".join(v.targets))
+        return self._info(row)
+
+    def register_path(self, tenant: str, name: str, path: Path, metadata: Optional[Mapping[str, str]] = None,
+                      *, allow_any_path: bool = False) -> AdapterVersionInfo:
+        """Register a PEFT directory on the server's disk.
+
+        Only inside `import_dirs` (after resolving symlinks, for the directory and each file),
+        unless `allow_any_path` (the server's own `--adapter NAME=PATH` flags at start-up).
+        """
+        cfg_path, st_path = self._import_paths(Path(path), allow_any_path)
+        cfg = self._read_bounded(cfg_path, self.limits.max_config_bytes, CONFIG_NAME)
+        weights = self._read_bounded(st_path, self.limits.max_weights_bytes, WEIGHTS_NAME)
+        return self.register_bytes(tenant, name, cfg, weights, metadata)
+
+    def _import_paths(self, path: Path, allow_any: bool) -> tuple[Path, Path]:
+        if not allow_any and not self.import_dirs:
+            raise PermissionDeniedError("server_path: registering from server-side paths is disabled "
+                                        "(start the server with --import-dir DIR)")
+        denied = PermissionDeniedError(
+            f"server_path: {str(path)[:200]!r} is not an adapter directory inside an import directory")
+
+        def inside(p: Path) -> bool:
+            return allow_any or any(p == d or d in p.parents for d in self.import_dirs)
+
+        try:
+            d = path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise denied from None
+        if not inside(d) or not d.is_dir():
+            raise denied
+        st = d / WEIGHTS_NAME
+        if not st.exists():
+            if (d / "adapter_model.bin").exists():
+                raise AdapterRejectedError(f"adapter_model.bin: {BIN_HINT}")
+            raise AdapterRejectedError(f"{WEIGHTS_NAME} not found in {path}")
+        out = []
+        for f in (d / CONFIG_NAME, st):
+            try:
+                r = f.resolve(strict=True)
+            except (OSError, RuntimeError):
+                raise AdapterRejectedError(f"{f.name} not found in {path}") from None
+            if not inside(r):  # a symlink pointing out of the import directory
+                raise denied
+            if not r.is_file():
+                raise AdapterRejectedError(f"{f.name} in {path} is not a regular file")
+            out.append(r)
+        return out[0], out[1]
+
+    @staticmethod
+    def _read_bounded(path: Path, limit: int, what: str) -> bytes:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise AdapterRejectedError(f"{what}: {size} bytes exceeds the limit of {limit}")
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise AdapterRejectedError(f"{what}: exceeds the limit of {limit} bytes")
+        return data
+
+    def _check_metadata(self, metadata: Mapping[str, str]) -> dict[str, str]:
+        if len(metadata) > self.limits.max_metadata_entries:
+            raise InvalidRequestError("metadata", f"{len(metadata)} entries; at most "
+                                      f"{self.limits.max_metadata_entries} are allowed")
+        total = 0
+        for k, v in metadata.items():
+            if not isinstance(k, str) or not isinstance(v, str) or not k:
+                raise InvalidRequestError("metadata", "keys and values must be strings, keys non-empty")
+            total += len(k.encode()) + len(v.encode())
+        if total > self.limits.max_metadata_bytes:
+            raise InvalidRequestError("metadata", f"{total} bytes; at most {self.limits.max_metadata_bytes} "
+                                      "are allowed")
+        return dict(metadata)
+
+    def _quotas(self, tenant: str):
+        t = self.tenants.get(tenant)
+        from .tenants import Quotas
+        return t.quotas if t is not None else Quotas()
+
+    def _precheck_quota(self, tenant: str, name: str) -> None:
+        """Refuse an over-quota upload before validating it (the index re-checks atomically)."""
+        q = self._quotas(tenant)
+        if q.max_adapter_versions is not None and self.index.count_versions(tenant) >= q.max_adapter_versions:
+            raise QuotaExceededError(f"tenant {tenant!r} is at its quota of {q.max_adapter_versions} stored "
+                                     "adapter versions (max_adapter_versions); delete old versions first")
+        if q.max_adapters is not None and not self.index.versions(tenant, name):
+            names = {r.name for r in self.index.versions(tenant)}
+            if len(names) >= q.max_adapters:
+                raise QuotaExceededError(f"tenant {tenant!r} is at its quota of {q.max_adapters} stored "
+                                         "adapters (max_adapters); delete one first")
+
+    # ---- lookup ------------------------------------------------------------------------------
+
+    def _row(self, tenant: str, adapter_id: str) -> tuple[AdapterRef, VersionRow]:
+        ref = parse_adapter_id(adapter_id)
+        check_tenant(tenant)
+        row = self.index.get_version(tenant, ref.name, ref.version)
+        if row is None:
+            raise AdapterNotFoundError(adapter_id)  # same message for another tenant's adapter
+        return ref, row
+
+    def resolve(self, tenant: str, adapter_id: str) -> AdapterSpec:
+        """The immutable version `adapter_id` names for `tenant` right now, ready for the engine."""
+        _, row = self._row(tenant, adapter_id)
+        if row.base_fingerprint != self.base_fingerprint:
+            raise AdapterRejectedError(
+                f"adapter {adapter_id!r} was registered for base model {row.base_fingerprint[:16]}, "
+                f"but this server serves {self.base_fingerprint[:16]}; register it again for this base")
+        self.counters.resolves += 1
+        return AdapterSpec(key=row.digest, adapter_id=row.name, version=row.version,
+                           load=self._loader(row.digest, row.adapter_id))
+
+    def _loader(self, digest: str, adapter_id: str) -> _Loader:
+        loader = _Loader(self, digest, adapter_id)
+        with self._state_lock:
+            self._live[digest] = self._live.get(digest, 0) + 1
+        weakref.finalize(loader, self._release, digest)
+        return loader
+
+    def _release(self, digest: str) -> None:
+        with self._state_lock:
+            n = self._live.get(digest, 0) - 1
+            if n > 0:
+                self._live[digest] = n
+                return
+            self._live.pop(digest, None)
+        self._maybe_remove_object(digest)
+
+    def _maybe_remove_object(self, digest: str) -> None:
+        """Remove an object once no index row and no live AdapterSpec needs it."""
+        with self._publish_lock:
+            with self._state_lock:
+                if digest in self._live:
+                    return
+            if self._lock_fd < 0 or self.index.digest_referenced(digest):
+                return
+            self.cache.discard(digest)
+            if self.store.exists(digest):
+                self.store.remove(digest)
+                self.counters.objects_removed += 1
+
+    def _load_weights(self, digest: str, adapter_id: str) -> LoraWeights:
+        def from_disk() -> LoraWeights:
+            try:
+                cfg, weights = self.store.read(digest)
+            except OSError as e:
+                raise AdapterLoadError(f"adapter {adapter_id!r}: stored files are unreadable ({e})") from None
+            if content_digest(cfg, weights) != digest:
+                raise AdapterLoadError(f"adapter {adapter_id!r}: stored files do not match digest "
+                                       f"{digest[:16]} (disk corruption); register it again")
+            try:
+                return load_validated(cfg, weights, self.model_config, self.max_rank, self.limits)
+            except AdapterRejectedError as e:
+                raise AdapterLoadError(f"adapter {adapter_id!r}: {e}") from None
+
+        return self.cache.get_or_load(digest, from_disk)
+
+    def _info(self, row: VersionRow) -> AdapterVersionInfo:
+        with self._state_lock:
+            pinned = (row.tenant, row.name, row.version) in self._pins
+        return AdapterVersionInfo(row.tenant, row.name, row.version, row.digest, row.rank, row.targets,
+                                  row.size_bytes, row.created_at, dict(row.metadata), row.base_fingerprint,
+                                  in_host_memory=row.digest in self.cache, pinned=pinned)
+
+    def list(self, tenant: str) -> list[AdapterInfo]:
+        check_tenant(tenant)
+        by_name: dict[str, list[AdapterVersionInfo]] = {}
+        for row in self.index.versions(tenant):
+            by_name.setdefault(row.name, []).append(self._info(row))
+        return [AdapterInfo(tenant, n, vs[-1].version, vs) for n, vs in sorted(by_name.items())]
+
+    def get(self, tenant: str, name: str) -> AdapterInfo:
+        """All versions of `name`, or just one for `name@N` / `name@latest`."""
+        ref = parse_adapter_id(name)
+        check_tenant(tenant)
+        rows = self.index.versions(tenant, ref.name)
+        if not rows:
+            raise AdapterNotFoundError(name)
+        latest = rows[-1].version
+        if "@" in name:
+            want = latest if ref.version is None else ref.version
+            rows = [r for r in rows if r.version == want]
+            if not rows:
+                raise AdapterNotFoundError(name)
+        return AdapterInfo(tenant, ref.name, latest, [self._info(r) for r in rows])
+
+    # ---- pins and delete ---------------------------------------------------------------------
+
+    def set_pinned(self, tenant: str, adapter_id: str, pinned: bool) -> AdapterVersionInfo:
+        """Record an operator's pin of one version (the device pin itself lives in the engine pool)."""
+        _, row = self._row(tenant, adapter_id)
+        with self._state_lock:
+            (self._pins.add if pinned else self._pins.discard)((tenant, row.name, row.version))
+        return self._info(row)
+
+    def pinned_digests(self) -> set[str]:
+        with self._state_lock:
+            pins = set(self._pins)
+        out = set()
+        for tenant, name, version in pins:
+            row = self.index.get_version(tenant, name, version)
+            if row is not None:
+                out.add(row.digest)
+        return out
+
+    def delete(self, tenant: str, adapter_id: str) -> list[int]:
+        """Delete `name@N` (or `name@latest`), or every version for a bare `name`.
+
+        Refused with AdapterInUseError while a targeted version is pinned. Requests that
+        already resolved a deleted version keep it until they finish. Returns the versions.
+        """
+        ref = parse_adapter_id(adapter_id)
+        check_tenant(tenant)
+        if "@" in adapter_id:
+            _, row = self._row(tenant, adapter_id)
+            rows = [row]
+        else:
+            rows = self.index.versions(tenant, ref.name)
+            if not rows:
+                raise AdapterNotFoundError(adapter_id)
+        with self._state_lock:
+            pinned = [r.adapter_id for r in rows if (tenant, r.name, r.version) in self._pins]
+        if pinned:
+            raise AdapterInUseError(f"adapter {', '.join(pinned)} is pinned; unload (unpin) it before deleting")
+        with self._publish_lock:
+            self.index.delete(tenant, ref.name, [r.version for r in rows])
+        for digest in {r.digest for r in rows}:
+            self._maybe_remove_object(digest)
+        self.counters.deleted_versions += len(rows)
+        log.info("deleted %s/%s versions %s", tenant, ref.name, [r.version for r in rows])
+        return [r.version for r in rows]
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the disk and host tiers, for the metrics module."""
+        c = self.cache.stats()
+        return {
+            "versions_stored": self.index.count_versions(),
+            "registered_total": self.counters.registered,
+            "rejected_total": self.counters.rejected,
+            "deleted_versions_total": self.counters.deleted_versions,
+            "resolves_total": self.counters.resolves,
+            "objects_removed_total": self.counters.objects_removed,
+            "startup_temp_removed": self.counters.startup_temp_removed,
+            "startup_orphans_removed": self.counters.startup_orphans_removed,
+            "disk_loads_total": c.loads,
+            "disk_load_errors_total": c.load_errors,
+            "disk_load_seconds_total": c.load_seconds,
+            "host_hits_total": c.hits,
+            "host_misses_total": c.misses,
+            "host_hit_rate": c.hit_rate,
+            "host_evictions_total": c.evictions,
+            "host_entries": c.entries,
+            "host_bytes": c.bytes,
+            "host_budget_bytes": c.budget_bytes,
+        }
