@@ -1,0 +1,243 @@
+"""Server bootstrap: bind first, load the model second, drain on SIGTERM/SIGINT.
+
+Order matters to operators: the gRPC port and health service come up at once
+(NOT_SERVING), so orchestrators see a live process while the model loads; health
+turns SERVING only when the engine runs and start-up adapters are registered.
+On a signal, health goes NOT_SERVING, new calls get UNAVAILABLE, in-flight calls
+get `grace_period` seconds to finish, then the rest are cancelled (which aborts
+their engine requests) and the process exits 0. A second signal skips the wait.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from server.api.gen.loraserve.v1 import adapters_pb2, inference_pb2, inference_pb2_grpc
+from server.api.inference_service import InferenceServicer, ServingState
+from server.config import Config, parse_adapter_flags, startup_warnings
+from server.errors import UnavailableError
+from server.metrics import ServerMetrics
+
+log = logging.getLogger("loraserve.server")
+
+INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+ADAPTERS = adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Lazy:
+    """Stands in for an object built after the server starts (engine, registry).
+
+    Services are bound before the model loads; until `set` is called every attribute
+    access raises UnavailableError, which callers map to UNAVAILABLE like any other.
+    """
+
+    def __init__(self, what: str):
+        object.__setattr__(self, "_what", what)
+        object.__setattr__(self, "_target", None)
+
+    def set(self, target: Any) -> None:
+        object.__setattr__(self, "_target", target)
+
+    def __getattr__(self, name: str) -> Any:
+        target = object.__getattribute__(self, "_target")
+        if target is None:
+            raise UnavailableError(f"{object.__getattribute__(self, '_what')} is still loading; retry shortly")
+        return getattr(target, name)
+
+
+class LoraServer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.metrics = ServerMetrics(cfg.server.metrics_adapter_labels)
+        self.state = ServingState(default_max_new_tokens=cfg.server.default_max_new_tokens,
+                                  model_name=cfg.engine.model)
+        self.health = HealthServicer()
+        self.engine: Optional[Any] = None
+        self.registry: Optional[Any] = None
+        self.lazy_engine = Lazy("model")
+        self.lazy_registry = Lazy("adapter registry")
+        self.grpc: Optional[grpc.aio.Server] = None
+        self.port = 0
+        self.metrics_port = 0
+        self._stop = asyncio.Event()
+        self._second = asyncio.Event()
+        self._signals = 0
+
+    # ---- phases ----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Bind gRPC (health NOT_SERVING) and /metrics; no model yet."""
+        s = self.cfg.server
+        for w in startup_warnings(self.cfg):
+            log.warning(w)
+        options = [("grpc.max_receive_message_length", s.max_request_bytes),
+                   ("grpc.max_send_message_length", s.max_response_bytes),
+                   ("grpc.so_reuseport", 0)]
+        interceptors = self._interceptors()
+        self.grpc = grpc.aio.server(options=options, interceptors=interceptors,
+                                    maximum_concurrent_rpcs=s.max_concurrent_rpcs)
+        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.state, self.metrics), self.grpc)
+        has_adapters = self._add_adapters_service()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        names = [INFERENCE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+        if has_adapters:
+            names.append(ADAPTERS)
+        reflection.enable_server_reflection(names, self.grpc)
+        await self._set_health(NOT_SERVING)
+        self.port = self.grpc.add_insecure_port(f"{_bracket(s.host)}:{s.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC to {s.host}:{s.port}")
+        await self.grpc.start()
+        if s.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve_http(s.metrics_host or s.host, s.metrics_port)
+        log.info(json.dumps({"event": "listening", "host": s.host, "grpc_port": self.port,
+                             "metrics_port": self.metrics_port if s.metrics_port >= 0 else None}))
+
+    async def load(self) -> None:
+        """Load the model off the event loop (health stays answerable), then go SERVING."""
+        from server.engine.engine import Engine
+
+        engine = await _in_thread(Engine.from_config, self.cfg.engine)
+        engine.start()
+        self.engine = engine
+        self.lazy_engine.set(engine)
+        registry = await _in_thread(self._make_registry, engine)
+        self.registry = registry
+        self.lazy_registry.set(registry)
+        for name, path in parse_adapter_flags(self.cfg.server.adapters):
+            await _in_thread(self._register_startup_adapter, registry, name, path)
+            log.info(json.dumps({"event": "adapter_registered", "name": name, "path": str(path)}))
+        self.state.resolver = registry
+        self.state.model_fingerprint = self._fingerprint(engine)
+        self.state.engine = engine
+        self.metrics.attach(engine, getattr(registry, "stats", None))
+        await self._set_health(SERVING)
+        log.info(json.dumps({"event": "serving", "model": self.cfg.engine.model,
+                             "fingerprint": self.state.model_fingerprint}))
+
+    async def drain(self) -> None:
+        """NOT_SERVING, refuse new calls, give in-flight ones the grace period, then stop everything."""
+        grace = self.cfg.server.grace_period
+        self.state.draining = True
+        await self._set_health(NOT_SERVING)
+        log.info(json.dumps({"event": "draining", "in_flight": self.state.in_flight, "grace_period_s": grace}))
+        if self.state.in_flight and self._signals < 2:
+            waiter = asyncio.ensure_future(self.state.idle.wait())
+            second = asyncio.ensure_future(self._second_signal())
+            await asyncio.wait([waiter, second], timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            second.cancel()
+        left = self.state.in_flight
+        if self.grpc is not None:
+            await self.grpc.stop(0)  # cancels what is left: their cleanups abort the engine requests
+        if self.engine is not None:
+            await _in_thread(self.engine.shutdown, 10.0)
+        log.info(json.dumps({"event": "stopped", "cancelled_in_flight": left}))
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; returns the process exit code."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        await self.start()
+        loader = asyncio.ensure_future(self.load())
+        stopper = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait([loader, stopper], return_when=asyncio.FIRST_COMPLETED)
+        if loader.done() and loader.exception() is not None:
+            log.error("start-up failed: %s", loader.exception(), exc_info=loader.exception())
+            await self._set_health(NOT_SERVING)
+            if self.grpc is not None:
+                await self.grpc.stop(0)
+            return 1
+        await stopper
+        if not loader.done():
+            loader.cancel()  # the loading thread finishes on its own; nothing will use it
+        await self.drain()
+        return 0
+
+    # ---- pieces ----------------------------------------------------------------------------------
+    def _on_signal(self, sig: int) -> None:
+        self._signals += 1
+        log.info(json.dumps({"event": "signal", "signal": signal.Signals(sig).name, "count": self._signals}))
+        self._stop.set()
+        if self._signals >= 2:
+            self._second.set()
+
+    async def _second_signal(self) -> None:
+        await self._second.wait()
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", INFERENCE, ADAPTERS):
+            await self.health.set(name, status)
+
+    def _interceptors(self) -> list[Any]:
+        """The auth interceptor when a tenants file is configured (single-tenant and open otherwise)."""
+        if not self.cfg.server.tenants:
+            return []
+        from server.api import auth
+
+        interceptor, tenant_of = auth.from_tenants_file(Path(self.cfg.server.tenants))
+        self.state.tenant_of = tenant_of
+        return [interceptor]
+
+    def _add_adapters_service(self) -> bool:
+        try:
+            from server.api.adapters_service import add_adapters_service
+        except ModuleNotFoundError as e:
+            if e.name != "server.api.adapters_service":
+                raise
+            log.warning("Adapters service not available in this build: admin RPCs answer UNIMPLEMENTED")
+            return False
+        add_adapters_service(self.grpc, self.lazy_registry, self.lazy_engine, self.cfg)
+        return True
+
+    def _make_registry(self, engine: Any) -> Any:
+        from server.api.local_adapters import LocalAdapters
+
+        return LocalAdapters(engine.model_config, self.cfg.engine.max_rank)
+
+    def _register_startup_adapter(self, registry: Any, name: str, path: Path) -> None:
+        registry.register_path("default", name, path, {"source": "serve --adapter"})
+
+    def _fingerprint(self, engine: Any) -> str:
+        from server.model.loader import model_fingerprint
+
+        if engine.model_dir is None:
+            return ""
+        return model_fingerprint(Path(engine.model_dir), self.cfg.engine.resolve_home())
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+async def _in_thread(fn: Any, *args: Any) -> Any:
+    """Run blocking work in a daemon thread, so a signal during model loading can still exit promptly."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future = loop.create_future()
+
+    def work() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(e))
+        else:
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
+
+    threading.Thread(target=work, name=f"loraserve-{getattr(fn, '__name__', 'work')}", daemon=True).start()
+    return await fut
+
+
+async def serve(cfg: Config) -> int:
+    return await LoraServer(cfg).run()
