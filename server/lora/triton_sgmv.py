@@ -1,0 +1,534 @@
+"""Triton kernels for segmented (SGMV) and per-token gathered (BGMV) LoRA matmuls.
+
+Same signature and semantics as `server/lora/torch_ref.py`, which is the
+specification (shapes are documented there); `server/lora/ops.py` picks these on
+CUDA. Every kernel accumulates in fp32 and rounds once when it writes.
+
+Kernels
+    shrink  v[T, R] = x[T, in] @ a[slot]^T       SGMV: a program per (segment, M tile,
+                                                   R tile, K split); BGMV: per (token, R tile, K split)
+    expand  y[T, out] += scale * v @ b[slot]^T    SGMV: per (segment, M tile, target x N tile);
+                                                   BGMV: per (token, target x N tile)
+Slot-0 (no adapter) segments and tokens, and empty segments, launch programs that
+return at once. Ranks of any size work (R is tiled, padded to a power of two only
+inside a tile and masked); the pool's ranks 8..128 are the measured range.
+Inputs may be non-contiguous: every tensor is addressed through its strides.
+fp32 inputs use IEEE fp32 dot products (no TF32) so they match the reference.
+Under TRITON_INTERPRET=1 (CI on CPU) bf16 dot operands are upcast to fp32,
+because the interpreter's bf16 tl.dot returns garbage; on a GPU they stay bf16.
+
+SGMV vs BGMV. SGMV reads each adapter's weights once per M tile and feeds tensor
+cores; it wastes most of a 16-row tile when segments hold one token. BGMV is a
+gather-matvec per token. `auto` takes BGMV when the adapter segments average
+fewer than `BGMV_MAX_AVG_SEGMENT` tokens (decode with distinct adapters), SGMV
+otherwise. BGMV's grid depends only on T, so it is the one to capture in a CUDA
+graph (pass `mode="bgmv"`); SGMV's grid depends on the segment count.
+
+Fused targets. Targets that read the same x (q/k/v, gate/up) share one shrink:
+concatenate their A along the rank axis, `a_cat = cat([a_q, a_k, a_v], dim=1)`
+([N_slots, n*R, in]), so x is read once and one kernel runs; `concat_targets`
+builds that together with b_cat ([N_slots, sum(out), R], targets stacked along
+out), the scales ([n, N_slots]) and the output offsets. `apply_lora_fused(y_cat,
+x, fused, seg)` then adds every target's delta into the fused base output
+y_cat ([T, sum(out)], for instance the output of one qkv matmul) in one shrink
+and one expand launch. The pool can keep `FusedLora` tensors per layer so the
+concatenation happens once per adapter load, not per step.
+
+torch._grouped_mm variant. `apply_lora_grouped_mm` gathers each segment's
+weights and runs two grouped GEMMs (CUDA: bf16 on sm90+; it also runs on CPU).
+It is here to be measured against the Triton kernels.
+
+Measurements: NOT YET MEASURED. No GPU was lent while this was written, so which
+of Triton SGMV/BGMV, the torch reference and grouped_mm is fastest is still open;
+`apply_lora` uses the Triton kernels until it is. Measure with
+    python -m benchmarks.gpu_kernels --shape 1b --out results/gpu_kernels_1b.json
+    python -m benchmarks.gpu_kernels --shape 8b --out results/gpu_kernels_8b.json
+and put the table (us per call for B = 1..64, Distinct/Uniform/Identical) here.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from server.lora.segments import LoraSegments
+
+# Below this average adapter-segment length, `auto` uses the per-token gather kernels.
+BGMV_MAX_AVG_SEGMENT = 2.0
+# Aim for this many programs per SM before splitting the K (in_features) loop of shrink.
+_PROGRAMS_PER_SM = 2
+_MAX_SPLIT_K = 16
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _sgmv_shrink_kernel(
+    x_ptr, a_ptr, out_ptr, seg_starts_ptr, seg_slots_ptr,
+    K, R,
+    sx_t, sx_k, sa_n, sa_r, sa_k, so_s, so_t, so_r,
+    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """out[k_split, t, r] = sum over this split's K of x[t, k] * a[slot, r, k]."""
+    pid_s = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_rk = tl.program_id(2)
+    pid_r = pid_rk // SPLIT_K
+    pid_k = pid_rk % SPLIT_K
+    slot = tl.load(seg_slots_ptr + pid_s).to(tl.int64)
+    start = tl.load(seg_starts_ptr + pid_s)
+    end = tl.load(seg_starts_ptr + pid_s + 1)
+    m0 = start + pid_m * BLOCK_M
+    if slot == 0 or m0 >= end:
+        return
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < end
+    mask_r = offs_r < R
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * sx_t + offs_k[None, :] * sx_k
+    a_ptrs = a_ptr + slot * sa_n + offs_r[None, :] * sa_r + offs_k[:, None] * sa_k  # [K, R] view of a^T
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for kk in range(0, tl.cdiv(K, BLOCK_K * SPLIT_K)):
+        k0 = (kk * SPLIT_K + pid_k) * BLOCK_K
+        mask_k = (k0 + offs_k) < K
+        xt = tl.load(x_ptrs + k0 * sx_k, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        at = tl.load(a_ptrs + k0 * sa_k, mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(xt.dtype)
+        if DOT_F32:
+            acc += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="ieee")
+        elif IEEE:
+            acc += tl.dot(xt, at, input_precision="ieee")
+        else:
+            acc += tl.dot(xt, at)
+    out_ptrs = out_ptr + pid_k * so_s + offs_m[:, None].to(tl.int64) * so_t + offs_r[None, :] * so_r
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _bgmv_shrink_kernel(
+    x_ptr, a_ptr, out_ptr, token_slots_ptr,
+    K, R,
+    sx_t, sx_k, sa_n, sa_r, sa_k, so_s, so_t, so_r,
+    SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Per-token gather-matvec: out[k_split, t, r] = sum_k x[t, k] * a[slot_t, r, k]."""
+    t = tl.program_id(0)
+    pid_rk = tl.program_id(1)
+    pid_r = pid_rk // SPLIT_K
+    pid_k = pid_rk % SPLIT_K
+    slot = tl.load(token_slots_ptr + t).to(tl.int64)
+    if slot == 0:
+        return
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_r = offs_r < R
+    x_row = x_ptr + t.to(tl.int64) * sx_t
+    a_ptrs = a_ptr + slot * sa_n + offs_r[:, None] * sa_r + offs_k[None, :] * sa_k  # [R, K]
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for kk in range(0, tl.cdiv(K, BLOCK_K * SPLIT_K)):
+        k0 = (kk * SPLIT_K + pid_k) * BLOCK_K
+        mask_k = (k0 + offs_k) < K
+        xv = tl.load(x_row + (k0 + offs_k) * sx_k, mask=mask_k, other=0.0).to(tl.float32)
+        at = tl.load(a_ptrs + k0 * sa_k, mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(at * xv[None, :], axis=1)
+    out_ptrs = out_ptr + pid_k * so_s + t.to(tl.int64) * so_t + offs_r * so_r
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_r)
+
+
+@triton.jit
+def _sgmv_expand_kernel(
+    v_ptr, b_ptr, y_ptr, scale_ptr, seg_starts_ptr, seg_slots_ptr, out_offsets_ptr,
+    R, N_TILES,
+    sv_t, sv_r, sb_n, sb_o, sb_r, sy_t, sy_o, ss_g,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """y[t, o] += scale[g, slot] * sum_r v[t, g*R + r] * b[slot, o, r] for target g owning column o."""
+    pid_s = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_gn = tl.program_id(2)
+    g = pid_gn // N_TILES
+    pid_n = pid_gn % N_TILES
+    slot = tl.load(seg_slots_ptr + pid_s).to(tl.int64)
+    start = tl.load(seg_starts_ptr + pid_s)
+    end = tl.load(seg_starts_ptr + pid_s + 1)
+    o_lo = tl.load(out_offsets_ptr + g)
+    o_hi = tl.load(out_offsets_ptr + g + 1)
+    m0 = start + pid_m * BLOCK_M
+    n0 = o_lo + pid_n * BLOCK_N
+    if slot == 0 or m0 >= end or n0 >= o_hi:
+        return
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < end
+    mask_n = offs_n < o_hi
+    v_ptrs = v_ptr + offs_m[:, None].to(tl.int64) * sv_t + (g * R + offs_r[None, :]) * sv_r
+    b_ptrs = b_ptr + slot * sb_n + offs_n[None, :].to(tl.int64) * sb_o + offs_r[:, None] * sb_r  # [R, N]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        mask_r = (r0 + offs_r) < R
+        vt = tl.load(v_ptrs + r0 * sv_r, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        bt = tl.load(b_ptrs + r0 * sb_r, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        vt = vt.to(bt.dtype)
+        if DOT_F32:
+            acc += tl.dot(vt.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
+        elif IEEE:
+            acc += tl.dot(vt, bt, input_precision="ieee")
+        else:
+            acc += tl.dot(vt, bt)
+    scale = tl.load(scale_ptr + g * ss_g + slot).to(tl.float32)
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * sy_t + offs_n[None, :] * sy_o
+    mask = mask_m[:, None] & mask_n[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y + acc * scale).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bgmv_expand_kernel(
+    v_ptr, b_ptr, y_ptr, scale_ptr, token_slots_ptr, out_offsets_ptr,
+    R, N_TILES,
+    sv_t, sv_r, sb_n, sb_o, sb_r, sy_t, sy_o, ss_g,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Per-token gather-matvec expand, same sum as `_sgmv_expand_kernel`."""
+    t = tl.program_id(0)
+    pid_gn = tl.program_id(1)
+    g = pid_gn // N_TILES
+    pid_n = pid_gn % N_TILES
+    slot = tl.load(token_slots_ptr + t).to(tl.int64)
+    o_lo = tl.load(out_offsets_ptr + g)
+    o_hi = tl.load(out_offsets_ptr + g + 1)
+    n0 = o_lo + pid_n * BLOCK_N
+    if slot == 0 or n0 >= o_hi:
+        return
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_n = offs_n < o_hi
+    v_row = v_ptr + t.to(tl.int64) * sv_t + g * R * sv_r
+    b_ptrs = b_ptr + slot * sb_n + offs_n[:, None].to(tl.int64) * sb_o + offs_r[None, :] * sb_r  # [N, R]
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        mask_r = (r0 + offs_r) < R
+        vv = tl.load(v_row + (r0 + offs_r) * sv_r, mask=mask_r, other=0.0).to(tl.float32)
+        bt = tl.load(b_ptrs + r0 * sb_r, mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(bt * vv[None, :], axis=1)
+    scale = tl.load(scale_ptr + g * ss_g + slot).to(tl.float32)
+    y_ptrs = y_ptr + t.to(tl.int64) * sy_t + offs_n * sy_o
+    y = tl.load(y_ptrs, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y + acc * scale).to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
+# ----------------------------------------------------------------------------- launch helpers
+
+# Decided when the kernels were decorated (TRITON_INTERPRET=1 at import), not at each call.
+_INTERPRETED = not isinstance(_sgmv_shrink_kernel, triton.runtime.JITFunction)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: Optional[int]) -> int:
+    if not torch.cuda.is_available():
+        return 1  # the interpreter runs programs one after another: no point splitting
+    return torch.cuda.get_device_properties(device_index or 0).multi_processor_count
+
+
+def _n_sms(t: torch.Tensor) -> int:
+    return _sm_count(t.device.index) if t.is_cuda else 1
+
+
+def _dot_in_f32(dtype: torch.dtype) -> bool:
+    """Triton's CPU interpreter (3.x) computes bf16 tl.dot wrongly, so it gets fp32 operands there."""
+    return dtype == torch.bfloat16 and _INTERPRETED
+
+
+def _check_dtype(t: torch.Tensor, what: str) -> None:
+    if t.dtype not in _TL_DTYPES:
+        raise TypeError(f"{what} must be float32, bfloat16 or float16, not {t.dtype}")
+
+
+def _lora_segments(seg: LoraSegments) -> tuple[int, int]:
+    """(number of adapter segments, tokens in them), from the host-side lists."""
+    n = tot = 0
+    for s, e, slot in zip(seg.starts, seg.ends, seg.slots):
+        if slot != 0 and e > s:
+            n += 1
+            tot += e - s
+    return n, tot
+
+
+def pick_mode(seg: LoraSegments) -> str:
+    """'bgmv' when adapter segments are short on average (decode with distinct adapters), else 'sgmv'."""
+    n, tot = _lora_segments(seg)
+    return "bgmv" if n and tot < BGMV_MAX_AVG_SEGMENT * n else "sgmv"
+
+
+def _block_m(max_len: int) -> int:
+    return 16 if max_len <= 16 else (32 if max_len <= 32 else 64)
+
+
+def _split_k(programs: int, k_blocks: int, n_sms: int, split_k: Optional[int]) -> int:
+    if split_k is not None:
+        return max(1, min(int(split_k), k_blocks))
+    want = _PROGRAMS_PER_SM * n_sms
+    s = 1
+    while programs * s * 2 <= want and s * 2 <= min(_MAX_SPLIT_K, k_blocks):
+        s *= 2
+    return s
+
+
+def _check_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments) -> None:
+    if x.dim() != 2 or a.dim() != 3:
+        raise ValueError(f"shrink expects x [T, in] and a [N, R, in]; got {tuple(x.shape)} and {tuple(a.shape)}")
+    if x.shape[1] != a.shape[2]:
+        raise ValueError(f"in_features differ: x has {x.shape[1]}, a has {a.shape[2]}")
+    if x.shape[0] != seg.num_tokens:
+        raise ValueError(f"x has {x.shape[0]} tokens, segments cover {seg.num_tokens}")
+    _check_dtype(x, "x")
+    _check_dtype(a, "a")
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def shrink(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments, *, mode: str = "auto",
+           split_k: Optional[int] = None, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """v = x @ a[slot]^T per token ([T, R], x's dtype unless out_dtype); slot-0 rows are zero.
+
+    mode: auto | sgmv | bgmv. split_k: how many programs share one row's K loop
+    (default: enough to fill the GPU); partial sums go to an fp32 buffer that is
+    summed in a fixed order, so results are deterministic.
+    """
+    _check_shrink(x, a, seg)
+    T, K = x.shape
+    R = a.shape[1]
+    out_dtype = out_dtype or x.dtype
+    n_lora, _ = _lora_segments(seg)
+    if T == 0 or n_lora == 0:
+        return x.new_zeros((T, R), dtype=out_dtype)
+    mode = pick_mode(seg) if mode == "auto" else mode
+    ieee = x.dtype == torch.float32
+    if mode == "sgmv":
+        block_m = _block_m(seg.max_segment_len)
+        block_r = min(max(16, _pow2(R)), 64)
+        block_k = 32 if ieee else 64
+        m_tiles = triton.cdiv(seg.max_segment_len, block_m)
+        r_tiles = triton.cdiv(R, block_r)
+        sk = _split_k(n_lora * m_tiles * r_tiles, triton.cdiv(K, block_k), _n_sms(x), split_k)
+    elif mode == "bgmv":
+        block_r = min(_pow2(R), 64)
+        block_k = max(32, min(256, 8192 // block_r))
+        r_tiles = triton.cdiv(R, block_r)
+        sk = _split_k(T * r_tiles, triton.cdiv(K, block_k), _n_sms(x), split_k)
+    else:
+        raise ValueError(f"mode must be auto, sgmv or bgmv, not {mode!r}")
+    # One partial per K split, fp32, zero where no program writes (slot 0, padding).
+    part_dtype = out_dtype if sk == 1 else torch.float32
+    part = torch.zeros((sk, T, R), dtype=part_dtype, device=x.device)
+    strides = (*x.stride(), *a.stride(), *part.stride())
+    if mode == "sgmv":
+        grid = (len(seg.slots), m_tiles, r_tiles * sk)
+        _sgmv_shrink_kernel[grid](
+            x, a, part, seg.seg_starts, seg.seg_slots, K, R, *strides,
+            SPLIT_K=sk, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, IEEE=ieee,
+            DOT_F32=_dot_in_f32(x.dtype))
+    else:
+        grid = (T, r_tiles * sk)
+        _bgmv_shrink_kernel[grid](
+            x, a, part, seg.token_slots, K, R, *strides,
+            SPLIT_K=sk, BLOCK_R=block_r, BLOCK_K=block_k)
+    if sk == 1:
+        return part[0]
+    return part.sum(0).to(out_dtype)
+
+
+def _expand_launch(y: torch.Tensor, v: torch.Tensor, b: torch.Tensor, scales: torch.Tensor,
+                   out_offsets: torch.Tensor, out_sizes: Sequence[int], seg: LoraSegments,
+                   mode: str) -> torch.Tensor:
+    """Shared by expand and expand_fused: scales [G, N_slots], out_offsets [G + 1] int32."""
+    T = y.shape[0]
+    n_lora, _ = _lora_segments(seg)
+    if T == 0 or n_lora == 0:
+        return y
+    G = len(out_sizes)
+    R = v.shape[1] // G
+    mode = pick_mode(seg) if mode == "auto" else mode
+    max_out = max(out_sizes)
+    strides = (*v.stride(), *b.stride(), *y.stride(), scales.stride(0))
+    if mode == "sgmv":
+        block_m = _block_m(seg.max_segment_len)
+        block_n = 64 if max_out <= 2048 else 128
+        block_r = min(max(16, _pow2(R)), 64)
+        n_tiles = triton.cdiv(max_out, block_n)
+        grid = (len(seg.slots), triton.cdiv(seg.max_segment_len, block_m), G * n_tiles)
+        _sgmv_expand_kernel[grid](
+            v, b, y, scales, seg.seg_starts, seg.seg_slots, out_offsets, R, n_tiles, *strides,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, IEEE=b.dtype == torch.float32,
+            DOT_F32=_dot_in_f32(b.dtype))
+    elif mode == "bgmv":
+        block_r = min(_pow2(R), 64)
+        block_n = max(32, min(256, 8192 // block_r))
+        n_tiles = triton.cdiv(max_out, block_n)
+        grid = (T, G * n_tiles)
+        _bgmv_expand_kernel[grid](
+            v, b, y, scales, seg.token_slots, out_offsets, R, n_tiles, *strides,
+            BLOCK_N=block_n, BLOCK_R=block_r)
+    else:
+        raise ValueError(f"mode must be auto, sgmv or bgmv, not {mode!r}")
+    return y
+
+
+def _out_offsets(out_sizes: Sequence[int], device: torch.device) -> torch.Tensor:
+    offs = [0]
+    for n in out_sizes:
+        offs.append(offs[-1] + int(n))
+    return torch.tensor(offs, dtype=torch.int32, device=device)
+
+
+def expand(y: torch.Tensor, v: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+           seg: LoraSegments, *, mode: str = "auto") -> torch.Tensor:
+    """y += scale[slot] * (v @ b[slot]^T) per token, in place; slot-0 tokens untouched; returns y."""
+    if y.dim() != 2 or v.dim() != 2 or b.dim() != 3:
+        raise ValueError(f"expand expects y [T, out], v [T, R], b [N, out, R]; got "
+                         f"{tuple(y.shape)}, {tuple(v.shape)}, {tuple(b.shape)}")
+    if b.shape[1] != y.shape[1] or b.shape[2] != v.shape[1] or v.shape[0] != y.shape[0]:
+        raise ValueError(f"shapes disagree: y {tuple(y.shape)}, v {tuple(v.shape)}, b {tuple(b.shape)}")
+    if y.shape[0] != seg.num_tokens:
+        raise ValueError(f"y has {y.shape[0]} tokens, segments cover {seg.num_tokens}")
+    for t, what in ((y, "y"), (v, "v"), (b, "b")):
+        _check_dtype(t, what)
+    scales = scale.reshape(1, -1)
+    out_offsets = _out_offsets([y.shape[1]], y.device)
+    return _expand_launch(y, v, b, scales, out_offsets, [y.shape[1]], seg, mode)
+
+
+def apply_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+               scale: torch.Tensor, seg: LoraSegments, *, mode: str = "auto") -> torch.Tensor:
+    """y += LoRA delta of each token's adapter; returns y."""
+    if not seg.has_lora:
+        return y
+    mode = pick_mode(seg) if mode == "auto" else mode
+    return expand(y, shrink(x, a, seg, mode=mode), b, scale, seg, mode=mode)
+
+
+# ----------------------------------------------------------------------------- fused targets
+
+
+@dataclass(frozen=True)
+class FusedLora:
+    """Several targets that read one x (q/k/v or gate/up), stacked for one shrink and one expand.
+
+    a_cat    [N_slots, G*R, in]     target g's A in rows g*R .. (g+1)*R
+    b_cat    [N_slots, sum(out), R] target g's B in rows out_offsets[g] .. out_offsets[g+1]
+    scales   [G, N_slots] float32
+    out_offsets [G + 1] int32 on the device; out_sizes the same on the host
+    """
+
+    a_cat: torch.Tensor
+    b_cat: torch.Tensor
+    scales: torch.Tensor
+    out_offsets: torch.Tensor
+    out_sizes: tuple[int, ...]
+
+    @property
+    def rank(self) -> int:
+        return self.a_cat.shape[1] // len(self.out_sizes)
+
+
+def concat_targets(a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor],
+                   scale_list: Sequence[torch.Tensor]) -> FusedLora:
+    """Stack per-target slot tensors (all the same padded rank R) into one FusedLora."""
+    if not (len(a_list) == len(b_list) == len(scale_list)) or not a_list:
+        raise ValueError("need one a, b and scale per target, at least one target")
+    R = a_list[0].shape[1]
+    if any(a.shape[1] != R or b.shape[2] != R for a, b in zip(a_list, b_list)):
+        raise ValueError("every fused target must have the same padded rank")
+    out_sizes = tuple(int(b.shape[1]) for b in b_list)
+    return FusedLora(
+        a_cat=torch.cat(list(a_list), dim=1).contiguous(),
+        b_cat=torch.cat(list(b_list), dim=1).contiguous(),
+        scales=torch.stack([s.float() for s in scale_list]).contiguous(),
+        out_offsets=_out_offsets(out_sizes, a_list[0].device),
+        out_sizes=out_sizes,
+    )
+
+
+def apply_lora_fused(y_cat: torch.Tensor, x: torch.Tensor, fused: FusedLora, seg: LoraSegments,
+                     *, mode: str = "auto") -> torch.Tensor:
+    """y_cat[:, target g's columns] += scale_g[slot] * (x A_g[slot]^T) B_g[slot]^T for every g; returns y_cat.
+
+    One shrink (x read once for all targets) and one expand launch.
+    """
+    if y_cat.shape[1] != sum(fused.out_sizes) or y_cat.shape[0] != x.shape[0]:
+        raise ValueError(f"y_cat {tuple(y_cat.shape)} does not match x rows {x.shape[0]} "
+                         f"and fused outputs {fused.out_sizes}")
+    if not seg.has_lora:
+        return y_cat
+    mode = pick_mode(seg) if mode == "auto" else mode
+    v = shrink(x, fused.a_cat, seg, mode=mode)
+    return _expand_launch(y_cat, v, fused.b_cat, fused.scales, fused.out_offsets, fused.out_sizes, seg, mode)
+
+
+def apply_lora_fused_reference(y_cat: torch.Tensor, x: torch.Tensor, fused: FusedLora,
+                               seg: LoraSegments) -> torch.Tensor:
+    """The torch reference applied target by target: what apply_lora_fused must equal."""
+    from server.lora import torch_ref
+
+    R = fused.rank
+    for g, lo in enumerate(fused.out_offsets.tolist()[:-1]):
+        hi = lo + fused.out_sizes[g]
+        a = fused.a_cat[:, g * R:(g + 1) * R]
+        b = fused.b_cat[:, lo:hi]
+        out = y_cat[:, lo:hi].clone()
+        torch_ref.apply_lora(out, x, a, b, fused.scales[g], seg)
+        y_cat[:, lo:hi] = out
+    return y_cat
+
+
+# ----------------------------------------------------------------------------- grouped_mm variant
+
+
+def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """torch._grouped_mm exists and supports this device/dtype (CUDA: bf16 on sm90+)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 9
+    return device.type == "cpu"
+
+
+def apply_lora_grouped_mm(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                          scale: torch.Tensor, seg: LoraSegments) -> torch.Tensor:
+    """Same result via two torch._grouped_mm calls over the segments (for measurement).
+
+    Each segment's A and B are gathered first (an extra copy of the adapters in
+    the batch); slot-0 segments multiply the zero slot and add zero.
+    """
+    if not seg.has_lora:
+        return y
+    if not hasattr(torch, "_grouped_mm"):
+        raise RuntimeError("this torch build has no torch._grouped_mm")
+    dims = {"in_features": x.shape[1], "rank": a.shape[1], "out_features": y.shape[1]}
+    bad = [f"{k}={n}" for k, n in dims.items() if (n * x.element_size()) % 16]
+    if bad:
+        raise ValueError(f"torch._grouped_mm needs 16-byte aligned rows; not met by {', '.join(bad)}")
+    slots = seg.seg_slots.long()
+    offs = seg.seg_starts[1:].contiguous()  # group g covers [offs[g-1], offs[g])
+    a_g = a.index_select(0, slots).to(x.dtype)  # [S, R, in]
+    b_g = b.index_select(0, slots).to(x.dtype)  # [S, out, R]
+    v = torch._grouped_mm(x.contiguous(), a_g.transpose(1, 2), offs=offs)  # [T, R]
+    d = torch._grouped_mm(v, b_g.transpose(1, 2), offs=offs)  # [T, out]
+    sc = scale.index_select(0, seg.token_slots).to(torch.float32).unsqueeze(-1)
+    y.add_((d.float() * sc).to(y.dtype))
+    return y
