@@ -47,6 +47,7 @@ class EngineStats:
     kv_blocks_total: int
     last_batch_size: int
     steps: int
+    preemptions: int
     adapters_on_device: int
     adapter_slots_total: int
     adapter_loads: int
@@ -144,7 +145,7 @@ class Engine:
         """Every check that needs no loop state; raises typed errors naming the field."""
         vocab = self.model_config.vocab_size
         if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in request.prompt_token_ids):
-            raise InvalidRequestError("prompt_token_ids", f"every id must be in [0, {vocab})")
+            raise InvalidRequestError("prompt_token_ids", f"every id must be in the allowed range [0, {vocab})")
         request.params.validate(len(request.prompt_token_ids), self.max_model_len)
         if len(request.request_id) > 256:
             raise InvalidRequestError("request_id", "at most 256 characters")
@@ -188,6 +189,7 @@ class Engine:
             running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
             kv_blocks_used=self.blocks.num_used, kv_blocks_total=self.blocks.num_blocks,
             last_batch_size=self._last_batch, steps=self._steps,
+            preemptions=self.scheduler.preemptions,
             adapters_on_device=sum(1 for s in self.pool.resident() if s.state == "ready"),
             adapter_slots_total=self.pool.num_slots, adapter_loads=ps.loads,
             adapter_load_failures=ps.load_failures, adapter_evictions=ps.evictions, adapter_hits=ps.hits,

@@ -131,6 +131,7 @@ class Scheduler:
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.waiting = FairWaitQueue()
         self.running: list[Sequence] = []
+        self.preemptions = 0
         self._clock = clock
 
     @property
@@ -168,6 +169,7 @@ class Scheduler:
         seq.num_cached = 0
         seq.status = WAITING
         seq.preemptions += 1
+        self.preemptions += 1
         self.waiting.push(seq, front=True)
 
     def schedule(self) -> StepPlan:
