@@ -131,10 +131,20 @@ class Registry:
     # ---- publish -----------------------------------------------------------------------------
 
     def register_bytes(self, tenant: str, name: str, config_json: bytes, weights: bytes,
-                       metadata: Optional[Mapping[str, str]] = None) -> AdapterVersionInfo:
-        """Validate, store and index a new version of `name`; nothing is visible until all passed."""
+                       metadata: Optional[Mapping[str, str]] = None, *,
+                       reuse_identical_latest: bool = False) -> AdapterVersionInfo:
+        """Validate, store and index a new version of `name`; nothing is visible until all passed.
+
+        `reuse_identical_latest`: when the newest version already has exactly these bytes,
+        return it instead of adding a version (for start-up flags replayed at every restart).
+        """
         check_tenant(tenant)
         check_name(name)
+        if reuse_identical_latest:
+            latest = self.index.get_version(tenant, name, None)
+            if latest is not None and latest.digest == content_digest(config_json, weights) \
+                    and latest.base_fingerprint == self.base_fingerprint:
+                return self._info(latest)
         meta = self._check_metadata(metadata or {})
         self._precheck_quota(tenant, name)
         try:
@@ -160,7 +170,7 @@ class Registry:
         return self._info(row)
 
     def register_path(self, tenant: str, name: str, path: Path, metadata: Optional[Mapping[str, str]] = None,
-                      *, allow_any_path: bool = False) -> AdapterVersionInfo:
+                      *, allow_any_path: bool = False, reuse_identical_latest: bool = False) -> AdapterVersionInfo:
         """Register a PEFT directory on the server's disk.
 
         Only inside `import_dirs` (after resolving symlinks, for the directory and each file),
@@ -169,7 +179,8 @@ class Registry:
         cfg_path, st_path = self._import_paths(Path(path), allow_any_path)
         cfg = self._read_bounded(cfg_path, self.limits.max_config_bytes, CONFIG_NAME)
         weights = self._read_bounded(st_path, self.limits.max_weights_bytes, WEIGHTS_NAME)
-        return self.register_bytes(tenant, name, cfg, weights, metadata)
+        return self.register_bytes(tenant, name, cfg, weights, metadata,
+                                   reuse_identical_latest=reuse_identical_latest)
 
     def _import_paths(self, path: Path, allow_any: bool) -> tuple[Path, Path]:
         if not allow_any and not self.import_dirs:

@@ -4,10 +4,13 @@ With a tenants file every RPC except health and reflection must carry
 `authorization: Bearer KEY`; the key's sha256 picks the tenant (UNAUTHENTICATED when
 missing or wrong). An admin may act for another tenant with the `x-loraserve-tenant`
 metadata (or the `tenant` field of an Adapters request); anyone else naming a tenant
-not their own gets PERMISSION_DENIED. Inference calls also pass the tenant's live quotas
-here (concurrent requests, tokens per minute: RESOURCE_EXHAUSTED naming the limit), so
-every entry point is covered in one place. Without a tenants file no interceptor is
-installed and every caller is the single open tenant with admin rights.
+not their own gets PERMISSION_DENIED. Without a tenants file no interceptor is installed
+and every caller is the single open tenant with admin rights.
+
+Live inference quotas (concurrent requests, tokens per minute) are held by the server's
+`ServingState.admit` hook with a `QuotaTracker`, which knows the prompt length up front.
+A server without that hook can pass `quotas=` here instead: the interceptor then holds a
+slot around Generate/GenerateStream and charges the usage the responses report.
 """
 from __future__ import annotations
 
@@ -74,7 +77,7 @@ def authenticate(directory: TenantDirectory, metadata: dict[str, str]) -> Caller
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, directory: TenantDirectory, quotas: Optional[QuotaTracker] = None):
         self.directory = directory
-        self.quotas = quotas or QuotaTracker()
+        self.quotas = quotas
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
         handler = await continuation(details)
@@ -87,7 +90,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         except LoraServeError as e:
             log.info("refused %s: %s", method, e)
             return _refusing(handler, e)
-        if method not in QUOTA_METHODS:
+        if self.quotas is None or method not in QUOTA_METHODS:
             return _wrapped(handler, caller, None, None)
         # quotas belong to the tenant the work is for: an admin acting for one spends its quota
         quota_tenant = self.directory.get(caller.acting_for) or Tenant(caller.acting_for)

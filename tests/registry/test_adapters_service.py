@@ -9,7 +9,7 @@ import hashlib
 import grpc
 import pytest
 
-from adapter_registry import Registry, TenantDirectory
+from adapter_registry import QuotaTracker, Registry, TenantDirectory
 from adapter_registry.tenants import hash_key
 from server.api.adapters_service import add_adapters_service
 from server.api.auth import AuthInterceptor, TenantResolver
@@ -104,7 +104,7 @@ def run(coro):
 async def start(reg, directory):
     engine = FakeEngine()
     resolver = TenantResolver(directory)
-    server = grpc.aio.server(interceptors=[AuthInterceptor(directory)])
+    server = grpc.aio.server(interceptors=[AuthInterceptor(directory, QuotaTracker())])
     add_adapters_service(server, reg, engine, tenant_resolver=resolver)
     infer = FakeInference(resolver)
     ipb_grpc.add_InferenceServicer_to_server(infer, server)

@@ -284,3 +284,13 @@ def test_concurrent_misses_load_once(registry):
         t.join()
     assert registry.stats()["disk_loads_total"] == before + 1
     assert all(r is results[0] for r in results)
+
+
+def test_reuse_identical_latest(registry):
+    c, w = make_adapter(seed=1)
+    c2, w2 = make_adapter(seed=2)
+    assert registry.register_bytes("t", "a", c, w, reuse_identical_latest=True).version == 1
+    assert registry.register_bytes("t", "a", c, w, reuse_identical_latest=True).version == 1
+    assert registry.register_bytes("t", "a", c2, w2, reuse_identical_latest=True).version == 2
+    assert registry.register_bytes("t", "a", c, w, reuse_identical_latest=True).version == 3
+    assert registry.register_bytes("t", "a", c, w).version == 4
