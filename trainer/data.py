@@ -253,7 +253,7 @@ def encode_messages(tokenizer, messages: Sequence[dict]) -> tuple[list[int], lis
                 raise TrainingDataError(
                     "the chat template re-renders earlier turns differently as the conversation grows, "
                     "so assistant turns cannot be isolated; use prompt/completion records instead")
-            ctx = _encode(tokenizer, before[len(rendered):], special=not rendered)
+            ctx = _encode(tokenizer, before[len(rendered):], special=False)
             turn = _encode(tokenizer, after[len(before):], special=False)
             eos = tokenizer.eos_token_id
             # Template glue after the turn's EOS (e.g. a newline) is never generated: do not learn it.
@@ -265,7 +265,7 @@ def encode_messages(tokenizer, messages: Sequence[dict]) -> tuple[list[int], lis
                 raise TrainingDataError(
                     "the chat template re-renders earlier turns differently as the conversation grows; "
                     "use prompt/completion records instead")
-            ctx = _encode(tokenizer, after[len(rendered):], special=not rendered)
+            ctx = _encode(tokenizer, after[len(rendered):], special=False)
             ids += ctx
             labels += [IGNORE_INDEX] * len(ctx)
         rendered = after

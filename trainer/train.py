@@ -191,12 +191,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return names[name]
 
 
-def lora_config(cfg: TrainConfig, base_name: str):
+def lora_config(cfg: TrainConfig):
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.use_rslora,
                       target_modules=[TARGET_MODULES[t] for t in cfg.targets], bias="none",
-                      task_type="CAUSAL_LM", base_model_name_or_path=base_name)
+                      task_type="CAUSAL_LM")
 
 
 class CausalLMLoss(nn.Module):
@@ -308,7 +308,7 @@ class Trainer:
         base.config.use_cache = False
         base.to(self.dist.device)
         torch.manual_seed(self.cfg.seed)  # LoRA A init draws from the global generator
-        model = get_peft_model(base, lora_config(self.cfg, self.cfg.model))
+        model = get_peft_model(base, lora_config(self.cfg))
         return model
 
     def _trainable(self, model) -> dict[str, torch.Tensor]:
@@ -591,7 +591,10 @@ class Trainer:
                 "created_unix": int(time.time()),
             }
             tensors = get_peft_model_state_dict(model)
-            export.save_adapter(self.out, model.peft_config["default"], tensors, provenance)
+            peft_cfg = model.peft_config["default"]
+            # Name the base as the user did ("default" or their path), not this machine's cache dir.
+            peft_cfg.base_model_name_or_path = cfg.model
+            export.save_adapter(self.out, peft_cfg, tensors, provenance)
             report = dict(provenance)
             report["warnings"] = train.warnings() + (ev.warnings() if ev else [])
             report["history"] = history
