@@ -1,0 +1,156 @@
+"""Micro-benchmark of one layer's LoRA matmuls: Triton SGMV/BGMV vs the torch reference vs torch._grouped_mm.
+
+For B = 1..64 decode tokens (one per sequence, grouped by slot as the runner does)
+and Punica's adapter mixes, time `apply_lora` (shrink + expand) on each of the
+seven targets of a random-weight Llama shape and report microseconds per call,
+per target and summed over the layer. Each method is checked against the
+reference before it is timed.
+
+    python -m benchmarks.gpu_kernels --shape 1b --out results/gpu_kernels_1b.json
+    python -m benchmarks.gpu_kernels --dry-run --out /tmp/k.json   # CPU, interpreter, tiny
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from benchmarks import gpu_common as common
+from benchmarks.roofline import ALL_TARGETS, SHAPES
+from benchmarks.workload import punica_mix
+from server.lora.segments import LoraSegments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="LoRA kernel micro-benchmark")
+    common.add_common_args(p, "results/gpu_kernels.json")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--mixes", nargs="+", default=["distinct", "uniform", "skewed", "identical"])
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--targets", nargs="+", default=list(ALL_TARGETS), choices=ALL_TARGETS)
+    p.add_argument("--prefill", type=int, default=0,
+                   help="tokens per sequence (0 = decode, one token each); e.g. 128 for prefill segments")
+    p.add_argument("--iters", type=int, default=100)
+    return p
+
+
+def _methods(K, device: torch.device, dtype: torch.dtype, with_triton: bool):
+    from server.lora import torch_ref
+
+    m = {} if not with_triton else {
+        "triton": lambda y, x, a, b, s, seg: K.apply_lora(y, x, a, b, s, seg),
+        "triton_sgmv": lambda y, x, a, b, s, seg: K.apply_lora(y, x, a, b, s, seg, mode="sgmv"),
+        "triton_bgmv": lambda y, x, a, b, s, seg: K.apply_lora(y, x, a, b, s, seg, mode="bgmv"),
+    }
+    m["torch_ref"] = torch_ref.apply_lora
+    if K.grouped_mm_available(device, dtype):
+        m["grouped_mm"] = K.apply_lora_grouped_mm
+    return m
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = common.resolve_args(args)
+    can_interpret = False
+    if device.type == "cpu":
+        # Triton runs on CPU only through its interpreter, which must be chosen before import.
+        can_interpret = "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
+        os.environ["TRITON_INTERPRET"] = "1"
+        if not can_interpret:
+            print("note: triton was imported before its interpreter could be chosen; "
+                  "timing the torch methods only", file=sys.stderr)
+        # The interpreter runs programs one by one: keep the smoke run to seconds.
+        args.batch = [2]
+        args.mixes = [m for m in args.mixes if m in ("distinct", "identical")] or ["distinct"]
+        args.targets = [t for t in args.targets if t in ("q", "down")] or args.targets[:1]
+        args.iters = 1
+    from server.lora import triton_sgmv as K
+
+    shape = SHAPES[args.shape]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n_slots = max(args.batch) + 1
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    methods = _methods(K, device, dtype, with_triton=device.type == "cuda" or can_interpret)
+    weights = {}
+    for t in args.targets:
+        o, i = shape.target_shape(t)
+        a = (torch.randn(n_slots, args.rank, i, device=device, generator=g) / i ** 0.5).to(dtype)
+        b = (torch.randn(n_slots, o, args.rank, device=device, generator=g) * 0.02).to(dtype)
+        a[0], b[0] = 0, 0
+        scale = torch.full((n_slots,), 2.0, device=device)
+        scale[0] = 0
+        weights[t] = (a, b, scale)
+
+    rows = []
+    for mix in args.mixes:
+        for B in args.batch:
+            # Sequence i uses slot adapter+1; the runner sorts sequences by slot.
+            slots = sorted(s + 1 for s in punica_mix(mix, B, seed=args.seed))
+            per_seq = args.prefill or 1
+            seg = LoraSegments.from_sequences(slots, [per_seq] * B, device)
+            T = seg.num_tokens
+            for t in args.targets:
+                a, b, scale = weights[t]
+                o, i = shape.target_shape(t)
+                x = (torch.randn(T, i, device=device, generator=g)).to(dtype)
+                y0 = torch.randn(T, o, device=device, generator=g).to(dtype)
+                want = methods["torch_ref"](y0.clone().float(), x.float(), a.float(), b.float(), scale, seg)
+                for name, fn in methods.items():
+                    got = fn(y0.clone(), x, a, b, scale, seg)
+                    err = float((got.float() - want).abs().max() / want.abs().max())
+                    y = y0.clone()
+                    us = common.bench_us(lambda: fn(y, x, a, b, scale, seg), device,
+                                         warmup=min(5, args.iters - 1), iters=args.iters)
+                    rows.append({"mix": mix, "B": B, "tokens": T, "target": t, "method": name,
+                                 "adapters": len(set(slots)), "us": us, "rel_err": err,
+                                 "mode": K.pick_mode(seg) if name == "triton" else ""})
+    layer = {}
+    for r in rows:
+        key = (r["mix"], r["B"], r["method"])
+        layer[key] = layer.get(key, 0.0) + r["us"]
+    layer_rows = [{"mix": m, "B": B, "method": meth, "layer_us": us} for (m, B, meth), us in layer.items()]
+    names = list(methods)
+    table = []
+    for mix in args.mixes:
+        for B in args.batch:
+            row = {"mix": mix, "B": B}
+            row.update({n: layer.get((mix, B, n)) for n in names})
+            best = min(names, key=lambda n: layer.get((mix, B, n), float("inf")))
+            row["fastest"] = best
+            table.append(row)
+    common.print_table(table, ["mix", "B", *names, "fastest"],
+                       title=f"LoRA us per layer ({'+'.join(args.targets)}), shape {shape.name}, rank {args.rank}, "
+                             f"{'prefill ' + str(args.prefill) if args.prefill else 'decode'}, {dtype}")
+    worst = max(r["rel_err"] for r in rows)
+    print(f"max relative error vs reference over all runs: {worst:.2e}")
+
+    payload = {"benchmark": "gpu_kernels", "machine": common.machine_info(device), "shape": shape.to_dict(),
+               "workload": {"batch": args.batch, "mixes": args.mixes, "rank": args.rank, "targets": args.targets,
+                            "prefill_tokens_per_seq": args.prefill, "dtype": str(dtype), "iters": args.iters,
+                            "seed": args.seed},
+               "per_target": rows, "per_layer": layer_rows, "max_rel_err": worst,
+               "note": "CPU dry run under the Triton interpreter: times are meaningless" if device.type == "cpu" else ""}
+    out = common.write_json(args.out, payload)
+
+    fig, axes = common.new_figure(len(args.mixes))
+    for ax, mix in zip(axes, args.mixes):
+        for n in names:
+            ax.plot(args.batch, [layer[(mix, B, n)] for B in args.batch], marker="o", label=n)
+        ax.set_title(mix)
+        ax.set_xlabel("tokens in batch (B)")
+        ax.set_xscale("log", base=2)
+        ax.set_ylabel("us per layer")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    png = common.save_figure(fig, common.png_path(out))
+    print(f"wrote {out} and {png}")
+    if worst > (2e-2 if dtype != torch.float32 else 1e-4):
+        print(f"FAIL: a method disagrees with the reference (max relative error {worst:.2e})", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
