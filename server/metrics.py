@@ -137,21 +137,29 @@ class EngineCollector(Collector):
         host = None
         if self.registry_stats is not None:
             rs = self.registry_stats()
-            host = _get(rs, "adapters_in_host_memory", "host_entries", "host_adapters", default=-1)
-            tiers = CounterMetricFamily("loraserve_registry_tier_hits", "Adapter lookups served by each tier.",
-                                        labels=["tier"])
-            misses = CounterMetricFamily("loraserve_registry_tier_misses", "Adapter lookups that missed a tier.",
-                                         labels=["tier"])
-            for tier in ("host", "device"):
-                tiers.add_metric([tier], _get(rs, f"{tier}_hits"))
-                misses.add_metric([tier], _get(rs, f"{tier}_misses"))
-            yield tiers
+            host = _get(rs, "host_entries", "adapters_in_host_memory", default=-1)
+            hits = CounterMetricFamily("loraserve_adapter_host_cache_hits", "Adapter loads served from host memory.",
+                                       value=_get(rs, "host_hits_total"))
+            misses = CounterMetricFamily("loraserve_adapter_host_cache_misses",
+                                         "Adapter loads that had to read the disk tier.",
+                                         value=_get(rs, "host_misses_total"))
+            yield hits
             yield misses
+            yield CounterMetricFamily("loraserve_adapter_disk_loads", "Adapter versions read from disk.",
+                                      value=_get(rs, "disk_loads_total"))
+            yield CounterMetricFamily("loraserve_adapter_disk_load_seconds", "Seconds spent reading adapters from disk.",
+                                      value=_get(rs, "disk_load_seconds_total"))
             yield GaugeMetricFamily("loraserve_adapter_host_cache_bytes", "Bytes of adapters held in host memory.",
-                                    value=_get(rs, "host_bytes", "host_cache_bytes"))
+                                    value=_get(rs, "host_bytes"))
             yield CounterMetricFamily("loraserve_adapter_host_evictions", "Adapters evicted from host memory.",
-                                      value=_get(rs, "host_evictions", "host_evictions_total"))
+                                      value=_get(rs, "host_evictions_total"))
+            yield GaugeMetricFamily("loraserve_adapter_versions_stored", "Adapter versions in the registry.",
+                                    value=_get(rs, "versions_stored"))
+            yield CounterMetricFamily("loraserve_adapter_registrations", "Adapter versions registered.",
+                                      value=_get(rs, "registered_total"))
+            yield CounterMetricFamily("loraserve_adapter_rejections", "Adapter registrations refused by validation.",
+                                      value=_get(rs, "rejected_total"))
         if host is None or host < 0:
-            host = _get(self.engine.stats(), "adapters_in_host_memory", default=0)
+            host = 0.0
         yield GaugeMetricFamily("loraserve_adapters_in_host_memory", "Adapters held in the host-memory tier.",
                                 value=host)

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from adapter_registry import OPEN_TENANT, QuotaTracker, TenantDirectory
 from server.api.gen.loraserve.v1 import adapters_pb2, inference_pb2, inference_pb2_grpc
 from server.api.inference_service import InferenceServicer, ServingState
 from server.config import Config, parse_adapter_flags, startup_warnings
@@ -69,6 +70,11 @@ class LoraServer:
         self.lazy_engine = Lazy("model")
         self.lazy_registry = Lazy("adapter registry")
         self.grpc: Optional[grpc.aio.Server] = None
+        self.tenants = (TenantDirectory.from_toml(Path(cfg.server.tenants)) if cfg.server.tenants
+                        else TenantDirectory.open())
+        self.quotas = QuotaTracker()
+        self.state.admit = self._admit
+        self.startup_tenant = OPEN_TENANT
         self.port = 0
         self.metrics_port = 0
         self._stop = asyncio.Event()
@@ -112,14 +118,14 @@ class LoraServer:
         engine.start()
         self.engine = engine
         self.lazy_engine.set(engine)
-        registry = await _in_thread(self._make_registry, engine)
+        fingerprint = await _in_thread(self._fingerprint, engine)
+        registry = await _in_thread(self._make_registry, engine, fingerprint)
         self.registry = registry
         self.lazy_registry.set(registry)
         for name, path in parse_adapter_flags(self.cfg.server.adapters):
             await _in_thread(self._register_startup_adapter, registry, name, path)
-            log.info(json.dumps({"event": "adapter_registered", "name": name, "path": str(path)}))
         self.state.resolver = registry
-        self.state.model_fingerprint = self._fingerprint(engine)
+        self.state.model_fingerprint = fingerprint
         self.state.engine = engine
         self.metrics.attach(engine, getattr(registry, "stats", None))
         await self._set_health(SERVING)
@@ -177,6 +183,20 @@ class LoraServer:
     async def _second_signal(self) -> None:
         await self._second.wait()
 
+    def _admit(self, tenant_name: str, prompt_tokens: int, max_new_tokens: int) -> Any:
+        """Hold a concurrent-request quota slot; the returned release charges the tokens actually used."""
+        tenant = self.tenants.get(tenant_name)
+        if tenant is None:
+            return lambda completion_tokens: None
+        slot = self.quotas.request(tenant)
+        slot.__enter__()  # raises QuotaExceededError naming the limit
+
+        def release(completion_tokens: int) -> None:
+            self.quotas.charge(tenant.name, prompt_tokens + completion_tokens)
+            slot.__exit__(None, None, None)
+
+        return release
+
     async def _set_health(self, status: int) -> None:
         for name in ("", INFERENCE, ADAPTERS):
             await self.health.set(name, status)
@@ -202,13 +222,21 @@ class LoraServer:
         add_adapters_service(self.grpc, self.lazy_registry, self.lazy_engine, self.cfg)
         return True
 
-    def _make_registry(self, engine: Any) -> Any:
-        from server.api.local_adapters import LocalAdapters
+    def _make_registry(self, engine: Any, fingerprint: str) -> Any:
+        from adapter_registry import Registry, RegistryLimits
 
-        return LocalAdapters(engine.model_config, self.cfg.engine.max_rank)
+        s = self.cfg.server
+        root = Path(s.registry).expanduser() if s.registry else self.cfg.engine.resolve_home() / "registry"
+        return Registry(root, engine.model_config, fingerprint, self.cfg.engine.max_rank,
+                        import_dirs=[Path(d).expanduser() for d in s.import_dirs],
+                        host_cache_bytes=s.host_cache_bytes,
+                        limits=RegistryLimits(max_weights_bytes=s.max_upload_bytes), tenants=self.tenants)
 
     def _register_startup_adapter(self, registry: Any, name: str, path: Path) -> None:
-        registry.register_path("default", name, path, {"source": "serve --adapter"})
+        """`--adapter NAME=PATH`: a new version unless the newest one already has these exact bytes."""
+        info = registry.register_path(self.startup_tenant, name, path, {"source": "serve --adapter"},
+                                      allow_any_path=True)
+        log.info(json.dumps({"event": "adapter_registered", "adapter_id": info.adapter_id, "path": str(path)}))
 
     def _fingerprint(self, engine: Any) -> str:
         from server.model.loader import model_fingerprint
