@@ -257,3 +257,61 @@ def make_random_adapters(shape: ModelShape, root: str | Path, n: int, rank: int,
                "base_model_name_or_path": None, "inference_mode": True}
         (d / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
     return out
+
+
+# ----------------------------------------------------------------------------- driving the engine
+
+
+def adapter_spec(path: Path, model_config, max_rank: int, key: Optional[str] = None):
+    """An AdapterSpec that loads a PEFT directory (the engine calls load off its loop thread)."""
+    import functools
+
+    from server.engine.types import AdapterSpec
+    from server.lora.weights import load_peft_adapter
+
+    return AdapterSpec(key=key or str(path), adapter_id=Path(path).name, version=1,
+                       load=functools.partial(load_peft_adapter, Path(path), model_config, max_rank))
+
+
+def run_requests(engine, requests: Sequence[tuple[float, Any]]) -> list[dict[str, float]]:
+    """Submit (offset_s, Request) pairs at their offsets; time each one's tokens from a collector thread.
+
+    Returns per request: arrival, first-token and finish times (seconds from start),
+    ttft, e2e, tokens, finish_reason. Errors are recorded, not raised.
+    """
+    import threading
+    import time
+
+    results: list[dict[str, Any]] = [dict() for _ in requests]
+    threads = []
+    t0 = time.perf_counter()
+
+    def collect(i: int, stream, arrival: float) -> None:
+        r = results[i]
+        r.update(arrival=arrival, tokens=0, first=None)
+        try:
+            for d in stream:
+                now = time.perf_counter() - t0
+                if d.token_ids and r["first"] is None:
+                    r["first"] = now
+                r["tokens"] += len(d.token_ids)
+                if d.finished:
+                    r["finish_reason"] = d.finish_reason
+        except Exception as e:  # noqa: BLE001 (one failed request is a result, not a crash)
+            r["error"] = f"{type(e).__name__}: {e}"
+        r["end"] = time.perf_counter() - t0
+        r["ttft"] = (r["first"] if r["first"] is not None else r["end"]) - arrival
+        r["e2e"] = r["end"] - arrival
+
+    for i, (offset, req) in enumerate(sorted(requests, key=lambda p: p[0])):
+        delay = offset - (time.perf_counter() - t0)
+        if delay > 0:
+            time.sleep(delay)
+        arrival = time.perf_counter() - t0
+        stream = engine.submit(req)
+        th = threading.Thread(target=collect, args=(i, stream, arrival), daemon=True)
+        th.start()
+        threads.append(th)
+    for th in threads:
+        th.join()
+    return results
