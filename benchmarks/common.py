@@ -1,0 +1,71 @@
+"""What CPU benchmarks share: a description of the machine, timing statistics, output.
+
+Ratios between systems measured in one run are what hold on shared machines, so
+every result file states the machine it came from: CPU model, core count, the
+instruction-set flags that decide which kernels are fast (bf16 and int8 paths),
+library versions and the date. JSON writing and the table printer are the GPU
+benchmarks' (`benchmarks.gpu_common`), reused so all result files look alike.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+from typing import Any, Sequence
+
+import torch
+
+from benchmarks.gpu_common import machine_info, print_table, write_json
+
+__all__ = ["cpu_machine_info", "machine_line", "median", "print_table", "write_json"]
+
+# Flags that change which CPU kernels torch picks (and how fast they are).
+INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+                     "amx_bf16", "amx_int8", "amx_tile")
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    """(model name, flags) from /proc/cpuinfo; ("unknown", {}) where it cannot be read."""
+    model, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model == "unknown":
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+                if model != "unknown" and flags:
+                    break
+    except OSError:
+        pass
+    return model, flags
+
+
+def cpu_machine_info() -> dict[str, Any]:
+    """The machine a CPU benchmark ran on, as JSON-ready values."""
+    info = machine_info(torch.device("cpu"))
+    model, flags = _cpuinfo()
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        affinity = os.cpu_count()
+    info.update(cpu_model=model, cpu_cores_usable=affinity, torch_threads=torch.get_num_threads(),
+                cpu_flags={f: f in flags for f in INTERESTING_FLAGS})
+    return info
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    """One human line for tables and the README: CPU, cores, the bf16 flags, versions."""
+    fl = info.get("cpu_flags", {})
+    simd = "avx512" if fl.get("avx512f") else ("avx2" if fl.get("avx2") else "no-avx2")
+    bf16 = "native bf16" if (fl.get("avx512_bf16") or fl.get("amx_bf16")) else "no native bf16"
+    return (f"{info.get('cpu_model')} ({info.get('cpu_cores_usable')} cores usable, {simd}, {bf16}), "
+            f"torch {info.get('torch')} ({info.get('torch_threads')} threads), "
+            f"transformers {info.get('transformers')}, peft {info.get('peft')}, {info.get('date')}")
+
+
+def median(values: Sequence[float]) -> float:
+    if not values:
+        raise ValueError("median of no values")
+    return float(statistics.median(values))
