@@ -1,0 +1,166 @@
+"""Adapter cold-load time, and what loading does to decode that is already running.
+
+Phase "quiet": B requests decode on adapters already on the device; the gaps
+between consecutive tokens of every stream (inter-token latency, ITL) are recorded.
+Phase "loading": the same decode while another thread brings N cold adapters
+from disk onto the device one after another (read + validate + host-to-device
+copy into a free slot). A loader that never stalls the loop leaves ITL p99 close
+to the quiet phase's; each load's seconds and size are reported too.
+
+    python -m benchmarks.gpu_coldload --shape 1b --cold 16 --rank 16 64
+    python -m benchmarks.gpu_coldload --dry-run --out /tmp/cold.json
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import gpu_common as common
+from benchmarks.roofline import SHAPES
+from benchmarks.workload import percentiles, prompt_ids
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="adapter cold-load benchmark")
+    common.add_common_args(p, "results/gpu_coldload.json")
+    p.add_argument("--batch", type=int, default=32, help="decoding requests while adapters load")
+    p.add_argument("--running-adapters", type=int, default=8)
+    p.add_argument("--cold", type=int, default=16, help="adapters loaded during decode")
+    p.add_argument("--rank", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new", type=int, default=256)
+    p.add_argument("--quantize", default="int8", choices=("none", "int8", "int4"))
+    return p
+
+
+def _decode_itl(engine, specs, args, tag: str, during=None) -> tuple[list[float], list[dict]]:
+    """Run B requests; optionally start `during()` in a thread once every request has its first token."""
+    from server.engine.types import Request, SamplingParams
+
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_new_tokens=args.new, ignore_eos=True)
+    stamps: list[list[float]] = [[] for _ in range(args.batch)]
+    first_seen = threading.Barrier(args.batch + 1)
+    loads: list[dict] = []
+
+    def consume(i: int, stream) -> None:
+        waited = False
+        for d in stream:
+            if d.token_ids:
+                stamps[i].append(time.perf_counter())
+                if not waited:
+                    waited = True
+                    first_seen.wait()
+
+    threads = []
+    for i in range(args.batch):
+        req = Request(prompt_ids(args.prompt, vocab, seed=i), params, specs[i % len(specs)],
+                      request_id=f"{tag}-{i}")
+        th = threading.Thread(target=consume, args=(i, engine.submit(req)), daemon=True)
+        th.start()
+        threads.append(th)
+    first_seen.wait()
+    loader = None
+    if during is not None:
+        loader = threading.Thread(target=lambda: loads.extend(during()), daemon=True)
+        loader.start()
+    for th in threads:
+        th.join()
+    if loader is not None:
+        loader.join()
+    itl = [b - a for s in stamps for a, b in zip(s, s[1:])]
+    return itl, loads
+
+
+def run_rank(args, model_dir: Path, device: torch.device, rank: int) -> dict:
+    from server.engine.config import EngineConfig
+    from server.engine.engine import Engine
+
+    shape = SHAPES[args.shape]
+    n_total = args.running_adapters + args.cold
+    paths = common.make_random_adapters(shape, Path(args.workdir) / f"adapters-{shape.name}", n_total, rank,
+                                        seed=args.seed)
+    cfg = EngineConfig(model=str(model_dir), device=device.type,
+                       dtype="bfloat16" if device.type == "cuda" else "float32", quantize=args.quantize,
+                       max_adapters_on_device=n_total, max_rank=rank, max_batch_size=args.batch,
+                       kv_cache_tokens=args.batch * (args.prompt + args.new + 16))
+    engine = Engine.from_config(cfg)
+    engine.start()
+    try:
+        specs = [common.adapter_spec(p, engine.model_config, rank) for p in paths]
+        running, cold = specs[:args.running_adapters], specs[args.running_adapters:]
+        for s in running:
+            engine.pool.load(s)
+        _decode_itl(engine, running, args, f"warm-r{rank}")
+        quiet, _ = _decode_itl(engine, running, args, f"quiet-r{rank}")
+
+        def load_cold() -> list[dict]:
+            out = []
+            for s in cold:
+                t0 = time.perf_counter()
+                engine.pool.load(s)
+                out.append({"adapter": s.adapter_id, "seconds": time.perf_counter() - t0})
+            return out
+
+        loading, loads = _decode_itl(engine, running, args, f"loading-r{rank}", during=load_cold)
+    finally:
+        engine.shutdown()
+        del engine
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    size = sum(f.stat().st_size for f in Path(paths[-1]).glob("*.safetensors"))
+    q, lo = percentiles(quiet), percentiles(loading)
+    return {"rank": rank, "adapter_bytes": size, "cold_loads": loads,
+            "load_s": percentiles([x["seconds"] for x in loads]),
+            "itl_quiet_s": {**q, "max": max(quiet, default=float("nan"))},
+            "itl_loading_s": {**lo, "max": max(loading, default=float("nan"))},
+            "itl_p99_ratio": lo["p99"] / q["p99"] if q["p99"] else float("nan")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = common.resolve_args(args)
+    if args.tiny:
+        args.batch, args.running_adapters, args.cold, args.prompt, args.new, args.rank = 2, 2, 2, 8, 6, [8]
+    shape = SHAPES[args.shape]
+    print(f"preparing random {shape.name} model under {args.workdir} ...", flush=True)
+    model_dir = common.make_random_model_dir(shape, Path(args.workdir) / f"model-{shape.name}", device,
+                                             seed=args.seed)
+    rows = [run_rank(args, model_dir, device, r) for r in args.rank]
+    table = [{"rank": r["rank"], "adapter MB": r["adapter_bytes"] / 1e6, "load p50 s": r["load_s"]["p50"],
+              "load max s": max((x["seconds"] for x in r["cold_loads"]), default=float("nan")),
+              "ITL p50 quiet ms": r["itl_quiet_s"]["p50"] * 1e3, "ITL p99 quiet ms": r["itl_quiet_s"]["p99"] * 1e3,
+              "ITL p50 loading ms": r["itl_loading_s"]["p50"] * 1e3,
+              "ITL p99 loading ms": r["itl_loading_s"]["p99"] * 1e3, "p99 ratio": r["itl_p99_ratio"]}
+             for r in rows]
+    common.print_table(table, list(table[0]), title=f"cold loads during decode, shape {shape.name}, B={args.batch}, "
+                       f"{args.cold} cold adapters")
+    payload = {"benchmark": "gpu_coldload", "machine": common.machine_info(device), "shape": shape.to_dict(),
+               "workload": {"batch": args.batch, "running_adapters": args.running_adapters, "cold": args.cold,
+                            "prompt": args.prompt, "new": args.new, "quantize": args.quantize},
+               "results": rows,
+               "note": "CPU dry run on a tiny shape: numbers are meaningless" if device.type == "cpu" else ""}
+    out = common.write_json(args.out, payload)
+    fig, axes = common.new_figure(2)
+    xs = range(len(rows))
+    axes[0].bar(xs, [r["load_s"]["p50"] for r in rows])
+    axes[0].set_xticks(list(xs), [f"rank {r['rank']}" for r in rows])
+    axes[0].set_ylabel("cold load p50, s")
+    for k, label in (("itl_quiet_s", "quiet"), ("itl_loading_s", "while loading")):
+        axes[1].plot([r["rank"] for r in rows], [r[k]["p99"] * 1e3 for r in rows], marker="o", label=f"ITL p99 {label}")
+    axes[1].set_xlabel("rank")
+    axes[1].set_ylabel("ms")
+    axes[1].legend()
+    png = common.save_figure(fig, common.png_path(out))
+    print(f"wrote {out} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
