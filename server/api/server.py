@@ -23,6 +23,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from adapter_registry import OPEN_TENANT, QuotaTracker, TenantDirectory
+from server.api.auth import TenantResolver
 from server.api.gen.loraserve.v1 import adapters_pb2, inference_pb2, inference_pb2_grpc
 from server.api.inference_service import InferenceServicer, ServingState
 from server.config import Config, parse_adapter_flags, startup_warnings
@@ -75,6 +76,8 @@ class LoraServer:
         self.quotas = QuotaTracker()
         self.state.admit = self._admit
         self.startup_tenant = OPEN_TENANT
+        self.tenant_resolver = TenantResolver(self.tenants)
+        self.state.tenant_of = self.tenant_resolver
         self.port = 0
         self.metrics_port = 0
         self._stop = asyncio.Event()
@@ -205,11 +208,10 @@ class LoraServer:
         """The auth interceptor when a tenants file is configured (single-tenant and open otherwise)."""
         if not self.cfg.server.tenants:
             return []
-        from server.api import auth
+        from server.api.auth import AuthInterceptor
 
-        interceptor, tenant_of = auth.from_tenants_file(Path(self.cfg.server.tenants))
-        self.state.tenant_of = tenant_of
-        return [interceptor]
+        log.info(json.dumps({"event": "auth", "tenants": len(self.tenants.tenants), "file": self.cfg.server.tenants}))
+        return [AuthInterceptor(self.tenants)]  # quotas stay with ServingState.admit (it knows prompt lengths)
 
     def _add_adapters_service(self) -> bool:
         try:
@@ -219,7 +221,8 @@ class LoraServer:
                 raise
             log.warning("Adapters service not available in this build: admin RPCs answer UNIMPLEMENTED")
             return False
-        add_adapters_service(self.grpc, self.lazy_registry, self.lazy_engine, self.cfg)
+        add_adapters_service(self.grpc, self.lazy_registry, self.lazy_engine, self.cfg,
+                             tenant_resolver=self.tenant_resolver)
         return True
 
     def _make_registry(self, engine: Any, fingerprint: str) -> Any:
@@ -234,8 +237,9 @@ class LoraServer:
 
     def _register_startup_adapter(self, registry: Any, name: str, path: Path) -> None:
         """`--adapter NAME=PATH`: a new version unless the newest one already has these exact bytes."""
-        info = registry.register_path(self.startup_tenant, name, path, {"source": "serve --adapter"},
-                                      allow_any_path=True)
+        tenant, _, name = name.rpartition("/")  # "tenant/name=PATH" registers for that tenant
+        info = registry.register_path(tenant or self.startup_tenant, name, path, {"source": "serve --adapter"},
+                                      allow_any_path=True, reuse_identical_latest=True)
         log.info(json.dumps({"event": "adapter_registered", "adapter_id": info.adapter_id, "path": str(path)}))
 
     def _fingerprint(self, engine: Any) -> str:

@@ -1,0 +1,85 @@
+"""Health while loading, SERVING after, and SIGTERM with requests in flight: all finish, exit 0."""
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server.api.gen.loraserve.v1 import inference_pb2 as pb
+from server.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
+
+from .conftest import start_server
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+N_NEW = 24
+
+
+def status(ch: grpc.Channel, service: str = "") -> int:
+    return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+
+def test_health_transitions_and_graceful_sigterm(tmp_path: Path) -> None:
+    sp = start_server(tmp_path, "--quantize", "none", "--dtype", "float32", "--max-model-len", "256",
+                      "--kv-cache-tokens", "2048", "--grace-period", "120", wait_serving=False)
+    try:
+        with sp.channel() as ch:
+            stub = pb_grpc.InferenceStub(ch)
+            # Bound before the model loads: health answers NOT_SERVING and generate is UNAVAILABLE.
+            loading = status(ch)
+            code = None
+            try:
+                stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=10)
+            except grpc.RpcError as e:
+                code, details = e.code(), e.details()
+            serving_already = any(r.get("event") == "serving" for r in sp.lines)
+            if not serving_already:  # the model takes seconds to load; this is the normal path
+                assert loading == health_pb2.HealthCheckResponse.NOT_SERVING
+                assert code == grpc.StatusCode.UNAVAILABLE and "loading" in details
+            sp.wait_event("serving")
+            assert status(ch) == status(ch, "loraserve.v1.Inference") == health_pb2.HealthCheckResponse.SERVING
+
+            # Three streams in flight, each past its first token.
+            started = threading.Barrier(4)
+            results: dict[int, list] = {}
+            errors: list[BaseException] = []
+
+            def stream(i: int) -> None:
+                try:
+                    req = pb.GenerateRequest(prompt=f"Count slowly: {i},", params=pb.SamplingParams(
+                        max_new_tokens=N_NEW, ignore_eos=True))
+                    chunks = []
+                    for c in stub.GenerateStream(req, timeout=300):
+                        chunks.append(c)
+                        if len(chunks) == 1:
+                            started.wait(120)
+                    results[i] = chunks
+                except BaseException as e:  # noqa: BLE001
+                    errors.append(e)
+                    started.abort()
+
+            threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)]
+            for t in threads:
+                t.start()
+            started.wait(120)
+            sp.proc.send_signal(signal.SIGTERM)
+            sp.wait_event("draining", 30)
+            assert status(ch) == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Generate(pb.GenerateRequest(prompt="late"), timeout=10)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in e.value.details()
+            for t in threads:
+                t.join(300)
+            assert not errors, errors
+            for i in range(3):
+                last = results[i][-1]
+                assert last.finish_reason == pb.FINISH_REASON_LENGTH
+                assert sum(len(c.token_ids) for c in results[i]) == N_NEW == last.usage.completion_tokens
+        assert sp.proc.wait(120) == 0, sp.log_tail()
+        assert sp.wait_event("stopped", 5)["cancelled_in_flight"] == 0
+    finally:
+        sp.stop(10)
