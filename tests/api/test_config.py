@@ -1,0 +1,71 @@
+"""Config precedence: defaults < TOML < LORASERVE_* env < flags, and clear errors for bad values."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from server import config
+from server.errors import InvalidRequestError
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    config.add_flags(p)
+    return p.parse_args(list(argv))
+
+
+def test_defaults() -> None:
+    cfg = config.load(parse(), env={})
+    assert (cfg.server.host, cfg.server.port, cfg.server.metrics_port) == ("127.0.0.1", 50051, 9090)
+    assert cfg.engine.quantize == "int8" and cfg.engine.model == "default" and cfg.server.adapters == []
+
+
+def test_precedence_flags_over_env_over_toml(tmp_path: Path) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text('[server]\nport = 6000\nmetrics_port = 6001\ngrace_period = 5.5\nimport_dirs = ["/a"]\n'
+                    '[engine]\nquantize = "int4"\nmax_rank = 16\nmax_adapters_on_device = 3\n')
+    env = {"LORASERVE_PORT": "7000", "LORASERVE_MAX_RANK": "48", "LORASERVE_IMPORT_DIRS": "/b,/c"}
+    cfg = config.load(parse("--config", str(toml), "--port", "8000", "--adapter", "x=/p"), env=env)
+    assert cfg.server.port == 8000                    # flag beats env and file
+    assert cfg.engine.max_rank == 48                  # env beats file
+    assert cfg.server.import_dirs == ["/b", "/c"]     # env list, comma-separated
+    assert cfg.server.metrics_port == 6001 and cfg.server.grace_period == 5.5  # file beats defaults
+    assert cfg.engine.quantize == "int4" and cfg.engine.max_adapters_on_device == 3
+    assert cfg.server.adapters == ["x=/p"]
+    # LORASERVE_CONFIG names the file when --config is absent.
+    assert config.load(parse(), env={"LORASERVE_CONFIG": str(toml)}).server.port == 6000
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("[server]\nprot = 1\n", "unknown key server.prot"),
+    ("[nope]\nx = 1\n", "unknown table [nope]"),
+    ("[server]\nport = \"abc\"\n", "server.port"),
+    ("[engine]\nquantize = \"int3\"\n", "choose one of none, int8, int4"),
+    ("[server]\nport = 70000\n", "allowed range is [0, 65535]"),
+    ("not toml [", "not valid TOML"),
+])
+def test_bad_files_say_what_is_wrong(tmp_path: Path, text: str, needle: str) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(InvalidRequestError) as e:
+        config.load(parse("--config", str(f)), env={})
+    assert needle in str(e.value)
+
+
+def test_bad_env_and_adapter_flag() -> None:
+    with pytest.raises(InvalidRequestError, match="LORASERVE_PORT"):
+        config.load(parse(), env={"LORASERVE_PORT": "eighty"})
+    with pytest.raises(InvalidRequestError, match="NAME=PATH"):
+        config.load(parse("--adapter", "nopath"), env={})
+    with pytest.raises(SystemExit):
+        parse("--quantize", "fp8")
+
+
+def test_warns_beyond_loopback_without_tenants() -> None:
+    assert config.startup_warnings(config.load(parse(), env={})) == []
+    assert config.startup_warnings(config.load(parse("--host", "::1"), env={})) == []
+    warn = config.startup_warnings(config.load(parse("--host", "0.0.0.0"), env={}))
+    assert len(warn) == 1 and "without --tenants" in warn[0]
+    assert config.startup_warnings(config.load(parse("--host", "0.0.0.0", "--tenants", "t.toml"), env={})) == []

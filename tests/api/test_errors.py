@@ -1,0 +1,48 @@
+"""Every typed error maps to its documented gRPC code with its message; anything else is INTERNAL, opaque."""
+from __future__ import annotations
+
+import logging
+
+import grpc
+import pytest
+
+from server import errors as E
+from server.api.errors import status_for
+
+CASES = [
+    (E.InvalidRequestError("temperature", "is 5; allowed range is [0, 2]"), grpc.StatusCode.INVALID_ARGUMENT),
+    (E.AdapterRejectedError("DoRA (use_dora=true) is not supported"), grpc.StatusCode.INVALID_ARGUMENT),
+    (E.AdapterNotFoundError("x@3"), grpc.StatusCode.NOT_FOUND),
+    (E.CapacityError("the waiting queue is full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (E.QuotaExceededError("max_concurrent_requests"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (E.UnavailableError("draining"), grpc.StatusCode.UNAVAILABLE),
+    (E.AdapterLoadError("disk read failed"), grpc.StatusCode.UNAVAILABLE),
+    (E.AdapterInUseError("pinned"), grpc.StatusCode.FAILED_PRECONDITION),
+    (E.AdapterExistsError("taken"), grpc.StatusCode.ALREADY_EXISTS),
+    (E.AuthenticationError("missing API key"), grpc.StatusCode.UNAUTHENTICATED),
+    (E.PermissionDeniedError("admin only"), grpc.StatusCode.PERMISSION_DENIED),
+]
+
+
+@pytest.mark.parametrize("exc,code", CASES, ids=[type(e).__name__ for e, _ in CASES])
+def test_typed_errors_keep_their_message(exc: Exception, code: grpc.StatusCode) -> None:
+    assert status_for(exc) == (code, str(exc))
+
+
+def test_every_typed_error_class_is_mapped() -> None:
+    mapped = {type(e) for e, _ in CASES}
+    declared = {c for c in vars(E).values() if isinstance(c, type) and issubclass(c, E.LoraServeError)
+                and c is not E.LoraServeError}
+    assert declared <= mapped, declared - mapped
+
+
+def test_unknown_errors_are_internal_and_never_leak(caplog: pytest.LogCaptureFixture) -> None:
+    try:
+        raise KeyError("/secret/path/model.safetensors")
+    except KeyError as e:
+        with caplog.at_level(logging.ERROR, logger="loraserve.api"):
+            code, msg = status_for(e)
+    assert code == grpc.StatusCode.INTERNAL
+    assert "secret" not in msg and "Traceback" not in msg and "incident" in msg
+    incident = msg.split("incident ")[1].split(")")[0]
+    assert any(incident in r.getMessage() and r.exc_info for r in caplog.records), "traceback must be logged"
