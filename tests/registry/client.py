@@ -24,6 +24,13 @@ def upload_requests(name: str, config_json: bytes, weights: bytes, chunk: int = 
         yield pb.RegisterAdapterRequest(chunk=weights[i:i + chunk])
 
 
+def _request(adapter_id: str, prompt, max_new_tokens: int) -> ipb.GenerateRequest:
+    params = ipb.SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
+    if isinstance(prompt, str):
+        return ipb.GenerateRequest(adapter_id=adapter_id, prompt=prompt, params=params)
+    return ipb.GenerateRequest(adapter_id=adapter_id, prompt_token_ids=ipb.TokenIds(ids=list(prompt)), params=params)
+
+
 class Client:
     def __init__(self, target: str, key: Optional[str] = None):
         self.channel = grpc.insecure_channel(target)
@@ -35,22 +42,20 @@ class Client:
         return self.adapters.RegisterAdapter(upload_requests(name, config_json, weights, **header),
                                              metadata=self.md, timeout=60)
 
-    def generate(self, adapter_id: str, prompt: str, max_new_tokens: int, timeout: float = 60,
+    def generate(self, adapter_id: str, prompt, max_new_tokens: int, timeout: float = 60,
                  metadata=None) -> ipb.GenerateResponse:
-        return self.inference.Generate(
-            ipb.GenerateRequest(adapter_id=adapter_id, prompt=prompt,
-                                params=ipb.SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)),
-            metadata=self.md if metadata is None else metadata, timeout=timeout)
+        """Unary greedy generation; `prompt` is text or a list of token ids."""
+        return self.inference.Generate(_request(adapter_id, prompt, max_new_tokens),
+                                       metadata=self.md if metadata is None else metadata, timeout=timeout)
 
     def stream(self, adapter_id: str, prompt: str, max_new_tokens: int, timeout: float = 60,
                metadata=None) -> tuple[list[int], str, int, int]:
         """(token ids, adapter id, adapter version, finish reason) of one streamed generation."""
         ids: list[int] = []
         adapter, version, finish = "", 0, 0
-        for chunk in self.inference.GenerateStream(
-                ipb.GenerateRequest(adapter_id=adapter_id, prompt=prompt,
-                                    params=ipb.SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)),
-                metadata=self.md if metadata is None else metadata, timeout=timeout):
+        for chunk in self.inference.GenerateStream(_request(adapter_id, prompt, max_new_tokens),
+                                                   metadata=self.md if metadata is None else metadata,
+                                                   timeout=timeout):
             ids.extend(chunk.token_ids)
             adapter = chunk.adapter_id or adapter
             version = chunk.adapter_version or version
