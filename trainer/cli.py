@@ -66,6 +66,8 @@ def build_parser(prog: str = "loraserve trainer") -> argparse.ArgumentParser:
     g.add_argument("--keep-checkpoints", type=int, default=2)
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue from the latest checkpoint in --output (or the one named)")
+    g.add_argument("--time-limit", type=float, default=0.0,
+                   help="stop cleanly (and export) after this many seconds of training; 0 = no limit")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     g.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16")
     g.add_argument("--home", default="", help="loraserve cache dir (default $LORASERVE_HOME or ~/.cache/loraserve)")
@@ -86,7 +88,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         max_seq_len=a.max_seq_len, warmup_ratio=a.warmup_ratio, max_grad_norm=a.max_grad_norm, seed=a.seed,
         eval_every=a.eval_every, patience=a.patience, min_delta=a.min_delta, restore_best=a.restore_best,
         save_every=a.save_every, keep_checkpoints=a.keep_checkpoints, resume=a.resume, device=a.device,
-        dtype=a.dtype, home=a.home, progress=a.progress, max_bad_fraction=a.max_bad_fraction)
+        dtype=a.dtype, home=a.home, time_limit=a.time_limit, progress=a.progress, max_bad_fraction=a.max_bad_fraction)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -75,6 +75,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     max_bad_fraction: float = 0.01
+    time_limit: float = 0.0            # seconds of training after which the run stops cleanly; 0 = none
     home: str = ""
     progress: bool = True
     log_every: int = 1
@@ -109,7 +110,8 @@ class TrainConfig:
             bad("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             bad("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        for name in ("eval_every", "patience", "save_every", "max_grad_norm", "weight_decay", "min_delta"):
+        for name in ("eval_every", "patience", "save_every", "max_grad_norm", "weight_decay", "min_delta",
+                     "time_limit"):
             if getattr(self, name) < 0:
                 bad(name, f"must not be negative, got {getattr(self, name)}")
         if self.keep_checkpoints < 1:
@@ -122,7 +124,7 @@ class TrainConfig:
     def run_key(self) -> dict[str, Any]:
         """The settings a checkpoint must share with the run that resumes it."""
         skip = {"output", "resume", "progress", "log_every", "save_every", "keep_checkpoints", "home",
-                "device", "data", "eval"}
+                "device", "data", "eval", "time_limit"}
         return {k: (list(v) if isinstance(v, tuple) else v)
                 for k, v in dataclasses.asdict(self).items() if k not in skip}
 
@@ -451,6 +453,7 @@ class Trainer:
         best_loss, best_step, bad_evals = math.inf, 0, 0
         best_state: Optional[dict[str, torch.Tensor]] = None
         stopped_early = False
+        out_of_time = False
         ckpt = self._find_checkpoint()
         if ckpt is not None:
             state, best_state = self._load_checkpoint(ckpt, model, opt, sched)
@@ -459,7 +462,8 @@ class Trainer:
             elapsed_before = state["train_seconds"]
             best_loss = state["best_eval_loss"] if state["best_eval_loss"] is not None else math.inf
             best_step, bad_evals = state["best_step"], state["evals_without_improvement"]
-            stopped_early = state.get("stopped_early", False)
+            # A run cut by --time-limit continues on resume; one stopped by early stopping stays stopped.
+            stopped_early = state.get("stopped_early", False) and not state.get("out_of_time", False)
             if d.main:
                 log.info("resumed from %s at step %d of %d", ckpt, step, total_steps)
 
@@ -468,7 +472,8 @@ class Trainer:
                     "train_seconds": elapsed_before + (time.perf_counter() - t_loop),
                     "best_eval_loss": best_loss if math.isfinite(best_loss) else None,
                     "best_step": best_step, "evals_without_improvement": bad_evals,
-                    "stopped_early": stopped_early, "run_key": cfg.run_key(), "world_size": d.world,
+                    "stopped_early": stopped_early, "out_of_time": out_of_time,
+                    "run_key": cfg.run_key(), "world_size": d.world,
                     "train_sha256": train.sha256, "eval_sha256": ev.sha256 if ev else None}
 
         bar = None
@@ -543,6 +548,14 @@ class Trainer:
                                 msg = (f"early stop at step {step}: no eval improvement in {bad_evals} evals "
                                        f"(best {best_loss:.4f} at step {best_step})")
                                 (bar.write(msg) if bar is not None else log.info("%s", msg))
+                if cfg.time_limit and not stopped_early and step < total_steps:
+                    # Every process must agree to stop at the same step, so rank 0's clock decides.
+                    (over,) = d.sum(float(d.main and time.perf_counter() - t_loop > cfg.time_limit))
+                    if over:
+                        out_of_time = stopped_early = True
+                        if d.main:
+                            msg = f"time limit of {cfg.time_limit:.0f} s reached: stopping at step {step}"
+                            (bar.write(msg) if bar is not None else log.warning("%s", msg))
                 if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps or stopped_early:
                     self._save_checkpoint(step, model, opt, sched, trainer_state(), best_state)
         finally:
@@ -561,7 +574,7 @@ class Trainer:
         evals = [h for h in history if h["kind"] == "eval"]
         metrics: dict[str, Any] = {
             "steps": step, "total_steps": total_steps, "exported_step": exported_step,
-            "epochs": step / steps_per_epoch, "stopped_early": stopped_early,
+            "epochs": step / steps_per_epoch, "stopped_early": stopped_early, "out_of_time": out_of_time,
             "train_loss_first": train_recs[0]["loss"] if train_recs else None,
             "train_loss_last": train_recs[-1]["loss"] if train_recs else None,
             "train_loss_last10": sum(h["loss"] for h in tail) / len(tail) if tail else None,
