@@ -252,3 +252,17 @@ def test_cli_trains_with_every_documented_flag(tiny_dir, data, tmp_path, capsys)
     # 32 examples / (4 x 2) per step = 4 steps per epoch.
     assert summary["steps"] == 8 and summary["output"] == str(out)
     assert json.loads((out / CONFIG_NAME).read_text())["r"] == 2
+
+
+def test_time_limit_stops_cleanly_and_resume_finishes_the_same_run(tiny_dir, data, tmp_path):
+    """A run cut by --time-limit exports what it has; `--resume` then completes it exactly."""
+    kw = dict(max_steps=5, save_every=0, dropout=0.2)
+    cut = train(cfg(tiny_dir, data, tmp_path / "cut", time_limit=1e-9, **kw))
+    assert cut.metrics["out_of_time"] and cut.metrics["steps"] == 1
+    assert (tmp_path / "cut" / WEIGHTS_NAME).is_file()
+    done = train(cfg(tiny_dir, data, tmp_path / "cut", resume="latest", **kw))
+    assert done.metrics["steps"] == 5 and not done.metrics["out_of_time"]
+    train(cfg(tiny_dir, data, tmp_path / "whole", **kw))
+    a, b = adapter_tensors(tmp_path / "cut"), adapter_tensors(tmp_path / "whole")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
