@@ -401,6 +401,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, loss_module: nn.Module, ds: Dataset, pad_id: int) -> tuple[float, float]:
         """Mean loss per trainable token over the whole eval set (all processes), and its perplexity."""
+        # Ranks may hold different numbers of eval batches: run the bare module, which has no collectives.
+        loss_module = getattr(loss_module, "module", loss_module)
         was_training = loss_module.training
         loss_module.eval()
         mine = ds.examples[self.dist.rank::self.dist.world]
@@ -442,8 +444,10 @@ class Trainer:
         model.train()
         loss_module: nn.Module = CausalLMLoss(model)
         if d.world > 1:
+            # Buffers (RoPE tables) are constants: broadcasting them would add a collective per forward.
             loss_module = nn.parallel.DistributedDataParallel(
-                loss_module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+                loss_module, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                broadcast_buffers=False)
         params = list(self._trainable(model).values())
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, total_steps, cfg.min_lr_ratio))

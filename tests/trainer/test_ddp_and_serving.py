@@ -27,15 +27,18 @@ def _rows(n: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def ddp_data(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("ddp") / "train.jsonl"
+    d = tmp_path_factory.mktemp("ddp")
+    p = d / "train.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in _rows(24)))
+    # An odd count: the two ranks hold different numbers of eval examples.
+    (d / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(29)[24:]))
     return p
 
 
 def _common(tiny_dir: Path, data: Path, home: Path) -> list[str]:
     return ["--data", str(data), "--model", str(tiny_dir), "--rank", "4", "--alpha", "8", "--lr", "1e-2",
             "--max-steps", "4", "--dropout", "0", "--seed", "5", "--warmup-ratio", "0", "--save-every", "2",
-            "--home", str(home), "--no-progress"]
+            "--home", str(home), "--no-progress", "--eval", str(data.parent / "eval.jsonl"), "--eval-every", "2"]
 
 
 @pytest.mark.slow
@@ -57,10 +60,14 @@ def test_two_process_gloo_ddp_equals_one_process(tiny_dir, ddp_data, tmp_path):
 
     single = train(TrainConfig(data=str(ddp_data), output=str(tmp_path / "one"), model=str(tiny_dir), rank=4,
                                alpha=8, lr=1e-2, max_steps=4, dropout=0.0, seed=5, warmup_ratio=0.0,
-                               batch_size=6, save_every=0, progress=False, home=str(tmp_path / "home")))
+                               batch_size=6, save_every=0, progress=False, home=str(tmp_path / "home"),
+                               eval=str(ddp_data.parent / "eval.jsonl"), eval_every=2))
     one_losses = [h["loss"] for h in single.history if h["kind"] == "train"]
     ddp_losses = [h["loss"] for h in report["history"] if h["kind"] == "train"]
     assert ddp_losses == pytest.approx(one_losses, rel=1e-5)
+    one_evals = [h["eval_loss"] for h in single.history if h["kind"] == "eval"]
+    ddp_evals = [h["eval_loss"] for h in report["history"] if h["kind"] == "eval"]
+    assert len(ddp_evals) == 2 and ddp_evals == pytest.approx(one_evals, rel=1e-5)
     a, b = load_file(str(ddp_out / WEIGHTS_NAME)), load_file(str(tmp_path / "one" / WEIGHTS_NAME))
     assert a.keys() == b.keys()
     for k in a:
