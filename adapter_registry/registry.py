@@ -150,7 +150,7 @@ class Registry:
         try:
             v = validate_adapter(bytes(config_json), bytes(weights), self.model_config, self.max_rank, self.limits)
         except AdapterRejectedError:
-            self.counters.rejected += 1
+            self._count("rejected")
             raise
         digest = content_digest(config_json, weights)
         quotas = self._quotas(tenant)
@@ -164,7 +164,7 @@ class Registry:
                 self._maybe_remove_object(digest)
                 raise
         self.cache.put(digest, v.weights)
-        self.counters.registered += 1
+        self._count("registered")
         log.info("registered %s/%s digest=%s rank=%d targets=%s", tenant, row.adapter_id, digest[:12],
                  v.rank, ",".join(v.targets))
         return self._info(row)
@@ -275,7 +275,7 @@ class Registry:
             raise AdapterRejectedError(
                 f"adapter {adapter_id!r} was registered for base model {row.base_fingerprint[:16]}, "
                 f"but this server serves {self.base_fingerprint[:16]}; register it again for this base")
-        self.counters.resolves += 1
+        self._count("resolves")
         return AdapterSpec(key=row.digest, adapter_id=row.name, version=row.version,
                            load=self._loader(row.digest, row.adapter_id))
 
@@ -306,7 +306,7 @@ class Registry:
             self.cache.discard(digest)
             if self.store.exists(digest):
                 self.store.remove(digest)
-                self.counters.objects_removed += 1
+                self._count("objects_removed")
 
     def _load_weights(self, digest: str, adapter_id: str) -> LoraWeights:
         def from_disk() -> LoraWeights:
@@ -395,9 +395,13 @@ class Registry:
             self.index.delete(tenant, ref.name, [r.version for r in rows])
         for digest in {r.digest for r in rows}:
             self._maybe_remove_object(digest)
-        self.counters.deleted_versions += len(rows)
+        self._count("deleted_versions", len(rows))
         log.info("deleted %s/%s versions %s", tenant, ref.name, [r.version for r in rows])
         return [r.version for r in rows]
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._state_lock:
+            setattr(self.counters, name, getattr(self.counters, name) + n)
 
     def stats(self) -> dict[str, Any]:
         """Counters of the disk and host tiers, for the metrics module."""

@@ -51,11 +51,12 @@ def _check(root, acked: dict, deleted: set, maybe_deleted: set) -> dict:
                 continue  # a delete acknowledged, or one in flight when the kill came
             assert key in rows, f"acknowledged version {key} lost"
             assert rows[key].digest == digest
-        # at most one version per name beyond the acknowledged ones (the publish in flight), and it is whole
-        for name in ("ad0", "ad1"):
-            acked_max = max((v for (n, v) in acked if n == name), default=0)
-            extra = [v for (n, v) in rows if n == name and v > acked_max]
-            assert len(extra) <= 1 and all(v == acked_max + 1 for v in extra)
+        # at most one version beyond what was known (the publish in flight when the kill came), and whole
+        extra = [(n, v) for (n, v) in rows if (n, v) not in acked]
+        assert len(extra) <= 1, extra
+        for n, v in extra:
+            assert v == max((v2 for (n2, v2) in acked if n2 == n), default=0) + 1
+            acked[(n, v)] = rows[(n, v)].digest  # committed: from now on it must survive like an acked one
         for (name, version), info in rows.items():
             assert info.digest in DIGESTS
             assert reg.store.exists(info.digest)
