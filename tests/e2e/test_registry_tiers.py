@@ -7,6 +7,7 @@ that adapters really moved between disk, host memory and the device slots.
 from __future__ import annotations
 
 import random
+import time
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,16 +42,21 @@ def test_many_adapters_few_slots(tmp_path: Path):
                                               alpha=8 + i % 5)
     one = adapters["ad00"]
     size = validate_adapter(*one, mc, 32, RegistryLimits()).weights.nbytes
+    marks = [("begin", time.monotonic())]
     sp = start_server(tmp_path, "--model", str(model), "--quantize", "none",
                       "--max-adapters-on-device", str(SLOTS), "--host-cache-bytes", str(size * HOST_ENTRIES),
                       env={"LORASERVE_HOME": str(tmp_path / "home")})
     try:
+        marks.append(("server up", time.monotonic()))
         admin = Client(sp.target)
         for name, (cfg, weights) in adapters.items():
             assert admin.register(name, cfg, weights).version.version == 1
+        marks.append(("registered", time.monotonic()))
         rng = random.Random(7)
-        plan = [(rng.choice(list(adapters) + [""] * 6), rng.randrange(len(PROMPTS)), rng.random() < 0.5)
-                for _ in range(REQUESTS)]
+        # each adapter always gets the same prompt (two prompt lengths overall), so the
+        # alone-check afterwards is one request per adapter
+        picks = [rng.choice(list(adapters) + [""] * 6) for _ in range(REQUESTS)]
+        plan = [(n, (int(n[2:]) if n else k) % len(PROMPTS), rng.random() < 0.5) for k, n in enumerate(picks)]
         local = threading.local()
 
         def send(item):
@@ -67,9 +73,11 @@ def test_many_adapters_few_slots(tmp_path: Path):
 
         with ThreadPoolExecutor(8) as pool:
             outputs = list(pool.map(send, plan))
+        marks.append(("traffic", time.monotonic()))
         expected = {}
         for name, p in sorted({(n, p) for n, p, _ in plan}):
             expected[(name, p)] = list(admin.generate(name, PROMPTS[p], NEW_TOKENS).token_ids)
+        marks.append(("alone checks", time.monotonic()))
         wrong = [(n, p) for (n, p, _), ids in zip(plan, outputs) if ids != expected[(n, p)]]
         assert not wrong, f"{len(wrong)} of {REQUESTS} outputs differ from the same request alone: {wrong[:5]}"
         distinct = {tuple(v) for v in expected.values()}
@@ -83,6 +91,8 @@ def test_many_adapters_few_slots(tmp_path: Path):
             for p, prompt in enumerate(PROMPTS):
                 if (name, p) in expected:
                     assert expected[(name, p)] == peft_greedy(model, d, prompt, NEW_TOKENS), (name, p)
+        marks.append(("peft checks", time.monotonic()))
+        print("\n" + ", ".join(f"{m}: {t - marks[i][1]:.1f}s" for i, (m, t) in enumerate(marks[1:])))
         # the tiers really moved
         assert sp.metric("loraserve_adapter_evictions_total") > 0
         assert sp.metric("loraserve_adapter_host_evictions_total") > 0
