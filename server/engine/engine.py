@@ -77,6 +77,11 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, self.pool, config.max_batch_size, config.max_batch_tokens)
         self.runner = ModelRunner(model, self.kv, self.blocks, self.pool)
         self.eos_ids = self._eos_ids()
+        if self.device.type == "cuda":
+            from server.attention.sdpa import set_prefill_backend
+            from server.attention.xformers_probe import prefill_fn
+
+            set_prefill_backend(prefill_fn(self.device))
         self._inbox: "queue.SimpleQueue[tuple[str, Any]]" = queue.SimpleQueue()
         self._wake = threading.Event()
         self._lock = threading.Lock()
