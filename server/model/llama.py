@@ -74,35 +74,48 @@ class DecoderLayer(nn.Module):
         self.input_norm = nn.Parameter(weights[p + "input_layernorm.weight"].to(device, dtype), requires_grad=False)
         self.post_norm = nn.Parameter(weights[p + "post_attention_layernorm.weight"].to(device, dtype),
                                       requires_grad=False)
-        mods = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-                "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-        self.proj = nn.ModuleDict({
-            t: make_linear(weights[p + m + ".weight"], weights.get(p + m + ".bias"), quantize, dtype, device)
-            for t, m in mods.items()
-        })
+        def w(m: str) -> torch.Tensor:
+            return weights[p + m + ".weight"]
 
-    def _linear(self, target: str, x: torch.Tensor, lora: Optional[LoraHook]) -> torch.Tensor:
-        y = self.proj[target](x)
-        if lora is not None:
-            y = lora.apply(y, x, self.index, target)
-        return y
+        def cat_bias(ms: tuple[str, ...]) -> Optional[torch.Tensor]:
+            bs = [weights.get(p + m + ".bias") for m in ms]
+            return None if all(b is None for b in bs) else torch.cat(
+                [b if b is not None else torch.zeros(w(m).shape[0]) for b, m in zip(bs, ms)])
+
+        # q/k/v and gate/up share their input: one (quantized) matmul each, LoRA added per target slice.
+        qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+        gu = ("mlp.gate_proj", "mlp.up_proj")
+        self.qkv = make_linear(torch.cat([w(m) for m in qkv]), cat_bias(qkv), quantize, dtype, device)
+        self.gate_up = make_linear(torch.cat([w(m) for m in gu]), cat_bias(gu), quantize, dtype, device)
+        self.o = make_linear(w("self_attn.o_proj"), weights.get(p + "self_attn.o_proj.bias"), quantize, dtype, device)
+        self.down = make_linear(w("mlp.down_proj"), weights.get(p + "mlp.down_proj.bias"), quantize, dtype, device)
+        self.q_size, self.kv_size = self.nh * self.hd, self.nkv * self.hd
+        self.inter = config.intermediate_size
+
+    def _lora(self, y: torch.Tensor, x: torch.Tensor, lora: Optional[LoraHook], target: str) -> torch.Tensor:
+        return y if lora is None else lora.apply(y, x, self.index, target)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionMetadata,
                 kv: Optional[tuple[torch.Tensor, torch.Tensor]], lora: Optional[LoraHook]) -> torch.Tensor:
         T = h.shape[0]
+        qs, kvs = self.q_size, self.kv_size
         x = rms_norm(h, self.input_norm, self.eps)
-        q = self._linear("q", x, lora).view(T, self.nh, self.hd)
-        k = self._linear("k", x, lora).view(T, self.nkv, self.hd)
-        v = self._linear("v", x, lora).view(T, self.nkv, self.hd)
+        qkv = self.qkv(x)
+        q = self._lora(qkv[:, :qs], x, lora, "q")
+        k = self._lora(qkv[:, qs:qs + kvs], x, lora, "k")
+        v = self._lora(qkv[:, qs + kvs:], x, lora, "v")
+        q, k, v = q.view(T, self.nh, self.hd), k.view(T, self.nkv, self.hd), v.view(T, self.nkv, self.hd)
         c, s = cos[:, None, :], sin[:, None, :]
         q = q * c + rotate_half(q) * s
         k = k * c + rotate_half(k) * s
-        o = paged_attention(q, k, v, attn, kv)
-        h = h + self._linear("o", o.reshape(T, self.nh * self.hd), lora)
+        o = paged_attention(q, k, v, attn, kv).reshape(T, self.nh * self.hd)
+        h = h + self._lora(self.o(o), o, lora, "o")
         x = rms_norm(h, self.post_norm, self.eps)
-        g = self._linear("gate", x, lora)
-        u = self._linear("up", x, lora)
-        return h + self._linear("down", F.silu(g) * u, lora)
+        gu = self.gate_up(x)
+        g = self._lora(gu[:, :self.inter], x, lora, "gate")
+        u = self._lora(gu[:, self.inter:], x, lora, "up")
+        a = F.silu(g) * u
+        return h + self._lora(self.down(a), a, lora, "down")
 
 
 @dataclass
