@@ -16,6 +16,7 @@ import os
 import threading
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -115,6 +116,9 @@ class Registry:
         self._state_lock = threading.RLock()    # the two dicts below
         self._live: dict[str, int] = {}         # digest -> AdapterSpecs alive for it
         self._pins: set[tuple[str, str, int]] = set()
+        # Removing files of deleted versions (fsync, rmtree) happens here, never in the thread that
+        # happened to drop the last AdapterSpec (often the engine's loop thread).
+        self._gc = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry-gc")
         swept = self.store.sweep(self.index.all_digests())
         self.counters.startup_temp_removed = swept["temp"]
         self.counters.startup_orphans_removed = swept["orphan_objects"]
@@ -123,6 +127,7 @@ class Registry:
                         swept["temp"], swept["orphan_objects"])
 
     def close(self) -> None:
+        self._gc.shutdown(wait=True)
         self.index.close()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # releases the flock
@@ -287,13 +292,17 @@ class Registry:
         return loader
 
     def _release(self, digest: str) -> None:
+        """The last AdapterSpec of `digest` is gone (runs in whichever thread dropped it: keep it cheap)."""
         with self._state_lock:
             n = self._live.get(digest, 0) - 1
             if n > 0:
                 self._live[digest] = n
                 return
             self._live.pop(digest, None)
-        self._maybe_remove_object(digest)
+        try:
+            self._gc.submit(self._maybe_remove_object, digest)
+        except RuntimeError:
+            pass  # closed: the next start-up sweep removes what no row points at
 
     def _maybe_remove_object(self, digest: str) -> None:
         """Remove an object once no index row and no live AdapterSpec needs it."""
