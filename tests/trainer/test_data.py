@@ -247,3 +247,22 @@ def test_data_digest_is_the_file_sha256(tok, tmp_path):
 
     p = write(tmp_path, [{"text": "a"}])
     assert load_dataset(p, tok, DataConfig()).sha256 == hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_real_smollm2_chat_template_masks_assistant_turns(default_model_dir):
+    """The default model's own template (with its injected system prompt): labels are the replies
+    and their <|im_end|>, nothing else; the context is what the server sends for a chat request."""
+    from server.model.loader import load_tokenizer
+
+    t = load_tokenizer(default_model_dir)
+    msgs = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi there!"},
+            {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Hi again."}]
+    ids, labels = encode_messages(t, msgs)
+    assert t.decode(ids) == t.apply_chat_template(msgs, tokenize=False)
+    learned = [i for i, lab in enumerate(labels) if lab != IGNORE_INDEX]
+    assert t.decode([ids[i] for i in learned]) == "Hi there!<|im_end|>Hi again.<|im_end|>"
+    first = learned[0]
+    server_side = t(t.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True),
+                    add_special_tokens=False)["input_ids"]
+    assert ids[:first] == list(server_side)

@@ -99,16 +99,15 @@ def test_trained_adapter_served_by_loraserve_equals_peft_greedy(tiny_dir, ddp_da
     assert expected != [peft_greedy(tiny_dir, None, p, 10) for p in prompts]
 
 
-def test_register_streams_config_weights_and_provenance(tiny_dir, ddp_data, tmp_path):
+def test_register_streams_config_weights_and_provenance(tiny_dir, ddp_data, tmp_path, capsys):
+    """`loraserve trainer ... --register` trains, then uploads header + chunks that rebuild the file."""
     import grpc
 
     from server.api.gen.loraserve.v1 import adapters_pb2 as pb
     from server.api.gen.loraserve.v1 import adapters_pb2_grpc as pb_grpc
+    from trainer.cli import main as cli_main
     from trainer.register import CHUNK_BYTES, RegistrationError, register_adapter
 
-    out = tmp_path / "adapter"
-    train(TrainConfig(data=str(ddp_data), output=str(out), model=str(tiny_dir), rank=2, alpha=4, max_steps=1,
-                      batch_size=4, save_every=0, progress=False, home=str(tmp_path / "home"), targets=("q",)))
     got: dict = {}
 
     class Fake(pb_grpc.AdaptersServicer):
@@ -126,9 +125,14 @@ def test_register_streams_config_weights_and_provenance(tiny_dir, ddp_data, tmp_
     pb_grpc.add_AdaptersServicer_to_server(Fake(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
+    out = tmp_path / "adapter"
     try:
-        reg = register_adapter(out, f"127.0.0.1:{port}", "mine", api_key="k1")
-        assert (reg.adapter_id, reg.version) == ("mine@1", 1)
+        rc = cli_main(["--data", str(ddp_data), "--output", str(out), "--model", str(tiny_dir), "--rank", "2",
+                       "--alpha", "4", "--max-steps", "1", "--targets", "q", "--home", str(tmp_path / "home"),
+                       "--no-progress", "--register", "--target", f"127.0.0.1:{port}", "--name", "mine",
+                       "--api-key", "k1"])
+        assert rc == 0
+        assert "registered mine@1" in capsys.readouterr().out
         h = got["header"]
         assert h.name == "mine" and json.loads(h.adapter_config_json)["r"] == 2
         weights = (out / WEIGHTS_NAME).read_bytes()
@@ -141,3 +145,5 @@ def test_register_streams_config_weights_and_provenance(tiny_dir, ddp_data, tmp_
             register_adapter(out, f"127.0.0.1:{port}", "taken")
     finally:
         server.stop(None)
+    with pytest.raises(RegistrationError, match="has no adapter_config.json"):
+        register_adapter(tmp_path, "127.0.0.1:1", "x")
