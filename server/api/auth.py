@@ -26,7 +26,7 @@ import grpc
 from adapter_registry.ids import check_tenant
 from adapter_registry.tenants import OPEN_TENANT, QuotaTracker, Tenant, TenantDirectory
 from server.api.errors import status_for
-from server.errors import AuthenticationError, LoraServeError, PermissionDeniedError
+from server.errors import AuthenticationError, InvalidRequestError, LoraServeError, PermissionDeniedError
 
 log = logging.getLogger("loraserve.auth")
 
@@ -41,6 +41,7 @@ class Caller:
 
     tenant: Tenant
     acting_for: str
+    known_tenants: Optional[frozenset[str]] = None  # None: open mode, any tenant name goes
 
     @property
     def is_admin(self) -> bool:
@@ -53,6 +54,8 @@ class Caller:
         check_tenant(tenant)
         if not self.is_admin:
             raise PermissionDeniedError(f"tenant {self.tenant.name!r} may not act for another tenant")
+        if self.known_tenants is not None and tenant not in self.known_tenants:
+            raise InvalidRequestError("tenant", f"{tenant!r} is not in the tenants file")
         return tenant
 
 
@@ -69,9 +72,10 @@ def _bearer(metadata: dict[str, str]) -> Optional[str]:
 def authenticate(directory: TenantDirectory, metadata: dict[str, str]) -> Caller:
     """Caller from request metadata; AuthenticationError / PermissionDeniedError otherwise."""
     tenant = directory.authenticate(_bearer(metadata))
+    known = None if directory.open_mode else frozenset(directory.tenants)
+    caller = Caller(tenant, tenant.name, known)
     acting = metadata.get(TENANT_HEADER, "")
-    caller = Caller(tenant, tenant.name)
-    return Caller(tenant, caller.act_for(acting)) if acting else caller
+    return Caller(tenant, caller.act_for(acting), known) if acting else caller
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):

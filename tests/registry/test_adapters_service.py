@@ -201,6 +201,8 @@ def test_authentication_and_isolation(env):
             "x-loraserve-tenant": "alice"})))
         assert code == grpc.StatusCode.PERMISSION_DENIED
         root = md("root-key")
+        code, msg = await code_of(stub.ListAdapters(pb.ListAdaptersRequest(tenant="ghost"), metadata=root))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "not in the tenants file" in msg
         seen = await stub.ListAdapters(pb.ListAdaptersRequest(tenant="alice"), metadata=root)
         assert [a.name for a in seen.adapters] == ["private"]
         # the inference servicer learns the caller's tenant
