@@ -85,8 +85,11 @@ class AdapterPool:
             a, b, s = {}, {}, {}
             for t in TARGETS:
                 out_f, in_f = config.target_shape(t)
-                a[t] = torch.zeros((n, max_rank, in_f), dtype=dtype, device=device)
-                b[t] = torch.zeros((n, out_f, max_rank), dtype=dtype, device=device)
+                # Stored rank-major ([R, slots, in] and [R, slots, out]) and exposed as the kernels'
+                # [slots, R, in] / [slots, out, R] views: slicing to the batch's rank keeps every
+                # slot's rows contiguous, so one GEMM can cover all slots (torch_ref's dense path).
+                a[t] = torch.zeros((max_rank, n, in_f), dtype=dtype, device=device).permute(1, 0, 2)
+                b[t] = torch.zeros((max_rank, n, out_f), dtype=dtype, device=device).permute(1, 2, 0)
                 s[t] = torch.zeros((n,), dtype=torch.float32, device=device)
             self.a.append(a)
             self.b.append(b)

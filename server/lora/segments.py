@@ -6,7 +6,7 @@ per segment (prefill, SGMV) or gather per token (decode, BGMV); both read these.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,7 @@ class LoraSegments:
     slots: tuple[int, ...]
     seg_starts: torch.Tensor  # [S + 1] int32
     seg_slots: torch.Tensor  # [S] int32
+    cache: dict = field(default_factory=dict, compare=False, repr=False)  # per-step derived tensors
 
     @property
     def num_tokens(self) -> int:

@@ -22,13 +22,52 @@ import torch
 from server.lora.segments import LoraSegments
 
 # Below this many tokens per adapter segment, gathering each token's adapter and
-# doing one bmm beats launching a GEMM per segment.
+# doing one bmm beats launching a GEMM per segment (on CUDA without Triton; on CPU
+# the per-segment GEMM wins even at one token per segment, measured).
 GATHER_MAX_AVG_SEGMENT = 4
+# The dense path multiplies every token by every slot's A (one GEMM) and masks: it
+# wins for small batches where most slots are in use (decode with many adapters).
+DENSE_MAX_TOKENS = 128
 
 
 def _use_gather(seg: LoraSegments) -> bool:
     n_lora = sum(1 for s in seg.slots if s != 0)
-    return n_lora > 0 and seg.num_tokens <= GATHER_MAX_AVG_SEGMENT * n_lora
+    return (seg.token_slots.is_cuda and n_lora > 0
+            and seg.num_tokens <= GATHER_MAX_AVG_SEGMENT * n_lora)
+
+
+def _dense_views(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """[R*S, in] and [R*S, out] views of rank-major stacks, or None if the layout does not allow it."""
+    at, bt = a.transpose(0, 1), b.permute(2, 0, 1)  # [R, S, in], [R, S, out]
+    if not (at.is_contiguous() and bt.is_contiguous()):
+        return None
+    R, S = at.shape[0], at.shape[1]
+    return at.reshape(R * S, at.shape[2]), bt.reshape(R * S, bt.shape[2])
+
+
+def _use_dense(seg: LoraSegments, n_slots: int) -> bool:
+    n_lora = len({s for s in seg.slots if s != 0})
+    return seg.num_tokens <= DENSE_MAX_TOKENS and 2 * n_lora >= n_slots - 1
+
+
+def _dense_mask(seg: LoraSegments, rank: int, n_slots: int, dtype: torch.dtype) -> torch.Tensor:
+    """[T, R*S] with 1 where column (r, s) belongs to the token's own slot (never slot 0)."""
+    key = (rank, n_slots, dtype)
+    cached = seg.cache.get(key)
+    if cached is None:
+        onehot = torch.nn.functional.one_hot(seg.token_slots, n_slots).to(dtype)
+        onehot[:, 0] = 0
+        cached = onehot[:, None, :].expand(-1, rank, -1).reshape(seg.num_tokens, rank * n_slots).contiguous()
+        seg.cache[key] = cached
+    return cached
+
+
+def _apply_dense(y: torch.Tensor, x: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor,
+                 scale: torch.Tensor, seg: LoraSegments, rank: int, n_slots: int) -> torch.Tensor:
+    v = torch.mm(x, a_all.t()).mul_(_dense_mask(seg, rank, n_slots, x.dtype))
+    delta = torch.mm(v, b_all)
+    y.add_(delta.mul_(scale.index_select(0, seg.token_slots).to(delta.dtype).unsqueeze(-1)))
+    return y
 
 
 def shrink(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments) -> torch.Tensor:
@@ -66,4 +105,8 @@ def apply_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     """y += LoRA delta of each token's adapter; returns y."""
     if not seg.has_lora:
         return y
+    if _use_dense(seg, a.shape[0]):
+        views = _dense_views(a, b)
+        if views is not None:
+            return _apply_dense(y, x, views[0], views[1], scale, seg, a.shape[1], a.shape[0])
     return expand(y, shrink(x, a, seg), b, scale, seg)
