@@ -54,6 +54,7 @@ class TaskResult:
     task: str
     adapter_id: str = ""
     train_seconds: float = 0.0
+    train_cpu_seconds: float = 0.0   # CPU time of all threads: what the run costs on a machine shared with others
     steps: int = 0
     final_loss: Optional[float] = None
     base_correct: int = 0
@@ -104,13 +105,14 @@ def train_adapters(cfg: DemoConfig, work: Path) -> dict[str, TaskResult]:
             max_steps=cfg.steps[task], lr=cfg.lr, batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len,
             warmup_ratio=0.05, seed=cfg.seed, save_every=0, eval_every=10**9, restore_best=False,
             time_limit=per_task, progress=True)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = train(tcfg)
         m = res.metrics
         results[task] = TaskResult(task, train_seconds=time.perf_counter() - t0, steps=m["steps"],
-                                   final_loss=m["train_loss_last10"])
+                                   final_loss=m["train_loss_last10"], train_cpu_seconds=time.process_time() - c0)
         used += m["train_seconds"]
-        _say(f"   {task}: {m['steps']} steps in {results[task].train_seconds:.0f} s, loss "
+        _say(f"   {task}: {m['steps']} steps in {results[task].train_seconds:.0f} s "
+             f"({results[task].train_cpu_seconds:.0f} CPU s), loss "
              f"{m['train_loss_first']:.3f} -> {m['train_loss_last10']:.3f} (mean of the last 10 steps)"
              + (" (stopped by the time limit)" if m.get("out_of_time") else ""))
     return results
@@ -258,7 +260,8 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     t_all = time.perf_counter()
     results = train_adapters(cfg, work)
     train_total = sum(r.train_seconds for r in results.values())
-    _say(f"\n== both adapters trained in {train_total:.0f} s; starting the server")
+    train_cpu = sum(r.train_cpu_seconds for r in results.values())
+    _say(f"\n== both adapters trained in {train_total:.0f} s ({train_cpu:.0f} CPU s); starting the server")
     server = Server(cfg, work)
     try:
         t0 = time.perf_counter()
@@ -282,8 +285,11 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
                  f"   adapter:  {s['adapter']!r}")
     print_table(results)
     _say(f"\ntraining {train_total:.0f} s (budget {cfg.train_budget_s:.0f} s); server start {start_s:.0f} s; "
-         f"{ev['requests']} requests in {ev['seconds']:.1f} s; whole demo {time.perf_counter() - t_all:.0f} s")
+         f"{ev['requests']} requests in {ev['seconds']:.1f} s; whole demo {time.perf_counter() - t_all:.0f} s "
+         f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     report = {"config": asdict(cfg), "workdir": str(work), "train_seconds_total": train_total,
+              "train_cpu_seconds_total": train_cpu, "cpu_count": os.cpu_count(),
+              "load_average_1m": os.getloadavg()[0],
               "server_start_seconds": start_s, "eval": ev, "total_seconds": time.perf_counter() - t_all,
               "tasks": {t: {**asdict(r), "base_acc": r.base_acc, "adapter_acc": r.adapter_acc}
                         for t, r in results.items()}}

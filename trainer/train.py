@@ -493,7 +493,7 @@ class Trainer:
                     epoch_cache.clear()
                     epoch_cache[epoch] = epoch_batches(len(train), cfg.batch_size, cfg.seed, epoch, d.rank, d.world)
                 micro = epoch_cache[epoch][k * cfg.grad_accum:(k + 1) * cfg.grad_accum]
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 batches = [collate([train.examples[i] for i in idx], pad_id) for idx in micro]
                 local_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
                 local_labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
@@ -524,6 +524,8 @@ class Trainer:
                                          "lower --lr or check the data")
                 rec = {"kind": "train", "step": step, "epoch": epoch, "loss": mean_loss, "lr": lr_now,
                        "grad_norm": grad_norm, "tokens": int(glob_tokens), "seconds": dt,
+                       # CPU time of this process (all its threads): comparable across loaded machines.
+                       "cpu_seconds": time.process_time() - c0,
                        "tokens_per_s": glob_tokens / dt if dt > 0 else None}
                 history.append(rec)
                 if bar is not None:
