@@ -143,7 +143,7 @@ def test_quotas(server):
     done: list = []
 
     def long_stream():
-        it = alice.inference.GenerateStream(_request("", [1, 2, 3], 400), metadata=alice.md, timeout=120)
+        it = alice.inference.GenerateStream(_request("", [1, 2, 3], 150), metadata=alice.md, timeout=120)
         for i, _ in enumerate(it):
             started.set()
         done.append(True)
