@@ -194,15 +194,15 @@ class QuantLinear(nn.Module):
             self.register_buffer("scale", scale)
         else:
             q, scale, zero = quantize_int4(w, group_size, self.kernel_dtype)
-            self.register_buffer("scale", scale)
-            self.register_buffer("zero", zero)
             packed = self._pack_for_kernel(q, device) if self.kernel != "dequant" else None
             if packed is None:
                 if self.kernel != "dequant":
                     log.info("int4 kernel unavailable for %s; dequantizing instead", tuple(weight.shape))
-                self.kernel = "dequant"
-                self.kernel_dtype = dtype
+                self.kernel, self.kernel_dtype = "dequant", dtype
+                q, scale, zero = quantize_int4(w, group_size, dtype)  # scales in the dtype we now compute in
                 self.register_buffer("qweight", pack_int4(q))
+                self.register_buffer("scale", scale)
+                self.register_buffer("zero", zero)
             else:
                 self.register_buffer("qweight", packed)
                 # Kernel layout: [K/G, N, 2] holding (scale, zero).
