@@ -152,6 +152,9 @@ class LoraServer:
             await self.grpc.stop(0)  # cancels what is left: their cleanups abort the engine requests
         if self.engine is not None:
             await _in_thread(self.engine.shutdown, 10.0)
+        if self.registry is not None:
+            # Waits for pending file removals and releases the registry directory's lock.
+            await _in_thread(self.registry.close)
         log.info(json.dumps({"event": "stopped", "cancelled_in_flight": left}))
 
     async def run(self) -> int:
