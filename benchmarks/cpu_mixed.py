@@ -212,11 +212,13 @@ def _engine_run(engine, requests_fn: Callable[[], list]) -> tuple[RunTiming, lis
 
 
 def _model_facts(engine) -> dict[str, Any]:
+    """What the engine really runs: base linear classes and kernels of layer 0, memory."""
     m = engine.model
-    linear = m.layers[0].proj["q"]
+    linears = {name: f"{type(mod).__name__}({getattr(mod, 'kernel', '?')})"
+               for name, mod in m.layers[0].named_children()}
     nbytes = sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
-    return {"base_linear_class": type(linear).__name__, "model_bytes": nbytes,
-            "lora_pool_bytes": engine.pool.nbytes, "lora_backend": _lora_backend(engine)}
+    return {"base_linears": linears, "model_bytes": nbytes, "lora_pool_bytes": engine.pool.nbytes,
+            "lora_backend": _lora_backend(engine)}
 
 
 def _lora_backend(engine) -> str:
