@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from server.model.quant import (
-    DenseLinear, QuantConfig, QuantLinear, dequantize_int4, dequantize_int8, make_linear, make_lm_head,
+    DenseLinear, lm_head_mode, QuantConfig, QuantLinear, dequantize_int4, dequantize_int8, make_linear, make_lm_head,
     module_nbytes, pack_int4, quantize_int4, quantize_int8, unpack_int4,
 )
 
@@ -126,7 +126,9 @@ def test_nbytes_shrink():
     i4 = make_linear(w, None, "int4", torch.float32, "cpu")
     assert dense.nbytes == 1536 * 576 * 4
     assert 3.8 < dense.nbytes / i8.nbytes <= 4.0
-    assert 6.5 < dense.nbytes / i4.nbytes < 8.0
+    # 4 bits + a bf16 scale and zero per group of 32: 0.625 bytes a weight, 6.4x under fp32.
+    assert 6.0 < dense.nbytes / i4.nbytes < 8.0
+    assert dense.nbytes / make_linear(w, None, "int4", torch.float32, "cpu", group_size=128).nbytes > 6.5  # K padded 576 -> 640
     assert i8.nbytes == sum(t.numel() * t.element_size() for t in i8.buffers())
 
 
@@ -141,6 +143,12 @@ def test_module_nbytes_counts_tied_storage_once():
     assert module_nbytes(model) == emb.numel() * 4 + model.lm_head.nbytes
     x = torch.randn(3, 64)
     assert _rel(model.lm_head(x), x @ emb.t()) < 0.02
+
+
+def test_int4_base_keeps_an_int8_head():
+    emb = torch.randn(512, 64)
+    head = make_lm_head(emb, "int4", torch.float32, "cpu")
+    assert isinstance(head, QuantLinear) and head.mode == "int8" == lm_head_mode("int4")
 
 
 def test_dense_is_exact():
