@@ -17,7 +17,7 @@ from torch import nn
 
 from server.attention.sdpa import AttentionMetadata, paged_attention
 from server.model.config import TARGETS, ModelConfig
-from server.model.quant import make_linear
+from server.model.quant import make_linear, make_lm_head
 
 
 class LoraHook:
@@ -156,8 +156,8 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = None  # tied: reuse the embedding, no copy
         else:
             # The tied lm_head is the largest matmul at small batch: a quantized copy pays for itself.
-            self.lm_head = make_linear(head if head is not None else weights["model.embed_tokens.weight"],
-                                       None, quantize, dtype, device)
+            self.lm_head = make_lm_head(head if head is not None else weights["model.embed_tokens.weight"],
+                                        quantize, dtype, device)
         cos, sin = rope_tables(config, self.max_len)
         self.register_buffer("cos", cos.to(device), persistent=False)
         self.register_buffer("sin", sin.to(device), persistent=False)
