@@ -620,7 +620,7 @@ class Trainer:
             report["wall_seconds"] = time.perf_counter() - t_start
             export.write_json(self.out / export.REPORT_NAME, report)
             export.plot_loss_curve(history, self.out / export.CURVE_NAME,
-                                   title=f"{Path(cfg.data).name}: rank {cfg.rank}, {step} steps")
+                                   title=f"{self.out.name} ({Path(cfg.data).name}): rank {cfg.rank}, {step} steps")
         d.barrier()
         return result
 
