@@ -463,10 +463,13 @@ def print_report(payload: dict[str, Any]) -> str:
     text = title + print_table(table, cols)
     lines = []
     for name, g in payload["goals"].items():
-        lines.append(f"goal {name}: {g['x_peft_mixed'] and round(g['x_peft_mixed'], 2)}x PEFT mixed "
-                     f"(goal >= {g['speedup_goal']}x: {'met' if g['speedup_met'] else 'NOT met'}), "
-                     f"LoRA overhead {_pct(g['lora_overhead'])} "
-                     f"(goal <= {100 * g['overhead_goal']:.0f}%: {'met' if g['overhead_met'] else 'NOT met'})")
+        def verdict(met: Optional[bool]) -> str:
+            return "n/a" if met is None else ("met" if met else "NOT met")
+
+        x = "n/a" if g["x_peft_mixed"] is None else f"{g['x_peft_mixed']:.2f}x"
+        lines.append(f"goal {name}: {x} PEFT mixed (goal >= {g['speedup_goal']:g}x: {verdict(g['speedup_met'])}), "
+                     f"LoRA overhead {_pct(g['lora_overhead']) or 'n/a'} "
+                     f"(goal <= {100 * g['overhead_goal']:.0f}%: {verdict(g['overhead_met'])})")
     if lines:
         print("\n".join(lines))
         text += "\n" + "\n".join(lines)
