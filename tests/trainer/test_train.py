@@ -163,7 +163,6 @@ def test_early_stopping_restores_best_weights(tiny_dir, data, tmp_path):
     assert m["best_step"] == min(evals, key=lambda h: h["eval_loss"])["step"]
     assert m["exported_step"] == m["best_step"]
     # The exported weights reproduce the best eval loss, not the last one.
-    from trainer.train import TrainConfig as _TC  # noqa: F401
     best = min(h["eval_loss"] for h in evals)
     assert best < evals[-1]["eval_loss"]
     assert _eval_loss_of(tiny_dir, out, data["anti"]) == pytest.approx(best, rel=1e-4)
@@ -212,7 +211,7 @@ def test_warmup_cosine_schedule():
     (dict(grad_accum=0), "--grad-accum: must be at least 1"),
 ])
 def test_bad_settings_are_refused(tiny_dir, data, tmp_path, kw, msg):
-    c = cfg(tiny_dir, data, tmp_path / "run", **{"max_steps": None if "epochs" not in kw else None, **kw})
+    c = cfg(tiny_dir, data, tmp_path / "run", **{"max_steps": None, **kw})
     with pytest.raises(TrainingConfigError) as e:
         c.validate()
     assert msg in str(e.value)
