@@ -17,6 +17,8 @@ over tokens in Python; the segment loop runs once per distinct adapter in the ba
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from server.lora.segments import LoraSegments
@@ -25,9 +27,11 @@ from server.lora.segments import LoraSegments
 # doing one bmm beats launching a GEMM per segment (on CUDA without Triton; on CPU
 # the per-segment GEMM wins even at one token per segment, measured).
 GATHER_MAX_AVG_SEGMENT = 4
-# The dense path multiplies every token by every slot's A (one GEMM) and masks: it
-# wins for small batches where most slots are in use (decode with many adapters).
-DENSE_MAX_TOKENS = 128
+# The grouped path lays the tokens out per slot ([slots, L, in], L = most tokens any slot
+# has) and does one bmm against all slots' A and one against their B: no weight is copied,
+# and only real tokens (plus padding) are multiplied. It serves small batches of short
+# segments (decode); long segments take one GEMM each.
+GROUPED_MAX_TOKENS_PER_SLOT = 8
 
 
 def _use_gather(seg: LoraSegments) -> bool:
@@ -36,38 +40,55 @@ def _use_gather(seg: LoraSegments) -> bool:
             and seg.num_tokens <= GATHER_MAX_AVG_SEGMENT * n_lora)
 
 
-def _dense_views(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """[R*S, in] and [R*S, out] views of rank-major stacks, or None if the layout does not allow it."""
-    at, bt = a.transpose(0, 1), b.permute(2, 0, 1)  # [R, S, in], [R, S, out]
-    if not (at.is_contiguous() and bt.is_contiguous()):
-        return None
-    R, S = at.shape[0], at.shape[1]
-    return at.reshape(R * S, at.shape[2]), bt.reshape(R * S, bt.shape[2])
+def _use_grouped(seg: LoraSegments) -> bool:
+    return seg.max_segment_len <= GROUPED_MAX_TOKENS_PER_SLOT
 
 
-def _use_dense(seg: LoraSegments, n_slots: int) -> bool:
-    n_lora = len({s for s in seg.slots if s != 0})
-    return seg.num_tokens <= DENSE_MAX_TOKENS and 2 * n_lora >= n_slots - 1
-
-
-def _dense_mask(seg: LoraSegments, rank: int, n_slots: int, dtype: torch.dtype) -> torch.Tensor:
-    """[T, R*S] with 1 where column (r, s) belongs to the token's own slot (never slot 0)."""
-    key = (rank, n_slots, dtype)
+def _grouped_layout(seg: LoraSegments, n_slots: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(gather [n_slots * L] token index or T for padding, row [T] of each token or n_slots * L, L)."""
+    key = ("grouped", n_slots)
     cached = seg.cache.get(key)
     if cached is None:
-        onehot = torch.nn.functional.one_hot(seg.token_slots, n_slots).to(dtype)
-        onehot[:, 0] = 0
-        cached = onehot[:, None, :].expand(-1, rank, -1).reshape(seg.num_tokens, rank * n_slots).contiguous()
+        slots = seg.token_slots
+        T = slots.shape[0]
+        lora = slots != 0
+        order = torch.argsort(slots, stable=True)
+        counts = torch.bincount(slots, minlength=n_slots)
+        counts[0] = 0
+        L = max(int(counts.max().item()), 1)
+        starts = torch.cumsum(torch.bincount(slots, minlength=n_slots), 0) - torch.bincount(slots, minlength=n_slots)
+        sorted_slots = slots[order]
+        k = torch.arange(T, device=slots.device) - starts[sorted_slots]  # position within its slot
+        row = torch.full((T,), n_slots * L, dtype=torch.long, device=slots.device)
+        row[order] = torch.where(lora[order], sorted_slots * L + k, row[order])
+        gather = torch.full((n_slots * L,), T, dtype=torch.long, device=slots.device)
+        tok = torch.arange(T, device=slots.device)
+        gather[row[lora]] = tok[lora]
+        cached = (gather, row, L)
         seg.cache[key] = cached
     return cached
 
 
-def _apply_dense(y: torch.Tensor, x: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor,
-                 scale: torch.Tensor, seg: LoraSegments, rank: int, n_slots: int) -> torch.Tensor:
-    v = torch.mm(x, a_all.t()).mul_(_dense_mask(seg, rank, n_slots, x.dtype))
-    delta = torch.mm(v, b_all)
-    y.add_(delta.mul_(scale.index_select(0, seg.token_slots).to(delta.dtype).unsqueeze(-1)))
-    return y
+def _grouped_x(x: torch.Tensor, seg: LoraSegments, n_slots: int) -> torch.Tensor:
+    """x laid out per slot; shared by the targets that read the same x (q/k/v, gate/up)."""
+    hit = seg.cache.get(("xg", n_slots))
+    if hit is not None and hit[0]() is x:
+        return hit[1]
+    gather, _, L = _grouped_layout(seg, n_slots)
+    xg = torch.cat([x, x.new_zeros((1, x.shape[1]))]).index_select(0, gather).view(n_slots, L, x.shape[1])
+    seg.cache[("xg", n_slots)] = (weakref.ref(x), xg)
+    return xg
+
+
+def _apply_grouped(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   scale: torch.Tensor, seg: LoraSegments) -> torch.Tensor:
+    n = a.shape[0]
+    _, row, L = _grouped_layout(seg, n)
+    v = torch.bmm(_grouped_x(x, seg, n), a.transpose(1, 2))  # [n, L, R]
+    d = torch.bmm(v, b.transpose(1, 2)).view(n * L, -1)       # [n * L, out]
+    d = torch.cat([d, d.new_zeros((1, d.shape[1]))]).index_select(0, row)
+    sc = scale.index_select(0, seg.token_slots).to(d.dtype).unsqueeze(-1)
+    return y.add_(d.mul_(sc))
 
 
 def shrink(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments) -> torch.Tensor:
@@ -105,8 +126,6 @@ def apply_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     """y += LoRA delta of each token's adapter; returns y."""
     if not seg.has_lora:
         return y
-    if _use_dense(seg, a.shape[0]):
-        views = _dense_views(a, b)
-        if views is not None:
-            return _apply_dense(y, x, views[0], views[1], scale, seg, a.shape[1], a.shape[0])
+    if _use_grouped(seg):
+        return _apply_grouped(y, x, a, b, scale, seg)
     return expand(y, shrink(x, a, seg), b, scale, seg)
