@@ -29,19 +29,26 @@ from server.lora.segments import LoraSegments
 GATHER_MAX_AVG_SEGMENT = 4
 # The grouped path lays the tokens out per slot ([slots, L, in], L = most tokens any slot
 # has) and does one bmm against all slots' A and one against their B: no weight is copied,
-# and only real tokens (plus padding) are multiplied. It serves small batches of short
-# segments (decode); long segments take one GEMM each.
-GROUPED_MAX_TOKENS_PER_SLOT = 8
+# and only real tokens (plus padding) are multiplied. It serves batches whose segments are
+# even enough that padding stays small (decode; prefills of similar lengths); otherwise
+# each segment takes one GEMM.
+GROUPED_MAX_PADDING = 2  # padded rows (slots x L) at most this many times the real tokens
+
+
+def _use_grouped(seg: LoraSegments, n_slots: int) -> bool:
+    counts: dict[int, int] = {}
+    for s, e, slot in zip(seg.starts, seg.ends, seg.slots):
+        if slot != 0:
+            counts[slot] = counts.get(slot, 0) + e - s
+    if not counts:
+        return False
+    return n_slots * max(counts.values()) <= GROUPED_MAX_PADDING * seg.num_tokens
 
 
 def _use_gather(seg: LoraSegments) -> bool:
     n_lora = sum(1 for s in seg.slots if s != 0)
     return (seg.token_slots.is_cuda and n_lora > 0
             and seg.num_tokens <= GATHER_MAX_AVG_SEGMENT * n_lora)
-
-
-def _use_grouped(seg: LoraSegments) -> bool:
-    return seg.max_segment_len <= GROUPED_MAX_TOKENS_PER_SLOT
 
 
 def _grouped_layout(seg: LoraSegments, n_slots: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -126,6 +133,6 @@ def apply_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     """y += LoRA delta of each token's adapter; returns y."""
     if not seg.has_lora:
         return y
-    if _use_grouped(seg):
+    if _use_grouped(seg, a.shape[0]):
         return _apply_grouped(y, x, a, b, scale, seg)
     return expand(y, shrink(x, a, seg), b, scale, seg)

@@ -99,12 +99,19 @@ def test_grouped_path_on_the_pools_rank_major_views_matches_naive(seed):
     a_rm = a.transpose(0, 1).contiguous().transpose(0, 1)  # [n, R, in] view of [R, n, in]
     b_rm = b.permute(2, 0, 1).contiguous().permute(1, 2, 0)  # [n, out, R] view of [R, n, out]
     seg = LoraSegments.from_token_slots(slots)
-    assert torch_ref._use_grouped(seg)
     for r in (R, 5):  # the batch's rank slice
         a_r, b_r = a_rm[:, :r], b_rm[:, :, :r]
         y0 = torch.randn(len(slots), d_out)
-        y = torch_ref.apply_lora(y0.clone(), x, a_r, b_r, scale, seg)
+        y = torch_ref._apply_grouped(y0.clone(), x, a_r, b_r, scale, seg)
         torch.testing.assert_close(y, y0 + naive(x, a_r, b_r, scale, slots), rtol=1e-5, atol=1e-5)
         # a second target reading the same x reuses the grouped layout of x
-        y2 = torch_ref.apply_lora(torch.zeros(len(slots), d_out), x, a_r, b_r, scale, seg)
+        y2 = torch_ref._apply_grouped(torch.zeros(len(slots), d_out), x, a_r, b_r, scale, seg)
         torch.testing.assert_close(y2, naive(x, a_r, b_r, scale, slots), rtol=1e-5, atol=1e-5)
+
+
+def test_path_choice_follows_padding():
+    """Even segments (decode, equal prefills) take the grouped bmm; ragged ones one GEMM per segment."""
+    assert torch_ref._use_grouped(LoraSegments.from_token_slots(list(range(1, 9))), 9)
+    assert torch_ref._use_grouped(LoraSegments.from_sequences([1, 2, 3, 4], [64, 64, 60, 64]), 5)
+    assert not torch_ref._use_grouped(LoraSegments.from_sequences([1, 2], [500, 3]), 3)
+    assert not torch_ref._use_grouped(LoraSegments.from_token_slots([1, 2]), 33)
