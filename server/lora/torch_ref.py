@@ -32,7 +32,7 @@ GATHER_MAX_AVG_SEGMENT = 4
 # and only real tokens (plus padding) are multiplied. It serves batches whose segments are
 # even enough that padding stays small (decode; prefills of similar lengths); otherwise
 # each segment takes one GEMM.
-GROUPED_MAX_PADDING = 2  # padded rows (slots x L) at most this many times the real tokens
+GROUPED_MAX_PADDING = 1.5  # padded rows (slots x L) at most this many times the real tokens
 
 
 def _use_grouped(seg: LoraSegments, n_slots: int) -> bool:
@@ -42,7 +42,8 @@ def _use_grouped(seg: LoraSegments, n_slots: int) -> bool:
             counts[slot] = counts.get(slot, 0) + e - s
     if not counts:
         return False
-    return n_slots * max(counts.values()) <= GROUPED_MAX_PADDING * seg.num_tokens
+    span = max(counts) - min(counts) + 1
+    return span * max(counts.values()) <= GROUPED_MAX_PADDING * seg.num_tokens
 
 
 def _use_gather(seg: LoraSegments) -> bool:
@@ -51,48 +52,50 @@ def _use_gather(seg: LoraSegments) -> bool:
             and seg.num_tokens <= GATHER_MAX_AVG_SEGMENT * n_lora)
 
 
-def _grouped_layout(seg: LoraSegments, n_slots: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(gather [n_slots * L] token index or T for padding, row [T] of each token or n_slots * L, L)."""
-    key = ("grouped", n_slots)
-    cached = seg.cache.get(key)
+def _grouped_layout(seg: LoraSegments) -> tuple[int, int, torch.Tensor, torch.Tensor, int]:
+    """Layout over the slots lo..hi the batch uses (the pool fills slots from 1 up, so this is
+    usually exactly the busy ones and never slot 0): (lo, m = hi - lo + 1, gather [m * L] token
+    index or T for padding, row [T] of each token in the [m * L] layout or m * L for none, L)."""
+    cached = seg.cache.get("grouped")
     if cached is None:
+        used = [s for s in seg.slots if s != 0]
+        lo, hi = min(used), max(used)
+        m = hi - lo + 1
         slots = seg.token_slots
         T = slots.shape[0]
+        dev = slots.device
         lora = slots != 0
-        order = torch.argsort(slots, stable=True)
-        counts = torch.bincount(slots, minlength=n_slots)
-        counts[0] = 0
-        L = max(int(counts.max().item()), 1)
-        starts = torch.cumsum(torch.bincount(slots, minlength=n_slots), 0) - torch.bincount(slots, minlength=n_slots)
-        sorted_slots = slots[order]
-        k = torch.arange(T, device=slots.device) - starts[sorted_slots]  # position within its slot
-        row = torch.full((T,), n_slots * L, dtype=torch.long, device=slots.device)
-        row[order] = torch.where(lora[order], sorted_slots * L + k, row[order])
-        gather = torch.full((n_slots * L,), T, dtype=torch.long, device=slots.device)
-        tok = torch.arange(T, device=slots.device)
-        gather[row[lora]] = tok[lora]
-        cached = (gather, row, L)
-        seg.cache[key] = cached
+        local = torch.where(lora, slots - lo, torch.full_like(slots, m))  # m: the "no adapter" bin
+        counts = torch.bincount(local, minlength=m + 1)
+        L = max(int(counts[:m].max().item()), 1)
+        order = torch.argsort(local, stable=True)
+        first = torch.cumsum(counts, 0) - counts  # first sorted position of each bin
+        k = torch.arange(T, device=dev) - first[local[order]]  # position within its slot
+        row = torch.full((T,), m * L, dtype=torch.long, device=dev)
+        row[order] = torch.where(lora[order], local[order] * L + k, row[order])
+        gather = torch.full((m * L,), T, dtype=torch.long, device=dev)
+        gather[row[lora]] = torch.arange(T, device=dev)[lora]
+        cached = (lo, m, gather, row, L)
+        seg.cache["grouped"] = cached
     return cached
 
 
-def _grouped_x(x: torch.Tensor, seg: LoraSegments, n_slots: int) -> torch.Tensor:
+def _grouped_x(x: torch.Tensor, seg: LoraSegments) -> torch.Tensor:
     """x laid out per slot; shared by the targets that read the same x (q/k/v, gate/up)."""
-    hit = seg.cache.get(("xg", n_slots))
+    hit = seg.cache.get("xg")
     if hit is not None and hit[0]() is x:
         return hit[1]
-    gather, _, L = _grouped_layout(seg, n_slots)
-    xg = torch.cat([x, x.new_zeros((1, x.shape[1]))]).index_select(0, gather).view(n_slots, L, x.shape[1])
-    seg.cache[("xg", n_slots)] = (weakref.ref(x), xg)
+    _, m, gather, _, L = _grouped_layout(seg)
+    xg = torch.cat([x, x.new_zeros((1, x.shape[1]))]).index_select(0, gather).view(m, L, x.shape[1])
+    seg.cache["xg"] = (weakref.ref(x), xg)
     return xg
 
 
 def _apply_grouped(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                    scale: torch.Tensor, seg: LoraSegments) -> torch.Tensor:
-    n = a.shape[0]
-    _, row, L = _grouped_layout(seg, n)
-    v = torch.bmm(_grouped_x(x, seg, n), a.transpose(1, 2))  # [n, L, R]
-    d = torch.bmm(v, b.transpose(1, 2)).view(n * L, -1)       # [n * L, out]
+    lo, m, _, row, L = _grouped_layout(seg)
+    v = torch.bmm(_grouped_x(x, seg), a[lo:lo + m].transpose(1, 2))  # [m, L, R]
+    d = torch.bmm(v, b[lo:lo + m].transpose(1, 2)).view(m * L, -1)  # [m * L, out]
     d = torch.cat([d, d.new_zeros((1, d.shape[1]))]).index_select(0, row)
     sc = scale.index_select(0, seg.token_slots).to(d.dtype).unsqueeze(-1)
     return y.add_(d.mul_(sc))
