@@ -5,6 +5,7 @@ imports) publishes versions in a loop and reports each acknowledged one on a pip
 parent kills it with SIGKILL after a random delay, reopens the registry (which sweeps
 orphans) and checks every invariant.
 """
+import json
 import os
 import random
 import signal
@@ -18,14 +19,18 @@ from adapter_registry.store import content_digest
 from .adapters import FINGERPRINT, TINY, make_adapter
 
 ROUNDS = 60
-VARIANTS = [make_adapter(seed=i, rank=2 + i % 3, targets=("q", "v", "down")) for i in range(8)]
+_BASES = [make_adapter(seed=i, rank=2 + i % 3, targets=("q", "v", "down")) for i in range(8)]
+# Same weights under many alphas: distinct digests, so almost every publish writes new files
+# (identical content is stored once, and a kill during a no-op publish would prove nothing).
+VARIANTS = [(json.dumps({**json.loads(c), "lora_alpha": 8.0 + k}).encode(), w)
+            for k in range(100) for c, w in _BASES]
 DIGESTS = {content_digest(c, w): (c, w) for c, w in VARIANTS}
 
 
-def _child(root: str, wfd: int) -> None:
+def _child(root: str, wfd: int, start: int) -> None:
     try:
         reg = Registry(root, TINY, FINGERPRINT, 16, host_cache_bytes=0)
-        i = 0
+        i = start
         while True:
             c, w = VARIANTS[i % len(VARIANTS)]
             name = f"ad{i % 2}"
@@ -80,12 +85,17 @@ def test_kill_9_during_publish(tmp_path):
     maybe_deleted: set = set()
     swept_total = {"temp": 0, "orphans": 0}
     t0 = time.monotonic()
-    for _ in range(ROUNDS):
+    rounds = 0
+    # At least ROUNDS kills; on a fast machine most random moments fall between publishes, so
+    # keep killing (bounded) until some kill has provably landed inside one.
+    while rounds < ROUNDS or (swept_total["temp"] + swept_total["orphans"] == 0
+                              and rounds < 6 * ROUNDS and time.monotonic() - t0 < 45):
+        rounds += 1
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
             os.close(r)
-            _child(root, w)
+            _child(root, w, rounds * 13)
         os.close(w)
         time.sleep(rng.uniform(0.0, 0.12))
         os.kill(pid, signal.SIGKILL)
@@ -105,6 +115,7 @@ def test_kill_9_during_publish(tmp_path):
     elapsed = time.monotonic() - t0
     # the kills really landed inside publishes, and the whole run stays cheap
     assert len(acked) > ROUNDS
+    assert rounds >= ROUNDS
     assert swept_total["temp"] + swept_total["orphans"] > 0, swept_total
     assert elapsed < 60
-    print(f"\n{ROUNDS} kills, {len(acked)} acknowledged publishes, swept {swept_total}, {elapsed:.1f}s")
+    print(f"\n{rounds} kills, {len(acked)} acknowledged publishes, swept {swept_total}, {elapsed:.1f}s")
