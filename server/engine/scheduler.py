@@ -11,10 +11,9 @@ first, and within a tenant, first come first served. A lone request always fits
 from __future__ import annotations
 
 import itertools
-import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -125,14 +124,12 @@ class FairWaitQueue:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockAllocator, pool: AdapterPool, max_batch_size: int, max_batch_tokens: int,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, blocks: BlockAllocator, pool: AdapterPool, max_batch_size: int, max_batch_tokens: int):
         self.blocks, self.pool = blocks, pool
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.waiting = FairWaitQueue()
         self.running: list[Sequence] = []
         self.preemptions = 0
-        self._clock = clock
 
     @property
     def num_unfinished(self) -> int:

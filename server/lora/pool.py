@@ -204,11 +204,6 @@ class AdapterPool:
             return [SlotInfo(s.key, s.adapter_id, s.version, i, s.state, s.rank, s.pinned, s.refcount, s.last_used)
                     for i, s in enumerate(self._slots) if s is not None]
 
-    def is_resident(self, key: str) -> bool:
-        with self._lock:
-            idx = self._by_key.get(key)
-            return idx is not None and self._slots[idx] is not None and self._slots[idx].state == READY
-
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
