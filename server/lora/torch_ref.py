@@ -35,11 +35,20 @@ GATHER_MAX_AVG_SEGMENT = 4
 GROUPED_MAX_PADDING = 1.5  # padded rows (slots x L) at most this many times the real tokens
 
 
-def _use_grouped(seg: LoraSegments, n_slots: int) -> bool:
-    counts: dict[int, int] = {}
-    for s, e, slot in zip(seg.starts, seg.ends, seg.slots):
-        if slot != 0:
-            counts[slot] = counts.get(slot, 0) + e - s
+def _slot_counts(seg: LoraSegments) -> dict[int, int]:
+    """Tokens per adapter slot (slot 0 left out), from the host-side segment lists; once per step."""
+    counts = seg.cache.get("counts")
+    if counts is None:
+        counts = {}
+        for s, e, slot in zip(seg.starts, seg.ends, seg.slots):
+            if slot != 0:
+                counts[slot] = counts.get(slot, 0) + e - s
+        seg.cache["counts"] = counts
+    return counts
+
+
+def _use_grouped(seg: LoraSegments) -> bool:
+    counts = _slot_counts(seg)
     if not counts:
         return False
     span = max(counts) - min(counts) + 1
@@ -58,16 +67,16 @@ def _grouped_layout(seg: LoraSegments) -> tuple[int, int, torch.Tensor, torch.Te
     index or T for padding, row [T] of each token in the [m * L] layout or m * L for none, L)."""
     cached = seg.cache.get("grouped")
     if cached is None:
-        used = [s for s in seg.slots if s != 0]
-        lo, hi = min(used), max(used)
+        per_slot = _slot_counts(seg)
+        lo, hi = min(per_slot), max(per_slot)
         m = hi - lo + 1
+        L = max(per_slot.values())
         slots = seg.token_slots
         T = slots.shape[0]
         dev = slots.device
         lora = slots != 0
         local = torch.where(lora, slots - lo, torch.full_like(slots, m))  # m: the "no adapter" bin
         counts = torch.bincount(local, minlength=m + 1)
-        L = max(int(counts[:m].max().item()), 1)
         order = torch.argsort(local, stable=True)
         first = torch.cumsum(counts, 0) - counts  # first sorted position of each bin
         k = torch.arange(T, device=dev) - first[local[order]]  # position within its slot
@@ -136,6 +145,6 @@ def apply_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     """y += LoRA delta of each token's adapter; returns y."""
     if not seg.has_lora:
         return y
-    if _use_grouped(seg, a.shape[0]):
+    if _use_grouped(seg):
         return _apply_grouped(y, x, a, b, scale, seg)
     return expand(y, shrink(x, a, seg), b, scale, seg)
