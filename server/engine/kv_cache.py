@@ -5,6 +5,8 @@ blocks belong to whom. Block b holds cache rows [b * block_size, (b + 1) * block
 """
 from __future__ import annotations
 
+import torch
+
 
 class BlockAllocator:
     def __init__(self, num_blocks: int, block_size: int):
@@ -34,6 +36,8 @@ class BlockAllocator:
         self._free.extend(reversed(blocks))
         blocks.clear()
 
-    def slot(self, blocks: list[int], position: int) -> int:
-        """Flat cache row of token `position` of a sequence with block table `blocks`."""
-        return blocks[position // self.block_size] * self.block_size + position % self.block_size
+    def rows(self, blocks: list[int], start: int, end: int) -> torch.Tensor:
+        """Flat cache rows [end - start] of token positions [start, end) of a sequence with block table `blocks`."""
+        pos = torch.arange(start, end)
+        table = torch.tensor(blocks[:self.blocks_for(end)], dtype=torch.long)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size

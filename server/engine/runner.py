@@ -32,13 +32,12 @@ class ModelRunner:
         seqs = sorted(prefill + decode, key=lambda s: (s.slot or 0, s.order))
         ids: list[int] = []
         pos: list[int] = []
-        slots: list[int] = []
+        slot_rows: list[torch.Tensor] = []
         token_slots: list[int] = []
         prefill_runs: list[tuple[int, int]] = []
         decode_rows: list[int] = []
         decode_seqs: list[Sequence] = []
         last_rows: list[int] = []
-        bs = self.blocks.block_size
         for s in seqs:
             start = len(ids)
             if s.is_prefill:
@@ -53,15 +52,13 @@ class ModelRunner:
                 pos.append(p)
                 decode_rows.append(start)
                 decode_seqs.append(s)
-            first = len(s.token_ids) - n
-            for p in range(first, first + n):
-                slots.append(s.blocks[p // bs] * bs + p % bs)
+            slot_rows.append(self.blocks.rows(s.blocks, len(s.token_ids) - n, len(s.token_ids)))
             token_slots.extend([s.slot or 0] * n)
             last_rows.append(len(ids) - 1)
 
         dev = self.device
         attn = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            slot_mapping=torch.cat(slot_rows).to(dev),
             prefill=tuple(prefill_runs),
             all_decode=not prefill_runs,
         )
@@ -70,9 +67,7 @@ class ModelRunner:
             L = max(ctx)
             kv_idx = torch.zeros((len(decode_seqs), L), dtype=torch.long)
             for i, s in enumerate(decode_seqs):
-                nb = self.blocks.blocks_for(ctx[i])
-                rows = (torch.tensor(s.blocks[:nb], dtype=torch.long)[:, None] * bs + torch.arange(bs)).flatten()
-                kv_idx[i, :ctx[i]] = rows[:ctx[i]]
+                kv_idx[i, :ctx[i]] = self.blocks.rows(s.blocks, 0, ctx[i])
             mask = torch.arange(L)[None, :] < torch.tensor(ctx)[:, None]
             attn.decode_kv = kv_idx.to(dev)
             attn.decode_mask = mask[:, None, None, :].to(dev)
