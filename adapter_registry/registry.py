@@ -16,11 +16,11 @@ import os
 import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from server.engine.threads import ShortLivedThreads
 from server.engine.types import AdapterSpec
 from server.errors import (AdapterInUseError, AdapterLoadError, AdapterNotFoundError, AdapterRejectedError,
                            InvalidRequestError, PermissionDeniedError, QuotaExceededError, UnavailableError)
@@ -118,7 +118,7 @@ class Registry:
         self._pins: set[tuple[str, str, int]] = set()
         # Removing files of deleted versions (fsync, rmtree) happens here, never in the thread that
         # happened to drop the last AdapterSpec (often the engine's loop thread).
-        self._gc = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry-gc")
+        self._gc = ShortLivedThreads(1, "registry-gc")
         swept = self.store.sweep(self.index.all_digests())
         self.counters.startup_temp_removed = swept["temp"]
         self.counters.startup_orphans_removed = swept["orphan_objects"]

@@ -86,6 +86,7 @@ _ENGINE_HELP = {
     "max_waiting": "queued requests before RESOURCE_EXHAUSTED",
     "home": "cache directory (default $LORASERVE_HOME or ~/.cache/loraserve)",
     "seed": "seed for sampled requests that give none",
+    "cpu_threads": "intra-op threads of the engine loop on CPU (0 = torch's default, the physical cores)",
 }
 _CHOICES = {
     "device": ("auto", "cpu", "cuda"),

@@ -1,8 +1,9 @@
 """The `Adapters` admin service: register, load/pin, unload, list, get, delete.
 
 A thin translation between protos and `adapter_registry.Registry` plus the engine's
-device pool. Blocking work (validation, fsync, device copies) runs in worker threads so
-the event loop keeps serving inference. The caller's tenant comes from `server.api.auth`;
+device pool. Blocking work (validation, fsync, device copies) runs in short-lived worker
+threads (`server.engine.threads`: a long-lived thread that ran tensor ops would slow the
+engine loop's) so the event loop keeps serving inference. The caller's tenant comes from `server.api.auth`;
 a request's `tenant` field is honoured for admins only.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from server.api.auth import Caller, TenantResolver
 from server.api.errors import status_for
 from server.api.gen.loraserve.v1 import adapters_pb2 as pb
 from server.api.gen.loraserve.v1 import adapters_pb2_grpc as pb_grpc
+from server.engine.threads import ShortLivedThreads
 from server.errors import AdapterInUseError, InvalidRequestError, UnavailableError
 
 log = logging.getLogger("loraserve.adapters")
@@ -57,6 +59,10 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         self.engine = engine
         self.tenants = tenant_resolver
         self.max_upload_bytes = max_upload_bytes
+        self._workers = ShortLivedThreads(8, "loraserve-admin")
+
+    async def _blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._workers, functools.partial(fn, *args))
 
     # ---- helpers -------------------------------------------------------------------------------
     def _tenant(self, context: Any, requested: str) -> str:
@@ -120,7 +126,7 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         if header.server_path:
             if header.adapter_config_json:
                 raise InvalidRequestError("adapter_config_json", "must be empty with server_path (read from there)")
-            info = await asyncio.to_thread(self.registry.register_path, tenant, header.name,
+            info = await self._blocking(self.registry.register_path, tenant, header.name,
                                            Path(header.server_path), metadata)
         else:
             if header.total_size and header.total_size != len(chunks):
@@ -128,7 +134,7 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
                                           f"{len(chunks)} arrived (a truncated upload)")
             if not chunks:
                 raise InvalidRequestError("chunk", "no adapter_model.safetensors bytes were sent")
-            info = await asyncio.to_thread(self.registry.register_bytes, tenant, header.name,
+            info = await self._blocking(self.registry.register_bytes, tenant, header.name,
                                            header.adapter_config_json.encode("utf-8"), bytes(chunks), metadata)
         log.info("registered %s/%s (%d bytes)", tenant, info.adapter_id, info.size_bytes)
         return pb.RegisterAdapterResponse(name=info.name, version=self._version_pb(info, self._device()),
@@ -139,7 +145,7 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         tenant = self._tenant(context, request.tenant)
         spec = self.registry.resolve(tenant, request.adapter_id)
         t0 = time.perf_counter()
-        await asyncio.to_thread(self.engine.pool.load, spec, request.pin)
+        await self._blocking(self.engine.pool.load, spec, request.pin)
         if request.pin:
             self.registry.set_pinned(tenant, f"{spec.adapter_id}@{spec.version}", True)
         return pb.LoadAdapterResponse(adapter_id=f"{spec.adapter_id}@{spec.version}", version=spec.version,
@@ -158,27 +164,27 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
     @_rpc
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context: Any) -> pb.ListAdaptersResponse:
         tenant = self._tenant(context, request.tenant)
-        adapters = await asyncio.to_thread(self.registry.list, tenant)
+        adapters = await self._blocking(self.registry.list, tenant)
         device = self._device()
         return pb.ListAdaptersResponse(adapters=[self._info_pb(a, device) for a in adapters])
 
     @_rpc
     async def GetAdapter(self, request: pb.GetAdapterRequest, context: Any) -> pb.AdapterInfo:
         tenant = self._tenant(context, request.tenant)
-        info = await asyncio.to_thread(self.registry.get, tenant, request.adapter_id)
+        info = await self._blocking(self.registry.get, tenant, request.adapter_id)
         return self._info_pb(info, self._device())
 
     @_rpc
     async def DeleteAdapter(self, request: pb.DeleteAdapterRequest, context: Any) -> pb.DeleteAdapterResponse:
         tenant = self._tenant(context, request.tenant)
-        before = await asyncio.to_thread(self.registry.get, tenant, request.adapter_id)
+        before = await self._blocking(self.registry.get, tenant, request.adapter_id)
         digests = {v.digest for v in before.versions}
         device = self._device()
         pinned = [v.adapter_id for v in before.versions
                   if v.pinned or (v.digest in device and device[v.digest].pinned)]
         if pinned:
             raise AdapterInUseError(f"adapter {', '.join(pinned)} is pinned; unload (unpin) it before deleting")
-        deleted = await asyncio.to_thread(self.registry.delete, tenant, request.adapter_id)
+        deleted = await self._blocking(self.registry.delete, tenant, request.adapter_id)
         for digest in digests:  # free device slots nobody can resolve any more (running ones finish first)
             if not self.registry.index.digest_referenced(digest):
                 try:

@@ -26,6 +26,7 @@ class EngineConfig:
     max_waiting: int = 1024         # queue bound; beyond it submit raises CapacityError
     home: str = ""                  # cache dir; default $LORASERVE_HOME or ~/.cache/loraserve
     seed: int = 0                   # seed for requests that give none (mixed with the request id)
+    cpu_threads: int = 0            # intra-op threads of the engine loop on CPU; 0 = torch's default
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

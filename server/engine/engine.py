@@ -26,6 +26,7 @@ from server.engine.kv_cache import BlockAllocator
 from server.engine.runner import ModelRunner
 from server.engine.sampler import make_generator, sample
 from server.engine.scheduler import FINISHED, Scheduler, Sequence
+from server.engine.threads import run_in_fresh_thread, use_compute_threads
 from server.engine.types import (FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, AdapterSpec, Delta, Request,
                                  RequestStream, SamplingParams)
 from server.errors import CapacityError, InvalidRequestError, LoraServeError, UnavailableError
@@ -105,10 +106,17 @@ class Engine:
         dtype = cfg.resolve_dtype(device)
         model_dir = resolve_model(cfg.model, cfg.resolve_home())
         t0 = time.perf_counter()
-        model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype, device=device, quantize=cfg.quantize,
-                                                 max_len=cfg.max_model_len or None)
-        log.info("model %s loaded in %.2fs", model_dir, time.perf_counter() - t0)
-        return cls(model, load_tokenizer(model_dir), cfg, model_dir)
+        tokenizer = load_tokenizer(model_dir)
+
+        def build() -> "Engine":
+            model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype, device=device, quantize=cfg.quantize,
+                                                     max_len=cfg.max_model_len or None)
+            log.info("model %s loaded in %.2fs", model_dir, time.perf_counter() - t0)
+            return cls(model, tokenizer, cfg, model_dir)
+
+        # Built (weights, KV cache, slot stacks) in a thread that then exits: no OpenMP pool may
+        # outlive it beside the engine loop's (server.engine.threads).
+        return run_in_fresh_thread(build, threads=cfg.cpu_threads, name="loraserve-model-load")
 
     def _auto_kv_tokens(self) -> int:
         if self.device.type != "cuda":
@@ -206,6 +214,7 @@ class Engine:
 
     # ---- the loop ------------------------------------------------------------------------------------
     def _loop(self) -> None:
+        use_compute_threads(self.config.cpu_threads)
         while True:
             self._drain_inbox()
             if self._stop:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
+from server.engine.threads import ShortLivedThreads
 from server.engine.types import AdapterSpec
 from server.errors import AdapterInUseError, AdapterLoadError, AdapterRejectedError, CapacityError
 from server.lora import ops
@@ -98,7 +99,7 @@ class AdapterPool:
         self._by_key: dict[str, int] = {}
         self._failed: dict[str, BaseException] = {}
         self._lock = threading.RLock()
-        self._executor = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="lora-load")
+        self._executor = ShortLivedThreads(loader_threads, "lora-load")
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.stats = PoolStats(slots_total=num_slots)
 
