@@ -3,7 +3,7 @@
 The workload is issue 3's: R concurrent requests (8) on R distinct rank-16 LoRA
 adapters over all seven Llama targets, every prompt P tokens (64), every request
 N new tokens (32), greedy with EOS ignored so each system does the same work.
-Systems, all in this process:
+Systems:
 
   loraserve            our engine with EngineConfig defaults (quantize int8, dtype auto)
   loraserve-base       the same engine, the same requests without adapters
@@ -19,6 +19,12 @@ generated tokens / wall time of a run; the LoRA overhead compares an engine's
 adapter run with its own no-adapter run at the same settings (the two are timed
 alternately, so drift on a shared machine hits both). Adapters are random PEFT
 LoRA weights with fixed seeds, made with PEFT itself in a temporary directory.
+
+Each group of systems (an engine with and without adapters at one quantization, or
+the transformers/PEFT systems) is measured in a fresh child process of its own:
+libgomp slows every small op once more than one long-lived thread owns an OpenMP
+pool (see `server/engine/threads.py`), so an engine thread and PEFT on the main
+thread of one process would slow each other down.
 """
 from __future__ import annotations
 
@@ -26,11 +32,15 @@ import argparse
 import asyncio
 import functools
 import gc
+import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -52,6 +62,7 @@ REFERENCE = "peft-mixed"
 GOAL_SPEEDUP = 3.0        # loraserve tok/s at least 3x PEFT mixed
 GOAL_LORA_OVERHEAD = 0.15  # LoRA at most 15% slower than our own no-adapter engine
 DEFAULT_OUT = "benchmarks/results/cpu_mixed.json"
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -69,6 +80,7 @@ class BenchConfig:
     out: str = DEFAULT_OUT
     workdir: str = ""               # where adapters are written; a temporary directory when empty
     home: str = ""                  # loraserve's model cache ($LORASERVE_HOME when empty)
+    worker_timeout_s: float = 1800.0  # a group's child process is killed (and the run fails) after this
 
     def validate(self) -> None:
         unknown = [s for s in self.systems if s not in ALL_SYSTEMS]
@@ -79,6 +91,13 @@ class BenchConfig:
                 raise ValueError(f"{name} is {getattr(self, name)}; need at least 1")
         if self.adapters > self.requests:
             raise ValueError(f"{self.adapters} adapters for {self.requests} requests: some would go unused")
+        if self.worker_timeout_s <= 0:
+            raise ValueError(f"worker_timeout_s is {self.worker_timeout_s}; need more than 0")
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "BenchConfig":
+        """The inverse of `asdict` after a JSON round trip (systems come back as a list)."""
+        return cls(**{**d, "systems": tuple(d["systems"])})
 
 
 @dataclass
@@ -122,6 +141,11 @@ class SystemResult:
         if not all(r.ttft_s for r in self.runs):
             return None
         return median([sum(r.ttft_s) / len(r.ttft_s) for r in self.runs])
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "SystemResult":
+        """The inverse of `asdict` after a JSON round trip (a child process hands results back so)."""
+        return cls(**{**d, "runs": [RunTiming(**r) for r in d["runs"]]})
 
 
 # ----------------------------------------------------------------------------------------- workload
@@ -377,6 +401,124 @@ def measure(cfg: BenchConfig, systems: list[System]) -> list[SystemResult]:
                          s.facts()) for s in systems]
 
 
+# ---------------------------------------------------------------------------------------- isolation
+
+@dataclass
+class Group:
+    """Systems measured together in one child process; quantize is the engine's, "" for transformers/PEFT."""
+
+    name: str
+    systems: list[str]
+    quantize: str
+
+
+def system_groups(cfg: BenchConfig) -> list[Group]:
+    """The groups with at least one selected system: each engine with its no-adapter twin, then HF/PEFT.
+
+    An adapter run and its no-adapter run share a process (and so an engine), so the
+    LoRA overhead compares like with like; different groups never share one.
+    """
+    groups = []
+    for quant in dict.fromkeys([cfg.quantize, "none"]):
+        name = "loraserve" if quant == cfg.quantize else f"loraserve-{quant}"
+        groups.append(Group(name, [n for n in (name, f"{name}-base") if n in cfg.systems], quant))
+    groups.append(Group("hf", [s for s in HF_SYSTEMS if s in cfg.systems], ""))
+    return [g for g in groups if g.systems]
+
+
+def isolation_note(groups: Sequence[Group]) -> str:
+    return "one process per group: " + "; ".join(f"{g.name} ({', '.join(g.systems)})" for g in groups)
+
+
+def run_group(job: dict[str, Any]) -> dict[str, Any]:
+    """Child side: build one group's systems, measure them, and return their results as JSON-ready data."""
+    cfg = BenchConfig.from_json(job["config"])
+    g = Group(**job["group"])
+    prompts, adapter_dirs = job["prompts"], [Path(d) for d in job["adapter_dirs"]]
+    closers: list[Callable[[], None]] = []
+    model_info: Optional[dict[str, Any]] = None
+    try:
+        if g.quantize:
+            systems, model_info = engine_systems(cfg, g.quantize, prompts, adapter_dirs, g.systems, closers)
+        else:
+            systems = hf_systems(cfg, Path(job["model_dir"]), getattr(torch, job["dtype"]), prompts, adapter_dirs,
+                                 g.systems)
+        results = measure(cfg, systems)
+    finally:
+        for close in closers:
+            close()
+    return {"group": g.name, "model": model_info, "results": [asdict(r) for r in results]}
+
+
+def worker_main(group: str, input_path: str, output_path: str) -> int:
+    """Entry point of a child process (`--worker`): read the job, run it, write the results."""
+    job = json.loads(Path(input_path).read_text())
+    if job["group"]["name"] != group:
+        raise ValueError(f"--worker {group} was given the job of group {job['group']['name']}")
+    out = run_group(job)
+    Path(output_path).write_text(json.dumps(out, default=str))
+    return 0
+
+
+def _pump(stream, tail: deque) -> None:
+    """Echo a child's output to our stderr as it comes (progress of a long run), keeping its tail."""
+    for line in stream:
+        tail.append(line)
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+
+def run_child(cmd: Sequence[str], timeout_s: float, label: str, env: Optional[dict[str, str]] = None,
+              tail_lines: int = 40) -> None:
+    """Run cmd to completion; raise with the tail of its output if it fails or runs past timeout_s.
+
+    A child that hangs is killed rather than waited on forever.
+    """
+    tail: deque[str] = deque(maxlen=tail_lines)
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            errors="replace")
+    pump = threading.Thread(target=_pump, args=(proc.stdout, tail), name="cpu_mixed-pump", daemon=True)
+    pump.start()
+    try:
+        rc = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pump.join(timeout=10)
+        raise RuntimeError(f"{label} ran past {timeout_s:g} s and was killed; its last output:\n"
+                           + "".join(tail)) from None
+    pump.join(timeout=10)
+    if rc != 0:
+        raise RuntimeError(f"{label} failed with exit status {rc}; its last output:\n" + "".join(tail))
+
+
+def _child_env() -> dict[str, str]:
+    """Our environment, with the repository on PYTHONPATH so `-m benchmarks.cpu_mixed` imports from any cwd."""
+    paths = [str(REPO_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+def measure_in_children(cfg: BenchConfig, groups: Sequence[Group], shared: dict[str, Any],
+                        jobdir: Path) -> tuple[list[SystemResult], Optional[dict[str, Any]]]:
+    """Measure each group in a fresh child process, one after another; this process only waits.
+
+    Returns every system's results and the model facts of the last engine group (None without one).
+    """
+    results: list[SystemResult] = []
+    model_info: Optional[dict[str, Any]] = None
+    for g in groups:
+        src, dst = jobdir / f"{g.name}.in.json", jobdir / f"{g.name}.out.json"
+        src.write_text(json.dumps({**shared, "config": asdict(cfg), "group": asdict(g)}, default=str))
+        t0 = time.perf_counter()
+        run_child([sys.executable, "-m", "benchmarks.cpu_mixed", "--worker", g.name, "--worker-input", str(src),
+                   "--worker-output", str(dst)], cfg.worker_timeout_s, f"cpu_mixed worker {g.name}", _child_env())
+        log.info("group %s measured in a child process in %.0f s", g.name, time.perf_counter() - t0)
+        out = json.loads(dst.read_text())
+        results += [SystemResult.from_json(r) for r in out["results"]]
+        model_info = out["model"] or model_info
+    return results, model_info
+
+
 # ------------------------------------------------------------------------------------------- report
 
 def _agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, Any]:
@@ -484,7 +626,8 @@ def _loadavg() -> Optional[float]:
 
 
 def run(cfg: BenchConfig) -> dict[str, Any]:
-    """Run every selected system and return the JSON payload (also written to cfg.out when set)."""
+    """Make prompts and adapters here, measure each group of systems in a child process of its own,
+    and return the JSON payload (also written to cfg.out when set)."""
     cfg.validate()
     from server.engine.config import EngineConfig
     from server.model.config import ModelConfig
@@ -500,31 +643,20 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     specials = set(getattr(tok, "all_special_ids", []) or []) | set(mc.eos_token_ids)
     prompts = make_prompts(cfg, mc.vocab_size, sorted(specials))
 
+    groups = system_groups(cfg)
     with tempfile.TemporaryDirectory(prefix="loraserve-bench-") as tmp:
         root = Path(cfg.workdir) if cfg.workdir else Path(tmp)
         t0 = time.perf_counter()
         adapter_dirs = make_adapters(model_dir, root, cfg.adapters, cfg.rank, cfg.seed)
         adapters_s = time.perf_counter() - t0
-        model_info: dict[str, Any] = {"path": str(model_dir), **_shape(mc)}
-        systems: list[System] = []
-        closers: list[Callable[[], None]] = []
-        try:
-            for quant in dict.fromkeys([cfg.quantize, "none"]):
-                suffix = "" if quant == cfg.quantize else f"-{quant}"
-                names = [n for n in (f"loraserve{suffix}", f"loraserve{suffix}-base") if n in cfg.systems]
-                if names:
-                    built, model_info = engine_systems(cfg, quant, prompts, adapter_dirs, names, closers)
-                    systems += built
-            hf = [s for s in HF_SYSTEMS if s in cfg.systems]
-            if hf:
-                systems += hf_systems(cfg, model_dir, dtype, prompts, adapter_dirs, hf)
-            order = {s: i for i, s in enumerate(ALL_SYSTEMS)}
-            systems.sort(key=lambda s: order[s.name] if s.name in order else 99)
-            log.info("set up %d systems in %.0f s; measuring", len(systems), time.perf_counter() - t_start)
-            results = measure(cfg, systems)
-        finally:
-            for close in closers:
-                close()
+        shared = {"prompts": prompts, "adapter_dirs": [str(d.resolve()) for d in adapter_dirs],
+                  "model_dir": str(model_dir.resolve()), "dtype": str(dtype).replace("torch.", "")}
+        log.info("prompts and adapters ready in %.0f s; measuring %s", time.perf_counter() - t_start,
+                 isolation_note(groups))
+        results, engine_model = measure_in_children(cfg, groups, shared, Path(tmp))
+    order = {s: i for i, s in enumerate(ALL_SYSTEMS)}
+    results.sort(key=lambda r: order.get(r.system, 99))
+    model_info: dict[str, Any] = engine_model or {"path": str(model_dir), **_shape(mc)}
 
     machine = cpu_machine_info()
     # Other work on a shared machine skews absolute numbers (ratios less so): record how busy it was.
@@ -539,7 +671,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                      "lora_alpha": 2 * cfg.rank, "targets": list(PEFT_TARGETS), "prompt_len": cfg.prompt_len,
                      "new_tokens": cfg.new_tokens, "sampling": "greedy, ignore_eos", "repeats": cfg.repeats,
                      "warmup_runs": 1, "seed": cfg.seed, "baseline_dtype": str(dtype).replace("torch.", ""),
-                     "statistic": "median wall time over timed runs; tok/s = generated tokens / wall time"},
+                     "statistic": "median wall time over timed runs; tok/s = generated tokens / wall time",
+                     "isolation": isolation_note(groups)},
         "results": rows,
         "goals": {},
         "setup_s": {"adapters": adapters_s},
@@ -570,14 +703,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", default=d.out, help="JSON path ('' to skip writing)")
     p.add_argument("--workdir", default=d.workdir, help="keep adapters here (default: a temporary directory)")
     p.add_argument("--home", default=d.home, help="loraserve cache dir (default $LORASERVE_HOME)")
+    p.add_argument("--worker-timeout", type=float, default=d.worker_timeout_s,
+                   help="seconds before a group's child process is killed and the run fails")
+    # Internal: the parent starts one child per group of systems with these.
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    p.add_argument("--worker-input", default="", help=argparse.SUPPRESS)
+    p.add_argument("--worker-output", default="", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("server", "transformers", "peft"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if a.worker:
+        return worker_main(a.worker, a.worker_input, a.worker_output)
     cfg = BenchConfig(model=a.model, requests=a.requests, adapters=a.adapters, rank=a.rank,
                       prompt_len=a.prompt_len, new_tokens=a.new_tokens, repeats=a.repeats, seed=a.seed,
                       quantize=a.quantize, systems=tuple(s for s in a.systems.split(",") if s), out=a.out,
-                      workdir=a.workdir, home=a.home)
+                      workdir=a.workdir, home=a.home, worker_timeout_s=a.worker_timeout)
     try:
         run(cfg)
     except ValueError as e:

@@ -3,18 +3,20 @@
 Timing values themselves are not asserted (they depend on the machine); what is
 checked is that each system did the same work (token counts, finish on length),
 that the derived columns follow from the raw timings, and that our fp32 engine
-produces PEFT's tokens, so the benchmark compares like with like.
+produces PEFT's tokens, so the benchmark compares like with like. Each group of
+systems runs in a child process of its own (libgomp: see server/engine/threads.py).
 """
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
 from benchmarks import cpu_mixed
 from benchmarks.cpu_mixed import ALL_SYSTEMS, BenchConfig
 
-pytestmark = pytest.mark.slow  # ~6-14 s: two engines, transformers and PEFT models, all tiny
+slow = pytest.mark.slow  # three child processes (each imports torch): two engines, transformers and PEFT, all tiny
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +28,7 @@ def payload(tiny_dir, tmp_path_factory):
     return cpu_mixed.run(cfg), cfg
 
 
+@slow
 def test_every_system_did_the_same_work(payload):
     data, cfg = payload
     rows = {r["system"]: r for r in data["results"]}
@@ -38,6 +41,7 @@ def test_every_system_did_the_same_work(payload):
         assert 0 < r["request_latency_s"] <= max(r["runs_wall_s"]) * 1.001
 
 
+@slow
 def test_ratios_follow_from_the_timings(payload):
     data, _ = payload
     rows = {r["system"]: r for r in data["results"]}
@@ -52,6 +56,7 @@ def test_ratios_follow_from_the_timings(payload):
         assert data["goals"][lora]["speedup_met"] == (rows[lora]["x_peft_mixed"] >= cpu_mixed.GOAL_SPEEDUP)
 
 
+@slow
 def test_engine_runs_are_warm_and_exact(payload):
     data, cfg = payload
     rows = {r["system"]: r for r in data["results"]}
@@ -64,6 +69,7 @@ def test_engine_runs_are_warm_and_exact(payload):
     assert rows["loraserve-none-base"]["agreement"]["identical_requests"] == cfg.requests
 
 
+@slow
 def test_json_and_table_describe_the_run(payload):
     data, cfg = payload
     on_disk = json.loads(open(cfg.out).read())
@@ -76,6 +82,36 @@ def test_json_and_table_describe_the_run(payload):
     assert len(w["targets"]) == 7
     for name in ALL_SYSTEMS:
         assert name in on_disk["table"]
+
+
+@slow
+def test_each_group_ran_in_its_own_process(payload):
+    data, cfg = payload
+    groups = cpu_mixed.system_groups(cfg)
+    assert [g.name for g in groups] == ["loraserve", "loraserve-none", "hf"]
+    assert data["workload"]["isolation"] == cpu_mixed.isolation_note(groups)
+    assert data["workload"]["isolation"].startswith("one process per group: loraserve (loraserve, loraserve-base); ")
+    ran = {r["system"]: r for r in data["results"]}
+    assert sorted(ran) == sorted(cfg.systems) == sorted(s for g in groups for s in g.systems)
+    assert all(len(ran[s]["runs_wall_s"]) == cfg.repeats and ran[s]["tokens_per_run"] > 0 for s in cfg.systems)
+
+
+def test_groups_follow_the_selected_systems():
+    picked = cpu_mixed.system_groups(BenchConfig(systems=("peft-single", "loraserve-base")))
+    assert [(g.name, g.systems, g.quantize) for g in picked] == [("loraserve", ["loraserve-base"], "int8"),
+                                                                 ("hf", ["peft-single"], "")]
+    only_none = cpu_mixed.system_groups(BenchConfig(quantize="none"))
+    assert [(g.name, g.systems) for g in only_none] == [("loraserve", ["loraserve", "loraserve-base"]),
+                                                        ("hf", list(cpu_mixed.HF_SYSTEMS))]
+
+
+def test_a_failing_or_hanging_child_fails_the_run_with_its_output():
+    crash = [sys.executable, "-c", "import sys; print('loading'); sys.exit('worker blew up')"]
+    with pytest.raises(RuntimeError, match=r"(?s)worker x failed with exit status 1.*loading.*worker blew up"):
+        cpu_mixed.run_child(crash, 60, "worker x")
+    hang = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
+    with pytest.raises(RuntimeError, match=r"(?s)worker y ran past 1 s and was killed.*started"):
+        cpu_mixed.run_child(hang, 1, "worker y")
 
 
 def test_bad_arguments_exit_2(capsys):
