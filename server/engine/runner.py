@@ -1,8 +1,8 @@
 """Build one step's batch tensors and run the model: tokens in, next-token logits out.
 
-Sequences are ordered by adapter slot so that each slot's tokens are contiguous
-(one LoRA segment per distinct adapter); prefill runs and decode rows are then
-described to attention by index, whatever their interleaving.
+Decode rows come first, then prompt rows; within each kind sequences are ordered by
+adapter slot so that each slot's tokens are contiguous (one LoRA segment per adapter
+and kind). Prefill runs and decode rows are described to attention by index.
 """
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ class ModelRunner:
         self.device = model.device
 
     def execute(self, prefill: list[Sequence], decode: list[Sequence]) -> StepResult:
-        seqs = sorted(prefill + decode, key=lambda s: (s.slot or 0, s.order))
+        # Decode rows first, then prompt rows (quantized linears treat the two kinds differently,
+        # so each kind must be one contiguous block); by adapter slot within each kind.
+        seqs = sorted(prefill + decode, key=lambda s: (s.is_prefill, s.slot or 0, s.order))
         ids: list[int] = []
         pos: list[int] = []
         slot_rows: list[torch.Tensor] = []
@@ -61,6 +63,7 @@ class ModelRunner:
             slot_mapping=torch.cat(slot_rows).to(dev),
             prefill=tuple(prefill_runs),
             all_decode=not prefill_runs,
+            prompt_from=len(decode_rows) if prefill_runs else None,
         )
         if decode_seqs:
             ctx = [len(s.token_ids) for s in decode_seqs]

@@ -18,6 +18,7 @@ over tokens in Python; the segment loop runs once per distinct adapter in the ba
 from __future__ import annotations
 
 import weakref
+from typing import Optional
 
 import torch
 
@@ -51,6 +52,8 @@ def _use_grouped(seg: LoraSegments) -> bool:
     counts = _slot_counts(seg)
     if not counts:
         return False
+    if contiguous_run(seg) is not None:
+        return True
     span = max(counts) - min(counts) + 1
     return span * max(counts.values()) <= GROUPED_MAX_PADDING * seg.num_tokens
 
@@ -59,6 +62,24 @@ def _use_gather(seg: LoraSegments) -> bool:
     n_lora = sum(1 for s in seg.slots if s != 0)
     return (seg.token_slots.is_cuda and n_lora > 0
             and seg.num_tokens <= GATHER_MAX_AVG_SEGMENT * n_lora)
+
+
+def contiguous_run(seg: LoraSegments) -> Optional[tuple[int, int, int, int]]:
+    """(t0, lo, m, L) when the LoRA tokens are exactly [t0, T), slot lo..lo+m-1 with L tokens each,
+    in slot order; then x[t0:].view(m, L, in) is the per-slot layout without any copy. The runner
+    sorts sequences by slot, so decode steps (one token per sequence, one sequence per adapter)
+    and prefills of equal lengths arrive this way."""
+    cached = seg.cache.get("run", False)
+    if cached is not False:
+        return cached
+    run: Optional[tuple[int, int, int, int]] = None
+    lora = [(s, e, sl) for s, e, sl in zip(seg.starts, seg.ends, seg.slots) if sl != 0]
+    if lora and lora[-1][1] == seg.num_tokens:
+        t0, lo, L = lora[0][0], lora[0][2], lora[0][1] - lora[0][0]
+        if all(s == t0 + i * L and e - s == L and sl == lo + i for i, (s, e, sl) in enumerate(lora)):
+            run = (t0, lo, len(lora), L)
+    seg.cache["run"] = run
+    return run
 
 
 def _grouped_layout(seg: LoraSegments) -> tuple[int, int, torch.Tensor, torch.Tensor, int]:
@@ -100,14 +121,41 @@ def _grouped_x(x: torch.Tensor, seg: LoraSegments) -> torch.Tensor:
     return xg
 
 
+def _scaled_shrink(xg: torch.Tensor, a: torch.Tensor, scale: torch.Tensor, lo: int, m: int) -> torch.Tensor:
+    """[m, L, R] = per-slot x @ A^T, times each slot's scale (cheaper on v than on the output)."""
+    v = torch.bmm(xg, a[lo:lo + m].transpose(1, 2))
+    return v.mul_(scale[lo:lo + m].to(v.dtype).view(m, 1, 1))
+
+
+def run_views(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, lo: int, m: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A^T [m, in, R], B^T [m, R, out], scale [m, 1, 1]) of slots lo..lo+m-1: views, never copies,
+    so they stay valid while adapters are (re)loaded in place and can be kept across steps."""
+    return a[lo:lo + m].transpose(1, 2), b[lo:lo + m].transpose(1, 2), scale[lo:lo + m].view(m, 1, 1)
+
+
+def apply_run(y: torch.Tensor, x: torch.Tensor, at: torch.Tensor, bt: torch.Tensor, sc: torch.Tensor,
+              run: tuple[int, int, int, int]) -> torch.Tensor:
+    """The grouped path for a contiguous run (see `contiguous_run`), on prepared `run_views`:
+    three ops, no copies; the expand accumulates straight into y."""
+    t0, _, m, L = run
+    v = torch.bmm(x[t0:].view(m, L, x.shape[1]), at)
+    v.mul_(sc if sc.dtype == v.dtype else sc.to(v.dtype))
+    y3 = y[t0:].view(m, L, y.shape[1])
+    y3.baddbmm_(v, bt)
+    return y
+
+
 def _apply_grouped(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                    scale: torch.Tensor, seg: LoraSegments) -> torch.Tensor:
+    run = contiguous_run(seg)
+    if run is not None:
+        return apply_run(y, x, *run_views(a, b, scale, run[1], run[2]), run)
     lo, m, _, row, L = _grouped_layout(seg)
-    v = torch.bmm(_grouped_x(x, seg), a[lo:lo + m].transpose(1, 2))  # [m, L, R]
+    v = _scaled_shrink(_grouped_x(x, seg), a, scale, lo, m)
     d = torch.bmm(v, b[lo:lo + m].transpose(1, 2)).view(m * L, -1)  # [m * L, out]
     d = torch.cat([d, d.new_zeros((1, d.shape[1]))]).index_select(0, row)
-    sc = scale.index_select(0, seg.token_slots).to(d.dtype).unsqueeze(-1)
-    return y.add_(d.mul_(sc))
+    return y.add_(d)
 
 
 def shrink(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments) -> torch.Tensor:

@@ -100,7 +100,7 @@ class DecoderLayer(nn.Module):
         T = h.shape[0]
         qs, kvs = self.q_size, self.kv_size
         x = rms_norm(h, self.input_norm, self.eps)
-        qkv = self.qkv(x)
+        qkv = self.qkv(x, attn.prompt_from)
         q = self._lora(qkv[:, :qs], x, lora, "q")
         k = self._lora(qkv[:, qs:qs + kvs], x, lora, "k")
         v = self._lora(qkv[:, qs + kvs:], x, lora, "v")
@@ -109,13 +109,13 @@ class DecoderLayer(nn.Module):
         q = q * c + rotate_half(q) * s
         k = k * c + rotate_half(k) * s
         o = paged_attention(q, k, v, attn, kv).reshape(T, self.nh * self.hd)
-        h = h + self._lora(self.o(o), o, lora, "o")
+        h = h + self._lora(self.o(o, attn.prompt_from), o, lora, "o")
         x = rms_norm(h, self.post_norm, self.eps)
-        gu = self.gate_up(x)
+        gu = self.gate_up(x, attn.prompt_from)
         g = self._lora(gu[:, :self.inter], x, lora, "gate")
         u = self._lora(gu[:, self.inter:], x, lora, "up")
         a = F.silu(g) * u
-        return h + self._lora(self.down(a), a, lora, "down")
+        return h + self._lora(self.down(a, attn.prompt_from), a, lora, "down")
 
 
 @dataclass

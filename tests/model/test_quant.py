@@ -166,3 +166,18 @@ def test_bad_config():
         QuantConfig(mode="int4", int4_group_size=48)
     with pytest.raises(ValueError, match="kernel"):
         QuantConfig(kernel="magic")
+
+
+def test_prompt_rows_are_exact_fp32_and_decode_rows_take_the_kernel():
+    """int8 on CPU: prompt rows multiply the dequantized weight in fp32, decode rows the weight
+    kernel; a row's result depends on its kind only, never on the rows beside it."""
+    w = torch.randn(192, 576) * 0.05
+    x = torch.randn(70, 576)
+    mod = make_linear(w, None, "int8", torch.float32, "cpu")
+    ref = x @ mod.dequantize().t()
+    mixed = mod(x, prompt_from=6)
+    assert _rel(mixed[6:], ref[6:]) < TOL[torch.float32]
+    assert torch.equal(mixed[:6], mod(x[:6]))  # decode rows: exactly what the kernel gives alone
+    assert _rel(mixed[:6], ref[:6]) < TOL[torch.bfloat16]
+    assert _rel(mod(x, prompt_from=0)[6:], mixed[6:]) < 1e-6  # a prompt row alone or in a batch
+    assert _rel(mod(x[6:7], prompt_from=0), mixed[6:7]) < 1e-6
