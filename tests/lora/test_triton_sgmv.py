@@ -184,15 +184,17 @@ def test_non_contiguous_inputs(K, dtype):
     b_wide = torch.zeros(3, 24, 32, dtype=dtype)
     b_wide[:, :, :16] = b
     a_view, b_view = a_wide[:, :16], b_wide[:, :, :16]
+    b_pool = torch.zeros(3, 32, 24, dtype=dtype).transpose(1, 2)  # the pool's layout: B^T stored slot-major
+    b_pool[:, :, :16] = b
     y_wide = torch.randn(T, 50).to(dtype)
     y_wide[:, 5:29] = y
     assert not (x_slice.is_contiguous() or x_t.is_contiguous() or a_view.is_contiguous()
                 or b_view.is_contiguous())
     want = torch_ref.apply_lora(y.clone(), x, a, b, scale, seg)
-    for xs in (x_slice, x_t):
+    for xs, bv in ((x_slice, b_view), (x_t, b_view), (x_slice, b_pool[:, :, :16])):
         for mode in ("sgmv", "bgmv"):
             yw = y_wide.clone()
-            out = K.apply_lora(yw[:, 5:29], xs, a_view, b_view, scale, seg, mode=mode)
+            out = K.apply_lora(yw[:, 5:29], xs, a_view, bv, scale, seg, mode=mode)
             assert out.data_ptr() == yw[:, 5:29].data_ptr()
             assert _rel_err(yw[:, 5:29], want) <= _TOL[dtype]
             # Columns outside the view are never written.
