@@ -21,10 +21,13 @@ alternately, so drift on a shared machine hits both). Adapters are random PEFT
 LoRA weights with fixed seeds, made with PEFT itself in a temporary directory.
 
 Each group of systems (an engine with and without adapters at one quantization, or
-the transformers/PEFT systems) is measured in a fresh child process of its own:
+the transformers/PEFT systems) is measured in a child process of its own:
 libgomp slows every small op once more than one long-lived thread owns an OpenMP
 pool (see `server/engine/threads.py`), so an engine thread and PEFT on the main
-thread of one process would slow each other down.
+thread of one process would slow each other down. The children stay up for the
+whole run and the timed rounds are interleaved across them (round r of every group,
+one group at a time, before round r+1), so drift in the machine's speed hits every
+group alike instead of landing in the cross-group ratios.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ import gc
 import json
 import logging
 import os
+import queue
 import subprocess
 import sys
 import tempfile
@@ -80,7 +84,7 @@ class BenchConfig:
     out: str = DEFAULT_OUT
     workdir: str = ""               # where adapters are written; a temporary directory when empty
     home: str = ""                  # loraserve's model cache ($LORASERVE_HOME when empty)
-    worker_timeout_s: float = 1800.0  # a group's child process is killed (and the run fails) after this
+    worker_timeout_s: float = 1800.0  # a child's set-up, round or finish taking longer kills it (and the run)
 
     def validate(self) -> None:
         unknown = [s for s in self.systems if s not in ALL_SYSTEMS]
@@ -378,27 +382,38 @@ def hf_systems(cfg: BenchConfig, model_dir: Path, dtype: torch.dtype, prompts: l
     return systems
 
 
-def measure(cfg: BenchConfig, systems: list[System]) -> list[SystemResult]:
-    """One warm-up run of every system, then `repeats` rounds that run each system once, in turn.
-
-    Round-robin rather than system after system: on a shared machine, load that
-    comes and goes then lands on every system alike and the ratios stay fair.
-    """
+def warm_up(systems: Sequence[System]) -> None:
+    """One untimed run of every system: adapter loads, allocator and kernel warm-up happen there."""
     for s in systems:
         t0 = time.perf_counter()
         s.run()
         log.info("warm-up %-20s %.1f s", s.name, time.perf_counter() - t0)
-    runs: dict[str, list[RunTiming]] = {s.name: [] for s in systems}
-    outs: dict[str, list[list[int]]] = {}
-    for k in range(cfg.repeats):
-        for s in systems:
-            timing, outs[s.name] = s.run()
-            runs[s.name].append(timing)
-        log.info("round %d/%d: %s", k + 1, cfg.repeats,
-                 ", ".join(f"{s.name} {runs[s.name][-1].tokens / runs[s.name][-1].wall_s:.0f} tok/s"
-                           for s in systems))
-    return [SystemResult(s.name, s.description, s.adapters, s.dtype, s.quantize, runs[s.name], outs[s.name],
-                         s.facts()) for s in systems]
+
+
+class Rounds:
+    """The timed runs of one group's systems, a round at a time; a round runs each system once, in turn.
+
+    Round-robin rather than system after system: on a shared machine, load that
+    comes and goes then lands on every system alike and the ratios stay fair.
+    """
+
+    def __init__(self, systems: Sequence[System]):
+        self.systems = list(systems)
+        self.runs: dict[str, list[RunTiming]] = {s.name: [] for s in self.systems}
+        self.outs: dict[str, list[list[int]]] = {}
+        self.done = 0
+
+    def run_round(self, label: str) -> None:
+        for s in self.systems:
+            timing, self.outs[s.name] = s.run()
+            self.runs[s.name].append(timing)
+        self.done += 1
+        last = {s.name: self.runs[s.name][-1] for s in self.systems}
+        log.info("%s: %s", label, ", ".join(f"{n} {t.tokens / t.wall_s:.0f} tok/s" for n, t in last.items()))
+
+    def results(self) -> list[SystemResult]:
+        return [SystemResult(s.name, s.description, s.adapters, s.dtype, s.quantize, self.runs[s.name],
+                             self.outs[s.name], s.facts()) for s in self.systems]
 
 
 # ---------------------------------------------------------------------------------------- isolation
@@ -427,37 +442,80 @@ def system_groups(cfg: BenchConfig) -> list[Group]:
 
 
 def isolation_note(groups: Sequence[Group]) -> str:
-    return "one process per group: " + "; ".join(f"{g.name} ({', '.join(g.systems)})" for g in groups)
+    return ("one process per group, timed rounds interleaved across the group processes (round r of every "
+            "group, one group at a time, before round r+1): "
+            + "; ".join(f"{g.name} ({', '.join(g.systems)})" for g in groups))
 
 
-def run_group(job: dict[str, Any]) -> dict[str, Any]:
-    """Child side: build one group's systems, measure them, and return their results as JSON-ready data."""
-    cfg = BenchConfig.from_json(job["config"])
-    g = Group(**job["group"])
+# A child's stdout carries protocol messages only, each one line: this prefix, then JSON. Anything else
+# that reaches it (a stray print) is shown like a log line and otherwise ignored.
+PROTOCOL_PREFIX = "@cpu_mixed-worker "
+
+
+def build_group(cfg: BenchConfig, g: Group, job: dict[str, Any],
+                closers: list[Callable[[], None]]) -> tuple[list[System], Optional[dict[str, Any]]]:
+    """Child side: one group's systems (and the engine's model facts; None for transformers/PEFT)."""
     prompts, adapter_dirs = job["prompts"], [Path(d) for d in job["adapter_dirs"]]
-    closers: list[Callable[[], None]] = []
-    model_info: Optional[dict[str, Any]] = None
-    try:
-        if g.quantize:
-            systems, model_info = engine_systems(cfg, g.quantize, prompts, adapter_dirs, g.systems, closers)
-        else:
-            systems = hf_systems(cfg, Path(job["model_dir"]), getattr(torch, job["dtype"]), prompts, adapter_dirs,
-                                 g.systems)
-        results = measure(cfg, systems)
-    finally:
-        for close in closers:
-            close()
-    return {"group": g.name, "model": model_info, "results": [asdict(r) for r in results]}
+    if g.quantize:
+        return engine_systems(cfg, g.quantize, prompts, adapter_dirs, g.systems, closers)
+    return hf_systems(cfg, Path(job["model_dir"]), getattr(torch, job["dtype"]), prompts, adapter_dirs,
+                      g.systems), None
 
 
-def worker_main(group: str, input_path: str, output_path: str) -> int:
-    """Entry point of a child process (`--worker`): read the job, run it, write the results."""
+def _protocol_stdout():
+    """A private copy of our stdout for protocol messages; fd 1 itself (print, C libraries) goes to stderr."""
+    sys.stdout.flush()
+    chan = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    return chan
+
+
+def worker_main(group: str, input_path: str) -> int:
+    """Entry point of a child process (`--worker`), driven by the parent's `run_workers`.
+
+    Sets up the group's systems, warms each one up and answers "ready"; then runs one
+    timed round per {"cmd": "round"} line on stdin (answering "round" with its wall-clock
+    start and end), and answers {"cmd": "finish"} with the results and exits. Between
+    commands it sits idle (an engine's loop thread blocks on an event). Commands and
+    answers are JSON lines; answers go to stdout behind PROTOCOL_PREFIX, logs to stderr.
+    An error ends the process with a traceback, which the parent reports; so does
+    stdin closing before "finish" (the parent is gone).
+    """
+    chan = _protocol_stdout()
+
+    def answer(msg: dict[str, Any]) -> None:
+        chan.write(PROTOCOL_PREFIX + json.dumps(msg, default=str) + "\n")
+        chan.flush()
+
     job = json.loads(Path(input_path).read_text())
     if job["group"]["name"] != group:
         raise ValueError(f"--worker {group} was given the job of group {job['group']['name']}")
-    out = run_group(job)
-    Path(output_path).write_text(json.dumps(out, default=str))
-    return 0
+    cfg = BenchConfig.from_json(job["config"])
+    g = Group(**job["group"])
+    closers: list[Callable[[], None]] = []
+    try:
+        systems, model_info = build_group(cfg, g, job, closers)
+        warm_up(systems)
+        rounds = Rounds(systems)
+        answer({"event": "ready", "group": g.name, "pid": os.getpid()})
+        while True:
+            line = sys.stdin.readline()
+            if not line:
+                raise RuntimeError("stdin closed before 'finish': the parent process is gone")
+            cmd = json.loads(line)
+            if cmd.get("cmd") == "round" and cmd.get("round") == rounds.done + 1:
+                start = time.time()
+                rounds.run_round(f"group {g.name} round {cmd['round']}/{cfg.repeats}")
+                answer({"event": "round", "group": g.name, "round": cmd["round"], "start": start, "end": time.time()})
+            elif cmd.get("cmd") == "finish" and rounds.done >= 1:
+                answer({"event": "results", "group": g.name, "model": model_info,
+                        "results": [asdict(r) for r in rounds.results()]})
+                return 0
+            else:
+                raise ValueError(f"unexpected command {line.strip()!r} after {rounds.done} rounds")
+    finally:
+        for close in closers:
+            close()
 
 
 def _pump(stream, tail: deque) -> None:
@@ -468,28 +526,148 @@ def _pump(stream, tail: deque) -> None:
         sys.stderr.flush()
 
 
-def run_child(cmd: Sequence[str], timeout_s: float, label: str, env: Optional[dict[str, str]] = None,
-              tail_lines: int = 40) -> None:
-    """Run cmd to completion; raise with the tail of its output if it fails or runs past timeout_s.
+class Worker:
+    """The parent's handle on one group's child process (see `worker_main` for the protocol).
 
-    A child that hangs is killed rather than waited on forever.
+    Commands go to the child's stdin; a thread reads its answers from stdout, another
+    echoes its stderr to ours and keeps the tail. Every wait has a limit: a child that
+    dies, errors or hangs past it (it is killed then) raises RuntimeError with that tail.
     """
-    tail: deque[str] = deque(maxlen=tail_lines)
-    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            errors="replace")
-    pump = threading.Thread(target=_pump, args=(proc.stdout, tail), name="cpu_mixed-pump", daemon=True)
-    pump.start()
+
+    def __init__(self, label: str, cmd: Sequence[str], env: Optional[dict[str, str]] = None, tail_lines: int = 40):
+        self.label = label
+        self.tail: deque[str] = deque(maxlen=tail_lines)
+        self._answers: queue.Queue[Optional[str]] = queue.Queue()
+        self.proc = subprocess.Popen(list(cmd), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env, errors="replace")
+        self._threads = [threading.Thread(target=_pump, args=(self.proc.stderr, self.tail),
+                                          name=f"cpu_mixed-stderr-{label}", daemon=True),
+                         threading.Thread(target=self._read, name=f"cpu_mixed-stdout-{label}", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _read(self) -> None:
+        try:
+            for line in self.proc.stdout:
+                if line.startswith(PROTOCOL_PREFIX):
+                    self._answers.put(line[len(PROTOCOL_PREFIX):])
+                else:
+                    self.tail.append(line)
+                    sys.stderr.write(line)
+                    sys.stderr.flush()
+        finally:
+            self._answers.put(None)  # end of its stdout: the child has exited (or is exiting)
+
+    def _failure(self, what: str) -> RuntimeError:
+        return RuntimeError(f"{self.label} {what}; its last output:\n" + "".join(self.tail))
+
+    def send(self, cmd: dict[str, Any]) -> None:
+        try:
+            self.proc.stdin.write(json.dumps(cmd) + "\n")
+            self.proc.stdin.flush()
+        except OSError:
+            pass  # it has died: the next expect() reports how
+
+    def expect(self, event: str, timeout_s: float, waiting_for: str) -> dict[str, Any]:
+        """The child's next answer, which must be `event`."""
+        try:
+            raw = self._answers.get(timeout=timeout_s)
+        except queue.Empty:
+            self.kill()
+            raise self._failure(f"ran past {timeout_s:g} s and was killed (waiting for {waiting_for})") from None
+        if raw is None:
+            rc = self._reap(timeout_s)
+            raise self._failure(f"failed with exit status {rc} (waiting for {waiting_for})")
+        try:
+            msg = json.loads(raw)
+        except ValueError:
+            msg = None
+        if not isinstance(msg, dict) or msg.get("event") != event:
+            self.kill()
+            raise self._failure(f"answered {raw.strip()[:200]!r} while we waited for {waiting_for}")
+        return msg
+
+    def ask(self, cmd: dict[str, Any], event: str, timeout_s: float, waiting_for: str) -> dict[str, Any]:
+        self.send(cmd)
+        return self.expect(event, timeout_s, waiting_for)
+
+    def _reap(self, timeout_s: float) -> int:
+        """Exit status of a child that closed its stdout (killed if it does not exit in time)."""
+        try:
+            rc = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self._close_pipes()
+        return rc
+
+    def finish(self, timeout_s: float) -> None:
+        """Wait for a child that has handed back its results to exit; it must exit with status 0."""
+        try:
+            rc = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise self._failure(f"ran past {timeout_s:g} s and was killed (waiting for it to exit)") from None
+        self._close_pipes()
+        if rc != 0:
+            raise self._failure(f"failed with exit status {rc} (after handing back its results)")
+
+    def kill(self) -> None:
+        """End the child now if it still runs (no orphans when the run fails); harmless once it has exited."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        for t in self._threads:
+            t.join(timeout=10)
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+def run_workers(commands: dict[str, Sequence[str]], repeats: int, timeout_s: float,
+                env: Optional[dict[str, str]] = None) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """Drive one persistent child per group (`worker_main`), interleaving the timed rounds across them.
+
+    The children start and set up one after another, each waited for until it is ready
+    (so load times and warm-ups are as undisturbed as before). Then round r goes to each
+    child in turn, each waited for before the next is told: only one child measures at
+    any moment, the others sit idle, and round r of every group comes before round r+1 of
+    any, so drift in the machine's speed hits every group alike. Last, each child hands
+    back its results and exits. timeout_s bounds each step (a set-up, a round, a finish).
+
+    Returns each group's results message and the timeline of rounds in the order run
+    (group, round, and the wall-clock start and end the child measured). On any failure
+    every child still running is killed.
+    """
+    workers: dict[str, Worker] = {}
+    timeline: list[dict[str, Any]] = []
     try:
-        rc = proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        pump.join(timeout=10)
-        raise RuntimeError(f"{label} ran past {timeout_s:g} s and was killed; its last output:\n"
-                           + "".join(tail)) from None
-    pump.join(timeout=10)
-    if rc != 0:
-        raise RuntimeError(f"{label} failed with exit status {rc}; its last output:\n" + "".join(tail))
+        for name, cmd in commands.items():
+            t0 = time.perf_counter()
+            w = workers[name] = Worker(f"cpu_mixed worker {name}", cmd, env)
+            w.expect("ready", timeout_s, "its set-up")
+            log.info("group %s set up in child process %d in %.0f s", name, w.proc.pid, time.perf_counter() - t0)
+        for r in range(1, repeats + 1):
+            for name, w in workers.items():
+                msg = w.ask({"cmd": "round", "round": r}, "round", timeout_s, f"round {r}")
+                if msg.get("round") != r:
+                    raise w._failure(f"answered round {msg.get('round')} to round {r}")
+                timeline.append({"group": name, "round": r, "start": msg["start"], "end": msg["end"]})
+            log.info("round %d/%d: %s", r, repeats,
+                     ", ".join(f"{t['group']} {t['end'] - t['start']:.1f} s" for t in timeline[-len(workers):]))
+        outs: dict[str, dict[str, Any]] = {}
+        for name, w in workers.items():
+            outs[name] = w.ask({"cmd": "finish"}, "results", timeout_s, "its results")
+            w.finish(timeout_s)
+        return outs, timeline
+    finally:
+        for w in workers.values():
+            w.kill()
 
 
 def _child_env() -> dict[str, str]:
@@ -498,25 +676,30 @@ def _child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
-def measure_in_children(cfg: BenchConfig, groups: Sequence[Group], shared: dict[str, Any],
-                        jobdir: Path) -> tuple[list[SystemResult], Optional[dict[str, Any]]]:
-    """Measure each group in a fresh child process, one after another; this process only waits.
+def measure_in_children(cfg: BenchConfig, groups: Sequence[Group], shared: dict[str, Any], jobdir: Path
+                        ) -> tuple[list[SystemResult], Optional[dict[str, Any]], list[dict[str, Any]]]:
+    """Measure each group in a persistent child process of its own, rounds interleaved (`run_workers`);
+    this process only waits.
 
-    Returns every system's results and the model facts of the last engine group (None without one).
+    Returns every system's results, the model facts of the last engine group (None without
+    one) and the timeline of rounds.
     """
+    commands: dict[str, list[str]] = {}
+    for g in groups:
+        src = jobdir / f"{g.name}.in.json"
+        src.write_text(json.dumps({**shared, "config": asdict(cfg), "group": asdict(g)}, default=str))
+        commands[g.name] = [sys.executable, "-m", "benchmarks.cpu_mixed", "--worker", g.name,
+                            "--worker-input", str(src)]
+    t0 = time.perf_counter()
+    outs, timeline = run_workers(commands, cfg.repeats, cfg.worker_timeout_s, _child_env())
+    log.info("%d groups measured in child processes in %.0f s", len(groups), time.perf_counter() - t0)
     results: list[SystemResult] = []
     model_info: Optional[dict[str, Any]] = None
     for g in groups:
-        src, dst = jobdir / f"{g.name}.in.json", jobdir / f"{g.name}.out.json"
-        src.write_text(json.dumps({**shared, "config": asdict(cfg), "group": asdict(g)}, default=str))
-        t0 = time.perf_counter()
-        run_child([sys.executable, "-m", "benchmarks.cpu_mixed", "--worker", g.name, "--worker-input", str(src),
-                   "--worker-output", str(dst)], cfg.worker_timeout_s, f"cpu_mixed worker {g.name}", _child_env())
-        log.info("group %s measured in a child process in %.0f s", g.name, time.perf_counter() - t0)
-        out = json.loads(dst.read_text())
+        out = outs[g.name]
         results += [SystemResult.from_json(r) for r in out["results"]]
         model_info = out["model"] or model_info
-    return results, model_info
+    return results, model_info, timeline
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -626,8 +809,8 @@ def _loadavg() -> Optional[float]:
 
 
 def run(cfg: BenchConfig) -> dict[str, Any]:
-    """Make prompts and adapters here, measure each group of systems in a child process of its own,
-    and return the JSON payload (also written to cfg.out when set)."""
+    """Make prompts and adapters here, measure each group of systems in a child process of its own
+    (rounds interleaved across them), and return the JSON payload (also written to cfg.out when set)."""
     cfg.validate()
     from server.engine.config import EngineConfig
     from server.model.config import ModelConfig
@@ -653,7 +836,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                   "model_dir": str(model_dir.resolve()), "dtype": str(dtype).replace("torch.", "")}
         log.info("prompts and adapters ready in %.0f s; measuring %s", time.perf_counter() - t_start,
                  isolation_note(groups))
-        results, engine_model = measure_in_children(cfg, groups, shared, Path(tmp))
+        results, engine_model, _timeline = measure_in_children(cfg, groups, shared, Path(tmp))
     order = {s: i for i, s in enumerate(ALL_SYSTEMS)}
     results.sort(key=lambda r: order.get(r.system, 99))
     model_info: dict[str, Any] = engine_model or {"path": str(model_dir), **_shape(mc)}
@@ -704,17 +887,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--workdir", default=d.workdir, help="keep adapters here (default: a temporary directory)")
     p.add_argument("--home", default=d.home, help="loraserve cache dir (default $LORASERVE_HOME)")
     p.add_argument("--worker-timeout", type=float, default=d.worker_timeout_s,
-                   help="seconds before a group's child process is killed and the run fails")
-    # Internal: the parent starts one child per group of systems with these.
+                   help="seconds a group's child process may take to set up, for one round or to finish "
+                        "before it is killed and the run fails")
+    # Internal: the parent starts one child per group of systems with these (protocol: worker_main).
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--worker-input", default="", help=argparse.SUPPRESS)
-    p.add_argument("--worker-output", default="", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("server", "transformers", "peft"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if a.worker:
-        return worker_main(a.worker, a.worker_input, a.worker_output)
+        return worker_main(a.worker, a.worker_input)
     cfg = BenchConfig(model=a.model, requests=a.requests, adapters=a.adapters, rank=a.rank,
                       prompt_len=a.prompt_len, new_tokens=a.new_tokens, repeats=a.repeats, seed=a.seed,
                       quantize=a.quantize, systems=tuple(s for s in a.systems.split(",") if s), out=a.out,

@@ -4,12 +4,16 @@ Timing values themselves are not asserted (they depend on the machine); what is
 checked is that each system did the same work (token counts, finish on length),
 that the derived columns follow from the raw timings, and that our fp32 engine
 produces PEFT's tokens, so the benchmark compares like with like. Each group of
-systems runs in a child process of its own (libgomp: see server/engine/threads.py).
+systems runs in a child process of its own (libgomp: see server/engine/threads.py),
+with the timed rounds interleaved across the children; the protocol between parent and
+children is also checked quickly with stand-in children that do not load torch.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 
 import pytest
 
@@ -25,12 +29,23 @@ def payload(tiny_dir, tmp_path_factory):
     cfg = BenchConfig(model=str(tiny_dir), requests=3, adapters=3, rank=16, prompt_len=8, new_tokens=4,
                       repeats=2, out=str(tmp / "results" / "cpu_mixed.json"), workdir=str(tmp / "adapters"),
                       home=str(tmp / "home"))
-    return cpu_mixed.run(cfg), cfg
+    timelines = []
+    real = cpu_mixed.measure_in_children
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        timelines.append(out[2])
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_mixed, "measure_in_children", spy)
+        data = cpu_mixed.run(cfg)
+    return data, cfg, timelines[0]
 
 
 @slow
 def test_every_system_did_the_same_work(payload):
-    data, cfg = payload
+    data, cfg, _ = payload
     rows = {r["system"]: r for r in data["results"]}
     assert list(rows) == list(ALL_SYSTEMS)
     for r in rows.values():
@@ -43,7 +58,7 @@ def test_every_system_did_the_same_work(payload):
 
 @slow
 def test_ratios_follow_from_the_timings(payload):
-    data, _ = payload
+    data, _, _ = payload
     rows = {r["system"]: r for r in data["results"]}
     ref = rows["peft-mixed"]["tok_s"]
     assert rows["peft-mixed"]["x_peft_mixed"] == pytest.approx(1.0)
@@ -58,7 +73,7 @@ def test_ratios_follow_from_the_timings(payload):
 
 @slow
 def test_engine_runs_are_warm_and_exact(payload):
-    data, cfg = payload
+    data, cfg, _ = payload
     rows = {r["system"]: r for r in data["results"]}
     for name in ("loraserve", "loraserve-none"):
         assert rows[name]["adapter_loads_total"] == cfg.adapters
@@ -71,7 +86,7 @@ def test_engine_runs_are_warm_and_exact(payload):
 
 @slow
 def test_json_and_table_describe_the_run(payload):
-    data, cfg = payload
+    data, cfg, _ = payload
     on_disk = json.loads(open(cfg.out).read())
     assert on_disk["results"] == json.loads(json.dumps(data["results"], default=str))
     m = on_disk["machine"]
@@ -86,11 +101,15 @@ def test_json_and_table_describe_the_run(payload):
 
 @slow
 def test_each_group_ran_in_its_own_process(payload):
-    data, cfg = payload
+    data, cfg, _ = payload
     groups = cpu_mixed.system_groups(cfg)
     assert [g.name for g in groups] == ["loraserve", "loraserve-none", "hf"]
     assert data["workload"]["isolation"] == cpu_mixed.isolation_note(groups)
-    assert data["workload"]["isolation"].startswith("one process per group: loraserve (loraserve, loraserve-base); ")
+    assert data["workload"]["isolation"].startswith("one process per group, timed rounds interleaved across the "
+                                                    "group processes")
+    assert data["workload"]["isolation"].endswith("): loraserve (loraserve, loraserve-base); loraserve-none "
+                                                  "(loraserve-none, loraserve-none-base); hf (hf-base, peft-mixed, "
+                                                  "peft-single)")
     ran = {r["system"]: r for r in data["results"]}
     assert sorted(ran) == sorted(cfg.systems) == sorted(s for g in groups for s in g.systems)
     assert all(len(ran[s]["runs_wall_s"]) == cfg.repeats and ran[s]["tokens_per_run"] > 0 for s in cfg.systems)
@@ -105,13 +124,114 @@ def test_groups_follow_the_selected_systems():
                                                         ("hf", list(cpu_mixed.HF_SYSTEMS))]
 
 
-def test_a_failing_or_hanging_child_fails_the_run_with_its_output():
-    crash = [sys.executable, "-c", "import sys; print('loading'); sys.exit('worker blew up')"]
-    with pytest.raises(RuntimeError, match=r"(?s)worker x failed with exit status 1.*loading.*worker blew up"):
-        cpu_mixed.run_child(crash, 60, "worker x")
-    hang = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
-    with pytest.raises(RuntimeError, match=r"(?s)worker y ran past 1 s and was killed.*started"):
-        cpu_mixed.run_child(hang, 1, "worker y")
+@slow
+def test_rounds_interleave_across_the_group_processes(payload):
+    _, cfg, timeline = payload
+    want = [(g, r) for r in range(1, cfg.repeats + 1) for g in ("loraserve", "loraserve-none", "hf")]
+    assert [(t["group"], t["round"]) for t in timeline] == want
+    # The children's own clocks: loraserve round 1 before loraserve-none round 1 before hf round 1 before
+    # loraserve round 2 ..., and no two groups measure at the same time.
+    by_clock = sorted(timeline, key=lambda t: t["start"])
+    assert [(t["group"], t["round"]) for t in by_clock] == want
+    assert all(x["start"] < x["end"] <= y["start"] for x, y in zip(by_clock, by_clock[1:]))
+
+
+# A stand-in for `--worker` that speaks worker_main's protocol without loading torch.
+# argv: group, pid file, trouble ("" none, "setup" crash, "hang-setup", "roundN" crash, "hang-roundN"), prefix.
+FAKE_WORKER = r'''
+import json, os, sys, time
+group, pid_file, trouble, prefix = sys.argv[1:5]
+open(pid_file, "w").write(str(os.getpid()))
+proto = os.fdopen(os.dup(1), "w")
+os.dup2(2, 1)
+print("setting up " + group, flush=True)  # fd 1 is stderr now: a log line
+proto.write("stray output on stdout\n")   # no protocol prefix: shown, otherwise ignored
+proto.flush()
+
+
+def answer(msg):
+    proto.write(prefix + json.dumps(msg) + "\n")
+    proto.flush()
+
+
+if trouble == "setup":
+    sys.exit("worker blew up")
+if trouble == "hang-setup":
+    time.sleep(60)
+answer({"event": "ready", "group": group, "pid": os.getpid()})
+for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd["cmd"] == "round":
+        r = cmd["round"]
+        if trouble == f"round{r}":
+            raise RuntimeError(f"round {r} blew up")
+        if trouble == f"hang-round{r}":
+            time.sleep(60)
+        print(f"{group} round {r}", flush=True)
+        start = time.time()
+        time.sleep(0.02)
+        answer({"event": "round", "group": group, "round": r, "start": start, "end": time.time()})
+    elif cmd["cmd"] == "finish":
+        answer({"event": "results", "group": group, "model": None, "results": []})
+        sys.exit(0)
+sys.exit("stdin closed")
+'''
+
+
+def fake_workers(tmp_path, trouble=None):
+    trouble = trouble or {}
+    return {g: [sys.executable, "-c", FAKE_WORKER, g, str(tmp_path / f"{g}.pid"), trouble.get(g, ""),
+                cpu_mixed.PROTOCOL_PREFIX] for g in ("a", "b", "c")}
+
+
+def started_and_alive(tmp_path):
+    """Pids of the stand-ins that started, and those of them still running (not yet reaped)."""
+    started = [int(f.read_text()) for f in tmp_path.glob("*.pid")]
+    alive = []
+    for pid in started:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        alive.append(pid)
+    return started, alive
+
+
+def test_rounds_interleave_across_persistent_children(tmp_path, capfd):
+    outs, timeline = cpu_mixed.run_workers(fake_workers(tmp_path), repeats=3, timeout_s=60)
+    assert outs == {g: {"event": "results", "group": g, "model": None, "results": []} for g in "abc"}
+    want = [(g, r) for r in (1, 2, 3) for g in "abc"]  # a1 b1 c1 a2 b2 c2 a3 b3 c3
+    assert [(t["group"], t["round"]) for t in timeline] == want
+    by_clock = sorted(timeline, key=lambda t: t["start"])
+    assert [(t["group"], t["round"]) for t in by_clock] == want
+    assert all(x["start"] < x["end"] <= y["start"] for x, y in zip(by_clock, by_clock[1:]))
+    err = capfd.readouterr().err
+    assert "setting up a" in err and "c round 3" in err and "stray output on stdout" in err
+    started, alive = started_and_alive(tmp_path)
+    assert len(started) == 3 and alive == []
+
+
+def test_a_failing_or_hanging_child_fails_the_run_with_its_output(tmp_path):
+    with pytest.raises(RuntimeError, match=r"(?s)worker a failed with exit status 1 \(waiting for its set-up\)"
+                                           r".*setting up a.*worker blew up"):
+        cpu_mixed.run_workers(fake_workers(tmp_path, {"a": "setup"}), 2, 60)
+    with pytest.raises(RuntimeError, match=r"(?s)worker a ran past 1 s and was killed \(waiting for its set-up\)"
+                                           r".*setting up a"):
+        cpu_mixed.run_workers(fake_workers(tmp_path, {"a": "hang-setup"}), 2, 1)
+    assert started_and_alive(tmp_path)[1] == []
+
+
+@pytest.mark.parametrize("trouble, error", [
+    ("round2", r"(?s)worker b failed with exit status 1 \(waiting for round 2\).*b round 1.*round 2 blew up"),
+    ("hang-round2", r"(?s)worker b ran past 2 s and was killed \(waiting for round 2\).*b round 1"),
+], ids=["crash", "hang"])
+def test_a_child_failing_mid_run_fails_the_run_and_no_child_outlives_it(tmp_path, trouble, error):
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match=error):
+        cpu_mixed.run_workers(fake_workers(tmp_path, {"b": trouble}), 3, 2)
+    assert time.perf_counter() - t0 < 30
+    started, alive = started_and_alive(tmp_path)
+    assert len(started) == 3 and alive == []  # a and c sat idle waiting for their next command: killed too
 
 
 def test_bad_arguments_exit_2(capsys):
