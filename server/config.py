@@ -87,11 +87,14 @@ _ENGINE_HELP = {
     "home": "cache directory (default $LORASERVE_HOME or ~/.cache/loraserve)",
     "seed": "seed for sampled requests that give none",
     "cpu_threads": "intra-op threads of the engine loop on CPU (0 = torch's default, the physical cores)",
+    "lora_decode_dtype": "auto | float32 | bfloat16: LoRA weights CPU decode steps read (auto: bf16 copies when the "
+                         "base is quantized, fp32 with --quantize none)",
 }
 _CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "quantize": ("none", "int8", "int4"),
+    "lora_decode_dtype": ("auto", "float32", "bfloat16"),
     "log_level": ("debug", "info", "warning", "error"),
 }
 

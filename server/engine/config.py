@@ -27,6 +27,7 @@ class EngineConfig:
     home: str = ""                  # cache dir; default $LORASERVE_HOME or ~/.cache/loraserve
     seed: int = 0                   # seed for requests that give none (mixed with the request id)
     cpu_threads: int = 0            # intra-op threads of the engine loop on CPU; 0 = torch's default
+    lora_decode_dtype: str = "auto"  # auto | float32 | bfloat16: LoRA weights read by CPU decode steps
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -47,6 +48,18 @@ class EngineConfig:
         if device.type == "cuda":
             return torch.bfloat16
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+    def resolve_lora_decode_dtype(self, device: torch.device) -> torch.dtype:
+        """bf16 copies of the slot stacks for CPU decode steps (server/lora/cpu_kernel.py) where the base is
+        quantized anyway; fp32 (no copies) with `none`, the PEFT-exact setting, and on CUDA."""
+        if self.lora_decode_dtype not in ("auto", "float32", "bfloat16"):
+            raise InvalidRequestError("lora_decode_dtype", f"{self.lora_decode_dtype!r}: choose auto, float32 or "
+                                      "bfloat16")
+        if device.type != "cpu" or self.lora_decode_dtype == "float32":
+            return torch.float32
+        if self.lora_decode_dtype == "bfloat16" or self.quantize != "none":
+            return torch.bfloat16
+        return torch.float32
 
     def resolve_home(self) -> Path:
         if self.home:

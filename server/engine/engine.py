@@ -74,7 +74,8 @@ class Engine:
         self.blocks = BlockAllocator(-(-kv_tokens // bs), bs)
         self.kv = KVCache.allocate(self.model_config, self.blocks.num_blocks, bs, self.dtype, self.device)
         self.pool = AdapterPool(self.model_config, config.max_adapters_on_device, config.max_rank,
-                                self.device, self.dtype)
+                                self.device, self.dtype,
+                                decode_dtype=config.resolve_lora_decode_dtype(self.device))
         self.scheduler = Scheduler(self.blocks, self.pool, config.max_batch_size, config.max_batch_tokens)
         self.runner = ModelRunner(model, self.kv, self.blocks, self.pool)
         self.eos_ids = self._eos_ids()

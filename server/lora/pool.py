@@ -22,7 +22,7 @@ import torch
 from server.engine.threads import ShortLivedThreads
 from server.engine.types import AdapterSpec
 from server.errors import AdapterInUseError, AdapterLoadError, AdapterRejectedError, CapacityError
-from server.lora import ops, torch_ref
+from server.lora import cpu_kernel, ops, torch_ref
 from server.lora.segments import LoraSegments
 from server.lora.weights import LoraWeights
 from server.model.config import TARGETS, ModelConfig
@@ -73,7 +73,7 @@ class PoolStats:
 
 class AdapterPool:
     def __init__(self, config: ModelConfig, num_slots: int, max_rank: int, device: torch.device,
-                 dtype: torch.dtype, loader_threads: int = 1):
+                 dtype: torch.dtype, loader_threads: int = 1, decode_dtype: torch.dtype = torch.float32):
         if num_slots < 1:
             raise ValueError("need at least one adapter slot")
         self.config, self.num_slots, self.max_rank = config, num_slots, max_rank
@@ -97,6 +97,14 @@ class AdapterPool:
             self.a.append(a)
             self.b.append(b)
             self.scale.append(s)
+        # bf16 copies for CPU decode steps (server/lora/cpu_kernel.py): A [slots, R, in], B^T [slots, R, out].
+        self.decode_a: list[dict[str, torch.Tensor]] = []
+        self.decode_bt: list[dict[str, torch.Tensor]] = []
+        if decode_dtype == torch.bfloat16 and device.type == "cpu" and dtype == torch.float32:
+            for layer in range(config.num_layers):
+                self.decode_a.append({t: torch.zeros_like(self.a[layer][t], dtype=torch.bfloat16) for t in TARGETS})
+                self.decode_bt.append({t: torch.zeros(self.b[layer][t].transpose(1, 2).shape, dtype=torch.bfloat16)
+                                       for t in TARGETS})
         self._run_views: dict[tuple[int, int, int], list] = {}  # (lo, m, rank) -> LoraBatch's views
         self._slots: list[Optional[_Slot]] = [None] * n
         self._by_key: dict[str, int] = {}
@@ -108,7 +116,8 @@ class AdapterPool:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in (self.a + self.b) for t in layer.values())
+        return sum(t.numel() * t.element_size() for layer in (self.a + self.b + self.decode_a + self.decode_bt)
+                   for t in layer.values())
 
     # ---- used by the engine thread -------------------------------------------------------------
     def acquire(self, spec: AdapterSpec) -> Optional[int]:
@@ -290,6 +299,9 @@ class AdapterPool:
                 for t in TARGETS:
                     self.a[layer][t][idx].zero_()
                     self.b[layer][t][idx].zero_()
+                    if self.decode_a:
+                        self.decode_a[layer][t][idx].zero_()
+                        self.decode_bt[layer][t][idx].zero_()
                     self.scale[layer][t][idx] = 0.0
                     m = w.modules.get((layer, t))
                     if m is None:
@@ -300,6 +312,9 @@ class AdapterPool:
                     self.a[layer][t][idx, :r].copy_(src_a, non_blocking=True)
                     self.b[layer][t][idx, :, :r].copy_(src_b, non_blocking=True)
                     self.scale[layer][t][idx] = m.scale
+                    if self.decode_a:
+                        self.decode_a[layer][t][idx, :r].copy_(src_a)
+                        self.decode_bt[layer][t][idx, :r].copy_(src_b.t())
         if self._copy_stream is not None:
             self._copy_stream.synchronize()
 
@@ -329,11 +344,19 @@ class LoraBatch:
             self._run = torch_ref.contiguous_run(segments)
             if self._run is not None:
                 self._views = pool.run_views(self._run[1], self._run[2], rank)
+        # One token per slot on CPU with bf16 decode copies: the C kernel (server/lora/cpu_kernel.py).
+        self._kernel = cpu_kernel.load() if (self._run is not None and self._run[3] == 1
+                                             and pool.decode_a) else None
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, target: str) -> torch.Tensor:
         if self.rank == 0:
             return y
         if self._views is not None:
+            if self._kernel is not None:
+                a, bt = self.pool.decode_a[layer][target], self.pool.decode_bt[layer][target]
+                sc = self.pool.scale[layer][target]
+                if self._kernel.accepts(y, x, a, bt, sc):
+                    return self._kernel.decode_run(y, x, a, bt, sc, self.rank, self._run)
             return torch_ref.apply_run(y, x, *self._views[layer][target], self._run)
         r = self.rank
         return ops.apply_lora(y, x, self.pool.a[layer][target][:, :r], self.pool.b[layer][target][:, :, :r],

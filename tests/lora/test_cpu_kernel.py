@@ -1,0 +1,138 @@
+"""The CPU decode kernel (bf16 slot copies) against the torch reference on the same bf16-rounded weights."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from server.lora import cpu_kernel, torch_ref
+from server.lora.pool import AdapterPool
+from server.lora.weights import LoraModule, LoraWeights
+from server.model.config import TARGETS, ModelConfig
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tiny_dir):
+    return ModelConfig.from_file(tiny_dir / "config.json")
+
+needs_cc = pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,
+                              reason="no C compiler: the torch reference serves (tested elsewhere)")
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LORASERVE_HOME", str(tmp_path_factory.mktemp("home")))
+    cpu_kernel.load.cache_clear()
+    k = cpu_kernel.load()
+    yield k
+    cpu_kernel.load.cache_clear()
+    mp.undo()
+
+
+@needs_cc
+@pytest.mark.parametrize("shape,rank,lo,m", [((576, 192), 16, 1, 8), ((100, 37), 13, 3, 5), ((64, 64), 1, 2, 1)])
+def test_decode_run_matches_reference_on_bf16_weights(kernel, shape, rank, lo, m):
+    assert kernel is not None, "a C compiler is present, so the kernel must build and load"
+    torch.manual_seed(0)
+    n, R, (k, out) = 9, 32, shape
+    a = torch.randn(n, R, k).bfloat16()
+    bt = torch.randn(n, R, out).bfloat16()
+    scale = torch.rand(n)
+    x = torch.randn(2 + m, k)
+    y_wide = torch.randn(2 + m, out + 7)
+    y = y_wide[:, 3:3 + out]  # a column slice, like q/k/v of the fused projection
+    at, b_t, sc = torch_ref.run_views(a.float()[:, :rank], bt.float().transpose(1, 2)[:, :, :rank], scale, lo, m)
+    want = torch_ref.apply_run(y.clone(), x, at, b_t, sc, (2, lo, m, 1))
+    before = y_wide.clone()
+    assert kernel.accepts(y, x, a, bt, scale)
+    kernel.decode_run(y, x, a, bt, scale, rank, (2, lo, m, 1))
+    assert torch.allclose(y, want, rtol=1e-5, atol=1e-4)
+    assert torch.equal(y_wide[:2], before[:2])  # rows before the run untouched
+    assert torch.equal(y_wide[:, :3], before[:, :3]) and torch.equal(y_wide[:, 3 + out:], before[:, 3 + out:])
+
+
+@needs_cc
+def test_refuses_layouts_it_cannot_read(kernel):
+    a = torch.zeros(3, 4, 8, dtype=torch.bfloat16)
+    bt = torch.zeros(3, 4, 6, dtype=torch.bfloat16)
+    x, y, s = torch.zeros(2, 8), torch.zeros(2, 6), torch.zeros(3)
+    assert kernel.accepts(y, x, a, bt, s)
+    assert not kernel.accepts(y, x, a.float(), bt, s)  # fp32 stacks: the torch path's job
+    assert not kernel.accepts(y, x.t().contiguous().t(), a, bt, s)  # column-major x
+    assert not kernel.accepts(y, torch.zeros(2, 9), a, bt, s)  # width mismatch
+    with pytest.raises(ValueError):
+        kernel.decode_run(y, x, a, bt, s, 5, (0, 1, 2, 1))  # rank over the stack's R
+
+
+def test_off_switch(monkeypatch):
+    monkeypatch.setenv("LORASERVE_CPU_KERNEL", "0")
+    cpu_kernel.load.cache_clear()
+    try:
+        assert cpu_kernel.load() is None
+    finally:
+        cpu_kernel.load.cache_clear()
+
+
+def test_pool_keeps_bf16_decode_copies_in_step_with_the_fp32_stacks(tiny_config):
+    pool = AdapterPool(tiny_config, num_slots=2, max_rank=8, device=torch.device("cpu"), dtype=torch.float32,
+                       decode_dtype=torch.bfloat16)
+    torch.manual_seed(1)
+    mods = {}
+    for layer in range(tiny_config.num_layers):
+        for t in TARGETS:
+            out_f, in_f = tiny_config.target_shape(t)
+            mods[(layer, t)] = LoraModule(a=torch.randn(4, in_f), b=torch.randn(out_f, 4), scale=0.5)
+    w = LoraWeights(modules=mods)
+    pool._copy(2, w)
+    for (layer, t), mod in mods.items():
+        assert torch.equal(pool.decode_a[layer][t][2, :4], mod.a.bfloat16())
+        assert torch.equal(pool.decode_bt[layer][t][2, :4], mod.b.t().bfloat16())
+        assert not pool.decode_a[layer][t][2, 4:].any() and not pool.decode_a[layer][t][1].any()
+    plain = AdapterPool(tiny_config, num_slots=2, max_rank=8, device=torch.device("cpu"), dtype=torch.float32)
+    assert not plain.decode_a and pool.nbytes == plain.nbytes * 3 // 2
+
+
+def test_lora_decode_dtype_resolution():
+    from server.engine.config import EngineConfig
+    from server.errors import InvalidRequestError
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert EngineConfig(quantize="int8").resolve_lora_decode_dtype(cpu) == torch.bfloat16
+    assert EngineConfig(quantize="none").resolve_lora_decode_dtype(cpu) == torch.float32  # the PEFT-exact setting
+    assert EngineConfig(quantize="none", lora_decode_dtype="bfloat16").resolve_lora_decode_dtype(cpu) == torch.bfloat16
+    assert EngineConfig(quantize="int8", lora_decode_dtype="float32").resolve_lora_decode_dtype(cpu) == torch.float32
+    assert EngineConfig(quantize="int8").resolve_lora_decode_dtype(cuda) == torch.float32
+    with pytest.raises(InvalidRequestError, match="lora_decode_dtype"):
+        EngineConfig(lora_decode_dtype="fp8").resolve_lora_decode_dtype(cpu)
+
+
+@needs_cc
+def test_engine_decodes_through_the_kernel_and_matches_the_fp32_path(tiny_dir, tiny_adapters, monkeypatch):
+    """quantize none + bf16 decode copies vs + fp32: both engines finish every request; the kernel
+    carried the bf16 engine's decode steps, and greedy tokens agree on most positions (bf16 weights
+    move a near-tie now and then, never the whole output)."""
+    from server.engine.types import Request, SamplingParams
+    from tests.engine.engine_utils import make_engine, spec
+
+    calls = []
+    real = cpu_kernel.CpuLoraKernel.decode_run
+    monkeypatch.setattr(cpu_kernel.CpuLoraKernel, "decode_run",
+                        lambda self, *a: calls.append(1) or real(self, *a))
+    names = ["all_r8", "qv_r4", "mlp_rs"]
+    outs = {}
+    for dt in ("float32", "bfloat16"):
+        eng = make_engine(tiny_dir, lora_decode_dtype=dt)
+        try:
+            streams = [eng.submit(Request([5 + i, 9, 17, 33], SamplingParams(max_new_tokens=12, ignore_eos=True),
+                                          spec(eng, n, tiny_adapters[n]))) for i, n in enumerate(names)]
+            outs[dt] = [s.collect().token_ids for s in streams]
+        finally:
+            eng.shutdown()
+        if dt == "float32":
+            assert not calls
+    assert calls, "the bf16 engine's decode steps went through the kernel"
+    assert all(len(o) == 12 for o in outs["bfloat16"])
+    same = sum(a == b for x, y in zip(outs["float32"], outs["bfloat16"]) for a, b in zip(x, y))
+    assert same >= 0.75 * 36
