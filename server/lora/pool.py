@@ -105,6 +105,7 @@ class AdapterPool:
                 self.decode_a.append({t: torch.zeros_like(self.a[layer][t], dtype=torch.bfloat16) for t in TARGETS})
                 self.decode_bt.append({t: torch.zeros(self.b[layer][t].transpose(1, 2).shape, dtype=torch.bfloat16)
                                        for t in TARGETS})
+            cpu_kernel.load()  # build it now (start-up), not at the first decode step
         self._run_views: dict[tuple[int, int, int], list] = {}  # (lo, m, rank) -> LoraBatch's views
         self._slots: list[Optional[_Slot]] = [None] * n
         self._by_key: dict[str, int] = {}
