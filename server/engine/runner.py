@@ -77,7 +77,7 @@ class ModelRunner:
             if prefill_runs:
                 attn.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=dev)
 
-        lora = self.pool.batch(token_slots) if any(token_slots) else None
+        lora = self.pool.batch(token_slots, len(decode_rows)) if any(token_slots) else None
         hidden = self.model(torch.tensor(ids, dtype=torch.long, device=dev),
                             torch.tensor(pos, dtype=torch.long, device=dev), attn, self.kv, lora)
         logits = self.model.logits(hidden.index_select(0, torch.tensor(last_rows, device=dev)))

@@ -178,10 +178,11 @@ class AdapterPool:
             self._run_views[key] = views
         return views
 
-    def batch(self, token_slots: list[int]) -> "LoraBatch":
+    def batch(self, token_slots: list[int], decode_rows: int = 0) -> "LoraBatch":
+        """The LoRA view of a step; its first `decode_rows` rows are decode tokens (the runner puts them first)."""
         segs = LoraSegments.from_token_slots(token_slots, self.device)
         rank = max((self.rank_of(s) for s in set(token_slots) if s), default=0)
-        return LoraBatch(self, segs, rank)
+        return LoraBatch(self, segs, rank, token_slots, decode_rows)
 
     # ---- used by operators (admin API) ---------------------------------------------------------
     def load(self, spec: AdapterSpec, pin: bool = False, timeout: Optional[float] = None) -> int:
@@ -331,33 +332,46 @@ class _null_ctx:
 class LoraBatch:
     """The LoRA view of one step: segments plus the pool's stacks, sliced to the batch's max rank.
 
-    When the torch reference serves the step and its adapter tokens form a contiguous run
-    (`torch_ref.contiguous_run`: every decode step of distinct adapters), each linear takes
-    three ops on weight views the pool prepared for that (slots, rank) once: on the 2-core
-    CPU the per-linear Python and slicing overhead was worth as much as the LoRA math itself.
+    On CPU with bf16 decode copies, the step's decode rows (first in the batch) go through the
+    C kernel (`cpu_kernel.py`) and only the prompt rows through the torch reference. Otherwise,
+    when the torch reference serves a step whose adapter tokens form a contiguous run
+    (`torch_ref.contiguous_run`: every decode step of distinct adapters), each linear takes four
+    ops on weight views the pool prepared for that (slots, rank) once: on the 2-core CPU the
+    per-linear Python and slicing overhead was worth as much as the LoRA math itself.
     """
 
-    def __init__(self, pool: AdapterPool, segments: LoraSegments, rank: int):
+    def __init__(self, pool: AdapterPool, segments: LoraSegments, rank: int,
+                 token_slots: Optional[list[int]] = None, decode_rows: int = 0):
         self.pool, self.segments, self.rank = pool, segments, rank
         self._run = None
         self._views: Optional[list[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]] = None
+        self._kernel = cpu_kernel.load() if rank and decode_rows and pool.decode_a else None
+        if self._kernel is not None:
+            assert token_slots is not None
+            self._decode_slots = torch.tensor(token_slots[:decode_rows], dtype=torch.int64)
+            self._decode_rows = decode_rows
+            rest = token_slots[decode_rows:]
+            self._prompt = LoraSegments.from_token_slots(rest, pool.device) if any(rest) else None
+            return
         if rank and ops.backend_for(pool.device) == "torch":
             self._run = torch_ref.contiguous_run(segments)
             if self._run is not None:
                 self._views = pool.run_views(self._run[1], self._run[2], rank)
-        # One token per slot on CPU with bf16 decode copies: the C kernel (server/lora/cpu_kernel.py).
-        self._kernel = cpu_kernel.load() if (self._run is not None and self._run[3] == 1
-                                             and pool.decode_a) else None
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, target: str) -> torch.Tensor:
         if self.rank == 0:
             return y
+        if self._kernel is not None:
+            a, bt = self.pool.decode_a[layer][target], self.pool.decode_bt[layer][target]
+            sc = self.pool.scale[layer][target]
+            if self._kernel.accepts(y, x, a, bt, sc):
+                self._kernel.decode(y, x, self._decode_slots, a, bt, sc, self.rank)
+                if self._prompt is not None:
+                    D, r = self._decode_rows, self.rank
+                    ops.apply_lora(y[D:], x[D:], self.pool.a[layer][target][:, :r],
+                                   self.pool.b[layer][target][:, :, :r], sc, self._prompt)
+                return y
         if self._views is not None:
-            if self._kernel is not None:
-                a, bt = self.pool.decode_a[layer][target], self.pool.decode_bt[layer][target]
-                sc = self.pool.scale[layer][target]
-                if self._kernel.accepts(y, x, a, bt, sc):
-                    return self._kernel.decode_run(y, x, a, bt, sc, self.rank, self._run)
             return torch_ref.apply_run(y, x, *self._views[layer][target], self._run)
         r = self.rank
         return ops.apply_lora(y, x, self.pool.a[layer][target][:, :r], self.pool.b[layer][target][:, :, :r],
