@@ -67,8 +67,8 @@ def _use_gather(seg: LoraSegments) -> bool:
 def contiguous_run(seg: LoraSegments) -> Optional[tuple[int, int, int, int]]:
     """(t0, lo, m, L) when the LoRA tokens are exactly [t0, T), slot lo..lo+m-1 with L tokens each,
     in slot order; then x[t0:].view(m, L, in) is the per-slot layout without any copy. The runner
-    sorts sequences by slot, so decode steps (one token per sequence, one sequence per adapter)
-    and prefills of equal lengths arrive this way."""
+    sorts each kind of row (decode, then prompt) by slot, so decode steps (one token per sequence,
+    one sequence per adapter) and prefills of equal lengths arrive this way."""
     cached = seg.cache.get("run", False)
     if cached is not False:
         return cached
@@ -121,12 +121,6 @@ def _grouped_x(x: torch.Tensor, seg: LoraSegments) -> torch.Tensor:
     return xg
 
 
-def _scaled_shrink(xg: torch.Tensor, a: torch.Tensor, scale: torch.Tensor, lo: int, m: int) -> torch.Tensor:
-    """[m, L, R] = per-slot x @ A^T, times each slot's scale (cheaper on v than on the output)."""
-    v = torch.bmm(xg, a[lo:lo + m].transpose(1, 2))
-    return v.mul_(scale[lo:lo + m].to(v.dtype).view(m, 1, 1))
-
-
 def run_views(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, lo: int, m: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(A^T [m, in, R], B^T [m, R, out], scale [m, 1, 1]) of slots lo..lo+m-1: views, never copies,
@@ -140,10 +134,15 @@ def apply_run(y: torch.Tensor, x: torch.Tensor, at: torch.Tensor, bt: torch.Tens
     four ops, no copies. (`baddbmm_` into y would save the add, but y is a column slice of the
     fused projection and torch then falls back to one addmm per slot: 2.5x slower, measured.)"""
     t0, _, m, L = run
-    v = torch.bmm(x[t0:].view(m, L, x.shape[1]), at)
-    v.mul_(sc if sc.dtype == v.dtype else sc.to(v.dtype))
-    y[t0:].add_(torch.bmm(v, bt).view(m * L, -1))
+    y[t0:].add_(_grouped_delta(x[t0:].view(m, L, x.shape[1]), at, bt, sc).view(m * L, -1))
     return y
+
+
+def _grouped_delta(xg: torch.Tensor, at: torch.Tensor, bt: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
+    """[m, L, out] = per-slot (x @ A^T) * scale @ B^T on `run_views` (the scale on v: cheaper than on the output)."""
+    v = torch.bmm(xg, at)
+    v.mul_(sc if sc.dtype == v.dtype else sc.to(v.dtype))
+    return torch.bmm(v, bt)
 
 
 def _apply_grouped(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -152,8 +151,7 @@ def _apply_grouped(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.T
     if run is not None:
         return apply_run(y, x, *run_views(a, b, scale, run[1], run[2]), run)
     lo, m, _, row, L = _grouped_layout(seg)
-    v = _scaled_shrink(_grouped_x(x, seg), a, scale, lo, m)
-    d = torch.bmm(v, b[lo:lo + m].transpose(1, 2)).view(m * L, -1)  # [m * L, out]
+    d = _grouped_delta(_grouped_x(x, seg), *run_views(a, b, scale, lo, m)).view(m * L, -1)  # [m * L, out]
     d = torch.cat([d, d.new_zeros((1, d.shape[1]))]).index_select(0, row)
     return y.add_(d)
 

@@ -284,10 +284,12 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if (self.kernel != "dequant" and self.mode == "int8" and prompt_from is not None
                 and x2.device.type == "cpu" and prompt_from < x2.shape[0]):
-            y = x2.new_empty((x2.shape[0], self.out_features))
-            if prompt_from:
+            if prompt_from == 0:
+                y = self._dequant_matmul(x2)
+            else:
+                y = x2.new_empty((x2.shape[0], self.out_features))
                 y[:prompt_from] = self._kernel_matmul(x2[:prompt_from])
-            y[prompt_from:] = self._dequant_matmul(x2[prompt_from:])
+                y[prompt_from:] = self._dequant_matmul(x2[prompt_from:])
         elif self.kernel == "dequant":
             y = self._dequant_matmul(x2)
         else:
