@@ -71,6 +71,10 @@ class PoolStats:
     load_seconds_total: float = 0.0
 
 
+# Targets whose base linears the model fuses (one input x, outputs side by side in this order).
+DECODE_GROUPS: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("gate", "up"))
+
+
 class AdapterPool:
     def __init__(self, config: ModelConfig, num_slots: int, max_rank: int, device: torch.device,
                  dtype: torch.dtype, loader_threads: int = 1, decode_dtype: torch.dtype = torch.float32):
@@ -105,7 +109,19 @@ class AdapterPool:
                 self.decode_a.append({t: torch.zeros_like(self.a[layer][t], dtype=torch.bfloat16) for t in TARGETS})
                 self.decode_bt.append({t: torch.zeros(self.b[layer][t].transpose(1, 2).shape, dtype=torch.bfloat16)
                                        for t in TARGETS})
-            cpu_kernel.load()  # build it now (start-up), not at the first decode step
+        # The kernel's packed view of each group of targets that share x (plus every target alone),
+        # per layer; built now, so the kernel is compiled at start-up, not at the first decode step.
+        self.decode_plans: list[dict[tuple[str, ...], cpu_kernel.DecodePlan]] = []
+        if self.decode_a and cpu_kernel.load() is not None:
+            for layer in range(config.num_layers):
+                plans = {}
+                for group in DECODE_GROUPS + tuple((t,) for t in TARGETS):
+                    parts, off = [], 0
+                    for t in group:
+                        parts.append((self.decode_a[layer][t], self.decode_bt[layer][t], self.scale[layer][t], off))
+                        off += config.target_shape(t)[0]
+                    plans[group] = cpu_kernel.DecodePlan(parts)
+                self.decode_plans.append(plans)
         self._run_views: dict[tuple[int, int, int], list] = {}  # (lo, m, rank) -> LoraBatch's views
         self._slots: list[Optional[_Slot]] = [None] * n
         self._by_key: dict[str, int] = {}
@@ -333,11 +349,13 @@ class LoraBatch:
     """The LoRA view of one step: segments plus the pool's stacks, sliced to the batch's max rank.
 
     On CPU with bf16 decode copies, the step's decode rows (first in the batch) go through the
-    C kernel (`cpu_kernel.py`) and only the prompt rows through the torch reference. Otherwise,
-    when the torch reference serves a step whose adapter tokens form a contiguous run
-    (`torch_ref.contiguous_run`: every decode step of distinct adapters), each linear takes four
-    ops on weight views the pool prepared for that (slots, rank) once: on the 2-core CPU the
-    per-linear Python and slicing overhead was worth as much as the LoRA math itself.
+    C kernel (`cpu_kernel.py`), one call per group of targets that read the same x (q/k/v and
+    gate/up of the fused projections) on plans the pool packed at start-up, and only the prompt
+    rows through the torch reference. Otherwise, when the torch reference serves a step whose
+    adapter tokens form a contiguous run (`torch_ref.contiguous_run`: every decode step of
+    distinct adapters), each linear takes four ops on weight views the pool prepared for that
+    (slots, rank) once: on the 2-core CPU the per-linear Python and slicing overhead was worth
+    as much as the LoRA math itself.
     """
 
     def __init__(self, pool: AdapterPool, segments: LoraSegments, rank: int,
@@ -345,10 +363,11 @@ class LoraBatch:
         self.pool, self.segments, self.rank = pool, segments, rank
         self._run = None
         self._views: Optional[list[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]] = None
-        self._kernel = cpu_kernel.load() if rank and decode_rows and pool.decode_a else None
+        self._kernel = cpu_kernel.load() if rank and decode_rows and pool.decode_plans else None
         if self._kernel is not None:
             assert token_slots is not None
             self._decode_slots = torch.tensor(token_slots[:decode_rows], dtype=torch.int64)
+            self._kernel.check_slots(self._decode_slots, rank, pool.decode_plans[0][("q",)])
             self._decode_rows = decode_rows
             rest = token_slots[decode_rows:]
             self._prompt = LoraSegments.from_token_slots(rest, pool.device) if any(rest) else None
@@ -359,18 +378,30 @@ class LoraBatch:
                 self._views = pool.run_views(self._run[1], self._run[2], rank)
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, target: str) -> torch.Tensor:
+        return self.apply_group(y, x, layer, ((target, y.shape[1]),))
+
+    def apply_group(self, y: torch.Tensor, x: torch.Tensor, layer: int,
+                    parts: tuple[tuple[str, int], ...]) -> torch.Tensor:
+        """y holds the outputs of targets that all read x, side by side: (target, width) in column order."""
         if self.rank == 0:
             return y
         if self._kernel is not None:
-            a, bt = self.pool.decode_a[layer][target], self.pool.decode_bt[layer][target]
-            sc = self.pool.scale[layer][target]
-            if self._kernel.accepts(y, x, a, bt, sc):
-                self._kernel.decode(y, x, self._decode_slots, a, bt, sc, self.rank)
+            plan = self.pool.decode_plans[layer].get(tuple(t for t, _ in parts))
+            if plan is not None and self._kernel.try_run(y, x, self._decode_slots, plan, self.rank):
                 if self._prompt is not None:
-                    D, r = self._decode_rows, self.rank
-                    ops.apply_lora(y[D:], x[D:], self.pool.a[layer][target][:, :r],
-                                   self.pool.b[layer][target][:, :, :r], sc, self._prompt)
+                    D, r, lo = self._decode_rows, self.rank, 0
+                    for t, w in parts:
+                        ops.apply_lora(y[D:, lo:lo + w], x[D:], self.pool.a[layer][t][:, :r],
+                                       self.pool.b[layer][t][:, :, :r], self.pool.scale[layer][t], self._prompt)
+                        lo += w
                 return y
+        lo = 0
+        for t, w in parts:
+            self._apply_torch(y[:, lo:lo + w], x, layer, t)
+            lo += w
+        return y
+
+    def _apply_torch(self, y: torch.Tensor, x: torch.Tensor, layer: int, target: str) -> torch.Tensor:
         if self._views is not None:
             return torch_ref.apply_run(y, x, *self._views[layer][target], self._run)
         r = self.rank

@@ -26,6 +26,16 @@ class LoraHook:
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, target: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def apply_group(self, y: torch.Tensor, x: torch.Tensor, layer: int,
+                    parts: tuple[tuple[str, int], ...]) -> torch.Tensor:
+        """The targets of a fused projection at once (y: their outputs side by side, (target, width) in
+        column order), so an implementation can read x once for all of them; by default one at a time."""
+        lo = 0
+        for target, width in parts:
+            self.apply(y[:, lo:lo + width], x, layer, target)
+            lo += width
+        return y
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Statistics in fp32, as transformers' LlamaRMSNorm does, whatever the activation dtype.
@@ -101,9 +111,9 @@ class DecoderLayer(nn.Module):
         qs, kvs = self.q_size, self.kv_size
         x = rms_norm(h, self.input_norm, self.eps)
         qkv = self.qkv(x, attn.prompt_from)
-        q = self._lora(qkv[:, :qs], x, lora, "q")
-        k = self._lora(qkv[:, qs:qs + kvs], x, lora, "k")
-        v = self._lora(qkv[:, qs + kvs:], x, lora, "v")
+        if lora is not None:
+            lora.apply_group(qkv, x, self.index, (("q", qs), ("k", kvs), ("v", kvs)))
+        q, k, v = qkv[:, :qs], qkv[:, qs:qs + kvs], qkv[:, qs + kvs:]
         q, k, v = q.view(T, self.nh, self.hd), k.view(T, self.nkv, self.hd), v.view(T, self.nkv, self.hd)
         c, s = cos[:, None, :], sin[:, None, :]
         q = q * c + rotate_half(q) * s
@@ -112,8 +122,9 @@ class DecoderLayer(nn.Module):
         h = h + self._lora(self.o(o, attn.prompt_from), o, lora, "o")
         x = rms_norm(h, self.post_norm, self.eps)
         gu = self.gate_up(x, attn.prompt_from)
-        g = self._lora(gu[:, :self.inter], x, lora, "gate")
-        u = self._lora(gu[:, self.inter:], x, lora, "up")
+        if lora is not None:
+            lora.apply_group(gu, x, self.index, (("gate", self.inter), ("up", self.inter)))
+        g, u = gu[:, :self.inter], gu[:, self.inter:]
         a = F.silu(g) * u
         return h + self._lora(self.down(a, attn.prompt_from), a, lora, "down")
 

@@ -51,7 +51,6 @@ def test_decode_matches_reference_on_bf16_weights(kernel, shape, rank):
     want = torch_ref.apply_lora(y[:len(slots)].clone(), x[:len(slots)], a.float()[:, :rank],
                                 bt.float().transpose(1, 2)[:, :, :rank], scale, seg)
     before = y_wide.clone()
-    assert kernel.accepts(y, x, a, bt, scale)
     kernel.decode(y, x, slots, a, bt, scale, rank)
     assert torch.allclose(y[:len(slots)], want, rtol=1e-5, atol=1e-4)
     assert torch.equal(y_wide[len(slots):], before[len(slots):])  # prompt rows untouched
@@ -59,18 +58,54 @@ def test_decode_matches_reference_on_bf16_weights(kernel, shape, rank):
 
 
 @needs_cc
+@pytest.mark.parametrize("rank", [16, 7])
+def test_one_call_for_a_fused_projection_equals_each_target_alone(kernel, rank):
+    """q/k/v in one call (x read once, outputs side by side in the fused projection's columns)
+    give what each target's own reference gives on its column slice."""
+    torch.manual_seed(1)
+    n, R, k, outs = 6, 16, 96, (96, 32, 32)
+    stacks = [(torch.randn(n, R, k).bfloat16(), torch.randn(n, R, o).bfloat16(), torch.rand(n)) for o in outs]
+    offs = [0, outs[0], outs[0] + outs[1]]
+    plan = cpu_kernel.DecodePlan([(a, bt, sc, off) for (a, bt, sc), off in zip(stacks, offs)])
+    assert plan.width == sum(outs) and plan.count == 3
+    slots = torch.tensor([2, 0, 5, 2, 1], dtype=torch.int64)
+    x = torch.randn(len(slots) + 1, k)
+    y = torch.randn(len(slots) + 1, sum(outs))
+    want = y.clone()
+    seg = LoraSegments.from_token_slots(slots.tolist())
+    for (a, bt, sc), off, o in zip(stacks, offs, outs):
+        part = want[:len(slots), off:off + o].clone()
+        want[:len(slots), off:off + o] = torch_ref.apply_lora(
+            part, x[:len(slots)], a.float()[:, :rank], bt.float().transpose(1, 2)[:, :, :rank], sc, seg)
+    assert kernel.accepts(y, x, plan)
+    kernel.check_slots(slots, rank, plan)
+    assert kernel.try_run(y, x, slots, plan, rank)
+    assert torch.allclose(y, want, rtol=1e-5, atol=1e-4)
+
+
+@needs_cc
 def test_refuses_layouts_it_cannot_read(kernel):
     a = torch.zeros(3, 4, 8, dtype=torch.bfloat16)
     bt = torch.zeros(3, 4, 6, dtype=torch.bfloat16)
     x, y, s = torch.zeros(2, 8), torch.zeros(2, 6), torch.zeros(3)
-    assert kernel.accepts(y, x, a, bt, s)
-    assert not kernel.accepts(y, x, a.float(), bt, s)  # fp32 stacks: the torch path's job
-    assert not kernel.accepts(y, x.t().contiguous().t(), a, bt, s)  # column-major x
-    assert not kernel.accepts(y, torch.zeros(2, 9), a, bt, s)  # width mismatch
+    plan = cpu_kernel.DecodePlan([(a, bt, s, 0)])
+    assert kernel.accepts(y, x, plan)
+    with pytest.raises(ValueError, match="bf16"):
+        cpu_kernel.DecodePlan([(a.float(), bt, s, 0)])  # fp32 stacks: the torch path's job
+    with pytest.raises(ValueError, match="disagree"):
+        cpu_kernel.DecodePlan([(a, bt[:, :2].contiguous(), s, 0)])  # ranks differ
+    assert not kernel.accepts(y, x.t().contiguous().t(), plan)  # column-major x
+    assert not kernel.accepts(y, torch.zeros(2, 9), plan)  # width mismatch
+    assert not kernel.accepts(y.double(), x, plan)
+    assert not kernel.try_run(torch.zeros(2, 7), x, torch.tensor([1, 2]), plan, 2)  # y wider than the plan
     with pytest.raises(ValueError):
         kernel.decode(y, x, torch.tensor([1, 2]), a, bt, s, 5)  # rank over the stack's R
     with pytest.raises(ValueError):
         kernel.decode(y, x, torch.tensor([1, 3]), a, bt, s, 2)  # slot out of range
+    with pytest.raises(ValueError):
+        kernel.decode(y, x, torch.tensor([1, -1]), a, bt, s, 2)  # negative slot
+    with pytest.raises(ValueError):
+        kernel.decode(y, x, torch.tensor([1, 2], dtype=torch.int32), a, bt, s, 2)  # not int64
     with pytest.raises(ValueError):
         kernel.decode(y, x, torch.tensor([1, 1, 1]), a, bt, s, 2)  # more tokens than rows
 
@@ -126,8 +161,9 @@ def test_engine_decodes_through_the_kernel_whatever_the_batch(tiny_dir, tiny_ada
     from tests.engine.engine_utils import make_engine, spec
 
     calls = []
-    real = cpu_kernel.CpuLoraKernel.decode
-    monkeypatch.setattr(cpu_kernel.CpuLoraKernel, "decode", lambda self, *a: calls.append(1) or real(self, *a))
+    real = cpu_kernel.CpuLoraKernel.try_run
+    monkeypatch.setattr(cpu_kernel.CpuLoraKernel, "try_run",
+                        lambda self, *a: real(self, *a) and (calls.append(a[3].count) or True))
     names = ["all_r8", "qv_r4", "mlp_rs", None]
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
 
@@ -150,6 +186,7 @@ def test_engine_decodes_through_the_kernel_whatever_the_batch(tiny_dir, tiny_ada
         if dt == "float32":
             assert not calls
     assert calls, "the bf16 engine's decode steps went through the kernel"
+    assert {3, 2, 1} <= set(calls), "q/k/v and gate/up take one call each, o and down one alone"
     assert all(len(o) == 12 for o in outs["bfloat16"])
     same = sum(a == b for x, y in zip(outs["float32"], outs["bfloat16"]) for a, b in zip(x, y))
     assert same >= 0.75 * 48
