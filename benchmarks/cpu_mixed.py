@@ -17,7 +17,8 @@ Each system gets one warm-up run (adapter loads, allocator and kernel warm-up
 happen there) and then `repeats` timed runs; we report the median. Throughput is
 generated tokens / wall time of a run; the LoRA overhead compares an engine's
 adapter run with its own no-adapter run at the same settings (the two are timed
-alternately, so drift on a shared machine hits both). Adapters are random PEFT
+back to back, in alternating order, in every round). Both ratios, x PEFT mixed and
+LoRA overhead, are medians of per-round ratios (`paired`), printed with their range. Adapters are random PEFT
 LoRA weights with fixed seeds, made with PEFT itself in a temporary directory.
 
 Each group of systems (an engine with and without adapters at one quantization, or
@@ -77,7 +78,7 @@ class BenchConfig:
     rank: int = 16
     prompt_len: int = 64
     new_tokens: int = 32
-    repeats: int = 3                # timed runs per system (after one warm-up)
+    repeats: int = 5                # timed runs per system (after one warm-up)
     seed: int = 0
     quantize: str = "int8"          # loraserve's default (EngineConfig.quantize)
     systems: tuple[str, ...] = ALL_SYSTEMS
@@ -404,7 +405,9 @@ class Rounds:
         self.done = 0
 
     def run_round(self, label: str) -> None:
-        for s in self.systems:
+        # Every other round in reverse order: a system that always ran right after another
+        # (warm caches, or a neighbour's burst) would carry that into its paired ratio.
+        for s in (self.systems if self.done % 2 == 0 else self.systems[::-1]):
             timing, self.outs[s.name] = s.run()
             self.runs[s.name].append(timing)
         self.done += 1
@@ -716,7 +719,17 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, Any]:
     return {"identical_requests": same, "requests": len(a), "mean_common_prefix": sum(prefix) / max(len(a), 1)}
 
 
+def paired(slow: SystemResult, fast: SystemResult) -> list[float]:
+    """Round by round, slow's wall time over fast's. Round r of both ran close together (the same
+    child back to back for an engine with and without adapters; consecutive children otherwise),
+    so a ratio per round cancels the drift that a ratio of two medians, each from different
+    rounds, keeps: on the shared 2-core machine whole rounds run up to 30% slower than others."""
+    return [a.wall_s / b.wall_s for a, b in zip(slow.runs, fast.runs)]
+
+
 def summarize(cfg: BenchConfig, results: list[SystemResult]) -> list[dict[str, Any]]:
+    """Rows for the table and JSON. The ratios are medians of per-round ratios (`paired`); the
+    ratios of the medians are kept beside them ("_of_medians") for comparison with older runs."""
     by = {r.system: r for r in results}
     ref = by.get(REFERENCE)
     rows = []
@@ -726,13 +739,19 @@ def summarize(cfg: BenchConfig, results: list[SystemResult]) -> list[dict[str, A
             "quantize": r.quantize, "tokens_per_run": r.tokens, "wall_s": r.wall_s, "tok_s": r.tok_s,
             "request_latency_s": r.latency_s, "ttft_s": r.ttft_s,
             "runs_wall_s": [t.wall_s for t in r.runs],
-            "x_peft_mixed": (r.tok_s / ref.tok_s) if ref else None,
-            "lora_overhead": None,
+            "x_peft_mixed": None, "x_peft_mixed_rounds": None, "x_peft_mixed_of_medians": None,
+            "lora_overhead": None, "lora_overhead_rounds": None, "lora_overhead_of_medians": None,
         }
+        if ref is not None:
+            row["x_peft_mixed_rounds"] = paired(ref, r)
+            row["x_peft_mixed"] = median(row["x_peft_mixed_rounds"])
+            row["x_peft_mixed_of_medians"] = r.tok_s / ref.tok_s
         base = by.get(r.system + "-base") if r.system.startswith("loraserve") and not r.system.endswith(
             "-base") else None
         if base is not None:
-            row["lora_overhead"] = base.tok_s / r.tok_s - 1.0
+            row["lora_overhead_rounds"] = [x - 1.0 for x in paired(r, base)]
+            row["lora_overhead"] = median(row["lora_overhead_rounds"])
+            row["lora_overhead_of_medians"] = base.tok_s / r.tok_s - 1.0
         # Same-work check: our adapter runs against PEFT mixed, our base runs against transformers.
         other = by.get("hf-base") if r.adapters == "none" else (ref if r.adapters.endswith("distinct") else None)
         if other is not None and other is not r:
@@ -750,7 +769,11 @@ def goals(rows: list[dict[str, Any]], cfg: BenchConfig) -> dict[str, Any]:
         r = by.get(name)
         if r is None:
             continue
+        rounds = r["lora_overhead_rounds"] or []
         out[name] = {
+            "rounds_overhead_met": f"{sum(x <= GOAL_LORA_OVERHEAD for x in rounds)}/{len(rounds)}",
+            "rounds_speedup_met": f"{sum(x >= GOAL_SPEEDUP for x in r['x_peft_mixed_rounds'] or [])}"
+                                  f"/{len(r['x_peft_mixed_rounds'] or [])}",
             "x_peft_mixed": r["x_peft_mixed"],
             "speedup_goal": GOAL_SPEEDUP,
             "speedup_met": None if r["x_peft_mixed"] is None else r["x_peft_mixed"] >= GOAL_SPEEDUP,
@@ -765,11 +788,15 @@ def _pct(v: Optional[float]) -> Optional[str]:
     return None if v is None else f"{100 * v:+.1f}%"
 
 
+def _spread(v: Optional[float], rounds: Optional[list[float]], fmt: Callable[[float], str]) -> Optional[str]:
+    return None if v is None else f"{fmt(v)} ({fmt(min(rounds))}..{fmt(max(rounds))})" if rounds else fmt(v)
+
+
 def print_report(payload: dict[str, Any]) -> str:
     w, m = payload["workload"], payload["model"]
     title = (f"cpu_mixed: {w['requests']} concurrent requests, {w['distinct_adapters']} distinct rank-{w['rank']} "
              f"adapters on {'/'.join(w['targets'])}, prompt {w['prompt_len']}, {w['new_tokens']} new tokens, "
-             f"greedy, median of {w['repeats']} warm runs\n"
+             f"greedy, median of {w['repeats']} warm runs; ratios: median of per-round ratios (range)\n"
              f"model: {m.get('name')} ({m.get('layers')} layers, hidden {m.get('hidden')}, "
              f"intermediate {m.get('intermediate')}, {m.get('heads')}/{m.get('kv_heads')} heads, "
              f"vocab {m.get('vocab')})\nmachine: {payload['machine_line']}\n")
@@ -779,7 +806,9 @@ def print_report(payload: dict[str, Any]) -> str:
         table.append({
             "system": r["system"], "adapters": r["adapters"], "quant": r["quantize"], "dtype": r["dtype"],
             "tok/s": r["tok_s"], "s/run": r["wall_s"], "s/request": r["request_latency_s"],
-            "ttft s": r["ttft_s"], "x PEFT mixed": r["x_peft_mixed"], "LoRA overhead": _pct(r["lora_overhead"]),
+            "ttft s": r["ttft_s"],
+            "x PEFT mixed": _spread(r["x_peft_mixed"], r["x_peft_mixed_rounds"], lambda v: f"{v:.2f}"),
+            "LoRA overhead": _spread(r["lora_overhead"], r["lora_overhead_rounds"], lambda v: f"{100 * v:+.1f}%"),
             "same tokens": None if ag is None else f"{ag['identical_requests']}/{ag['requests']} vs {r['agreement_with']}",
         })
     cols = ["system", "adapters", "quant", "dtype", "tok/s", "s/run", "s/request", "ttft s", "x PEFT mixed",
@@ -794,7 +823,8 @@ def print_report(payload: dict[str, Any]) -> str:
         x = "n/a" if g["x_peft_mixed"] is None else f"{g['x_peft_mixed']:.2f}x"
         lines.append(f"goal {name}: {x} PEFT mixed (goal >= {g['speedup_goal']:g}x: {verdict(g['speedup_met'])}), "
                      f"LoRA overhead {_pct(g['lora_overhead']) or 'n/a'} "
-                     f"(goal <= {100 * g['overhead_goal']:.0f}%: {verdict(g['overhead_met'])})")
+                     f"(goal <= {100 * g['overhead_goal']:.0f}%: {verdict(g['overhead_met'])}); "
+                     f"rounds meeting each: {g['rounds_speedup_met']}, {g['rounds_overhead_met']}")
     if lines:
         print("\n".join(lines))
         text += "\n" + "\n".join(lines)
@@ -854,7 +884,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                      "lora_alpha": 2 * cfg.rank, "targets": list(PEFT_TARGETS), "prompt_len": cfg.prompt_len,
                      "new_tokens": cfg.new_tokens, "sampling": "greedy, ignore_eos", "repeats": cfg.repeats,
                      "warmup_runs": 1, "seed": cfg.seed, "baseline_dtype": str(dtype).replace("torch.", ""),
-                     "statistic": "median wall time over timed runs; tok/s = generated tokens / wall time",
+                     "statistic": "median wall time over timed runs; tok/s = generated tokens / wall time; "
+                                  "x PEFT mixed and LoRA overhead: median over rounds of the per-round ratio",
                      "isolation": isolation_note(groups)},
         "results": rows,
         "goals": {},
