@@ -6,11 +6,12 @@ torch reference streams them with one bmm per slot group at about one core's ban
 This kernel reads bf16 copies (half the bytes), accumulates in fp32, does shrink, scale
 and expand of every decode token in one call per group of linears that read the same x
 (q/k/v, gate/up: 4 calls a layer instead of 7, on `DecodePlan`s packed once at start-up so
-a call costs about 6 us of Python), and splits the tokens over the engine thread's OpenMP team. Every decode row of every step takes it (prompt rows keep
-the fp32 torch path), so a token's numbers depend on its kind, never on its batch. Measured in an A/B of 20 alternating SmolLM2 int8 decode steps,
-8 distinct rank-16 adapters: +8.5 ms over the no-adapter step, against +15-17 ms for the
-fp32 torch path (an fp32 version of this kernel gained nothing in the model: the bytes
-are the cost, not the calls).
+a call costs about 6 us of Python), and splits the tokens over the engine thread's OpenMP
+team. Every decode row of every step takes it (prompt rows keep the fp32 torch path), so a
+token's numbers depend on its kind, never on its batch. Measured in an A/B of 20-30
+alternating SmolLM2 int8 decode steps, 8 distinct rank-16 adapters: +8-10 ms over the
+no-adapter step, against +15-17 ms for the fp32 torch path (an fp32 version of this kernel
+gained nothing in the model: the bytes are the cost, not the calls).
 
 Rounding adapter weights to bf16 (8 mantissa bits) is what GPU servers do when the model
 runs in bf16; here it is used only where the base is already quantized

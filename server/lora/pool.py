@@ -111,7 +111,7 @@ class AdapterPool:
                                        for t in TARGETS})
         # The kernel's packed view of each group of targets that share x (plus every target alone),
         # per layer; built now, so the kernel is compiled at start-up, not at the first decode step.
-        self.decode_plans: list[dict[tuple[str, ...], cpu_kernel.DecodePlan]] = []
+        self.decode_plans: list[dict[tuple[tuple[str, int], ...], cpu_kernel.DecodePlan]] = []
         if self.decode_a and cpu_kernel.load() is not None:
             for layer in range(config.num_layers):
                 plans = {}
@@ -120,7 +120,8 @@ class AdapterPool:
                     for t in group:
                         parts.append((self.decode_a[layer][t], self.decode_bt[layer][t], self.scale[layer][t], off))
                         off += config.target_shape(t)[0]
-                    plans[group] = cpu_kernel.DecodePlan(parts)
+                    # Keyed like LoraHook.apply_group's parts, (target, width) in column order.
+                    plans[tuple((t, config.target_shape(t)[0]) for t in group)] = cpu_kernel.DecodePlan(parts)
                 self.decode_plans.append(plans)
         self._run_views: dict[tuple[int, int, int], list] = {}  # (lo, m, rank) -> LoraBatch's views
         self._slots: list[Optional[_Slot]] = [None] * n
@@ -367,7 +368,7 @@ class LoraBatch:
         if self._kernel is not None:
             assert token_slots is not None
             self._decode_slots = torch.tensor(token_slots[:decode_rows], dtype=torch.int64)
-            self._kernel.check_slots(self._decode_slots, rank, pool.decode_plans[0][("q",)])
+            self._kernel.check_slots(self._decode_slots, rank, next(iter(pool.decode_plans[0].values())))
             self._decode_rows = decode_rows
             rest = token_slots[decode_rows:]
             self._prompt = LoraSegments.from_token_slots(rest, pool.device) if any(rest) else None
@@ -386,7 +387,7 @@ class LoraBatch:
         if self.rank == 0:
             return y
         if self._kernel is not None:
-            plan = self.pool.decode_plans[layer].get(tuple(t for t, _ in parts))
+            plan = self.pool.decode_plans[layer].get(parts)  # None for a grouping or width it has no plan for
             if plan is not None and self._kernel.try_run(y, x, self._decode_slots, plan, self.rank):
                 if self._prompt is not None:
                     D, r, lo = self._decode_rows, self.rank, 0

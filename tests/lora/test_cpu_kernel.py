@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from server.lora import cpu_kernel, torch_ref
-from server.lora.pool import AdapterPool
+from server.lora.pool import AdapterPool, LoraBatch
 from server.lora.segments import LoraSegments
 from server.lora.weights import LoraModule, LoraWeights
 from server.model.config import TARGETS, ModelConfig
@@ -190,3 +190,39 @@ def test_engine_decodes_through_the_kernel_whatever_the_batch(tiny_dir, tiny_ada
     assert all(len(o) == 12 for o in outs["bfloat16"])
     same = sum(a == b for x, y in zip(outs["float32"], outs["bfloat16"]) for a, b in zip(x, y))
     assert same >= 0.75 * 48
+
+
+@needs_cc
+def test_fused_projection_through_the_pool_equals_its_targets_one_by_one(tiny_config, kernel):
+    """The model hands q/k/v over together (`apply_group`); the result equals handing each target's
+    column slice over alone, and a grouping the pool has no plan for still gets the right delta
+    (from the fp32 torch path)."""
+    pool = AdapterPool(tiny_config, num_slots=3, max_rank=8, device=torch.device("cpu"), dtype=torch.float32,
+                       decode_dtype=torch.bfloat16)
+    torch.manual_seed(2)
+    for slot, r in ((1, 8), (2, 3)):
+        mods = {}
+        for layer in range(tiny_config.num_layers):
+            for t in TARGETS:
+                out_f, in_f = tiny_config.target_shape(t)
+                mods[(layer, t)] = LoraModule(a=torch.randn(r, in_f).bfloat16().float(),
+                                              b=torch.randn(out_f, r).bfloat16().float(), scale=0.5)
+        pool._copy(slot, LoraWeights(modules=mods))
+    parts = tuple((t, tiny_config.target_shape(t)[0]) for t in ("q", "k", "v"))
+    width = sum(w for _, w in parts)
+    slots = [2, 1, 0, 1]
+    batch = LoraBatch(pool, LoraSegments.from_token_slots(slots), 8, slots, decode_rows=len(slots))
+    x = torch.randn(len(slots), tiny_config.hidden_size)
+    y0 = torch.randn(len(slots), width)
+    together = batch.apply_group(y0.clone(), x, 0, parts)
+    alone, lo = y0.clone(), 0
+    for t, w in parts:
+        batch.apply(alone[:, lo:lo + w], x, 0, t)
+        lo += w
+    assert torch.equal(together, alone)
+    assert not torch.equal(together, y0)
+    unplanned = (("q", parts[0][1]), ("v", parts[2][1]))  # no fused q+v projection: the torch path serves it
+    cols = torch.cat([y0[:, :parts[0][1]], y0[:, -parts[2][1]:]], 1)
+    got = batch.apply_group(cols.clone(), x, 0, unplanned)
+    want = torch.cat([together[:, :parts[0][1]], together[:, -parts[2][1]:]], 1)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-3)
