@@ -87,8 +87,8 @@ _ENGINE_HELP = {
     "home": "cache directory (default $LORASERVE_HOME or ~/.cache/loraserve)",
     "seed": "seed for sampled requests that give none",
     "cpu_threads": "intra-op threads of the engine loop on CPU (0 = torch's default, the physical cores)",
-    "lora_decode_dtype": "auto | float32 | bfloat16: LoRA weights CPU decode steps read (auto: bf16 copies when the "
-                         "base is quantized, fp32 with --quantize none)",
+    "lora_decode_dtype": "auto | float32 | bfloat16: LoRA weights the CPU kernels read, decode and prompt rows (auto: "
+                         "bf16 copies when the base is quantized, fp32 with --quantize none)",
 }
 _CHOICES = {
     "device": ("auto", "cpu", "cuda"),

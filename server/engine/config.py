@@ -27,7 +27,7 @@ class EngineConfig:
     home: str = ""                  # cache dir; default $LORASERVE_HOME or ~/.cache/loraserve
     seed: int = 0                   # seed for requests that give none (mixed with the request id)
     cpu_threads: int = 0            # intra-op threads of the engine loop on CPU; 0 = torch's default
-    lora_decode_dtype: str = "auto"  # auto | float32 | bfloat16: LoRA weights read by CPU decode steps
+    lora_decode_dtype: str = "auto"  # auto | float32 | bfloat16: LoRA weights the CPU kernels read (every row)
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

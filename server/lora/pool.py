@@ -349,10 +349,12 @@ class _null_ctx:
 class LoraBatch:
     """The LoRA view of one step: segments plus the pool's stacks, sliced to the batch's max rank.
 
-    On CPU with bf16 decode copies, the step's decode rows (first in the batch) go through the
-    C kernel (`cpu_kernel.py`), one call per group of targets that read the same x (q/k/v and
-    gate/up of the fused projections) on plans the pool packed at start-up, and only the prompt
-    rows through the torch reference. Otherwise, when the torch reference serves a step whose
+    On CPU with bf16 copies (where the base is quantized), every row goes through the C kernels
+    (`cpu_kernel.py`): decode rows (first in the batch) one token at a time, prompt rows in blocks
+    of up to 4 tokens of one adapter; one call of each per group of targets that read the same x
+    (q/k/v and gate/up of the fused projections) on plans the pool packed at start-up. A token's
+    numbers depend on its kind (decode or prompt), never on the rest of its batch. Otherwise,
+    when the torch reference serves a step whose
     adapter tokens form a contiguous run (`torch_ref.contiguous_run`: every decode step of
     distinct adapters), each linear takes four ops on weight views the pool prepared for that
     (slots, rank) once: on the 2-core CPU the per-linear Python and slicing overhead was worth
@@ -364,14 +366,14 @@ class LoraBatch:
         self.pool, self.segments, self.rank = pool, segments, rank
         self._run = None
         self._views: Optional[list[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]] = None
-        self._kernel = cpu_kernel.load() if rank and decode_rows and pool.decode_plans else None
+        self._kernel = cpu_kernel.load() if rank and pool.decode_plans and token_slots is not None else None
         if self._kernel is not None:
             assert token_slots is not None
+            any_plan = next(iter(pool.decode_plans[0].values()))
             self._decode_slots = torch.tensor(token_slots[:decode_rows], dtype=torch.int64)
-            self._kernel.check_slots(self._decode_slots, rank, next(iter(pool.decode_plans[0].values())))
-            self._decode_rows = decode_rows
-            rest = token_slots[decode_rows:]
-            self._prompt = LoraSegments.from_token_slots(rest, pool.device) if any(rest) else None
+            self._kernel.check_slots(self._decode_slots, rank, any_plan)
+            self._prompt_blocks, self._prompt_end = self._kernel.prompt_blocks(token_slots[decode_rows:], decode_rows)
+            self._kernel.check_slots(self._prompt_blocks[:, 2].contiguous(), rank, any_plan)
             return
         if rank and ops.backend_for(pool.device) == "torch":
             self._run = torch_ref.contiguous_run(segments)
@@ -388,13 +390,14 @@ class LoraBatch:
             return y
         if self._kernel is not None:
             plan = self.pool.decode_plans[layer].get(parts)  # None for a grouping or width it has no plan for
-            if plan is not None and self._kernel.try_run(y, x, self._decode_slots, plan, self.rank):
-                if self._prompt is not None:
-                    D, r, lo = self._decode_rows, self.rank, 0
-                    for t, w in parts:
-                        ops.apply_lora(y[D:, lo:lo + w], x[D:], self.pool.a[layer][t][:, :r],
-                                       self.pool.b[layer][t][:, :, :r], self.pool.scale[layer][t], self._prompt)
-                        lo += w
+            kernel = self._kernel
+            rows = self._prompt_end  # every row of the step
+            if plan is not None and kernel.accepts(y, x, plan) and x.shape[0] >= rows and y.shape[0] >= rows:
+                # Both calls' own checks then pass: decode and prompt rows are done, or neither.
+                if self._decode_slots.shape[0]:
+                    kernel.try_run(y, x, self._decode_slots, plan, self.rank)
+                if self._prompt_blocks.shape[0]:
+                    kernel.try_run_prompt(y, x, self._prompt_blocks, rows, plan, self.rank)
                 return y
         lo = 0
         for t, w in parts:

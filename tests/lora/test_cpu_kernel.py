@@ -84,6 +84,41 @@ def test_one_call_for_a_fused_projection_equals_each_target_alone(kernel, rank):
 
 
 @needs_cc
+@pytest.mark.parametrize("rank", [16, 5])
+def test_prompt_rows_match_the_reference_whatever_their_blocks(kernel, rank):
+    """Prompt rows of several adapters (runs of 1 to 9 rows, so blocks of 4 and remainders, slot 0
+    among them, widths not a multiple of 8) equal the torch reference on the same bf16 weights, and
+    a row gets the same numbers alone as inside a run of its adapter."""
+    torch.manual_seed(3)
+    n, R, k, outs = 6, 16, 72, (40, 21)
+    stacks = [(torch.randn(n, R, k).bfloat16(), torch.randn(n, R, o).bfloat16(), torch.rand(n)) for o in outs]
+    plan = cpu_kernel.DecodePlan([(a, bt, sc, off) for (a, bt, sc), off in zip(stacks, (0, outs[0]))])
+    decode_rows = 2  # before the prompt rows: the prompt kernel must leave them alone
+    prompt = [1] * 9 + [0] * 3 + [4] * 5 + [2] + [5] * 4
+    x = torch.randn(decode_rows + len(prompt), k)
+    y0 = torch.randn(decode_rows + len(prompt), sum(outs))
+    blocks, end = kernel.prompt_blocks(prompt, decode_rows)
+    assert end == x.shape[0] and blocks[:, 1].max() <= 4 and 0 not in blocks[:, 2].tolist()
+    kernel.check_slots(blocks[:, 2].contiguous(), rank, plan)
+    y = y0.clone()
+    assert kernel.try_run_prompt(y, x, blocks, end, plan, rank)
+    want = y0.clone()
+    seg = LoraSegments.from_token_slots(prompt)
+    for (a, bt, sc), lo, o in zip(stacks, (0, outs[0]), outs):
+        part = want[decode_rows:, lo:lo + o].clone()
+        want[decode_rows:, lo:lo + o] = torch_ref.apply_lora(
+            part, x[decode_rows:], a.float()[:, :rank], bt.float().transpose(1, 2)[:, :, :rank], sc, seg)
+    assert torch.equal(y[:decode_rows], y0[:decode_rows])
+    assert torch.allclose(y, want, rtol=1e-5, atol=1e-4)
+    for row in (decode_rows + 0, decode_rows + 8, decode_rows + 13):  # first of a run, the 9th of a run, a middle one
+        alone = y0[row:row + 1].clone()
+        one, end1 = kernel.prompt_blocks([prompt[row - decode_rows]], 0)
+        assert kernel.try_run_prompt(alone, x[row:row + 1], one, end1, plan, rank)
+        assert torch.equal(alone, y[row:row + 1])
+    assert not kernel.try_run_prompt(y[:5], x, blocks, end, plan, rank)  # fewer rows than the blocks reach
+
+
+@needs_cc
 def test_refuses_layouts_it_cannot_read(kernel):
     a = torch.zeros(3, 4, 8, dtype=torch.bfloat16)
     bt = torch.zeros(3, 4, 6, dtype=torch.bfloat16)
