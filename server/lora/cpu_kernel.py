@@ -5,7 +5,7 @@ weights per step for 8 rank-16 adapters on SmolLM2, more than the int8 base itse
 torch reference streams them with one bmm per slot group at about one core's bandwidth.
 The decode kernel reads bf16 copies (half the bytes), accumulates in fp32, does shrink,
 scale and expand of every decode token in one call per group of linears that read the same
-x (q/k/v, gate/up: 4 calls a layer instead of 7, on `DecodePlan`s packed once at start-up so
+x (q/k/v, gate/up: 4 calls a layer instead of 7, on `KernelPlan`s packed once at start-up so
 a call costs about 6 us of Python), and splits the tokens over the engine thread's OpenMP
 team. Measured in an A/B of 20-30 alternating SmolLM2 int8 decode steps, 8 distinct rank-16
 adapters: +8-10 ms over the no-adapter step, against +15-17 ms for the fp32 torch path (an
@@ -174,11 +174,11 @@ class _Target(ctypes.Structure):
                 ("y_off", ctypes.c_long)]
 
 
-class DecodePlan:
-    """The kernel's view of one group of targets that read the same x (q/k/v, gate/up, or one
+class KernelPlan:
+    """The kernels' view of one group of targets that read the same x (q/k/v, gate/up, or one
     linear alone): their stacks' pointers and output columns, checked and packed once (at pool
-    start-up) so that a decode step pays one ctypes call per group and no per-call checks on them.
-    It keeps its tensors alive; they must stay in place (the pool writes adapters into them)."""
+    start-up) so that a step pays one ctypes call per group and kind of row, and no per-call checks
+    on them. It keeps its tensors alive; they must stay in place (the pool writes adapters into them)."""
 
     def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]):
         if not parts:
@@ -236,7 +236,7 @@ class CpuLoraKernel:
         return torch.tensor(blocks, dtype=torch.int64).view(-1, 3), first_row + n
 
     @staticmethod
-    def accepts(y: torch.Tensor, x: torch.Tensor, plan: DecodePlan) -> bool:
+    def accepts(y: torch.Tensor, x: torch.Tensor, plan: KernelPlan) -> bool:
         """The activations the kernel reads: fp32 CPU rows of unit stride, x as wide as the plan's
         input and y as its outputs side by side."""
         return (x.dtype is _F32 and y.dtype is _F32 and x.is_cpu and y.is_cpu and x.dim() == 2 and y.dim() == 2
@@ -244,7 +244,7 @@ class CpuLoraKernel:
                 and y.shape[1] == plan.width)
 
     @staticmethod
-    def check_slots(slots: torch.Tensor, rank: int, plan: DecodePlan) -> None:
+    def check_slots(slots: torch.Tensor, rank: int, plan: KernelPlan) -> None:
         """Once per step, not per call: the kernel indexes the stacks with these unchecked."""
         if slots.dtype != torch.int64 or slots.device.type != "cpu" or not slots.is_contiguous() or slots.dim() != 1:
             raise ValueError("decode slots must be a contiguous 1-D int64 CPU tensor")
@@ -253,7 +253,7 @@ class CpuLoraKernel:
         if slots.numel() and not 0 <= int(slots.min()) <= int(slots.max()) < plan.slots:
             raise ValueError(f"slot out of range for {plan.slots} slots")
 
-    def try_run(self, y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, plan: DecodePlan, rank: int) -> bool:
+    def try_run(self, y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, plan: KernelPlan, rank: int) -> bool:
         """y[t] += LoRA delta of every target in `plan` for the first len(slots) rows (slot 0 rows
         untouched), on slots and rank already checked (`check_slots`); False, touching nothing,
         when the activations are not what the kernel reads (`accepts`). One Python call per group
@@ -265,7 +265,7 @@ class CpuLoraKernel:
                  plan.count, plan.address)
         return True
 
-    def try_run_prompt(self, y: torch.Tensor, x: torch.Tensor, blocks: torch.Tensor, end: int, plan: DecodePlan,
+    def try_run_prompt(self, y: torch.Tensor, x: torch.Tensor, blocks: torch.Tensor, end: int, plan: KernelPlan,
                        rank: int) -> bool:
         """Like `try_run`, for prompt rows: `blocks`, `end` from `prompt_blocks` (slots checked with
         `check_slots` once per step); False, touching nothing, when the activations do not fit."""
@@ -279,7 +279,7 @@ class CpuLoraKernel:
                scale: torch.Tensor, rank: int) -> torch.Tensor:
         """One linear, checked in full (tests and one-off callers; the engine uses prepared plans):
         y[t] += scale[s] * (x[t] A_s^T) B_s^T with the first `rank` rows of slot s = slots[t]."""
-        plan = DecodePlan([(a, bt, scale, 0)])
+        plan = KernelPlan([(a, bt, scale, 0)])
         self.check_slots(slots, rank, plan)
         if not self.try_run(y, x, slots, plan, rank):
             raise ValueError(f"x and y must be fp32 CPU rows matching the stacks' widths, at least {len(slots)} "

@@ -72,7 +72,7 @@ class PoolStats:
 
 
 # Targets whose base linears the model fuses (one input x, outputs side by side in this order).
-DECODE_GROUPS: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("gate", "up"))
+FUSED_GROUPS: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("gate", "up"))
 
 
 class AdapterPool:
@@ -111,18 +111,18 @@ class AdapterPool:
                                        for t in TARGETS})
         # The kernel's packed view of each group of targets that share x (plus every target alone),
         # per layer; built now, so the kernel is compiled at start-up, not at the first decode step.
-        self.decode_plans: list[dict[tuple[tuple[str, int], ...], cpu_kernel.DecodePlan]] = []
+        self.kernel_plans: list[dict[tuple[tuple[str, int], ...], cpu_kernel.KernelPlan]] = []
         if self.decode_a and cpu_kernel.load() is not None:
             for layer in range(config.num_layers):
                 plans = {}
-                for group in DECODE_GROUPS + tuple((t,) for t in TARGETS):
+                for group in FUSED_GROUPS + tuple((t,) for t in TARGETS):
                     parts, off = [], 0
                     for t in group:
                         parts.append((self.decode_a[layer][t], self.decode_bt[layer][t], self.scale[layer][t], off))
                         off += config.target_shape(t)[0]
                     # Keyed like LoraHook.apply_group's parts, (target, width) in column order.
-                    plans[tuple((t, config.target_shape(t)[0]) for t in group)] = cpu_kernel.DecodePlan(parts)
-                self.decode_plans.append(plans)
+                    plans[tuple((t, config.target_shape(t)[0]) for t in group)] = cpu_kernel.KernelPlan(parts)
+                self.kernel_plans.append(plans)
         self._run_views: dict[tuple[int, int, int], list] = {}  # (lo, m, rank) -> LoraBatch's views
         self._slots: list[Optional[_Slot]] = [None] * n
         self._by_key: dict[str, int] = {}
@@ -366,10 +366,10 @@ class LoraBatch:
         self.pool, self.segments, self.rank = pool, segments, rank
         self._run = None
         self._views: Optional[list[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]] = None
-        self._kernel = cpu_kernel.load() if rank and pool.decode_plans and token_slots is not None else None
+        self._kernel = cpu_kernel.load() if rank and pool.kernel_plans and token_slots is not None else None
         if self._kernel is not None:
             assert token_slots is not None
-            any_plan = next(iter(pool.decode_plans[0].values()))
+            any_plan = next(iter(pool.kernel_plans[0].values()))
             self._decode_slots = torch.tensor(token_slots[:decode_rows], dtype=torch.int64)
             self._kernel.check_slots(self._decode_slots, rank, any_plan)
             self._prompt_blocks, self._prompt_end = self._kernel.prompt_blocks(token_slots[decode_rows:], decode_rows)
@@ -389,7 +389,7 @@ class LoraBatch:
         if self.rank == 0:
             return y
         if self._kernel is not None:
-            plan = self.pool.decode_plans[layer].get(parts)  # None for a grouping or width it has no plan for
+            plan = self.pool.kernel_plans[layer].get(parts)  # None for a grouping or width it has no plan for
             kernel = self._kernel
             rows = self._prompt_end  # every row of the step
             if plan is not None and kernel.accepts(y, x, plan) and x.shape[0] >= rows and y.shape[0] >= rows:

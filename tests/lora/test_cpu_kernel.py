@@ -66,7 +66,7 @@ def test_one_call_for_a_fused_projection_equals_each_target_alone(kernel, rank):
     n, R, k, outs = 6, 16, 96, (96, 32, 32)
     stacks = [(torch.randn(n, R, k).bfloat16(), torch.randn(n, R, o).bfloat16(), torch.rand(n)) for o in outs]
     offs = [0, outs[0], outs[0] + outs[1]]
-    plan = cpu_kernel.DecodePlan([(a, bt, sc, off) for (a, bt, sc), off in zip(stacks, offs)])
+    plan = cpu_kernel.KernelPlan([(a, bt, sc, off) for (a, bt, sc), off in zip(stacks, offs)])
     assert plan.width == sum(outs) and plan.count == 3
     slots = torch.tensor([2, 0, 5, 2, 1], dtype=torch.int64)
     x = torch.randn(len(slots) + 1, k)
@@ -92,7 +92,7 @@ def test_prompt_rows_match_the_reference_whatever_their_blocks(kernel, rank):
     torch.manual_seed(3)
     n, R, k, outs = 6, 16, 72, (40, 21)
     stacks = [(torch.randn(n, R, k).bfloat16(), torch.randn(n, R, o).bfloat16(), torch.rand(n)) for o in outs]
-    plan = cpu_kernel.DecodePlan([(a, bt, sc, off) for (a, bt, sc), off in zip(stacks, (0, outs[0]))])
+    plan = cpu_kernel.KernelPlan([(a, bt, sc, off) for (a, bt, sc), off in zip(stacks, (0, outs[0]))])
     decode_rows = 2  # before the prompt rows: the prompt kernel must leave them alone
     prompt = [1] * 9 + [0] * 3 + [4] * 5 + [2] + [5] * 4
     x = torch.randn(decode_rows + len(prompt), k)
@@ -123,12 +123,12 @@ def test_refuses_layouts_it_cannot_read(kernel):
     a = torch.zeros(3, 4, 8, dtype=torch.bfloat16)
     bt = torch.zeros(3, 4, 6, dtype=torch.bfloat16)
     x, y, s = torch.zeros(2, 8), torch.zeros(2, 6), torch.zeros(3)
-    plan = cpu_kernel.DecodePlan([(a, bt, s, 0)])
+    plan = cpu_kernel.KernelPlan([(a, bt, s, 0)])
     assert kernel.accepts(y, x, plan)
     with pytest.raises(ValueError, match="bf16"):
-        cpu_kernel.DecodePlan([(a.float(), bt, s, 0)])  # fp32 stacks: the torch path's job
+        cpu_kernel.KernelPlan([(a.float(), bt, s, 0)])  # fp32 stacks: the torch path's job
     with pytest.raises(ValueError, match="disagree"):
-        cpu_kernel.DecodePlan([(a, bt[:, :2].contiguous(), s, 0)])  # ranks differ
+        cpu_kernel.KernelPlan([(a, bt[:, :2].contiguous(), s, 0)])  # ranks differ
     assert not kernel.accepts(y, x.t().contiguous().t(), plan)  # column-major x
     assert not kernel.accepts(y, torch.zeros(2, 9), plan)  # width mismatch
     assert not kernel.accepts(y.double(), x, plan)
