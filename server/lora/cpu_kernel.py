@@ -43,6 +43,8 @@ from typing import Optional
 
 import torch
 
+from server.lora.segments import LoraSegments
+
 log = logging.getLogger(__name__)
 
 _SOURCE = r"""
@@ -220,28 +222,22 @@ class CpuLoraKernel:
         self._prompt_fn = fp
 
     @staticmethod
-    def prompt_blocks(token_slots: list[int], first_row: int) -> tuple[torch.Tensor, int]:
-        """The prompt kernel's work list for rows first_row.. of a step: (row, rows, slot) for runs of
-        up to 4 rows of one adapter (slot 0 rows left out), and the end of the last row. Built once per
-        step; the runner sorts prompt rows by slot, so runs are long."""
-        blocks: list[tuple[int, int, int]] = []
-        t, n = 0, len(token_slots)
-        while t < n:
-            s, e = token_slots[t], t + 1
-            while e < n and e - t < 4 and token_slots[e] == s:
-                e += 1
-            if s:
-                blocks.append((first_row + t, e - t, s))
-            t = e
-        return torch.tensor(blocks, dtype=torch.int64).view(-1, 3), first_row + n
+    def prompt_blocks(segments: LoraSegments, first_row: int) -> torch.Tensor:
+        """The prompt kernel's work list for the rows from first_row on: [blocks, 3] int64 of (row, rows,
+        slot), up to 4 rows of one adapter each, slot 0 left out. Built once per step from the step's
+        segments (the runner sorts prompt rows by slot, so they are long)."""
+        blocks = [(t, min(4, e - t), slot)
+                  for s, e, slot in zip(segments.starts, segments.ends, segments.slots) if slot and e > first_row
+                  for t in range(max(s, first_row), e, 4)]
+        return torch.tensor(blocks, dtype=torch.int64).view(-1, 3)
 
     @staticmethod
-    def accepts(y: torch.Tensor, x: torch.Tensor, plan: KernelPlan) -> bool:
-        """The activations the kernel reads: fp32 CPU rows of unit stride, x as wide as the plan's
-        input and y as its outputs side by side."""
+    def accepts(y: torch.Tensor, x: torch.Tensor, plan: KernelPlan, rows: int = 0) -> bool:
+        """The activations the kernel reads: fp32 CPU rows of unit stride, at least `rows` of them, x as
+        wide as the plan's input and y as its outputs side by side."""
         return (x.dtype is _F32 and y.dtype is _F32 and x.is_cpu and y.is_cpu and x.dim() == 2 and y.dim() == 2
                 and x.stride(1) == 1 and y.stride(1) == 1 and x.shape[1] == plan.in_features
-                and y.shape[1] == plan.width)
+                and y.shape[1] == plan.width and x.shape[0] >= rows and y.shape[0] >= rows)
 
     @staticmethod
     def check_slots(slots: torch.Tensor, rank: int, plan: KernelPlan) -> None:
@@ -253,26 +249,33 @@ class CpuLoraKernel:
         if slots.numel() and not 0 <= int(slots.min()) <= int(slots.max()) < plan.slots:
             raise ValueError(f"slot out of range for {plan.slots} slots")
 
-    def try_run(self, y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, plan: KernelPlan, rank: int) -> bool:
+    def run(self, y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, plan: KernelPlan, rank: int) -> None:
         """y[t] += LoRA delta of every target in `plan` for the first len(slots) rows (slot 0 rows
-        untouched), on slots and rank already checked (`check_slots`); False, touching nothing,
-        when the activations are not what the kernel reads (`accepts`). One Python call per group
-        of a decode step: the per-call checks are the cheap ones that guard memory safety."""
-        n = slots.shape[0]
-        if not self.accepts(y, x, plan) or n > x.shape[0] or n > y.shape[0]:
-            return False
-        self._fn(n, slots.data_ptr(), rank, plan.in_features, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
-                 plan.count, plan.address)
-        return True
+        untouched). Unchecked: slots and rank passed `check_slots` (once per step), and y, x passed
+        `accepts` for at least len(slots) rows; the engine checks once per group for both kinds of row."""
+        self._fn(slots.shape[0], slots.data_ptr(), rank, plan.in_features, x.data_ptr(), x.stride(0),
+                 y.data_ptr(), y.stride(0), plan.count, plan.address)
 
-    def try_run_prompt(self, y: torch.Tensor, x: torch.Tensor, blocks: torch.Tensor, end: int, plan: KernelPlan,
-                       rank: int) -> bool:
-        """Like `try_run`, for prompt rows: `blocks`, `end` from `prompt_blocks` (slots checked with
-        `check_slots` once per step); False, touching nothing, when the activations do not fit."""
-        if not self.accepts(y, x, plan) or end > x.shape[0] or end > y.shape[0]:
-            return False
+    def run_prompt(self, y: torch.Tensor, x: torch.Tensor, blocks: torch.Tensor, plan: KernelPlan, rank: int) -> None:
+        """Like `run`, for the prompt rows of `blocks` (from `prompt_blocks`); y, x must have passed
+        `accepts` for every row the blocks reach."""
         self._prompt_fn(blocks.shape[0], blocks.data_ptr(), rank, plan.in_features, x.data_ptr(), x.stride(0),
                         y.data_ptr(), y.stride(0), plan.count, plan.address)
+
+    def try_run(self, y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, plan: KernelPlan, rank: int) -> bool:
+        """`run` after its activation checks; False, touching nothing, when they fail."""
+        if not self.accepts(y, x, plan, slots.shape[0]):
+            return False
+        self.run(y, x, slots, plan, rank)
+        return True
+
+    def try_run_prompt(self, y: torch.Tensor, x: torch.Tensor, blocks: torch.Tensor, plan: KernelPlan,
+                       rank: int) -> bool:
+        """`run_prompt` after its activation checks; False, touching nothing, when they fail."""
+        end = int((blocks[:, 0] + blocks[:, 1]).max()) if blocks.shape[0] else 0
+        if not self.accepts(y, x, plan, end):
+            return False
+        self.run_prompt(y, x, blocks, plan, rank)
         return True
 
     def decode(self, y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, a: torch.Tensor, bt: torch.Tensor,

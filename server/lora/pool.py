@@ -26,6 +26,7 @@ from server.lora import cpu_kernel, ops, torch_ref
 from server.lora.segments import LoraSegments
 from server.lora.weights import LoraWeights
 from server.model.config import TARGETS, ModelConfig
+from server.model.llama import target_columns
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ class AdapterPool:
             self.a.append(a)
             self.b.append(b)
             self.scale.append(s)
-        # bf16 copies for CPU decode steps (server/lora/cpu_kernel.py): A [slots, R, in], B^T [slots, R, out].
+        # bf16 copies the CPU kernels read, decode and prompt rows (server/lora/cpu_kernel.py):
+        # A [slots, R, in], B^T [slots, R, out]. (Named before the prompt kernel existed.)
         self.decode_a: list[dict[str, torch.Tensor]] = []
         self.decode_bt: list[dict[str, torch.Tensor]] = []
         if decode_dtype == torch.bfloat16 and device.type == "cpu" and dtype == torch.float32:
@@ -368,12 +370,12 @@ class LoraBatch:
         self._views: Optional[list[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]] = None
         self._kernel = cpu_kernel.load() if rank and pool.kernel_plans and token_slots is not None else None
         if self._kernel is not None:
-            assert token_slots is not None
             any_plan = next(iter(pool.kernel_plans[0].values()))
             self._decode_slots = torch.tensor(token_slots[:decode_rows], dtype=torch.int64)
             self._kernel.check_slots(self._decode_slots, rank, any_plan)
-            self._prompt_blocks, self._prompt_end = self._kernel.prompt_blocks(token_slots[decode_rows:], decode_rows)
+            self._prompt_blocks = self._kernel.prompt_blocks(segments, decode_rows)
             self._kernel.check_slots(self._prompt_blocks[:, 2].contiguous(), rank, any_plan)
+            self._rows = segments.num_tokens
             return
         if rank and ops.backend_for(pool.device) == "torch":
             self._run = torch_ref.contiguous_run(segments)
@@ -391,18 +393,14 @@ class LoraBatch:
         if self._kernel is not None:
             plan = self.pool.kernel_plans[layer].get(parts)  # None for a grouping or width it has no plan for
             kernel = self._kernel
-            rows = self._prompt_end  # every row of the step
-            if plan is not None and kernel.accepts(y, x, plan) and x.shape[0] >= rows and y.shape[0] >= rows:
-                # Both calls' own checks then pass: decode and prompt rows are done, or neither.
+            if plan is not None and kernel.accepts(y, x, plan, self._rows):  # checked once for both kinds of row
                 if self._decode_slots.shape[0]:
-                    kernel.try_run(y, x, self._decode_slots, plan, self.rank)
+                    kernel.run(y, x, self._decode_slots, plan, self.rank)
                 if self._prompt_blocks.shape[0]:
-                    kernel.try_run_prompt(y, x, self._prompt_blocks, rows, plan, self.rank)
+                    kernel.run_prompt(y, x, self._prompt_blocks, plan, self.rank)
                 return y
-        lo = 0
-        for t, w in parts:
-            self._apply_torch(y[:, lo:lo + w], x, layer, t)
-            lo += w
+        for t, cols in target_columns(y, parts):
+            self._apply_torch(cols, x, layer, t)
         return y
 
     def _apply_torch(self, y: torch.Tensor, x: torch.Tensor, layer: int, target: str) -> torch.Tensor:

@@ -20,6 +20,15 @@ from server.model.config import TARGETS, ModelConfig
 from server.model.quant import make_linear, make_lm_head
 
 
+def target_columns(y: torch.Tensor, parts: tuple[tuple[str, int], ...]) -> list[tuple[str, torch.Tensor]]:
+    """(target, its column slice of y) for a fused projection's outputs, (target, width) in column order."""
+    out, lo = [], 0
+    for target, width in parts:
+        out.append((target, y[:, lo:lo + width]))
+        lo += width
+    return out
+
+
 class LoraHook:
     """What a linear needs to add LoRA deltas; implemented by server.lora.pool.LoraBatch."""
 
@@ -30,10 +39,8 @@ class LoraHook:
                     parts: tuple[tuple[str, int], ...]) -> torch.Tensor:
         """The targets of a fused projection at once (y: their outputs side by side, (target, width) in
         column order), so an implementation can read x once for all of them; by default one at a time."""
-        lo = 0
-        for target, width in parts:
-            self.apply(y[:, lo:lo + width], x, layer, target)
-            lo += width
+        for target, cols in target_columns(y, parts):
+            self.apply(cols, x, layer, target)
         return y
 
 

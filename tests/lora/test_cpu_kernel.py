@@ -97,11 +97,13 @@ def test_prompt_rows_match_the_reference_whatever_their_blocks(kernel, rank):
     prompt = [1] * 9 + [0] * 3 + [4] * 5 + [2] + [5] * 4
     x = torch.randn(decode_rows + len(prompt), k)
     y0 = torch.randn(decode_rows + len(prompt), sum(outs))
-    blocks, end = kernel.prompt_blocks(prompt, decode_rows)
-    assert end == x.shape[0] and blocks[:, 1].max() <= 4 and 0 not in blocks[:, 2].tolist()
+    # The step's segments; the last decode row shares slot 1 with the first prompt rows (one segment).
+    blocks = kernel.prompt_blocks(LoraSegments.from_token_slots([4, 1] + prompt), decode_rows)
+    assert int((blocks[:, 0] + blocks[:, 1]).max()) == x.shape[0] and int(blocks[:, 0].min()) == decode_rows
+    assert blocks[:, 1].max() <= 4 and 0 not in blocks[:, 2].tolist()
     kernel.check_slots(blocks[:, 2].contiguous(), rank, plan)
     y = y0.clone()
-    assert kernel.try_run_prompt(y, x, blocks, end, plan, rank)
+    assert kernel.try_run_prompt(y, x, blocks, plan, rank)
     want = y0.clone()
     seg = LoraSegments.from_token_slots(prompt)
     for (a, bt, sc), lo, o in zip(stacks, (0, outs[0]), outs):
@@ -112,10 +114,10 @@ def test_prompt_rows_match_the_reference_whatever_their_blocks(kernel, rank):
     assert torch.allclose(y, want, rtol=1e-5, atol=1e-4)
     for row in (decode_rows + 0, decode_rows + 8, decode_rows + 13):  # first of a run, the 9th of a run, a middle one
         alone = y0[row:row + 1].clone()
-        one, end1 = kernel.prompt_blocks([prompt[row - decode_rows]], 0)
-        assert kernel.try_run_prompt(alone, x[row:row + 1], one, end1, plan, rank)
+        one = kernel.prompt_blocks(LoraSegments.from_token_slots([prompt[row - decode_rows]]), 0)
+        assert kernel.try_run_prompt(alone, x[row:row + 1], one, plan, rank)
         assert torch.equal(alone, y[row:row + 1])
-    assert not kernel.try_run_prompt(y[:5], x, blocks, end, plan, rank)  # fewer rows than the blocks reach
+    assert not kernel.try_run_prompt(y[:5], x, blocks, plan, rank)  # fewer rows than the blocks reach
 
 
 @needs_cc
@@ -196,9 +198,8 @@ def test_engine_decodes_through_the_kernel_whatever_the_batch(tiny_dir, tiny_ada
     from tests.engine.engine_utils import make_engine, spec
 
     calls = []
-    real = cpu_kernel.CpuLoraKernel.try_run
-    monkeypatch.setattr(cpu_kernel.CpuLoraKernel, "try_run",
-                        lambda self, *a: real(self, *a) and (calls.append(a[3].count) or True))
+    real = cpu_kernel.CpuLoraKernel.run
+    monkeypatch.setattr(cpu_kernel.CpuLoraKernel, "run", lambda self, *a: calls.append(a[3].count) or real(self, *a))
     names = ["all_r8", "qv_r4", "mlp_rs", None]
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
 
