@@ -50,8 +50,8 @@ class EngineConfig:
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
     def resolve_lora_decode_dtype(self, device: torch.device) -> torch.dtype:
-        """bf16 copies of the slot stacks for CPU decode steps (server/lora/cpu_kernel.py) where the base is
-        quantized anyway; fp32 (no copies) with `none`, the PEFT-exact setting, and on CUDA."""
+        """bf16 copies of the slot stacks for the CPU kernels, decode and prompt rows (server/lora/cpu_kernel.py),
+        where the base is quantized anyway; fp32 (no copies) with `none`, the PEFT-exact setting, and on CUDA."""
         if self.lora_decode_dtype not in ("auto", "float32", "bfloat16"):
             raise InvalidRequestError("lora_decode_dtype", f"{self.lora_decode_dtype!r}: choose auto, float32 or "
                                       "bfloat16")
