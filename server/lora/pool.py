@@ -355,7 +355,7 @@ class LoraBatch:
     (`cpu_kernel.py`): decode rows (first in the batch) one token at a time, prompt rows in blocks
     of up to 4 tokens of one adapter; one call of each per group of targets that read the same x
     (q/k/v and gate/up of the fused projections) on plans the pool packed at start-up. A token's
-    numbers depend on its kind (decode or prompt), never on the rest of its batch. Otherwise,
+    LoRA arithmetic depends on its kind (decode or prompt), never on the rest of its batch. Otherwise,
     when the torch reference serves a step whose
     adapter tokens form a contiguous run (`torch_ref.contiguous_run`: every decode step of
     distinct adapters), each linear takes four ops on weight views the pool prepared for that

@@ -20,8 +20,8 @@ On CPU the int8 weight kernel costs time linear in the rows (about 35 us per row
 ~0.25 ms plus ~16 us per row: 512 rows 18.0 -> 8.8 ms, 8 rows 0.32 -> 0.88 ms. So prompt
 tokens (prefill) multiply int8 weights dequantized into a reused per-thread scratch, in
 fp32, and decode tokens go through the weight kernel, which halves the int8 model's
-prefill. The split is by token kind, not by batch size, so a token's numbers never depend
-on what else was in its batch: the caller says where the prompt rows start (`prompt_from`).
+prefill. The split is by token kind, not by batch size, so the kernel a token takes never
+depends on what else was in its batch: the caller says where the prompt rows start (`prompt_from`).
 """
 from __future__ import annotations
 
