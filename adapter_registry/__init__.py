@@ -1,8 +1,6 @@
 """Persistent, versioned, validated, tenant-scoped LoRA adapters (see registry.py)."""
 from .ids import AdapterRef, parse_adapter_id
 from .registry import AdapterInfo, AdapterVersionInfo, Registry
-from .tenants import OPEN_TENANT, Quotas, QuotaTracker, Tenant, TenantDirectory
 from .validate import RegistryLimits
 
-__all__ = ["Registry", "AdapterInfo", "AdapterVersionInfo", "RegistryLimits", "AdapterRef", "parse_adapter_id",
-           "TenantDirectory", "Tenant", "Quotas", "QuotaTracker", "OPEN_TENANT"]
+__all__ = ["Registry", "AdapterInfo", "AdapterVersionInfo", "RegistryLimits", "AdapterRef", "parse_adapter_id"]

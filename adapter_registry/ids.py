@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from server.errors import InvalidRequestError
+from server.core.errors import InvalidRequestError
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 MAX_VERSION = 2**31 - 1  # versions travel as int32 in the API

@@ -96,7 +96,7 @@ class Index:
         Quota checks run inside the same transaction, so two concurrent publishes cannot
         both slip under a limit (QuotaExceededError names the limit).
         """
-        from server.errors import QuotaExceededError  # local: keeps the module import light
+        from server.core.errors import QuotaExceededError  # local: keeps the module import light
 
         now = time.time()
         with self._lock:

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from server.engine.threads import ShortLivedThreads
-from server.engine.types import AdapterSpec
-from server.errors import (AdapterInUseError, AdapterLoadError, AdapterNotFoundError, AdapterRejectedError,
+from server.core.threads import ShortLivedThreads
+from server.core.identity import AdapterSpec
+from server.core.quotas import Quotas, QuotaSource
+from server.core.errors import (AdapterInUseError, AdapterLoadError, AdapterNotFoundError, AdapterRejectedError,
                            InvalidRequestError, PermissionDeniedError, QuotaExceededError, UnavailableError)
 from server.lora.weights import CONFIG_NAME, WEIGHTS_NAME, LoraWeights
 from server.model.config import ModelConfig
@@ -31,7 +32,6 @@ from .cache import HostCache
 from .ids import AdapterRef, check_name, check_tenant, parse_adapter_id
 from .index import Index, VersionRow
 from .store import ObjectStore, content_digest
-from .tenants import TenantDirectory
 from .validate import BIN_HINT, RegistryLimits, load_validated, validate_adapter
 
 log = logging.getLogger("loraserve.registry")
@@ -93,14 +93,14 @@ class Registry:
 
     def __init__(self, root: Path, model_config: ModelConfig, base_fingerprint: str, max_rank: int,
                  import_dirs: Sequence[Path] = (), host_cache_bytes: int = 2 << 30,
-                 limits: RegistryLimits = RegistryLimits(), tenants: Optional[TenantDirectory] = None):
+                 limits: RegistryLimits = RegistryLimits(), tenants: Optional[QuotaSource] = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.model_config = model_config
         self.base_fingerprint = base_fingerprint
         self.max_rank = int(max_rank)
         self.limits = limits
-        self.tenants = tenants or TenantDirectory.open()
+        self.tenants = tenants
         self.import_dirs = tuple(Path(d).resolve() for d in import_dirs)
         self._lock_fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -247,9 +247,7 @@ class Registry:
         return dict(metadata)
 
     def _quotas(self, tenant: str):
-        t = self.tenants.get(tenant)
-        from .tenants import Quotas
-        return t.quotas if t is not None else Quotas()
+        return self.tenants.quotas_of(tenant) if self.tenants is not None else Quotas()
 
     def _precheck_quota(self, tenant: str, name: str) -> None:
         """Refuse an over-quota upload before validating it (the index re-checks atomically)."""

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load as st_load
 
-from server.errors import AdapterRejectedError
+from server.core.errors import AdapterRejectedError
 from server.lora.weights import CONFIG_NAME, WEIGHTS_NAME, LoraWeights, check_config, weights_from_tensors
 from server.model.config import TARGET_MODULES, ModelConfig
 

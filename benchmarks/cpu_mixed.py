@@ -272,9 +272,10 @@ class System:
 def engine_systems(cfg: BenchConfig, quantize: str, prompts: list[list[int]], adapter_dirs: list[Path],
                    names: Sequence[str], closers: list[Callable[[], None]]) -> tuple[list[System], dict[str, Any]]:
     """One engine at `quantize`, serving the adapter system and/or its no-adapter twin."""
-    from server.engine.config import EngineConfig
+    from server.core.engine_config import EngineConfig
     from server.engine.engine import Engine
-    from server.engine.types import AdapterSpec, Request, SamplingParams
+    from server.core.identity import AdapterSpec
+    from server.engine.types import Request, SamplingParams
     from server.lora.weights import load_peft_adapter
 
     ecfg = EngineConfig(model=cfg.model, quantize=quantize, home=cfg.home, max_rank=max(cfg.rank, 16),
@@ -842,7 +843,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     """Make prompts and adapters here, measure each group of systems in a child process of its own
     (rounds interleaved across them), and return the JSON payload (also written to cfg.out when set)."""
     cfg.validate()
-    from server.engine.config import EngineConfig
+    from server.core.engine_config import EngineConfig
     from server.model.config import ModelConfig
     from server.model.loader import load_tokenizer, resolve_model
 

@@ -78,7 +78,7 @@ def _decode_itl(engine, specs, args, tag: str, during=None) -> tuple[list[float]
 
 
 def run_rank(args, model_dir: Path, device: torch.device, rank: int) -> dict:
-    from server.engine.config import EngineConfig
+    from server.core.engine_config import EngineConfig
     from server.engine.engine import Engine
 
     shape = SHAPES[args.shape]

@@ -266,7 +266,7 @@ def adapter_spec(path: Path, model_config, max_rank: int, key: Optional[str] = N
     """An AdapterSpec that loads a PEFT directory (the engine calls load off its loop thread)."""
     import functools
 
-    from server.engine.types import AdapterSpec
+    from server.core.identity import AdapterSpec
     from server.lora.weights import load_peft_adapter
 
     return AdapterSpec(key=key or str(path), adapter_id=Path(path).name, version=1,

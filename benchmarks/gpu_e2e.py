@@ -56,7 +56,7 @@ def _summarize(res: list[dict], new: int) -> dict:
 
 
 def run_loraserve(args, model_dir: Path, adapters: list[Path], device: torch.device, quantize: str) -> list[dict]:
-    from server.engine.config import EngineConfig
+    from server.core.engine_config import EngineConfig
     from server.engine.engine import Engine
     from server.engine.types import Request, SamplingParams
 

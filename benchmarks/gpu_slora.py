@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_one(args, model_dir: Path, adapters: list[Path], device: torch.device, n_adapters: int) -> dict:
-    from server.engine.config import EngineConfig
+    from server.core.engine_config import EngineConfig
     from server.engine.engine import Engine
     from server.engine.types import Request, SamplingParams
 

@@ -1,11 +1,12 @@
 """The `loraserve` command: serve, generate, adapters, trainer, bench.
 
 Each subcommand parses its own flags; `serve` gets one flag per config field from
-`server.config`, so a knob added there is a flag, an env var and a TOML key at once.
+`server.core.config`, so a knob added there is a flag, an env var and a TOML key at once.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -46,7 +47,7 @@ def setup_logging(level: str) -> None:
 
 # ---- serve -----------------------------------------------------------------------------------------
 def serve_main(argv: list[str]) -> int:
-    from server import config
+    from server.core import config
 
     p = argparse.ArgumentParser(prog="loraserve serve", description="Start the gRPC server. " + DESCRIPTION,
                                 epilog="Precedence: flags > LORASERVE_* environment > --config file > defaults.")
@@ -80,7 +81,7 @@ def _read_messages(path: str) -> list[dict[str, str]]:
 
 
 def generate_parser() -> argparse.ArgumentParser:
-    from server.admin_client import add_connection_flags
+    from server.client.admin import add_connection_flags
 
     p = argparse.ArgumentParser(prog="loraserve generate", description="Send one generate request to a server.")
     add_connection_flags(p)
@@ -107,7 +108,7 @@ def generate_main(argv: list[str]) -> int:
     import grpc
     from google.protobuf import json_format
 
-    from server.admin_client import metadata
+    from server.client.admin import metadata
     from server.api.gen.loraserve.v1 import inference_pb2 as pb
     from server.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -168,24 +169,19 @@ def _summary(resp: Any, seconds: float) -> None:
 
 # ---- delegations -----------------------------------------------------------------------------------
 def trainer_main(argv: list[str]) -> int:
-    try:
-        from trainer.cli import main as trainer_cli
-    except ModuleNotFoundError as e:
-        if e.name not in ("trainer.cli", "trainer"):
-            raise
-        print("loraserve trainer: the trainer is not installed in this build", file=sys.stderr)
-        return 2
-    return int(trainer_cli(argv) or 0)
+    # The trainer is a client of the server, never a dependency: loaded by name, only when asked for.
+    trainer_cli = importlib.import_module("trainer.cli")
+    return int(trainer_cli.main(argv) or 0)
 
 
 def adapters_main(argv: list[str]) -> int:
-    from server.admin_client import main
+    from server.client.admin import main
 
     return main(argv)
 
 
 def bench_main(argv: list[str]) -> int:
-    from server.loadgen import main
+    from server.client.loadgen import main
 
     return main(argv)
 

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Optional
 
-from server.errors import LoraServeError
+from server.core.errors import LoraServeError
 from server.model.config import TARGETS
 from trainer.train import TrainConfig, train
 

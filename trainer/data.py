@@ -20,7 +20,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
-from server.errors import LoraServeError
+from server.core.errors import LoraServeError
 
 IGNORE_INDEX = -100
 FORMATS = ("prompt_completion", "messages", "text")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
-from server.errors import LoraServeError
+from server.core.errors import LoraServeError
 from trainer.export import CONFIG_NAME, WEIGHTS_NAME, read_provenance
 
 CHUNK_BYTES = 1 << 20

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from server.errors import LoraServeError
+from server.core.errors import LoraServeError
 from server.model.config import TARGET_MODULES, TARGETS
 from trainer import export
 from trainer.data import IGNORE_INDEX, DataConfig, Dataset, collate, load_dataset

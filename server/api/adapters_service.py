@@ -2,7 +2,7 @@
 
 A thin translation between protos and `adapter_registry.Registry` plus the engine's
 device pool. Blocking work (validation, fsync, device copies) runs in short-lived worker
-threads (`server.engine.threads`: a long-lived thread that ran tensor ops would slow the
+threads (`server.core.threads`: a long-lived thread that ran tensor ops would slow the
 engine loop's) so the event loop keeps serving inference. The caller's tenant comes from `server.api.auth`;
 a request's `tenant` field is honoured for admins only.
 """
@@ -18,13 +18,14 @@ from typing import Any, Awaitable, Callable, Optional
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from adapter_registry import AdapterInfo, AdapterVersionInfo, Registry, TenantDirectory
+from adapter_registry import AdapterInfo, AdapterVersionInfo, Registry
+from server.api.tenants import TenantDirectory
 from server.api.auth import Caller, TenantResolver
 from server.api.errors import status_for
 from server.api.gen.loraserve.v1 import adapters_pb2 as pb
 from server.api.gen.loraserve.v1 import adapters_pb2_grpc as pb_grpc
-from server.engine.threads import ShortLivedThreads
-from server.errors import AdapterInUseError, InvalidRequestError, UnavailableError
+from server.core.threads import ShortLivedThreads
+from server.core.errors import AdapterInUseError, InvalidRequestError, UnavailableError
 
 log = logging.getLogger("loraserve.adapters")
 

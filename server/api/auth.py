@@ -24,9 +24,9 @@ from typing import Any, Awaitable, Callable, Optional
 import grpc
 
 from adapter_registry.ids import check_tenant
-from adapter_registry.tenants import OPEN_TENANT, QuotaTracker, Tenant, TenantDirectory
+from server.api.tenants import OPEN_TENANT, QuotaTracker, Tenant, TenantDirectory
 from server.api.errors import status_for
-from server.errors import AuthenticationError, InvalidRequestError, LoraServeError, PermissionDeniedError
+from server.core.errors import AuthenticationError, InvalidRequestError, LoraServeError, PermissionDeniedError
 
 log = logging.getLogger("loraserve.auth")
 

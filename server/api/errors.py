@@ -15,7 +15,7 @@ import uuid
 
 import grpc
 
-from server import errors as E
+from server.core import errors as E
 
 log = logging.getLogger("loraserve.api")
 

@@ -22,8 +22,9 @@ from server.api import translate
 from server.api.errors import status_for
 from server.api.gen.loraserve.v1 import inference_pb2 as pb
 from server.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
-from server.engine.types import AdapterSpec, Request
-from server.errors import InvalidRequestError, UnavailableError
+from server.core.identity import AdapterSpec
+from server.engine.types import Request
+from server.core.errors import InvalidRequestError, UnavailableError
 from server.metrics import ServerMetrics
 
 log = logging.getLogger("loraserve.requests")

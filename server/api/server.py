@@ -22,12 +22,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from adapter_registry import OPEN_TENANT, QuotaTracker, TenantDirectory
+from server.api.tenants import OPEN_TENANT, QuotaTracker, TenantDirectory
 from server.api.auth import TenantResolver
 from server.api.gen.loraserve.v1 import adapters_pb2, inference_pb2, inference_pb2_grpc
 from server.api.inference_service import InferenceServicer, ServingState
-from server.config import Config, parse_adapter_flags, startup_warnings
-from server.errors import UnavailableError
+from server.core.config import Config, parse_adapter_flags, startup_warnings
+from server.core.errors import UnavailableError
 from server.metrics import ServerMetrics
 
 log = logging.getLogger("loraserve.server")

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from server.api.gen.loraserve.v1 import inference_pb2 as pb
 from server.engine.types import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Delta, SamplingParams
-from server.errors import InvalidRequestError
+from server.core.errors import InvalidRequestError
 
 MAX_MESSAGES = 256
 MAX_PROMPT_CHARS = 1 << 20

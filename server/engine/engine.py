@@ -20,16 +20,16 @@ from typing import Any, Optional
 
 import torch
 
-from server.engine.config import EngineConfig
+from server.core.engine_config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_cache import BlockAllocator
 from server.engine.runner import ModelRunner
 from server.engine.sampler import make_generator, sample
 from server.engine.scheduler import FINISHED, Scheduler, Sequence
-from server.engine.threads import run_in_fresh_thread, use_compute_threads
-from server.engine.types import (FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, AdapterSpec, Delta, Request,
-                                 RequestStream, SamplingParams)
-from server.errors import CapacityError, InvalidRequestError, LoraServeError, UnavailableError
+from server.core.threads import run_in_fresh_thread, use_compute_threads
+from server.core.identity import AdapterSpec
+from server.engine.types import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Delta, Request, RequestStream, SamplingParams
+from server.core.errors import CapacityError, InvalidRequestError, LoraServeError, UnavailableError
 from server.lora.pool import AdapterPool
 from server.model.config import ModelConfig
 from server.model.llama import KVCache, LlamaForCausalLM
@@ -116,7 +116,7 @@ class Engine:
             return cls(model, tokenizer, cfg, model_dir)
 
         # Built (weights, KV cache, slot stacks) in a thread that then exits: no OpenMP pool may
-        # outlive it beside the engine loop's (server.engine.threads).
+        # outlive it beside the engine loop's (server.core.threads).
         return run_in_fresh_thread(build, threads=cfg.cpu_threads, name="loraserve-model-load")
 
     def _auto_kv_tokens(self) -> int:

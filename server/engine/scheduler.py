@@ -20,7 +20,7 @@ import torch
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_cache import BlockAllocator
 from server.engine.types import Request, RequestStream
-from server.errors import LoraServeError
+from server.core.errors import LoraServeError
 from server.lora.pool import AdapterPool
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"

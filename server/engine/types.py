@@ -10,12 +10,11 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator, Optional
+from typing import AsyncIterator, Callable, Iterator, Optional
 
-from server.errors import InvalidRequestError
+from server.core.errors import InvalidRequestError
+from server.core.identity import AdapterSpec
 
-if TYPE_CHECKING:
-    from server.lora.weights import LoraWeights
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -61,21 +60,6 @@ class SamplingParams:
             raise InvalidRequestError("stop", "at most 16 non-empty strings of at most 256 characters")
         if len(self.stop_token_ids) > 64:
             raise InvalidRequestError("stop_token_ids", "at most 64 ids")
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    """What the engine needs to serve one immutable adapter version.
-
-    `key` identifies the weights (a content digest): two specs with one key share
-    a device slot, and different keys never do. `load` returns host tensors and
-    may be slow (disk); the engine calls it off its own loop thread.
-    """
-
-    key: str
-    adapter_id: str
-    version: int
-    load: Callable[[], "LoraWeights"]
 
 
 @dataclass

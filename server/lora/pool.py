@@ -19,9 +19,9 @@ from typing import Optional
 
 import torch
 
-from server.engine.threads import ShortLivedThreads
-from server.engine.types import AdapterSpec
-from server.errors import AdapterInUseError, AdapterLoadError, AdapterRejectedError, CapacityError
+from server.core.threads import ShortLivedThreads
+from server.core.identity import AdapterSpec
+from server.core.errors import AdapterInUseError, AdapterLoadError, AdapterRejectedError, CapacityError
 from server.lora import cpu_kernel, ops, torch_ref
 from server.lora.segments import LoraSegments
 from server.lora.weights import LoraWeights

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import torch
 from safetensors import safe_open
 
-from server.errors import AdapterRejectedError
+from server.core.errors import AdapterRejectedError
 from server.model.config import MODULE_TARGETS, TARGET_MODULES, TARGETS, ModelConfig
 
 CONFIG_NAME = "adapter_config.json"

@@ -29,7 +29,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from server.errors import LoraServeError
+from server.core.errors import LoraServeError
 
 log = logging.getLogger(__name__)
 

@@ -193,9 +193,9 @@ class QuantLinear(nn.Module):
             self.kernel_dtype = dtype
         self.group_size = group_size if mode == "int4" else 0
         w = weight.detach().to(device=device, dtype=torch.float32)
-        # The fused kernels read K in whole vectors (the CPU int8 kernel crashes on K % 8 != 0,
-        # int4 needs whole groups): pad with zero columns, matched by zero-padded x.
-        align = 8 if mode == "int8" else group_size
+        # The fused kernels read K in whole vectors (torch 2.13's CPU int8 kernel crashes the process
+        # on K % 16 != 0; int4 needs whole groups): pad with zero columns, matched by zero-padded x.
+        align = 16 if mode == "int8" else group_size
         self.padded_in = -(-self.in_features // align) * align if self.kernel != "dequant" or mode == "int4" \
             else self.in_features
         if self.padded_in != self.in_features:

@@ -6,7 +6,7 @@ import logging
 import grpc
 import pytest
 
-from server import errors as E
+from server.core import errors as E
 from server.api.errors import status_for
 
 CASES = [

@@ -13,8 +13,9 @@ import pytest
 from server.api.gen.loraserve.v1 import inference_pb2 as pb
 from server.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
 from server.api.inference_service import InferenceServicer, ServingState
-from server.engine.types import AdapterSpec, Delta, RequestStream
-from server.errors import AdapterNotFoundError, CapacityError
+from server.core.identity import AdapterSpec
+from server.engine.types import Delta, RequestStream
+from server.core.errors import AdapterNotFoundError, CapacityError
 from server.metrics import ServerMetrics
 from tests.e2e.conftest import parse_metric
 from prometheus_client import generate_latest

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from adapter_registry.tenants import hash_key
+from server.api.tenants import hash_key
 from server.api.gen.loraserve.v1 import adapters_pb2 as pb
 from server.model.config import ModelConfig
 from tests.e2e.conftest import start_server

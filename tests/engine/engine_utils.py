@@ -4,9 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from server.engine.config import EngineConfig
+from server.core.engine_config import EngineConfig
 from server.engine.engine import Engine
-from server.engine.types import AdapterSpec
+from server.core.identity import AdapterSpec
 from server.lora.weights import load_peft_adapter
 from server.model.llama import LlamaForCausalLM
 from server.model.loader import load_tokenizer

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine.types import AdapterSpec, Request, SamplingParams
-from server.errors import AdapterLoadError, AdapterRejectedError, CapacityError, InvalidRequestError
+from server.core.identity import AdapterSpec
+from server.engine.types import Request, SamplingParams
+from server.core.errors import AdapterLoadError, AdapterRejectedError, CapacityError, InvalidRequestError
 from tests.engine.engine_utils import make_engine
 from tests.helpers import peft_greedy
 

@@ -176,8 +176,8 @@ def test_pool_keeps_bf16_decode_copies_in_step_with_the_fp32_stacks(tiny_config)
 
 
 def test_lora_decode_dtype_resolution():
-    from server.engine.config import EngineConfig
-    from server.errors import InvalidRequestError
+    from server.core.engine_config import EngineConfig
+    from server.core.errors import InvalidRequestError
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert EngineConfig(quantize="int8").resolve_lora_decode_dtype(cpu) == torch.bfloat16

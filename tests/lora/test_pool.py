@@ -7,8 +7,9 @@ import time
 import pytest
 import torch
 
-from server.engine.types import AdapterSpec, Request, SamplingParams
-from server.errors import AdapterInUseError, CapacityError
+from server.core.identity import AdapterSpec
+from server.engine.types import Request, SamplingParams
+from server.core.errors import AdapterInUseError, CapacityError
 from server.lora.pool import AdapterPool
 from server.lora.weights import load_peft_adapter
 from server.model.config import ModelConfig

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from server.errors import AdapterRejectedError
+from server.core.errors import AdapterRejectedError
 from server.lora.weights import load_peft_adapter
 from server.model.config import ModelConfig
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.errors import LoraServeError
+from server.core.errors import LoraServeError
 from server.model import loader
 from server.model.loader import (
     ModelLoadError, load_state_dict, load_tokenizer, model_fingerprint, resolve_model, weight_files,

@@ -9,15 +9,16 @@ import hashlib
 import grpc
 import pytest
 
-from adapter_registry import QuotaTracker, Registry, TenantDirectory
-from adapter_registry.tenants import hash_key
+from adapter_registry import Registry
+from server.api.tenants import QuotaTracker, TenantDirectory
+from server.api.tenants import hash_key
 from server.api.adapters_service import add_adapters_service
 from server.api.auth import AuthInterceptor, TenantResolver
 from server.api.gen.loraserve.v1 import adapters_pb2 as pb
 from server.api.gen.loraserve.v1 import adapters_pb2_grpc as pb_grpc
 from server.api.gen.loraserve.v1 import inference_pb2 as ipb
 from server.api.gen.loraserve.v1 import inference_pb2_grpc as ipb_grpc
-from server.errors import AdapterInUseError
+from server.core.errors import AdapterInUseError
 
 from .adapters import FINGERPRINT, TINY, make_adapter
 

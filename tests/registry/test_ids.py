@@ -1,7 +1,7 @@
 import pytest
 
 from adapter_registry.ids import AdapterRef, check_name, parse_adapter_id
-from server.errors import InvalidRequestError
+from server.core.errors import InvalidRequestError
 
 
 @pytest.mark.parametrize("good", ["a", "0", "my-adapter", "x.y_z-1", "a" * 64])

@@ -6,9 +6,10 @@ import threading
 import pytest
 import torch
 
-from adapter_registry import Registry, TenantDirectory
-from adapter_registry.tenants import hash_key
-from server.errors import (AdapterInUseError, AdapterLoadError, AdapterNotFoundError, AdapterRejectedError,
+from adapter_registry import Registry
+from server.api.tenants import TenantDirectory
+from server.api.tenants import hash_key
+from server.core.errors import (AdapterInUseError, AdapterLoadError, AdapterNotFoundError, AdapterRejectedError,
                            InvalidRequestError, PermissionDeniedError, QuotaExceededError, UnavailableError)
 from server.lora.weights import load_peft_adapter
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save
 
 from adapter_registry.validate import RegistryLimits, parse_header, validate_adapter
-from server.errors import AdapterRejectedError
+from server.core.errors import AdapterRejectedError
 
 from .adapters import TINY, make_adapter
 

@@ -1,4 +1,4 @@
-"""Helper threads that touch tensors must not outlive their work (server.engine.threads)."""
+"""Helper threads that touch tensors must not outlive their work (server.core.threads)."""
 from __future__ import annotations
 
 import threading
@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from server.engine.threads import ShortLivedThreads, run_in_fresh_thread, use_compute_threads
+from server.core.threads import ShortLivedThreads, run_in_fresh_thread, use_compute_threads
 
 
 def _wait_until(cond, timeout: float = 5.0) -> bool:

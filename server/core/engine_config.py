@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from server.errors import InvalidRequestError
+from server.core.errors import InvalidRequestError
 
 
 @dataclass

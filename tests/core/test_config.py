@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from server import config
-from server.errors import InvalidRequestError
+from server.core import config
+from server.core.errors import InvalidRequestError
 
 
 def parse(*argv: str) -> argparse.Namespace:

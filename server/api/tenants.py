@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from server.errors import AuthenticationError, InvalidRequestError, QuotaExceededError
+from server.core.quotas import Quotas
+from server.core.errors import AuthenticationError, InvalidRequestError, QuotaExceededError
 
-from .ids import check_tenant
+from adapter_registry.ids import check_tenant
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -43,14 +44,6 @@ _HASH_RE = re.compile(r"(?:sha256:)?([0-9a-f]{64})")
 _QUOTA_KEYS = ("max_adapters", "max_adapter_versions", "max_concurrent_requests", "max_tokens_per_minute")
 _HASH_HINT = ("store keys as sha256 hashes: python -c \"import hashlib,sys; "
               "print('sha256:' + hashlib.sha256(sys.argv[1].encode()).hexdigest())\" KEY")
-
-
-@dataclass(frozen=True)
-class Quotas:
-    max_adapters: Optional[int] = None
-    max_adapter_versions: Optional[int] = None
-    max_concurrent_requests: Optional[int] = None
-    max_tokens_per_minute: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +136,11 @@ class TenantDirectory:
         if name is None:
             raise AuthenticationError("invalid API key")
         return self.tenants[name]
+
+    def quotas_of(self, name: str) -> Quotas:
+        """The registry's view of a tenant: its storage quotas (none for an unknown name)."""
+        t = self.tenants.get(name)
+        return t.quotas if t is not None else Quotas()
 
     def get(self, name: str) -> Optional[Tenant]:
         return self.tenants.get(name)

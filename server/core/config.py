@@ -1,6 +1,6 @@
 """Every server knob in one place: defaults < `--config FILE.toml` < `LORASERVE_*` env < flags.
 
-The engine's knobs live in `server.engine.config.EngineConfig`; this module owns the
+The engine's knobs live in `server.core.engine_config.EngineConfig`; this module owns the
 server's and is the only place that reads the environment or the TOML file, so a
 value has exactly one way in per source and one precedence rule.
 
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from server.engine.config import EngineConfig
-from server.errors import InvalidRequestError
+from server.core.engine_config import EngineConfig
+from server.core.errors import InvalidRequestError
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -85,7 +85,7 @@ async def _one(stub, pb, req, md, timeout: float) -> Result:
 async def run(args: argparse.Namespace) -> Summary:
     import grpc
 
-    from server.admin_client import metadata
+    from server.client.admin import metadata
     from server.api.gen.loraserve.v1 import inference_pb2 as pb
     from server.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -132,7 +132,7 @@ async def run(args: argparse.Namespace) -> Summary:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from server.admin_client import add_connection_flags
+    from server.client.admin import add_connection_flags
 
     p = argparse.ArgumentParser(prog="loraserve bench", description=__doc__.splitlines()[0])
     add_connection_flags(p)

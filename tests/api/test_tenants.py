@@ -1,8 +1,8 @@
 """The tenants file and the live quota counters."""
 import pytest
 
-from adapter_registry.tenants import (OPEN_TENANT, QuotaTracker, Tenant, TenantDirectory, Quotas, hash_key)
-from server.errors import AuthenticationError, InvalidRequestError, QuotaExceededError
+from server.api.tenants import (OPEN_TENANT, QuotaTracker, Tenant, TenantDirectory, Quotas, hash_key)
+from server.core.errors import AuthenticationError, InvalidRequestError, QuotaExceededError
 
 GOOD = {"tenants": {
     "acme": {"api_keys": [hash_key("a1"), "sha256:" + hash_key("a2")], "max_adapters": 3},

@@ -1,0 +1,1 @@
+"""Clients of loraserve's own gRPC API: the admin client the CLI wraps and the load generator."""
