@@ -22,6 +22,7 @@ from adapter_registry import AdapterInfo, AdapterVersionInfo, Registry
 from server.api.tenants import TenantDirectory
 from server.api.auth import Caller, TenantResolver
 from server.api.errors import status_for
+from server.api.handlers import RpcLimiter, add_service
 from server.api.gen.loraserve.v1 import adapters_pb2 as pb
 from server.api.gen.loraserve.v1 import adapters_pb2_grpc as pb_grpc
 from server.core.threads import ShortLivedThreads
@@ -196,12 +197,13 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
 
 
 def add_adapters_service(server: grpc.aio.Server, registry: Any, engine: Any, cfg: Any = None,
-                         tenant_resolver: Optional[TenantResolver] = None) -> AdaptersServicer:
+                         tenant_resolver: Optional[TenantResolver] = None,
+                         limiter: Optional[RpcLimiter] = None) -> AdaptersServicer:
     """Bind the Adapters service; `registry` and `engine` may be lazy stand-ins set after start-up."""
     if tenant_resolver is None:
         tenants_file = getattr(getattr(cfg, "server", None), "tenants", "") if cfg is not None else ""
         tenant_resolver = TenantResolver(TenantDirectory.from_toml(Path(tenants_file)) if tenants_file else None)
     max_upload = getattr(getattr(cfg, "server", None), "max_upload_bytes", 512 << 20) if cfg is not None else 512 << 20
     servicer = AdaptersServicer(registry, engine, tenant_resolver, max_upload)
-    pb_grpc.add_AdaptersServicer_to_server(servicer, server)
+    add_service(server, servicer, pb.DESCRIPTOR.services_by_name["Adapters"], limiter)
     return servicer

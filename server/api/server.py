@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from server.api.tenants import OPEN_TENANT, QuotaTracker, TenantDirectory
 from server.api.auth import TenantResolver
-from server.api.gen.loraserve.v1 import adapters_pb2, inference_pb2, inference_pb2_grpc
+from server.api.gen.loraserve.v1 import adapters_pb2, inference_pb2
+from server.api.handlers import HEADROOM, RpcLimiter, add_service
 from server.api.inference_service import InferenceServicer, ServingState
 from server.core.config import Config, parse_adapter_flags, startup_warnings
 from server.core.errors import UnavailableError
@@ -94,15 +95,19 @@ class LoraServer:
                    ("grpc.max_send_message_length", s.max_response_bytes),
                    ("grpc.so_reuseport", 0)]
         interceptors = self._interceptors()
+        # Our limit answers with a message naming the knob; gRPC's, HEADROOM above it, keeps health checks answerable.
+        self.limiter = RpcLimiter(s.max_concurrent_rpcs)
         self.grpc = grpc.aio.server(options=options, interceptors=interceptors,
-                                    maximum_concurrent_rpcs=s.max_concurrent_rpcs)
-        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.state, self.metrics), self.grpc)
+                                    maximum_concurrent_rpcs=s.max_concurrent_rpcs + HEADROOM)
+        add_service(self.grpc, InferenceServicer(self.state, self.metrics), _service(inference_pb2, "Inference"),
+                    self.limiter)
         has_adapters = self._add_adapters_service()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        add_service(self.grpc, self.health, _service(health_pb2, "Health"))
         names = [INFERENCE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
         if has_adapters:
             names.append(ADAPTERS)
-        reflection.enable_server_reflection(names, self.grpc)
+        add_service(self.grpc, reflection.aio.ReflectionServicer(names), _service(reflection_pb2, "ServerReflection"),
+                    self.limiter)
         await self._set_health(NOT_SERVING)
         self.port = self.grpc.add_insecure_port(f"{_bracket(s.host)}:{s.port}")
         if self.port == 0:
@@ -225,7 +230,7 @@ class LoraServer:
             log.warning("Adapters service not available in this build: admin RPCs answer UNIMPLEMENTED")
             return False
         add_adapters_service(self.grpc, self.lazy_registry, self.lazy_engine, self.cfg,
-                             tenant_resolver=self.tenant_resolver)
+                             tenant_resolver=self.tenant_resolver, limiter=self.limiter)
         return True
 
     def _make_registry(self, engine: Any, fingerprint: str) -> Any:
@@ -251,6 +256,10 @@ class LoraServer:
         if engine.model_dir is None:
             return ""
         return model_fingerprint(Path(engine.model_dir), self.cfg.engine.resolve_home())
+
+
+def _service(module: Any, name: str) -> Any:
+    return module.DESCRIPTOR.services_by_name[name]
 
 
 def _bracket(host: str) -> str:
