@@ -66,7 +66,15 @@ class ServerMetrics:
                                      registry=r)
         self.generated_tokens = Counter("loraserve_generated_tokens", "Tokens generated (streamed to clients).",
                                         ["adapter"], registry=r)
+        self.auth_failures = Counter(
+            "loraserve_auth_failures", "Refused authentications by reason: missing_key, wrong_key, "
+            "permission_denied, unknown_tenant (never the key).", ["reason"], registry=r)
+        for reason in ("missing_key", "wrong_key", "permission_denied", "unknown_tenant"):
+            self.auth_failures.labels(reason)  # present at 0, so an alert can watch the rate from the start
         self._engine_collector: Optional[EngineCollector] = None
+
+    def count_auth_failure(self, reason: str) -> None:
+        self.auth_failures.labels(reason).inc()
 
     def attach(self, engine: Any, registry_stats: Optional[Callable[[], Any]] = None) -> None:
         """Start exporting engine (and registry) state; call once the engine exists."""

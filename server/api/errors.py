@@ -34,6 +34,14 @@ _CODES: tuple[tuple[type[E.LoraServeError], grpc.StatusCode], ...] = (
 )
 
 
+def code_for(exc: BaseException) -> grpc.StatusCode:
+    """The status code `status_for` gives `exc`, without logging anything (for audit lines and counters)."""
+    for cls, code in _CODES:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """(code, client-facing message) for any exception; unknown ones are logged with their traceback."""
     for cls, code in _CODES:

@@ -23,6 +23,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from server.api.tenants import OPEN_TENANT, QuotaTracker, TenantDirectory
+from server.api.audit import AuditRecord, audited
 from server.api.auth import TenantResolver
 from server.api.gen.loraserve.v1 import adapters_pb2, inference_pb2
 from server.api.handlers import HEADROOM, RpcLimiter, add_service
@@ -219,7 +220,8 @@ class LoraServer:
         from server.api.auth import AuthInterceptor
 
         log.info(json.dumps({"event": "auth", "tenants": len(self.tenants.tenants), "file": self.cfg.server.tenants}))
-        return [AuthInterceptor(self.tenants)]  # quotas stay with ServingState.admit (it knows prompt lengths)
+        # quotas stay with ServingState.admit (it knows prompt lengths)
+        return [AuthInterceptor(self.tenants, on_refused=self.metrics.count_auth_failure)]
 
     def _add_adapters_service(self) -> bool:
         try:
@@ -246,8 +248,11 @@ class LoraServer:
     def _register_startup_adapter(self, registry: Any, name: str, path: Path) -> None:
         """`--adapter NAME=PATH`: a new version unless the newest one already has these exact bytes."""
         tenant, _, name = name.rpartition("/")  # "tenant/name=PATH" registers for that tenant
-        info = registry.register_path(tenant or self.startup_tenant, name, path, {"source": "serve --adapter"},
-                                      allow_any_path=True, reuse_identical_latest=True)
+        record = AuditRecord("register", tenant=tenant or self.startup_tenant, caller="serve --adapter", adapter=name)
+        with audited(record):
+            info = registry.register_path(record.tenant, name, path, {"source": "serve --adapter"},
+                                          allow_any_path=True, reuse_identical_latest=True)
+            record.version, record.digest = info.version, info.digest
         log.info(json.dumps({"event": "adapter_registered", "adapter_id": info.adapter_id, "path": str(path)}))
 
     def _fingerprint(self, engine: Any) -> str:
