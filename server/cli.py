@@ -109,6 +109,7 @@ def generate_main(argv: list[str]) -> int:
     from google.protobuf import json_format
 
     from server.client.admin import metadata
+    from server.client.channel import ClientTls, open_channel
     from server.api.gen.loraserve.v1 import inference_pb2 as pb
     from server.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -129,7 +130,7 @@ def generate_main(argv: list[str]) -> int:
                                      for m in _read_messages(args.messages))
     md = metadata(args.api_key)
     t0 = time.perf_counter()
-    with grpc.insecure_channel(args.target) as channel:
+    with open_channel(args.target, ClientTls.from_args(args)) as channel:
         stub = pb_grpc.InferenceStub(channel)
         try:
             if args.stream:

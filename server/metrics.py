@@ -8,6 +8,8 @@ CollectorRegistry: tests and embedded uses never collide with the global one.
 """
 from __future__ import annotations
 
+import socket
+import ssl
 import threading
 from typing import Any, Callable, Iterable, Optional
 
@@ -82,10 +84,39 @@ class ServerMetrics:
             self._engine_collector = EngineCollector(engine, registry_stats)
             self.registry.register(self._engine_collector)
 
-    def serve_http(self, host: str, port: int) -> int:
-        """Serve /metrics on its own port and return the port actually bound."""
-        server, _thread = start_http_server(port, addr=host or "0.0.0.0", registry=self.registry)
+    def serve_http(self, host: str, port: int, ssl_context: Optional[ssl.SSLContext] = None) -> int:
+        """Serve /metrics on its own port and return the port actually bound (HTTPS with `ssl_context`)."""
+        if ssl_context is None:
+            server, _thread = start_http_server(port, addr=host or "0.0.0.0", registry=self.registry)
+        else:
+            server = _https_server(host or "0.0.0.0", port, self.registry, ssl_context)
         return int(server.server_port)
+
+
+def _https_server(host: str, port: int, registry: CollectorRegistry, ctx: ssl.SSLContext) -> Any:
+    """prometheus_client's WSGI server behind TLS, the socket wrapped before the first accept.
+
+    Handshakes run in the per-request thread, not in accept(): a client that stalls mid-handshake
+    cannot hold the listener up, and one that fails it (plaintext, wrong CA) is dropped quietly.
+    """
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            pass  # a refused handshake or a dropped connection is the client's business
+
+    httpd = make_server(host.strip("[]"), port, make_wsgi_app(registry), Server, handler_class=Quiet)
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True, do_handshake_on_connect=False)
+    threading.Thread(target=httpd.serve_forever, name="metrics-https", daemon=True).start()
+    return httpd
 
 
 def _get(obj: Any, *names: str, default: float = 0.0) -> float:

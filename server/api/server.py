@@ -28,8 +28,9 @@ from server.api.auth import TenantResolver
 from server.api.gen.loraserve.v1 import adapters_pb2, inference_pb2
 from server.api.handlers import HEADROOM, RpcLimiter, add_service
 from server.api.inference_service import InferenceServicer, ServingState
+from server.api.tls import ServerTls
 from server.core.config import Config, parse_adapter_flags, startup_warnings
-from server.core.errors import UnavailableError
+from server.core.errors import LoraServeError, UnavailableError
 from server.metrics import ServerMetrics
 
 log = logging.getLogger("loraserve.server")
@@ -75,6 +76,7 @@ class LoraServer:
         self.grpc: Optional[grpc.aio.Server] = None
         self.tenants = (TenantDirectory.from_toml(Path(cfg.server.tenants)) if cfg.server.tenants
                         else TenantDirectory.open())
+        self.tls = ServerTls.from_config(cfg.server)  # None: plaintext listeners
         self.quotas = QuotaTracker()
         self.state.admit = self._admit
         self.startup_tenant = OPEN_TENANT
@@ -110,14 +112,21 @@ class LoraServer:
         add_service(self.grpc, reflection.aio.ReflectionServicer(names), _service(reflection_pb2, "ServerReflection"),
                     self.limiter)
         await self._set_health(NOT_SERVING)
-        self.port = self.grpc.add_insecure_port(f"{_bracket(s.host)}:{s.port}")
+        address = f"{_bracket(s.host)}:{s.port}"
+        if self.tls is not None:
+            self.port = self.grpc.add_secure_port(address, self.tls.grpc_credentials())
+        else:
+            self.port = self.grpc.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind gRPC to {s.host}:{s.port}")
         await self.grpc.start()
         if s.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve_http(s.metrics_host or s.host, s.metrics_port)
+            metrics_ssl = self.tls.ssl_context() if self.tls is not None and s.metrics_tls else None
+            self.metrics_port = self.metrics.serve_http(s.metrics_host or s.host, s.metrics_port, metrics_ssl)
         log.info(json.dumps({"event": "listening", "host": s.host, "grpc_port": self.port,
-                             "metrics_port": self.metrics_port if s.metrics_port >= 0 else None}))
+                             "metrics_port": self.metrics_port if s.metrics_port >= 0 else None,
+                             "tls": self.tls.describe() if self.tls is not None else None,
+                             "metrics_tls": bool(self.tls is not None and s.metrics_tls)}))
 
     async def load(self) -> None:
         """Load the model off the event loop (health stays answerable), then go SERVING."""
@@ -168,6 +177,7 @@ class LoraServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
         await self.start()
         loader = asyncio.ensure_future(self.load())
         stopper = asyncio.ensure_future(self._stop.wait())
@@ -191,6 +201,20 @@ class LoraServer:
         self._stop.set()
         if self._signals >= 2:
             self._second.set()
+
+    def _on_reload(self) -> None:
+        """SIGHUP: re-read the TLS files; new handshakes use them, established connections carry on."""
+        if self.tls is None:
+            log.info(json.dumps({"event": "reload", "tls": None, "note": "no --tls-cert: nothing to reload"}))
+            return
+        try:
+            material = self.tls.reload()
+        except LoraServeError as e:
+            log.error(json.dumps({"event": "tls_reload_failed", "error": str(e),
+                                  "kept_fingerprint_sha256": self.tls.fingerprint}))
+            return
+        log.info(json.dumps({"event": "tls_reloaded", "fingerprint_sha256": material.fingerprint,
+                             "reloads": self.tls.reloads}))
 
     async def _second_signal(self) -> None:
         await self._second.wait()
@@ -289,4 +313,9 @@ async def _in_thread(fn: Any, *args: Any) -> Any:
 
 
 async def serve(cfg: Config) -> int:
-    return await LoraServer(cfg).run()
+    try:
+        server = LoraServer(cfg)
+    except LoraServeError as e:  # a bad tenants or certificate file: the operator's to fix, no traceback
+        log.error(json.dumps({"event": "start_failed", "error": str(e)}))
+        return 2
+    return await server.run()

@@ -83,9 +83,8 @@ async def _one(stub, pb, req, md, timeout: float) -> Result:
 
 
 async def run(args: argparse.Namespace) -> Summary:
-    import grpc
-
     from server.client.admin import metadata
+    from server.client.channel import ClientTls, open_aio_channel
     from server.api.gen.loraserve.v1 import inference_pb2 as pb
     from server.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -97,7 +96,7 @@ async def run(args: argparse.Namespace) -> Summary:
     md = metadata(args.api_key)
     sem = asyncio.Semaphore(args.concurrency)
     results: list[Result] = []
-    async with grpc.aio.insecure_channel(args.target) as channel:
+    async with open_aio_channel(args.target, ClientTls.from_args(args)) as channel:
         stub = pb_grpc.InferenceStub(channel)
 
         async def worker(i: int, delay: float) -> None:

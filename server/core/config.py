@@ -62,6 +62,13 @@ class ServerConfig:
     metrics_adapter_labels: int = field(default=32, metadata={
         "help": "distinct adapter label values in metrics before the rest count as 'other'"})
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
+    tls_cert: str = field(default="", metadata={
+        "help": "PEM certificate chain: serve gRPC (and the HTTP API) over TLS; re-read on SIGHUP"})
+    tls_key: str = field(default="", metadata={"help": "PEM private key of --tls-cert"})
+    tls_client_ca: str = field(default="", metadata={
+        "help": "PEM CA bundle for mutual TLS: clients must present a certificate it signed"})
+    metrics_tls: bool = field(default=False, metadata={
+        "help": "serve /metrics over TLS too (same certificate; client certificates with --tls-client-ca)"})
 
 
 @dataclass
@@ -250,6 +257,11 @@ def validate(cfg: Config) -> None:
                  "default_max_new_tokens"):
         if getattr(s, name) < 1:
             raise InvalidRequestError(name, f"is {getattr(s, name)}; must be >= 1")
+    if bool(s.tls_cert) != bool(s.tls_key):
+        raise InvalidRequestError("tls_cert", "--tls-cert and --tls-key go together; set both or neither")
+    for name in ("tls_client_ca", "metrics_tls"):
+        if getattr(s, name) and not s.tls_cert:
+            raise InvalidRequestError(name, "needs --tls-cert and --tls-key (TLS itself)")
     for spec in s.adapters:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
@@ -272,7 +284,11 @@ def is_loopback(host: str) -> bool:
 def startup_warnings(cfg: Config) -> list[str]:
     """What an operator should hear about before the first request."""
     out = []
-    if not cfg.server.tenants and not is_loopback(cfg.server.host):
-        out.append(f"listening on {cfg.server.host} without --tenants: anyone who can reach this port "
+    s = cfg.server
+    if not s.tenants and not is_loopback(s.host):
+        out.append(f"listening on {s.host} without --tenants: anyone who can reach this port "
                    "can generate and manage adapters (no authentication)")
+    if s.tenants and not s.tls_cert and not is_loopback(s.host):
+        out.append(f"INSECURE: --tenants on {s.host} without --tls-cert/--tls-key: API keys cross the network "
+                   "in clear text and anyone on the path can read and replay them; serve with TLS")
     return out
