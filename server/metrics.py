@@ -73,6 +73,9 @@ class ServerMetrics:
             "permission_denied, unknown_tenant (never the key).", ["reason"], registry=r)
         for reason in ("missing_key", "wrong_key", "permission_denied", "unknown_tenant"):
             self.auth_failures.labels(reason)  # present at 0, so an alert can watch the rate from the start
+        self.stalled_streams = Counter(
+            "loraserve_stalled_streams", "Streams aborted because the client read nothing for "
+            "--stalled-stream-timeout seconds (their KV blocks and slot were freed).", registry=r)
         self._engine_collector: Optional[EngineCollector] = None
 
     def count_auth_failure(self, reason: str) -> None:
@@ -152,6 +155,11 @@ class EngineCollector(Collector):
         }
         for name, (doc, keys) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=_get(s, *keys))
+        pool = getattr(self.engine, "pool", None)
+        if pool is not None and hasattr(pool, "resident"):
+            yield GaugeMetricFamily("loraserve_adapter_slots_in_use",
+                                    "Device slots held by running requests (a leaked pin shows here).",
+                                    value=sum(1 for slot in pool.resident() if getattr(slot, "refcount", 0)))
         counters = {
             "loraserve_adapter_loads": ("Adapter loads into device slots.", ("adapter_loads", "adapter_loads_total")),
             "loraserve_adapter_evictions": ("Adapters evicted from device slots.",

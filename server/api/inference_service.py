@@ -22,6 +22,7 @@ from server.api import translate
 from server.api.errors import status_for
 from server.api.gen.loraserve.v1 import inference_pb2 as pb
 from server.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
+from server.api.stalls import StallMonitor
 from server.core.identity import AdapterSpec
 from server.engine.types import Request
 from server.core.errors import InvalidRequestError, UnavailableError
@@ -47,6 +48,7 @@ class ServingState:
     tenant_of: Callable[[Any], str] = lambda context: "default"
     # Called around each generate with (tenant, prompt_tokens, max_new_tokens); returns a release callable.
     admit: Optional[Callable[[str, int, int], Callable[[int], None]]] = None
+    stalls: Optional[StallMonitor] = None  # aborts streams whose client stopped reading
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -73,6 +75,7 @@ class _Call:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.finish_reason = ""
+        self.logged = False
 
     def on_delta(self, d: Any) -> None:
         now = time.monotonic()
@@ -97,6 +100,9 @@ class _Call:
             self.completion_tokens = d.completion_tokens or self.completion_tokens
 
     def done(self, code: grpc.StatusCode, message: str = "") -> None:
+        if self.logged:  # a stalled stream is logged when it is aborted, not again when its generator closes
+            return
+        self.logged = True
         latency = time.monotonic() - self.start
         self.metrics.requests.labels(self.method, code.name).inc()
         self.metrics.adapter_requests.labels(self.metrics.adapter_label(self.adapter_id)).inc()
@@ -215,9 +221,38 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return translate.response(call.client_id, ids, "".join(texts), last)
 
     async def GenerateStream(self, request: pb.GenerateRequest, context: Any) -> AsyncIterator[pb.GenerateStreamResponse]:
-        async for call, delta in self._run("GenerateStream", request, context):
-            if delta.token_ids or delta.text or delta.finished:
-                yield translate.stream_chunk(call.client_id, delta)
+        current: list[_Call] = []
+        watch = self.state.stalls.watch(self._on_stall(context, current)) if self.state.stalls is not None else None
+        try:
+            async for call, delta in self._run("GenerateStream", request, context):
+                current[:] = [call]
+                if delta.token_ids or delta.text or delta.finished:
+                    chunk = translate.stream_chunk(call.client_id, delta)
+                    if watch is not None:
+                        watch.writing()  # gRPC's write of this chunk waits while the client's window is full
+                    yield chunk
+                    if watch is not None:
+                        watch.written()
+        finally:
+            if watch is not None:
+                self.state.stalls.forget(watch)
+
+    def _on_stall(self, context: Any, current: list[_Call]) -> Callable[[], None]:
+        """What the stall monitor does to this stream: log, end the RPC, cancel its task (whose done
+        callback aborts the engine request: KV blocks and the slot pin are freed at once)."""
+        task = asyncio.current_task()
+        timeout = self.state.stalls.timeout_s if self.state.stalls is not None else 0
+
+        def on_stall() -> None:
+            message = (f"stream stalled: the client read nothing for {timeout:g}s, so the request was "
+                       "aborted (--stalled-stream-timeout)")
+            if current:
+                current[0].done(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+            asyncio.ensure_future(_abort_quietly(context, grpc.StatusCode.RESOURCE_EXHAUSTED, message))
+            if task is not None:
+                task.cancel()
+
+        return on_stall
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: Any) -> pb.TokenizeResponse:
         try:
@@ -237,6 +272,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             code, message = status_for(e)
             await context.abort(code, message)
         return model_info(engine, self.state)
+
+
+async def _abort_quietly(context: Any, code: grpc.StatusCode, message: str) -> None:
+    """Queue the status for a client that may read it later (or never: then gRPC drops it with the connection)."""
+    try:
+        await context.abort(code, message)
+    except BaseException:  # noqa: BLE001 - AbortError is how abort returns; a closed call is fine too
+        pass
 
 
 def server_version() -> str:

@@ -28,6 +28,7 @@ from server.api.auth import TenantResolver
 from server.api.gen.loraserve.v1 import adapters_pb2, inference_pb2
 from server.api.handlers import HEADROOM, RpcLimiter, add_service
 from server.api.inference_service import InferenceServicer, ServingState
+from server.api.stalls import StallMonitor
 from server.api.tls import ServerTls
 from server.core.config import Config, parse_adapter_flags, startup_warnings
 from server.core.errors import LoraServeError, UnavailableError
@@ -68,6 +69,7 @@ class LoraServer:
         self.metrics = ServerMetrics(cfg.server.metrics_adapter_labels)
         self.state = ServingState(default_max_new_tokens=cfg.server.default_max_new_tokens,
                                   model_name=cfg.engine.model)
+        self.state.stalls = StallMonitor(cfg.server.stalled_stream_timeout, on_abort=self.metrics.stalled_streams.inc)
         self.health = HealthServicer()
         self.engine: Optional[Any] = None
         self.registry: Optional[Any] = None
@@ -120,6 +122,7 @@ class LoraServer:
         if self.port == 0:
             raise OSError(f"cannot bind gRPC to {s.host}:{s.port}")
         await self.grpc.start()
+        self.state.stalls.start()
         if s.metrics_port >= 0:
             metrics_ssl = self.tls.ssl_context() if self.tls is not None and s.metrics_tls else None
             self.metrics_port = self.metrics.serve_http(s.metrics_host or s.host, s.metrics_port, metrics_ssl)
@@ -163,6 +166,7 @@ class LoraServer:
             waiter.cancel()
             second.cancel()
         left = self.state.in_flight
+        await self.state.stalls.stop()
         if self.grpc is not None:
             await self.grpc.stop(0)  # cancels what is left: their cleanups abort the engine requests
         if self.engine is not None:

@@ -62,6 +62,9 @@ class ServerConfig:
     metrics_adapter_labels: int = field(default=32, metadata={
         "help": "distinct adapter label values in metrics before the rest count as 'other'"})
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
+    stalled_stream_timeout: float = field(default=30.0, metadata={
+        "help": "seconds a streamed response may wait on a client that reads nothing before its request is "
+                "aborted (KV blocks and adapter slot freed); 0 = wait forever"})
     tls_cert: str = field(default="", metadata={
         "help": "PEM certificate chain: serve gRPC (and the HTTP API) over TLS; re-read on SIGHUP"})
     tls_key: str = field(default="", metadata={"help": "PEM private key of --tls-cert"})
@@ -251,6 +254,9 @@ def validate(cfg: Config) -> None:
         v = getattr(s, name)
         if not lo <= v <= 65535:
             raise InvalidRequestError(name, f"is {v}; allowed range is [{lo}, 65535]")
+    if s.stalled_stream_timeout < 0:
+        raise InvalidRequestError("stalled_stream_timeout", f"is {s.stalled_stream_timeout}; must be >= 0 seconds "
+                                  "(0 = never abort)")
     if s.grace_period < 0:
         raise InvalidRequestError("grace_period", f"is {s.grace_period}; must be >= 0 seconds")
     for name in ("max_request_bytes", "max_response_bytes", "max_upload_bytes", "max_concurrent_rpcs",

@@ -25,7 +25,7 @@ from server.client.channel import ClientTls, open_channel
 from tests.certs import Issued, issue, make_ca
 from tests.e2e.conftest import start_server
 from tests.registry.adapters import make_adapter
-from tests.reliability.conftest import tiny_config  # noqa: F401 - fixture
+from tests.reliability.conftest import TINY_SERVER_ARGS, tiny_config  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -73,7 +73,7 @@ def pki(tmp_path_factory):
 def test_tls_end_to_end_refusals_and_sighup_rotation(tmp_path, tiny_dir, tiny_config, pki, capsys):
     tls_dir = tmp_path / "tls"  # this test rewrites its certificate files: its own copies
     cert, key = pki["server"].write(tls_dir, "server")
-    sp = start_server(tmp_path, "--model", str(tiny_dir), "--quantize", "none", "--tls-cert", str(cert),
+    sp = start_server(tmp_path, "--model", str(tiny_dir), *TINY_SERVER_ARGS, "--tls-cert", str(cert),
                       "--tls-key", str(key), "--metrics-tls", env={"LORASERVE_HOME": str(tmp_path / "home")})
     try:
         listening = next(r for r in sp.lines if r.get("event") == "listening")
@@ -144,7 +144,7 @@ def test_tls_end_to_end_refusals_and_sighup_rotation(tmp_path, tiny_dir, tiny_co
 
 
 def test_mutual_tls_refuses_clients_without_a_certificate_from_the_client_ca(tmp_path, tiny_dir, pki):
-    sp = start_server(tmp_path, "--model", str(tiny_dir), "--quantize", "none", "--tls-cert", str(pki["cert"]),
+    sp = start_server(tmp_path, "--model", str(tiny_dir), *TINY_SERVER_ARGS, "--tls-cert", str(pki["cert"]),
                       "--tls-key", str(pki["key"]), "--tls-client-ca", str(pki["client_ca_pem"]), "--metrics-tls",
                       env={"LORASERVE_HOME": str(tmp_path / "home")})
     try:

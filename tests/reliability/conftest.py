@@ -10,6 +10,11 @@ from server.model.config import ModelConfig
 from tests.registry.adapters import make_adapter
 
 
+# One engine thread in fp32: a 2-core machine shared with other work stays responsive (two OpenMP threads
+# spinning against other processes made a 16-token tiny request take seconds instead of ~80 ms).
+TINY_SERVER_ARGS = ("--quantize", "none", "--cpu-threads", "1", "--dtype", "float32")
+
+
 @pytest.fixture(scope="session")
 def tiny_config(tiny_dir: Path) -> ModelConfig:
     return ModelConfig.from_file(tiny_dir / "config.json")

@@ -19,7 +19,7 @@ from server.api.gen.loraserve.v1 import adapters_pb2 as apb
 from server.api.gen.loraserve.v1 import inference_pb2 as ipb
 from tests.e2e.conftest import start_server
 from tests.registry.client import Client, upload_requests
-from tests.reliability.conftest import adapter_bytes
+from tests.reliability.conftest import TINY_SERVER_ARGS, adapter_bytes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -34,7 +34,7 @@ INPUT_CODES = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.Status
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_dir, tiny_config):
     tmp = tmp_path_factory.mktemp("garbage")
-    sp = start_server(tmp, "--model", str(tiny_dir), "--quantize", "none", "--max-batch-size", "8",
+    sp = start_server(tmp, "--model", str(tiny_dir), *TINY_SERVER_ARGS, "--max-batch-size", "8",
                       env={"LORASERVE_HOME": str(tmp / "home")})
     c = Client(sp.target)
     cfg, weights = adapter_bytes(tiny_config, seed=1)
