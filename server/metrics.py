@@ -100,13 +100,16 @@ def _https_server(host: str, port: int, registry: CollectorRegistry, ctx: ssl.SS
     """prometheus_client's WSGI server behind TLS, the socket wrapped before the first accept.
 
     Handshakes run in the per-request thread, not in accept(): a client that stalls mid-handshake
-    cannot hold the listener up, and one that fails it (plaintext, wrong CA) is dropped quietly.
+    cannot hold the listener up (nor a thread for more than 30 s), and one that fails it (plaintext, wrong
+    CA) is dropped quietly.
     """
     from wsgiref.simple_server import WSGIRequestHandler, make_server
 
     from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 
     class Quiet(WSGIRequestHandler):
+        timeout = 30  # seconds a connection may sit mid-handshake or mid-request before it is dropped
+
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
