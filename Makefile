@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 HOST   ?= 127.0.0.1
 PORT   ?= 50051
 
-.PHONY: install serve test demo bench protos clean
+.PHONY: install serve test demo bench soak protos clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.cpu_mixed
+
+SOAK_S ?= 1200
+soak: $(STAMP)
+	$(PY) -m benchmarks.soak --duration $(SOAK_S) --output benchmarks/results/soak.json
 
 protos: $(STAMP)
 	$(PY) -m server.api.protogen
