@@ -1,11 +1,13 @@
 """The adapter registry: what the server resolves adapter ids through.
 
 Disk (content-addressed objects + SQLite index) -> host LRU (`HostCache`) -> device slots
-(the engine's pool, keyed by the same digest). `resolve` hands the engine an AdapterSpec
-whose `load` reads through the host tier; the engine calls it in a worker thread.
+(the engine's pool, keyed by the same digest). `resolve` turns an adapter id (parsed into
+an `AdapterSelector`) into the server's one adapter identity, `AdapterVersion`, whose
+`load` reads through the host tier; the engine calls it in a worker thread. Index rows
+(`VersionRow`) become AdapterVersions in one place, `_identity`.
 
 Deleting a version removes its index row at once (it can no longer be resolved), but its
-files stay until the last AdapterSpec handed out for it is gone, so requests that
+files stay until the last AdapterVersion handed out for it is gone, so requests that
 resolved it before the delete still finish on it.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from server.core.threads import ShortLivedThreads
-from server.core.identity import AdapterSpec
+from server.core.identity import AdapterVersion, version_ref
 from server.core.quotas import Quotas, QuotaSource
 from server.core.errors import (AdapterInUseError, AdapterLoadError, AdapterNotFoundError, AdapterRejectedError,
                            InvalidRequestError, PermissionDeniedError, QuotaExceededError, UnavailableError)
@@ -29,7 +31,7 @@ from server.lora.weights import CONFIG_NAME, WEIGHTS_NAME, LoraWeights
 from server.model.config import ModelConfig
 
 from .cache import HostCache
-from .ids import AdapterRef, check_name, check_tenant, parse_adapter_id
+from .ids import AdapterSelector, check_name, check_tenant, parse_adapter_id
 from .index import Index, VersionRow
 from .store import ObjectStore, content_digest
 from .validate import BIN_HINT, RegistryLimits, load_validated, validate_adapter
@@ -53,8 +55,9 @@ class AdapterVersionInfo:
     pinned: bool = False
 
     @property
-    def adapter_id(self) -> str:
-        return f"{self.name}@{self.version}"
+    def ref(self) -> str:
+        """`name@N` (as `AdapterVersion.ref`)."""
+        return version_ref(self.name, self.version)
 
 
 @dataclass(frozen=True)
@@ -77,15 +80,15 @@ class RegistryCounters:
 
 
 class _Loader:
-    """The `load` of an AdapterSpec. While one is alive its version's files are kept on disk."""
+    """The `load` of an AdapterVersion. While one is alive its version's files are kept on disk."""
 
-    def __init__(self, registry: "Registry", digest: str, adapter_id: str):
+    def __init__(self, registry: "Registry", digest: str, ref: str):
         self._registry = registry
         self.digest = digest
-        self.adapter_id = adapter_id
+        self.ref = ref
 
     def __call__(self) -> LoraWeights:
-        return self._registry._load_weights(self.digest, self.adapter_id)
+        return self._registry._load_weights(self.digest, self.ref)
 
 
 class Registry:
@@ -114,10 +117,10 @@ class Registry:
         self.counters = RegistryCounters()
         self._publish_lock = threading.RLock()   # store + index changes, so GC never races a publish
         self._state_lock = threading.RLock()    # the two dicts below
-        self._live: dict[str, int] = {}         # digest -> AdapterSpecs alive for it
+        self._live: dict[str, int] = {}         # digest -> AdapterVersions alive for it
         self._pins: set[tuple[str, str, int]] = set()
         # Removing files of deleted versions (fsync, rmtree) happens here, never in the thread that
-        # happened to drop the last AdapterSpec (often the engine's loop thread).
+        # happened to drop the last AdapterVersion (often the engine's loop thread).
         self._gc = ShortLivedThreads(1, "registry-gc")
         swept = self.store.sweep(self.index.all_digests())
         self.counters.startup_temp_removed = swept["temp"]
@@ -170,9 +173,10 @@ class Registry:
                 raise
         self.cache.put(digest, v.weights)
         self._count("registered")
-        log.info("registered %s/%s digest=%s rank=%d targets=%s", tenant, row.adapter_id, digest[:12],
+        info = self._info(row)
+        log.info("registered %s/%s digest=%s rank=%d targets=%s", tenant, info.ref, digest[:12],
                  v.rank, ",".join(v.targets))
-        return self._info(row)
+        return info
 
     def register_path(self, tenant: str, name: str, path: Path, metadata: Optional[Mapping[str, str]] = None,
                       *, allow_any_path: bool = False, reuse_identical_latest: bool = False) -> AdapterVersionInfo:
@@ -263,15 +267,15 @@ class Registry:
 
     # ---- lookup ------------------------------------------------------------------------------
 
-    def _row(self, tenant: str, adapter_id: str) -> tuple[AdapterRef, VersionRow]:
-        ref = parse_adapter_id(adapter_id)
+    def _row(self, tenant: str, adapter_id: str) -> tuple[AdapterSelector, VersionRow]:
+        sel = parse_adapter_id(adapter_id)
         check_tenant(tenant)
-        row = self.index.get_version(tenant, ref.name, ref.version)
+        row = self.index.get_version(tenant, sel.name, sel.version)
         if row is None:
             raise AdapterNotFoundError(adapter_id)  # same message for another tenant's adapter
-        return ref, row
+        return sel, row
 
-    def resolve(self, tenant: str, adapter_id: str) -> AdapterSpec:
+    def resolve(self, tenant: str, adapter_id: str) -> AdapterVersion:
         """The immutable version `adapter_id` names for `tenant` right now, ready for the engine."""
         _, row = self._row(tenant, adapter_id)
         if row.base_fingerprint != self.base_fingerprint:
@@ -279,18 +283,23 @@ class Registry:
                 f"adapter {adapter_id!r} was registered for base model {row.base_fingerprint[:16]}, "
                 f"but this server serves {self.base_fingerprint[:16]}; register it again for this base")
         self._count("resolves")
-        return AdapterSpec(key=row.digest, adapter_id=row.name, version=row.version,
-                           load=self._loader(row.digest, row.adapter_id))
+        return self._identity(row)
 
-    def _loader(self, digest: str, adapter_id: str) -> _Loader:
-        loader = _Loader(self, digest, adapter_id)
+    def _identity(self, row: VersionRow) -> AdapterVersion:
+        """The one place an index row becomes the shared identity (its loader keeps the files alive)."""
+        ref = version_ref(row.name, row.version)
+        return AdapterVersion(tenant=row.tenant, name=row.name, version=row.version, digest=row.digest,
+                              load=self._loader(row.digest, ref))
+
+    def _loader(self, digest: str, ref: str) -> _Loader:
+        loader = _Loader(self, digest, ref)
         with self._state_lock:
             self._live[digest] = self._live.get(digest, 0) + 1
         weakref.finalize(loader, self._release, digest)
         return loader
 
     def _release(self, digest: str) -> None:
-        """The last AdapterSpec of `digest` is gone (runs in whichever thread dropped it: keep it cheap)."""
+        """The last AdapterVersion of `digest` is gone (runs in whichever thread dropped it: keep it cheap)."""
         with self._state_lock:
             n = self._live.get(digest, 0) - 1
             if n > 0:
@@ -303,7 +312,7 @@ class Registry:
             pass  # closed: the next start-up sweep removes what no row points at
 
     def _maybe_remove_object(self, digest: str) -> None:
-        """Remove an object once no index row and no live AdapterSpec needs it."""
+        """Remove an object once no index row and no live AdapterVersion needs it."""
         with self._publish_lock:
             with self._state_lock:
                 if digest in self._live:
@@ -315,19 +324,19 @@ class Registry:
                 self.store.remove(digest)
                 self._count("objects_removed")
 
-    def _load_weights(self, digest: str, adapter_id: str) -> LoraWeights:
+    def _load_weights(self, digest: str, ref: str) -> LoraWeights:
         def from_disk() -> LoraWeights:
             try:
                 cfg, weights = self.store.read(digest)
             except OSError as e:
-                raise AdapterLoadError(f"adapter {adapter_id!r}: stored files are unreadable ({e})") from None
+                raise AdapterLoadError(f"adapter {ref!r}: stored files are unreadable ({e})") from None
             if content_digest(cfg, weights) != digest:
-                raise AdapterLoadError(f"adapter {adapter_id!r}: stored files do not match digest "
+                raise AdapterLoadError(f"adapter {ref!r}: stored files do not match digest "
                                        f"{digest[:16]} (disk corruption); register it again")
             try:
                 return load_validated(cfg, weights, self.model_config, self.max_rank, self.limits)
             except AdapterRejectedError as e:
-                raise AdapterLoadError(f"adapter {adapter_id!r}: {e}") from None
+                raise AdapterLoadError(f"adapter {ref!r}: {e}") from None
 
         return self.cache.get_or_load(digest, from_disk)
 
@@ -347,18 +356,18 @@ class Registry:
 
     def get(self, tenant: str, name: str) -> AdapterInfo:
         """All versions of `name`, or just one for `name@N` / `name@latest`."""
-        ref = parse_adapter_id(name)
+        sel = parse_adapter_id(name)
         check_tenant(tenant)
-        rows = self.index.versions(tenant, ref.name)
+        rows = self.index.versions(tenant, sel.name)
         if not rows:
             raise AdapterNotFoundError(name)
         latest = rows[-1].version
         if "@" in name:
-            want = latest if ref.version is None else ref.version
+            want = latest if sel.version is None else sel.version
             rows = [r for r in rows if r.version == want]
             if not rows:
                 raise AdapterNotFoundError(name)
-        return AdapterInfo(tenant, ref.name, latest, [self._info(r) for r in rows])
+        return AdapterInfo(tenant, sel.name, latest, [self._info(r) for r in rows])
 
     # ---- pins and delete ---------------------------------------------------------------------
 
@@ -385,25 +394,25 @@ class Registry:
         Refused with AdapterInUseError while a targeted version is pinned. Requests that
         already resolved a deleted version keep it until they finish. Returns the versions.
         """
-        ref = parse_adapter_id(adapter_id)
+        sel = parse_adapter_id(adapter_id)
         check_tenant(tenant)
         if "@" in adapter_id:
             _, row = self._row(tenant, adapter_id)
             rows = [row]
         else:
-            rows = self.index.versions(tenant, ref.name)
+            rows = self.index.versions(tenant, sel.name)
             if not rows:
                 raise AdapterNotFoundError(adapter_id)
         with self._state_lock:
-            pinned = [r.adapter_id for r in rows if (tenant, r.name, r.version) in self._pins]
+            pinned = [version_ref(r.name, r.version) for r in rows if (tenant, r.name, r.version) in self._pins]
         if pinned:
             raise AdapterInUseError(f"adapter {', '.join(pinned)} is pinned; unload (unpin) it before deleting")
         with self._publish_lock:
-            self.index.delete(tenant, ref.name, [r.version for r in rows])
+            self.index.delete(tenant, sel.name, [r.version for r in rows])
         for digest in {r.digest for r in rows}:
             self._maybe_remove_object(digest)
         self._count("deleted_versions", len(rows))
-        log.info("deleted %s/%s versions %s", tenant, ref.name, [r.version for r in rows])
+        log.info("deleted %s/%s versions %s", tenant, sel.name, [r.version for r in rows])
         return [r.version for r in rows]
 
     def _count(self, name: str, n: int = 1) -> None:

@@ -274,7 +274,7 @@ def engine_systems(cfg: BenchConfig, quantize: str, prompts: list[list[int]], ad
     """One engine at `quantize`, serving the adapter system and/or its no-adapter twin."""
     from server.core.engine_config import EngineConfig
     from server.engine.engine import Engine
-    from server.core.identity import AdapterSpec
+    from server.core.identity import AdapterVersion
     from server.engine.types import Request, SamplingParams
     from server.lora.weights import load_peft_adapter
 
@@ -285,9 +285,9 @@ def engine_systems(cfg: BenchConfig, quantize: str, prompts: list[list[int]], ad
     load_s = time.perf_counter() - t0
     engine.start()
     closers.append(engine.shutdown)
-    specs = [AdapterSpec(key=f"bench-{d.name}@1", adapter_id=d.name, version=1,
-                         load=functools.partial(load_peft_adapter, d, engine.model_config, ecfg.max_rank))
-             for d in adapter_dirs]
+    versions = [AdapterVersion(tenant="default", name=d.name, version=1, digest=f"bench-{d.name}",
+                               load=functools.partial(load_peft_adapter, d, engine.model_config, ecfg.max_rank))
+                for d in adapter_dirs]
     params = SamplingParams(max_new_tokens=cfg.new_tokens, temperature=0.0, ignore_eos=True)
     dtype = str(engine.dtype).replace("torch.", "")
     static = {**_model_facts(engine), "engine_load_s": load_s, "engine_config": asdict(ecfg)}
@@ -303,7 +303,7 @@ def engine_systems(cfg: BenchConfig, quantize: str, prompts: list[list[int]], ad
 
     def runner(lora: bool) -> Callable[[], tuple[RunTiming, list[list[int]]]]:
         def go() -> tuple[RunTiming, list[list[int]]]:
-            result = _engine_run(engine, lambda: [Request(list(p), params, specs[adapter_of(cfg, i)] if lora else None)
+            result = _engine_run(engine, lambda: [Request(list(p), params, versions[adapter_of(cfg, i)] if lora else None)
                                                   for i, p in enumerate(prompts)])
             if lora and not loads_after_warmup:  # the first adapter run is the warm-up that loads them
                 loads_after_warmup.append(engine.stats().adapter_loads)

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _decode_itl(engine, specs, args, tag: str, during=None) -> tuple[list[float], list[dict]]:
+def _decode_itl(engine, versions, args, tag: str, during=None) -> tuple[list[float], list[dict]]:
     """Run B requests; optionally start `during()` in a thread once every request has its first token."""
     from server.engine.types import Request, SamplingParams
 
@@ -59,7 +59,7 @@ def _decode_itl(engine, specs, args, tag: str, during=None) -> tuple[list[float]
 
     threads = []
     for i in range(args.batch):
-        req = Request(prompt_ids(args.prompt, vocab, seed=i), params, specs[i % len(specs)],
+        req = Request(prompt_ids(args.prompt, vocab, seed=i), params, versions[i % len(versions)],
                       request_id=f"{tag}-{i}")
         th = threading.Thread(target=consume, args=(i, engine.submit(req)), daemon=True)
         th.start()
@@ -92,8 +92,8 @@ def run_rank(args, model_dir: Path, device: torch.device, rank: int) -> dict:
     engine = Engine.from_config(cfg)
     engine.start()
     try:
-        specs = [common.adapter_spec(p, engine.model_config, rank) for p in paths]
-        running, cold = specs[:args.running_adapters], specs[args.running_adapters:]
+        versions = [common.local_adapter(p, engine.model_config, rank) for p in paths]
+        running, cold = versions[:args.running_adapters], versions[args.running_adapters:]
         for s in running:
             engine.pool.load(s)
         _decode_itl(engine, running, args, f"warm-r{rank}")
@@ -104,7 +104,7 @@ def run_rank(args, model_dir: Path, device: torch.device, rank: int) -> dict:
             for s in cold:
                 t0 = time.perf_counter()
                 engine.pool.load(s)
-                out.append({"adapter": s.adapter_id, "seconds": time.perf_counter() - t0})
+                out.append({"adapter": s.name, "seconds": time.perf_counter() - t0})
             return out
 
         loading, loads = _decode_itl(engine, running, args, f"loading-r{rank}", during=load_cold)

@@ -70,9 +70,9 @@ def run_loraserve(args, model_dir: Path, adapters: list[Path], device: torch.dev
     engine.start()
     rows = []
     try:
-        specs = [common.adapter_spec(p, engine.model_config, args.rank) for p in adapters]
+        versions = [common.local_adapter(p, engine.model_config, args.rank) for p in adapters]
         t0 = time.perf_counter()
-        for s in specs:
+        for s in versions:
             engine.pool.load(s)
         load_s = time.perf_counter() - t0
         params = SamplingParams(max_new_tokens=args.new, temperature=0.0, ignore_eos=True)
@@ -81,8 +81,8 @@ def run_loraserve(args, model_dir: Path, adapters: list[Path], device: torch.dev
         def reqs(B: int, mode: str, rep: int):
             out = []
             for i in range(B):
-                spec = None if mode == "base" else specs[0 if mode == "identical" else i % len(specs)]
-                out.append((0.0, Request(prompt_ids(args.prompt, vocab, seed=1000 * rep + i), params, spec,
+                adapter = None if mode == "base" else versions[0 if mode == "identical" else i % len(versions)]
+                out.append((0.0, Request(prompt_ids(args.prompt, vocab, seed=1000 * rep + i), params, adapter,
                                          request_id=f"{mode}-{B}-{rep}-{i}")))
             return out
 
@@ -96,7 +96,7 @@ def run_loraserve(args, model_dir: Path, adapters: list[Path], device: torch.dev
                     if best is None or s["tok_s"] > best["tok_s"]:
                         best = s
                 rows.append({"system": label, "quantize": quantize, "B": B,
-                             "adapters_in_batch": 0 if mode == "base" else (1 if mode == "identical" else min(B, len(specs))),
+                             "adapters_in_batch": 0 if mode == "base" else (1 if mode == "identical" else min(B, len(versions))),
                              "adapter_preload_s": load_s, **best})
     finally:
         engine.shutdown()

@@ -58,11 +58,11 @@ def run_one(args, model_dir: Path, adapters: list[Path], device: torch.device, n
     engine = Engine.from_config(cfg)
     engine.start()
     try:
-        specs = [common.adapter_spec(p, engine.model_config, args.rank) for p in adapters[:n_adapters]]
+        versions = [common.local_adapter(p, engine.model_config, args.rank) for p in adapters[:n_adapters]]
         vocab = engine.model_config.vocab_size
         reqs = [(r.arrival_s, Request(prompt_ids(r.prompt_len, vocab, seed=r.index),
                                       SamplingParams(max_new_tokens=r.output_len, ignore_eos=True),
-                                      specs[r.adapter], request_id=f"slora-{n_adapters}-{r.index}"))
+                                      versions[r.adapter], request_id=f"slora-{n_adapters}-{r.index}"))
                 for r in trace]
         common.run_requests(engine, [(0.0, Request(prompt_ids(8, vocab, seed=1), SamplingParams(max_new_tokens=2)))])
         before = engine.stats()

@@ -71,7 +71,7 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         return caller.act_for(requested)
 
     def _device(self) -> dict[str, Any]:
-        """key -> SlotInfo of what is on the device now ({} while the model loads)."""
+        """digest (the slot key) -> SlotInfo of what is on the device now ({} while the model loads)."""
         try:
             return {s.key: s for s in self.engine.pool.resident()}
         except UnavailableError:
@@ -137,30 +137,29 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
                 raise InvalidRequestError("chunk", "no adapter_model.safetensors bytes were sent")
             info = await self._blocking(self.registry.register_bytes, tenant, header.name,
                                            header.adapter_config_json.encode("utf-8"), bytes(chunks), metadata)
-        log.info("registered %s/%s (%d bytes)", tenant, info.adapter_id, info.size_bytes)
+        log.info("registered %s/%s (%d bytes)", tenant, info.ref, info.size_bytes)
         return pb.RegisterAdapterResponse(name=info.name, version=self._version_pb(info, self._device()),
-                                          adapter_id=info.adapter_id)
+                                          adapter_id=info.ref)
 
     @_rpc
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: Any) -> pb.LoadAdapterResponse:
         tenant = self._tenant(context, request.tenant)
-        spec = self.registry.resolve(tenant, request.adapter_id)
+        adapter = self.registry.resolve(tenant, request.adapter_id)
         t0 = time.perf_counter()
-        await self._blocking(self.engine.pool.load, spec, request.pin)
+        await self._blocking(self.engine.pool.load, adapter, request.pin)
         if request.pin:
-            self.registry.set_pinned(tenant, f"{spec.adapter_id}@{spec.version}", True)
-        return pb.LoadAdapterResponse(adapter_id=f"{spec.adapter_id}@{spec.version}", version=spec.version,
+            self.registry.set_pinned(tenant, adapter.ref, True)
+        return pb.LoadAdapterResponse(adapter_id=adapter.ref, version=adapter.version,
                                       pinned=request.pin, load_seconds=time.perf_counter() - t0)
 
     @_rpc
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: Any) -> pb.UnloadAdapterResponse:
         tenant = self._tenant(context, request.tenant)
-        spec = self.registry.resolve(tenant, request.adapter_id)
-        adapter_id = f"{spec.adapter_id}@{spec.version}"
-        self.registry.set_pinned(tenant, adapter_id, False)
-        self.engine.pool.unpin(spec.key)
-        was = bool(self.engine.pool.unload(spec.key))  # AdapterInUseError while requests run on it
-        return pb.UnloadAdapterResponse(adapter_id=adapter_id, was_on_device=was)
+        adapter = self.registry.resolve(tenant, request.adapter_id)
+        self.registry.set_pinned(tenant, adapter.ref, False)
+        self.engine.pool.unpin(adapter.digest)
+        was = bool(self.engine.pool.unload(adapter.digest))  # AdapterInUseError while requests run on it
+        return pb.UnloadAdapterResponse(adapter_id=adapter.ref, was_on_device=was)
 
     @_rpc
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context: Any) -> pb.ListAdaptersResponse:
@@ -181,7 +180,7 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         before = await self._blocking(self.registry.get, tenant, request.adapter_id)
         digests = {v.digest for v in before.versions}
         device = self._device()
-        pinned = [v.adapter_id for v in before.versions
+        pinned = [v.ref for v in before.versions
                   if v.pinned or (v.digest in device and device[v.digest].pinned)]
         if pinned:
             raise AdapterInUseError(f"adapter {', '.join(pinned)} is pinned; unload (unpin) it before deleting")

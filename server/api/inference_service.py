@@ -22,7 +22,7 @@ from server.api import translate
 from server.api.errors import status_for
 from server.api.gen.loraserve.v1 import inference_pb2 as pb
 from server.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
-from server.core.identity import AdapterSpec
+from server.core.identity import AdapterVersion
 from server.engine.types import Request
 from server.core.errors import InvalidRequestError, UnavailableError
 from server.metrics import ServerMetrics
@@ -37,7 +37,7 @@ class ServingState:
     """What the servicers share with the bootstrap: the engine once loaded, drain flag, in-flight count."""
 
     engine: Any = None
-    resolver: Any = None            # .resolve(tenant, adapter_id) -> AdapterSpec
+    resolver: Any = None            # .resolve(tenant, adapter_id) -> AdapterVersion
     model_name: str = ""
     model_fingerprint: str = ""
     default_max_new_tokens: int = 128
@@ -68,8 +68,7 @@ class _Call:
         self.start = time.monotonic()
         self.last_token: Optional[float] = None
         self.first_token: Optional[float] = None
-        self.adapter_id = ""
-        self.adapter_version = 0
+        self.adapter: Optional[AdapterVersion] = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.finish_reason = ""
@@ -88,25 +87,30 @@ class _Call:
                 self.metrics.itl.observe((now - since) / max(n, 1))
             self.last_token = now
             self.completion_tokens += n
-            self.metrics.generated_tokens.labels(self.metrics.adapter_label(self.adapter_id)).inc(n)
-        if d.adapter_id:
-            self.adapter_id, self.adapter_version = d.adapter_id, d.adapter_version
+            self.metrics.generated_tokens.labels(self.metrics.adapter_label(self.adapter_name)).inc(n)
+        if d.adapter is not None:
+            self.adapter = d.adapter
         if d.finished:
             self.finish_reason = d.finish_reason or ""
             self.prompt_tokens = d.prompt_tokens
             self.completion_tokens = d.completion_tokens or self.completion_tokens
 
+    @property
+    def adapter_name(self) -> str:
+        return self.adapter.name if self.adapter is not None else ""
+
     def done(self, code: grpc.StatusCode, message: str = "") -> None:
         latency = time.monotonic() - self.start
         self.metrics.requests.labels(self.method, code.name).inc()
-        self.metrics.adapter_requests.labels(self.metrics.adapter_label(self.adapter_id)).inc()
+        self.metrics.adapter_requests.labels(self.metrics.adapter_label(self.adapter_name)).inc()
         if code == grpc.StatusCode.OK:
             self.metrics.duration.observe(latency)
             self.metrics.prompt_tokens.inc(self.prompt_tokens)
         line = {"event": "request", "method": self.method, "request_id": self.client_id,
-                "engine_request_id": self.engine_id, "tenant": self.tenant, "adapter": self.adapter_id,
-                "adapter_version": self.adapter_version, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "finish_reason": self.finish_reason,
+                "engine_request_id": self.engine_id, "tenant": self.tenant, "adapter": self.adapter_name,
+                "adapter_version": self.adapter.version if self.adapter is not None else 0,
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "finish_reason": self.finish_reason,
                 "ttft_s": round(self.first_token - self.start, 6) if self.first_token else None,
                 "latency_s": round(latency, 6), "status": code.name}
         if message and code != grpc.StatusCode.OK:
@@ -129,7 +133,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         vocab = engine.model_config.vocab_size
         ids = translate.prompt_token_ids(req, engine.tokenizer, vocab)
         params = translate.sampling_params(req.params, self.state.default_max_new_tokens, vocab)
-        adapter: Optional[AdapterSpec] = None
+        adapter: Optional[AdapterVersion] = None
         if req.adapter_id:
             adapter = self.state.resolver.resolve(tenant, req.adapter_id)
         # Engine ids are always ours: client ids need not be unique, and one tenant's id never aborts another's.
@@ -173,8 +177,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             try:
                 request, client_id = self._prepare(req, context)
                 call.client_id, call.engine_id, call.tenant = client_id, request.request_id, request.tenant
-                if request.adapter is not None:
-                    call.adapter_id, call.adapter_version = request.adapter.adapter_id, request.adapter.version
+                call.adapter = request.adapter
                 call.prompt_tokens = len(request.prompt_token_ids)
                 if state.admit is not None:
                     release.append(state.admit(request.tenant, len(request.prompt_token_ids),

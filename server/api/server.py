@@ -243,7 +243,7 @@ class LoraServer:
         tenant, _, name = name.rpartition("/")  # "tenant/name=PATH" registers for that tenant
         info = registry.register_path(tenant or self.startup_tenant, name, path, {"source": "serve --adapter"},
                                       allow_any_path=True, reuse_identical_latest=True)
-        log.info(json.dumps({"event": "adapter_registered", "adapter_id": info.adapter_id, "path": str(path)}))
+        log.info(json.dumps({"event": "adapter_registered", "adapter_id": info.ref, "path": str(path)}))
 
     def _fingerprint(self, engine: Any) -> str:
         from server.model.loader import model_fingerprint

@@ -86,9 +86,16 @@ def finish_reason(reason: Optional[str]) -> int:
     return _FINISH.get(reason or "", pb.FINISH_REASON_UNSPECIFIED)
 
 
+def served_by(d: Delta) -> dict[str, Any]:
+    """The response fields naming the version that served a request: the bare name and its number
+    (both empty/0 for the base model)."""
+    a = d.adapter
+    return {"adapter_id": a.name, "adapter_version": a.version} if a is not None else {}
+
+
 def stream_chunk(request_id: str, d: Delta) -> pb.GenerateStreamResponse:
     chunk = pb.GenerateStreamResponse(request_id=request_id, text=d.text, token_ids=d.token_ids,
-                                      adapter_id=d.adapter_id, adapter_version=d.adapter_version)
+                                      **served_by(d))
     if d.finished:
         chunk.finish_reason = finish_reason(d.finish_reason)
         chunk.usage.prompt_tokens = d.prompt_tokens
@@ -100,4 +107,4 @@ def response(request_id: str, token_ids: list[int], text: str, last: Delta) -> p
     return pb.GenerateResponse(
         request_id=request_id, text=text, token_ids=token_ids, finish_reason=finish_reason(last.finish_reason),
         usage=pb.Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens),
-        adapter_id=last.adapter_id, adapter_version=last.adapter_version)
+        **served_by(last))

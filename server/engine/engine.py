@@ -27,7 +27,7 @@ from server.engine.runner import ModelRunner
 from server.engine.sampler import make_generator, sample
 from server.engine.scheduler import FINISHED, Scheduler, Sequence
 from server.core.threads import run_in_fresh_thread, use_compute_threads
-from server.core.identity import AdapterSpec
+from server.core.identity import AdapterVersion
 from server.engine.types import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Delta, Request, RequestStream, SamplingParams
 from server.core.errors import CapacityError, InvalidRequestError, LoraServeError, UnavailableError
 from server.lora.pool import AdapterPool
@@ -192,7 +192,7 @@ class Engine:
         self._wake.set()
 
     def generate(self, prompt_token_ids: list[int], params: Optional[SamplingParams] = None,
-                 adapter: Optional[AdapterSpec] = None, tenant: str = "default") -> Delta:
+                 adapter: Optional[AdapterVersion] = None, tenant: str = "default") -> Delta:
         """Blocking convenience: submit and collect one request."""
         return self.submit(Request(list(prompt_token_ids), params or SamplingParams(), adapter,
                                    tenant=tenant)).collect()
@@ -247,7 +247,7 @@ class Engine:
         for seq, err in plan.failed:
             self._fail(seq, err)
             if seq.request.adapter is not None:
-                self.pool.clear_failure(seq.request.adapter.key)
+                self.pool.clear_failure(seq.request.adapter.digest)
         if plan.empty:
             # Everything waits on adapter loads or memory: let workers progress.
             self._wake.wait(0.002)
@@ -290,9 +290,8 @@ class Engine:
 
     def _delta(self, seq: Sequence, ids: list[int], text: str, reason: Optional[str],
                error: Optional[BaseException] = None) -> Delta:
-        a = seq.request.adapter
         return Delta(seq.request_id, ids, text, reason, seq.num_prompt, seq.num_generated,
-                     a.adapter_id if a else "", a.version if a else 0, error)
+                     seq.request.adapter, error)
 
     def _finish(self, seq: Sequence, reason: str, text: str, ids: Optional[list[int]] = None,
                 error: Optional[BaseException] = None) -> None:

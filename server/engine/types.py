@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterator, Optional
 
 from server.core.errors import InvalidRequestError
-from server.core.identity import AdapterSpec
+from server.core.identity import AdapterVersion
 
 
 FINISH_STOP = "stop"
@@ -66,7 +66,7 @@ class SamplingParams:
 class Request:
     prompt_token_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
-    adapter: Optional[AdapterSpec] = None
+    adapter: Optional[AdapterVersion] = None  # None: the bare base model
     request_id: str = ""
     tenant: str = "default"
     arrival_time: float = field(default_factory=time.monotonic)
@@ -82,8 +82,7 @@ class Delta:
     finish_reason: Optional[str] = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    adapter_id: str = ""
-    adapter_version: int = 0
+    adapter: Optional[AdapterVersion] = None  # the version that served the request (None: the base)
     error: Optional[BaseException] = None
 
     @property
@@ -153,4 +152,4 @@ class RequestStream:
             last = d
         assert last is not None
         return Delta(last.request_id, ids, "".join(texts), last.finish_reason, last.prompt_tokens,
-                     last.completion_tokens, last.adapter_id, last.adapter_version)
+                     last.completion_tokens, last.adapter)

@@ -1,7 +1,7 @@
 """Adapter slots on the compute device: stacked, rank-padded A/B tensors per layer and target.
 
 Slot 0 is the bare base (all zeros, scale 0). Slots 1..N hold adapters keyed by
-`AdapterSpec.key` (a content digest). Lifetimes:
+`AdapterVersion.digest` (a content digest). Lifetimes:
   - a slot is *referenced* by every running sequence that uses it (refcount) and
     by an operator's pin; a referenced slot is never evicted or overwritten;
   - a slot is LOADING while a worker thread reads the adapter and copies it in;
@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from server.core.threads import ShortLivedThreads
-from server.core.identity import AdapterSpec
+from server.core.identity import AdapterVersion
 from server.core.errors import AdapterInUseError, AdapterLoadError, AdapterRejectedError, CapacityError
 from server.lora import cpu_kernel, ops, torch_ref
 from server.lora.segments import LoraSegments
@@ -140,18 +140,18 @@ class AdapterPool:
                    for t in layer.values())
 
     # ---- used by the engine thread -------------------------------------------------------------
-    def acquire(self, spec: AdapterSpec) -> Optional[int]:
+    def acquire(self, spec: AdapterVersion) -> Optional[int]:
         """Reference a READY slot holding `spec` for one sequence, starting a load if needed.
 
         Returns None while the adapter is loading or no slot can be freed yet; raises
         AdapterLoadError if its load failed (once per failure, to every caller that asks).
         """
         with self._lock:
-            err = self._failed.get(spec.key)
+            err = self._failed.get(spec.digest)
             if err is not None:
-                raise AdapterLoadError(f"adapter {spec.adapter_id!r} (version {spec.version}) could not be "
+                raise AdapterLoadError(f"adapter {spec.name!r} (version {spec.version}) could not be "
                                        f"loaded: {err}") from err
-            idx = self._by_key.get(spec.key)
+            idx = self._by_key.get(spec.digest)
             if idx is not None:
                 slot = self._slots[idx]
                 assert slot is not None
@@ -204,24 +204,24 @@ class AdapterPool:
         return LoraBatch(self, segs, rank, token_slots, decode_rows)
 
     # ---- used by operators (admin API) ---------------------------------------------------------
-    def load(self, spec: AdapterSpec, pin: bool = False, timeout: Optional[float] = None) -> int:
+    def load(self, spec: AdapterVersion, pin: bool = False, timeout: Optional[float] = None) -> int:
         """Bring an adapter onto the device now (blocking) and optionally pin it there."""
         with self._lock:
-            self._failed.pop(spec.key, None)
-            if spec.key not in self._by_key:
+            self._failed.pop(spec.digest, None)
+            if spec.digest not in self._by_key:
                 self._start_load(spec)
-            idx = self._by_key.get(spec.key)
+            idx = self._by_key.get(spec.digest)
             fut = self._slots[idx].future if idx is not None and self._slots[idx] else None
         if idx is None:
             raise CapacityError("every adapter slot is in use or pinned; unpin or unload one first")
         if fut is not None:
             fut.result(timeout=timeout)
         with self._lock:
-            err = self._failed.pop(spec.key, None)
+            err = self._failed.pop(spec.digest, None)
             if err is not None:
-                raise AdapterLoadError(f"adapter {spec.adapter_id!r} could not be loaded: {err}") from err
+                raise AdapterLoadError(f"adapter {spec.name!r} could not be loaded: {err}") from err
             slot = self._slots[idx]
-            assert slot is not None and slot.key == spec.key
+            assert slot is not None and slot.key == spec.digest
             if pin:
                 slot.pinned = True
             slot.last_used = time.monotonic()
@@ -256,16 +256,16 @@ class AdapterPool:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # ---- internals -----------------------------------------------------------------------------
-    def _start_load(self, spec: AdapterSpec) -> None:
+    def _start_load(self, spec: AdapterVersion) -> None:
         idx = self._free_slot()
         if idx is None:
             if all(s is not None and s.pinned for s in self._slots[1:]):
                 raise CapacityError("every adapter slot is pinned by an operator; unpin one to serve "
-                                    f"adapter {spec.adapter_id!r}")
+                                    f"adapter {spec.name!r}")
             return  # all slots referenced by running sequences: retry next step
-        slot = _Slot(spec.key, spec.adapter_id, spec.version, LOADING)
+        slot = _Slot(spec.digest, spec.name, spec.version, LOADING)
         self._slots[idx] = slot
-        self._by_key[spec.key] = idx
+        self._by_key[spec.digest] = idx
         slot.future = self._executor.submit(self._load_into, idx, spec)
 
     def _free_slot(self) -> Optional[int]:
@@ -287,7 +287,7 @@ class AdapterPool:
             self._by_key.pop(slot.key, None)
         self._slots[idx] = None
 
-    def _load_into(self, idx: int, spec: AdapterSpec) -> None:
+    def _load_into(self, idx: int, spec: AdapterVersion) -> None:
         t0 = time.perf_counter()
         try:
             weights = spec.load()
@@ -295,21 +295,21 @@ class AdapterPool:
                 raise AdapterRejectedError(f"rank {weights.rank} exceeds the server's max rank {self.max_rank}")
             self._copy(idx, weights)
         except BaseException as e:  # noqa: BLE001 (every failure must reach the waiting requests)
-            log.warning("loading adapter %s (version %s) failed: %s", spec.adapter_id, spec.version, e)
+            log.warning("loading adapter %s (version %s) failed: %s", spec.name, spec.version, e)
             with self._lock:
-                self._failed[spec.key] = e
+                self._failed[spec.digest] = e
                 self.stats.load_failures += 1
-                if self._by_key.get(spec.key) == idx:
+                if self._by_key.get(spec.digest) == idx:
                     self._free(idx)
             return
         with self._lock:
             slot = self._slots[idx]
-            if slot is not None and slot.key == spec.key:
+            if slot is not None and slot.key == spec.digest:
                 slot.state, slot.rank, slot.nbytes = READY, weights.rank, weights.nbytes
                 slot.last_used = time.monotonic()
             self.stats.loads += 1
             self.stats.load_seconds_total += time.perf_counter() - t0
-        log.info("adapter %s v%s loaded into slot %d in %.3fs", spec.adapter_id, spec.version, idx,
+        log.info("adapter %s v%s loaded into slot %d in %.3fs", spec.name, spec.version, idx,
                  time.perf_counter() - t0)
 
     def _copy(self, idx: int, w: LoraWeights) -> None:

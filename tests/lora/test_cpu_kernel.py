@@ -195,7 +195,7 @@ def test_engine_decodes_through_the_kernel_whatever_the_batch(tiny_dir, tiny_ada
     same tokens alone and batched with other adapters and the base, and greedy tokens stay close to the
     fp32 engine's (bf16 weights may move a near-tie now and then, never the whole output)."""
     from server.engine.types import Request, SamplingParams
-    from tests.engine.engine_utils import make_engine, spec
+    from tests.engine.engine_utils import local_adapter, make_engine
 
     calls = []
     real = cpu_kernel.CpuLoraKernel.run
@@ -205,7 +205,7 @@ def test_engine_decodes_through_the_kernel_whatever_the_batch(tiny_dir, tiny_ada
 
     def run(eng, which):
         streams = [eng.submit(Request([5 + i, 9, 17, 33, 2 * i + 40][: 3 + i], params,
-                                      spec(eng, n, tiny_adapters[n]) if n else None))
+                                      local_adapter(eng, n, tiny_adapters[n]) if n else None))
                    for i, n in enumerate(names) if i in which]
         return [s.collect().token_ids for s in streams]
 

@@ -7,13 +7,13 @@ import time
 import pytest
 import torch
 
-from server.core.identity import AdapterSpec
+from server.core.identity import AdapterVersion
 from server.engine.types import Request, SamplingParams
 from server.core.errors import AdapterInUseError, CapacityError
 from server.lora.pool import AdapterPool
 from server.lora.weights import load_peft_adapter
 from server.model.config import ModelConfig
-from tests.engine.engine_utils import make_engine, spec
+from tests.engine.engine_utils import make_engine
 
 
 @pytest.fixture(scope="module")
@@ -21,16 +21,16 @@ def mcfg(tiny_dir):
     return ModelConfig.from_file(tiny_dir / "config.json")
 
 
-def _spec(mcfg, name, path, delay=0.0):
+def _adapter(mcfg, name, path, delay=0.0):
     def load():
         time.sleep(delay)
         return load_peft_adapter(path, mcfg, 16)
-    return AdapterSpec(name, name, 1, load)
+    return AdapterVersion("default", name, 1, name, load)
 
 
 def test_lru_eviction_spares_referenced_and_pinned_slots(mcfg, tiny_adapters):
     pool = AdapterPool(mcfg, num_slots=2, max_rank=16, device=torch.device("cpu"), dtype=torch.float32)
-    a, b, c = (_spec(mcfg, n, tiny_adapters[n]) for n in ("all_r8", "qv_r4", "mlp_rs"))
+    a, b, c = (_adapter(mcfg, n, tiny_adapters[n]) for n in ("all_r8", "qv_r4", "mlp_rs"))
     pool.load(a)
     pool.load(b, pin=True)
     sa = pool.acquire(a)  # a running sequence holds a
@@ -55,7 +55,7 @@ def test_lru_eviction_spares_referenced_and_pinned_slots(mcfg, tiny_adapters):
 def test_slot_contents_are_exactly_the_adapter_zero_padded(mcfg, tiny_adapters):
     pool = AdapterPool(mcfg, num_slots=3, max_rank=16, device=torch.device("cpu"), dtype=torch.float32)
     w = load_peft_adapter(tiny_adapters["pattern"], mcfg, 16)
-    idx = pool.load(_spec(mcfg, "pattern", tiny_adapters["pattern"]))
+    idx = pool.load(_adapter(mcfg, "pattern", tiny_adapters["pattern"]))
     m = w.modules[(1, "down")]
     assert torch.equal(pool.a[1]["down"][idx, :m.rank], m.a)
     assert torch.all(pool.a[1]["down"][idx, m.rank:] == 0)
@@ -79,12 +79,12 @@ def test_cold_adapter_load_does_not_stall_running_decode(tiny_dir, tiny_adapters
         t.start()
         while len(stamps) < 5:
             time.sleep(0.005)
-        slow = _spec(eng.model_config, "slow", tiny_adapters["all_r8"], delay=1.0)
+        slow = _adapter(eng.model_config, "slow", tiny_adapters["all_r8"], delay=1.0)
         t0 = time.monotonic()
         cold = eng.submit(Request([6] * 12, SamplingParams(max_new_tokens=5, ignore_eos=True), slow))
         out = cold.collect()
         t1 = time.monotonic()
-        assert out.adapter_id == "slow" and len(out.token_ids) == 5
+        assert out.adapter.name == "slow" and len(out.token_ids) == 5
         during = [s for s in stamps if t0 + 0.1 < s < t0 + 0.9]
         assert len(during) >= 5, "decode of the running request stalled while the adapter loaded"
         assert t1 - t0 >= 1.0

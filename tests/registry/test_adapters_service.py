@@ -40,11 +40,11 @@ class FakePool:
         self.slots: dict[str, Slot] = {}
         self.loaded = []
 
-    def load(self, spec, pin=False, timeout=None):
-        w = spec.load()  # the registry's loader really runs (host tier, digest check)
+    def load(self, adapter, pin=False, timeout=None):
+        w = adapter.load()  # the registry's loader really runs (host tier, digest check)
         assert w.rank > 0
-        self.loaded.append((spec.adapter_id, spec.version))
-        slot = self.slots.setdefault(spec.key, Slot(spec.key))
+        self.loaded.append((adapter.name, adapter.version))
+        slot = self.slots.setdefault(adapter.digest, Slot(adapter.digest))
         slot.pinned = slot.pinned or pin
         return 1
 

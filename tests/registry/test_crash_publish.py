@@ -38,7 +38,7 @@ def _child(root: str, wfd: int, start: int) -> None:
             os.write(wfd, f"{name} {v.version} {v.digest}\n".encode())
             if i % 5 == 4:  # deletes are crash-tested too
                 os.write(wfd, f"willdel {name} {v.version}\n".encode())
-                gone = reg.delete("t", f"{name}@{v.version}")
+                gone = reg.delete("t", v.ref)
                 os.write(wfd, f"del {name} {gone[0]}\n".encode())
             i += 1
     finally:
@@ -62,11 +62,11 @@ def _check(root, acked: dict, deleted: set, maybe_deleted: set) -> dict:
         for n, v in extra:
             assert v == max((v2 for (n2, v2) in acked if n2 == n), default=0) + 1
             acked[(n, v)] = rows[(n, v)].digest  # committed: from now on it must survive like an acked one
-        for (name, version), info in rows.items():
+        for info in rows.values():
             assert info.digest in DIGESTS
             assert reg.store.exists(info.digest)
-            spec = reg.resolve("t", f"{name}@{version}")
-            assert spec.load().rank == info.rank           # loads, digest re-verified from disk
+            adapter = reg.resolve("t", info.ref)
+            assert adapter.load().rank == info.rank           # loads, digest re-verified from disk
         # nothing on disk that no row points at, no temp leftovers
         assert set(reg.store.digests()) == {i.digest for i in rows.values()}
         assert list(reg.store.tmp.iterdir()) == []

@@ -31,16 +31,29 @@ def test_register_resolve_and_versions(registry):
     assert (v1.version, v2.version) == (1, 2) and v1.digest != v2.digest
     assert v2.rank == 8 and v2.targets == ("gate", "down") and v1.metadata == {"data": "x"}
     latest = registry.resolve("t", "ad")
-    assert (latest.adapter_id, latest.version, latest.key) == ("ad", 2, v2.digest)
+    assert (latest.name, latest.version, latest.digest) == ("ad", 2, v2.digest)
     assert registry.resolve("t", "ad@latest").version == 2
     old = registry.resolve("t", "ad@1")
-    assert old.version == 1 and old.key == v1.digest
+    assert old.version == 1 and old.digest == v1.digest
     weights_equal(old.load(), registry._load_weights(v1.digest, "x"))
     assert old.load().rank == 4 and latest.load().rank == 8
     info = registry.get("t", "ad")
     assert info.latest_version == 2 and [v.version for v in info.versions] == [1, 2]
     assert [v.version for v in registry.get("t", "ad@1").versions] == [1]
     assert [a.name for a in registry.list("t")] == ["ad"]
+
+
+def test_resolve_gives_one_identity_from_request_to_slot(registry):
+    """What resolve hands on names the exact version (tenant, `name@N`, digest), whatever the id's form;
+    two versions with identical bytes keep their own names but share the digest, i.e. one device slot."""
+    c, w = make_adapter()
+    registry.register_bytes("t", "ad", c, w)
+    registry.register_bytes("t", "ad", c, w)
+    latest, first = registry.resolve("t", "ad"), registry.resolve("t", "ad@1")
+    assert (latest.tenant, latest.name, latest.version, latest.ref) == ("t", "ad", 2, "ad@2")
+    assert latest == registry.resolve("t", "ad@latest") == registry.resolve("t", latest.ref)
+    assert first.ref == "ad@1" and first != latest and first.digest == latest.digest
+    assert [v.ref for v in registry.get("t", "ad").versions] == ["ad@1", "ad@2"]
 
 
 def test_digest_covers_the_config(registry):
@@ -141,8 +154,8 @@ def test_persistence_and_single_writer(tmp_path):
         Registry(tmp_path / "r", TINY, FINGERPRINT, 16)
     reg.close()
     reg = Registry(tmp_path / "r", TINY, FINGERPRINT, 16)
-    spec = reg.resolve("t", "a")
-    assert spec.version == 1 and spec.load().rank == 4
+    adapter = reg.resolve("t", "a")
+    assert adapter.version == 1 and adapter.load().rank == 4
     assert reg.get("t", "a").versions[0].metadata == {"k": "v"}
     reg.close()
     # another base model: visible in list, refused at resolve time with the reason
@@ -276,10 +289,10 @@ def test_concurrent_misses_load_once(registry):
     c, w = make_adapter()
     v = registry.register_bytes("t", "a", c, w)
     registry.cache.discard(v.digest)
-    spec = registry.resolve("t", "a")
+    adapter = registry.resolve("t", "a")
     before = registry.stats()["disk_loads_total"]
     results = []
-    threads = [threading.Thread(target=lambda: results.append(spec.load())) for _ in range(6)]
+    threads = [threading.Thread(target=lambda: results.append(adapter.load())) for _ in range(6)]
     for t in threads:
         t.start()
     for t in threads:
