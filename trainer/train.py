@@ -423,11 +423,12 @@ class Trainer:
     def run(self) -> TrainResult:
         from peft import get_peft_model_state_dict
 
+        from server.core.paths import resolve_home
         from server.model.loader import load_tokenizer, model_fingerprint, resolve_model
 
         cfg, d = self.cfg, self.dist
         t_start = time.perf_counter()
-        home = Path(cfg.home) if cfg.home else None
+        home = resolve_home(cfg.home)
         model_dir = resolve_model(cfg.model, home)
         tokenizer = load_tokenizer(model_dir)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -24,12 +24,11 @@ from server.api.gen.loraserve.v1 import inference_pb2 as pb
 from server.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
 from server.core.identity import AdapterVersion
 from server.engine.types import Request
-from server.core.errors import InvalidRequestError, UnavailableError
+from server.core.errors import UnavailableError
+from server.core.limits import check_request_id
 from server.metrics import ServerMetrics
 
 log = logging.getLogger("loraserve.requests")
-
-MAX_REQUEST_ID = 128
 
 
 @dataclass
@@ -127,8 +126,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     def _prepare(self, req: pb.GenerateRequest, context: Any) -> tuple[Request, str]:
         engine = self.state.check_serving()
-        if len(req.request_id) > MAX_REQUEST_ID:
-            raise InvalidRequestError("request_id", f"has {len(req.request_id)} characters; at most {MAX_REQUEST_ID}")
+        check_request_id(req.request_id)
         tenant = self.state.tenant_of(context)
         vocab = engine.model_config.vocab_size
         ids = translate.prompt_token_ids(req, engine.tokenizer, vocab)

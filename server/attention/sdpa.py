@@ -3,7 +3,7 @@
 Prefilling sequences start at position 0 (preemption recomputes from scratch), so
 their attention needs only their own new tokens: one causal SDPA call each. Decoding
 sequences read their whole context from the paged cache: one batched, masked SDPA
-call for all of them. On CUDA, `server.attention.backend` may swap in xformers.
+call for all of them. On CUDA, `server.attention.xformers_probe` may swap in xformers.
 """
 from __future__ import annotations
 

@@ -30,6 +30,7 @@ from server.core.threads import run_in_fresh_thread, use_compute_threads
 from server.core.identity import AdapterVersion
 from server.engine.types import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Delta, Request, RequestStream, SamplingParams
 from server.core.errors import CapacityError, InvalidRequestError, LoraServeError, UnavailableError
+from server.core.limits import check_request_id
 from server.lora.pool import AdapterPool
 from server.model.config import ModelConfig
 from server.model.llama import KVCache, LlamaForCausalLM
@@ -83,7 +84,7 @@ class Engine:
             from server.attention.sdpa import set_prefill_backend
             from server.attention.xformers_probe import prefill_fn
 
-            set_prefill_backend(prefill_fn(self.device))
+            set_prefill_backend(prefill_fn(self.device, config.attention))
         self._inbox: "queue.SimpleQueue[tuple[str, Any]]" = queue.SimpleQueue()
         self._wake = threading.Event()
         self._lock = threading.Lock()
@@ -161,8 +162,7 @@ class Engine:
         if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in request.prompt_token_ids):
             raise InvalidRequestError("prompt_token_ids", f"every id must be in the allowed range [0, {vocab})")
         request.params.validate(len(request.prompt_token_ids), self.max_model_len)
-        if len(request.request_id) > 256:
-            raise InvalidRequestError("request_id", "at most 256 characters")
+        check_request_id(request.request_id)
 
     def submit(self, request: Request, loop: Optional[asyncio.AbstractEventLoop] = None) -> RequestStream:
         if not self._accepting:

@@ -155,9 +155,10 @@ def start_server(tmp_dir: Path, *args: str, env: Optional[dict[str, str]] = None
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
+    from server.core.paths import resolve_home
     from server.model.loader import resolve_model
 
-    return resolve_model("default")
+    return resolve_model("default", resolve_home())
 
 
 def make_peft_adapter(model_dir: Path, out: Path, r: int, targets: list[str], alpha: int, seed: int,
