@@ -18,8 +18,7 @@ from typing import Any, Awaitable, Callable, Optional
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from adapter_registry import AdapterInfo, AdapterVersionInfo, Registry
-from server.api.tenants import TenantDirectory
+from adapter_registry import AdapterInfo, AdapterVersionInfo
 from server.api.auth import Caller, TenantResolver
 from server.api.errors import status_for
 from server.api.gen.loraserve.v1 import adapters_pb2 as pb
@@ -28,16 +27,6 @@ from server.core.threads import ShortLivedThreads
 from server.core.errors import AdapterInUseError, InvalidRequestError, UnavailableError
 
 log = logging.getLogger("loraserve.adapters")
-
-
-def build_registry(cfg: Any, engine: Any, base_fingerprint: str) -> Registry:
-    """The registry a `loraserve serve` process uses, from its Config and loaded engine."""
-    s = cfg.server
-    root = Path(s.registry).expanduser() if s.registry else cfg.engine.resolve_home() / "registry"
-    tenants = TenantDirectory.from_toml(Path(s.tenants)) if s.tenants else None
-    return Registry(root, engine.model_config, base_fingerprint, cfg.engine.max_rank,
-                    import_dirs=[Path(d).expanduser() for d in s.import_dirs],
-                    host_cache_bytes=s.host_cache_bytes, tenants=tenants)
 
 
 def _rpc(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
