@@ -37,7 +37,7 @@ def build_registry(cfg: Any, engine: Any, base_fingerprint: str) -> Registry:
     tenants = TenantDirectory.from_toml(Path(s.tenants)) if s.tenants else None
     return Registry(root, engine.model_config, base_fingerprint, cfg.engine.max_rank,
                     import_dirs=[Path(d).expanduser() for d in s.import_dirs],
-                    host_cache_bytes=s.host_cache_bytes, tenants=tenants)
+                    host_cache_bytes=s.host_cache_bytes, tenants=tenants, is_pinned=engine.pool.is_pinned)
 
 
 def _rpc(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -85,8 +85,7 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         created.FromNanoseconds(int(v.created_at * 1e9))
         return pb.AdapterVersion(version=v.version, digest=v.digest, rank=v.rank, targets=list(v.targets),
                                  size_bytes=v.size_bytes, created=created, metadata=v.metadata, tier=tier,
-                                 pinned=v.pinned or bool(slot is not None and slot.pinned),
-                                 base_model_fingerprint=v.base_fingerprint)
+                                 pinned=v.pinned, base_model_fingerprint=v.base_fingerprint)
 
     def _info_pb(self, a: AdapterInfo, device: dict[str, Any]) -> pb.AdapterInfo:
         return pb.AdapterInfo(name=a.name, tenant=a.tenant, latest_version=a.latest_version,
@@ -146,9 +145,7 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         tenant = self._tenant(context, request.tenant)
         spec = self.registry.resolve(tenant, request.adapter_id)
         t0 = time.perf_counter()
-        await self._blocking(self.engine.pool.load, spec, request.pin)
-        if request.pin:
-            self.registry.set_pinned(tenant, f"{spec.adapter_id}@{spec.version}", True)
+        await self._blocking(self.engine.pool.load, spec, request.pin)  # the pool holds the pin
         return pb.LoadAdapterResponse(adapter_id=f"{spec.adapter_id}@{spec.version}", version=spec.version,
                                       pinned=request.pin, load_seconds=time.perf_counter() - t0)
 
@@ -157,7 +154,6 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         tenant = self._tenant(context, request.tenant)
         spec = self.registry.resolve(tenant, request.adapter_id)
         adapter_id = f"{spec.adapter_id}@{spec.version}"
-        self.registry.set_pinned(tenant, adapter_id, False)
         self.engine.pool.unpin(spec.key)
         was = bool(self.engine.pool.unload(spec.key))  # AdapterInUseError while requests run on it
         return pb.UnloadAdapterResponse(adapter_id=adapter_id, was_on_device=was)
@@ -180,11 +176,6 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         tenant = self._tenant(context, request.tenant)
         before = await self._blocking(self.registry.get, tenant, request.adapter_id)
         digests = {v.digest for v in before.versions}
-        device = self._device()
-        pinned = [v.adapter_id for v in before.versions
-                  if v.pinned or (v.digest in device and device[v.digest].pinned)]
-        if pinned:
-            raise AdapterInUseError(f"adapter {', '.join(pinned)} is pinned; unload (unpin) it before deleting")
         deleted = await self._blocking(self.registry.delete, tenant, request.adapter_id)
         for digest in digests:  # free device slots nobody can resolve any more (running ones finish first)
             if not self.registry.index.digest_referenced(digest):
