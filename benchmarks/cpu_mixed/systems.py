@@ -113,10 +113,10 @@ def engine_systems(cfg: BenchConfig, quantize: str, prompts: list[list[int]], ad
 
     def facts() -> dict[str, Any]:
         st = engine.stats()
-        out = {**static, "adapter_loads_total": st.adapter_loads, "adapter_evictions": st.adapter_evictions,
+        out = {**static, "adapter_loads_total": st.pool.loads, "adapter_evictions": st.pool.evictions,
                "engine_steps_total": st.steps, "preemptions": st.preemptions}
         if loads_after_warmup:
-            out["adapter_loads_during_timing"] = st.adapter_loads - loads_after_warmup[0]
+            out["adapter_loads_during_timing"] = st.pool.loads - loads_after_warmup[0]
         return out
 
     def runner(lora: bool) -> Callable[[], tuple[RunTiming, list[list[int]]]]:
@@ -125,7 +125,7 @@ def engine_systems(cfg: BenchConfig, quantize: str, prompts: list[list[int]], ad
                                                           versions[cfg.adapter_of(i)] if lora else None)
                                                   for i, p in enumerate(prompts)])
             if lora and not loads_after_warmup:  # the first adapter run is the warm-up that loads them
-                loads_after_warmup.append(engine.stats().adapter_loads)
+                loads_after_warmup.append(engine.stats().pool.loads)
             return result
         return go
 

@@ -129,7 +129,7 @@ class LoraServer:
         self.state.resolver = registry
         self.state.model_fingerprint = fingerprint
         self.state.engine = engine
-        self.metrics.attach(engine, getattr(registry, "stats", None))
+        self.metrics.attach(engine.stats, registry.stats)
         await self._set_health(SERVING)
         log.info(json.dumps({"event": "serving", "model": self.cfg.engine.model,
                              "fingerprint": self.state.model_fingerprint}))
@@ -229,7 +229,8 @@ class LoraServer:
         return Registry(root, engine.model_config, fingerprint, self.cfg.engine.max_rank,
                         import_dirs=[Path(d).expanduser() for d in s.import_dirs],
                         host_cache_bytes=s.host_cache_bytes,
-                        limits=RegistryLimits(max_weights_bytes=s.max_upload_bytes), tenants=self.tenants)
+                        limits=RegistryLimits(max_weights_bytes=s.max_upload_bytes), tenants=self.tenants,
+                        is_pinned=engine.pool.is_pinned)
 
     def _register_startup_adapter(self, registry: Any, name: str, path: Path) -> None:
         """`--adapter NAME=PATH`: a new version unless the newest one already has these exact bytes."""

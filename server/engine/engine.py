@@ -14,7 +14,6 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,6 +25,7 @@ from server.engine.kv_cache import BlockAllocator
 from server.engine.runner import ModelRunner
 from server.engine.sampler import make_generator, sample
 from server.engine.scheduler import FINISHED, Scheduler, Sequence
+from server.core.stats import EngineStats
 from server.core.threads import run_in_fresh_thread, use_compute_threads
 from server.core.identity import AdapterVersion
 from server.engine.types import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Delta, Request, RequestStream, SamplingParams
@@ -39,25 +39,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_TOKENS = 16384
 MAX_DEFAULT_CONTEXT = 8192
-
-
-@dataclass
-class EngineStats:
-    running: int
-    waiting: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    last_batch_size: int
-    steps: int
-    preemptions: int
-    adapters_on_device: int
-    adapter_slots_total: int
-    adapter_loads: int
-    adapter_load_failures: int
-    adapter_evictions: int
-    adapter_hits: int
-    adapter_misses: int
-    adapter_load_seconds_total: float
 
 
 class Engine:
@@ -198,16 +179,12 @@ class Engine:
                                    tenant=tenant)).collect()
 
     def stats(self) -> EngineStats:
-        ps = self.pool.stats
+        """A snapshot of the engine and its adapter pool (metrics read it at scrape time, from another thread)."""
         return EngineStats(
             running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
             kv_blocks_used=self.blocks.num_used, kv_blocks_total=self.blocks.num_blocks,
             last_batch_size=self._last_batch, steps=self._steps,
-            preemptions=self.scheduler.preemptions,
-            adapters_on_device=sum(1 for s in self.pool.resident() if s.state == "ready"),
-            adapter_slots_total=self.pool.num_slots, adapter_loads=ps.loads,
-            adapter_load_failures=ps.load_failures, adapter_evictions=ps.evictions, adapter_hits=ps.hits,
-            adapter_misses=ps.misses, adapter_load_seconds_total=ps.load_seconds_total)
+            preemptions=self.scheduler.preemptions, pool=self.pool.stats())
 
     @property
     def accepting(self) -> bool:

@@ -3,7 +3,9 @@
 Slot 0 is the bare base (all zeros, scale 0). Slots 1..N hold adapters keyed by
 `AdapterVersion.digest` (a content digest). Lifetimes:
   - a slot is *referenced* by every running sequence that uses it (refcount) and
-    by an operator's pin; a referenced slot is never evicted or overwritten;
+    by an operator's pin; a referenced slot is never evicted or overwritten.
+    The pool is the one owner of pins (keyed by digest, like the slots): the
+    registry asks `is_pinned` when it reports or deletes a version;
   - a slot is LOADING while a worker thread reads the adapter and copies it in;
     no sequence can reference it until it is READY, so the copy never races the batch;
   - eviction is LRU over unreferenced READY slots.
@@ -14,11 +16,12 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
 
+from server.core.stats import PoolStats, added
 from server.core.threads import ShortLivedThreads
 from server.core.identity import AdapterVersion
 from server.core.errors import AdapterInUseError, AdapterLoadError, AdapterRejectedError, CapacityError
@@ -58,18 +61,6 @@ class SlotInfo:
     pinned: bool
     refcount: int
     last_used: float
-
-
-@dataclass
-class PoolStats:
-    slots_total: int = 0
-    slots_used: int = 0
-    loads: int = 0
-    load_failures: int = 0
-    evictions: int = 0
-    hits: int = 0
-    misses: int = 0
-    load_seconds_total: float = 0.0
 
 
 # Targets whose base linears the model fuses (one input x, outputs side by side in this order).
@@ -132,7 +123,7 @@ class AdapterPool:
         self._lock = threading.RLock()
         self._executor = ShortLivedThreads(loader_threads, "lora-load")
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.stats = PoolStats(slots_total=num_slots)
+        self._stats = PoolStats(slots_total=num_slots)  # counters; slots_ready is filled in by stats()
 
     @property
     def nbytes(self) -> int:
@@ -159,9 +150,9 @@ class AdapterPool:
                     return None
                 slot.refcount += 1
                 slot.last_used = time.monotonic()
-                self.stats.hits += 1
+                self._stats = added(self._stats, hits=1)
                 return idx
-            self.stats.misses += 1
+            self._stats = added(self._stats, misses=1)
             self._start_load(spec)
             return None
 
@@ -233,6 +224,13 @@ class AdapterPool:
             if idx is not None and self._slots[idx] is not None:
                 self._slots[idx].pinned = False
 
+    def is_pinned(self, key: str) -> bool:
+        """Whether an operator pinned the adapter with this digest (what `GetAdapter` shows, what blocks a delete)."""
+        with self._lock:
+            idx = self._by_key.get(key)
+            slot = self._slots[idx] if idx is not None else None
+            return slot is not None and slot.pinned
+
     def unload(self, key: str) -> bool:
         """Free the slot holding `key`; refuses while running sequences use it."""
         with self._lock:
@@ -251,6 +249,11 @@ class AdapterPool:
         with self._lock:
             return [SlotInfo(s.key, s.adapter_id, s.version, i, s.state, s.rank, s.pinned, s.refcount, s.last_used)
                     for i, s in enumerate(self._slots) if s is not None]
+
+    def stats(self) -> PoolStats:
+        with self._lock:
+            ready = sum(1 for s in self._slots[1:] if s is not None and s.state == READY)
+            return replace(self._stats, slots_ready=ready)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -278,7 +281,7 @@ class AdapterPool:
             return None
         _, i = min(victims)
         self._free(i)
-        self.stats.evictions += 1
+        self._stats = added(self._stats, evictions=1)
         return i
 
     def _free(self, idx: int) -> None:
@@ -298,7 +301,7 @@ class AdapterPool:
             log.warning("loading adapter %s (version %s) failed: %s", spec.name, spec.version, e)
             with self._lock:
                 self._failed[spec.digest] = e
-                self.stats.load_failures += 1
+                self._stats = added(self._stats, load_failures=1)
                 if self._by_key.get(spec.digest) == idx:
                     self._free(idx)
             return
@@ -307,8 +310,7 @@ class AdapterPool:
             if slot is not None and slot.key == spec.digest:
                 slot.state, slot.rank, slot.nbytes = READY, weights.rank, weights.nbytes
                 slot.last_used = time.monotonic()
-            self.stats.loads += 1
-            self.stats.load_seconds_total += time.perf_counter() - t0
+            self._stats = added(self._stats, loads=1, load_seconds=time.perf_counter() - t0)
         log.info("adapter %s v%s loaded into slot %d in %.3fs", spec.name, spec.version, idx,
                  time.perf_counter() - t0)
 

@@ -33,6 +33,7 @@ def test_lru_eviction_spares_referenced_and_pinned_slots(mcfg, tiny_adapters):
     a, b, c = (_adapter(mcfg, n, tiny_adapters[n]) for n in ("all_r8", "qv_r4", "mlp_rs"))
     pool.load(a)
     pool.load(b, pin=True)
+    assert pool.is_pinned("qv_r4") and not pool.is_pinned("all_r8")
     sa = pool.acquire(a)  # a running sequence holds a
     assert sa is not None
     assert pool.acquire(c) is None  # both slots held: c waits, nothing is evicted
@@ -42,11 +43,12 @@ def test_lru_eviction_spares_referenced_and_pinned_slots(mcfg, tiny_adapters):
     pool.release(sa)
     pool.load(c)  # now a (unreferenced, unpinned, least recently used) goes
     assert {s.key for s in pool.resident()} == {"qv_r4", "mlp_rs"}
-    assert pool.stats.evictions == 1
+    assert pool.stats().evictions == 1
     pool.load(c, pin=True)  # both remaining slots pinned by an operator
     with pytest.raises(CapacityError, match="pinned"):
         pool.load(a)
     pool.unpin("qv_r4")
+    assert not pool.is_pinned("qv_r4")
     pool.load(a)  # the unpinned one is evicted
     assert {s.key for s in pool.resident()} == {"all_r8", "mlp_rs"}
     pool.shutdown()
