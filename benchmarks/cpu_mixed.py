@@ -251,9 +251,7 @@ def _model_facts(engine) -> dict[str, Any]:
 
 
 def _lora_backend(engine) -> str:
-    from server.lora import ops
-
-    return ops.backend_for(engine.device)
+    return engine.lora_backend.name
 
 
 @dataclass

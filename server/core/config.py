@@ -89,12 +89,16 @@ _ENGINE_HELP = {
     "cpu_threads": "intra-op threads of the engine loop on CPU (0 = torch's default, the physical cores)",
     "lora_decode_dtype": "auto | float32 | bfloat16: LoRA weights the CPU kernels read, decode and prompt rows (auto: "
                          "bf16 copies when the base is quantized, fp32 with --quantize none)",
+    "lora_backend": "auto | torch | cpu | triton: what computes the LoRA deltas (auto: triton on CUDA when it "
+                    "imports; on CPU the bf16 C kernel where --lora-decode-dtype resolves to bf16 and dtype is "
+                    "float32; the torch reference otherwise)",
 }
 _CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "quantize": ("none", "int8", "int4"),
     "lora_decode_dtype": ("auto", "float32", "bfloat16"),
+    "lora_backend": ("auto", "torch", "cpu", "triton"),
     "log_level": ("debug", "info", "warning", "error"),
 }
 

@@ -28,6 +28,7 @@ class EngineConfig:
     seed: int = 0                   # seed for requests that give none (mixed with the request id)
     cpu_threads: int = 0            # intra-op threads of the engine loop on CPU; 0 = torch's default
     lora_decode_dtype: str = "auto"  # auto | float32 | bfloat16: LoRA weights the CPU kernels read (every row)
+    lora_backend: str = "auto"      # auto | torch | cpu | triton: what computes LoRA deltas (server/lora/factory.py)
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
