@@ -3,8 +3,10 @@
 For B = 1..64 decode tokens (one per sequence, grouped by slot as the runner does)
 and Punica's adapter mixes, time `apply_lora` (shrink + expand) on each of the
 seven targets of a random-weight Llama shape and report microseconds per call,
-per target and summed over the layer. Each method is checked against the
-reference before it is timed.
+per target and summed over the layer. `triton_fused` times what the server's
+Triton backend runs: `apply_lora_fused` once per base projection (q/k/v, o,
+gate/up, down) on the pool's stacks, for every projection whose targets are all
+measured. Each method is checked against the reference before it is timed.
 
     python -m benchmarks.gpu_kernels --shape 1b --out results/gpu_kernels_1b.json
     python -m benchmarks.gpu_kernels --dry-run --out /tmp/k.json   # CPU, interpreter, tiny
@@ -19,9 +21,12 @@ from pathlib import Path
 import torch
 
 from benchmarks import gpu_common as common
+from benchmarks import lora_variants
 from benchmarks.roofline import ALL_TARGETS, SHAPES
 from benchmarks.workload import punica_mix
 from server.lora.segments import LoraSegments
+from server.lora.stacks import ProjectionStacks
+from server.model.config import PROJECTIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,9 +51,22 @@ def _methods(K, device: torch.device, dtype: torch.dtype, with_triton: bool):
         "triton_bgmv": lambda y, x, a, b, s, seg: K.apply_lora(y, x, a, b, s, seg, mode="bgmv"),
     }
     m["torch_ref"] = torch_ref.apply_lora
-    if K.grouped_mm_available(device, dtype):
-        m["grouped_mm"] = K.apply_lora_grouped_mm
+    if lora_variants.grouped_mm_available(device, dtype):
+        m["grouped_mm"] = lora_variants.apply_lora_grouped_mm
     return m
+
+
+def _projection_stacks(targets: tuple[str, ...], weights: dict, shape, rank: int, dtype: torch.dtype,
+                       device: torch.device) -> ProjectionStacks:
+    """The per-target weights laid out as the pool keeps one projection (server/lora/stacks.py)."""
+    n_slots = weights[targets[0]][0].shape[0]
+    stacks = ProjectionStacks.zeros(targets, tuple(shape.target_shape(t)[0] for t in targets),
+                                    shape.target_shape(targets[0])[1], n_slots, rank, dtype, device)
+    for g, t in enumerate(targets):
+        a, b, scale = weights[t]
+        for slot in range(n_slots):
+            stacks.write(slot, g, a[slot], b[slot], float(scale[slot]))
+    return stacks
 
 
 def _shrink_for_interpreter(args: argparse.Namespace) -> bool:
@@ -147,6 +165,38 @@ def _plot(args: argparse.Namespace, layer: dict, names: list[str], out) -> Path:
     return common.save_figure(fig, common.png_path(out))
 
 
+def _time_fused(args: argparse.Namespace, K, shape, methods: dict, weights: dict, device: torch.device,
+                dtype: torch.dtype, g: torch.Generator) -> tuple[list[dict], dict]:
+    """`triton_fused` rows: `apply_lora_fused` once per projection whose targets are all measured,
+    checked against the reference target by target; also returns the projections it covered."""
+    fused = {targets: K.FusedLora.of(_projection_stacks(targets, weights, shape, args.rank, dtype, device))
+             for targets in PROJECTIONS if all(t in args.targets for t in targets)}
+    rows = []
+    for mix in args.mixes:
+        for B in args.batch:
+            slots = sorted(s + 1 for s in punica_mix(mix, B, seed=args.seed))
+            seg = LoraSegments.from_sequences(slots, [args.prefill or 1] * B, device)
+            T = seg.num_tokens
+            for targets, fl in fused.items():
+                x = torch.randn(T, fl.stacks.a.shape[2], device=device, generator=g).to(dtype)
+                y0 = torch.randn(T, sum(fl.stacks.widths), device=device, generator=g).to(dtype)
+                want, lo = y0.clone().float(), 0
+                for t in targets:
+                    a, b, scale = weights[t]
+                    hi = lo + b.shape[1]
+                    want[:, lo:hi] = methods["torch_ref"](want[:, lo:hi].clone(), x.float(), a.float(),
+                                                          b.float(), scale, seg)
+                    lo = hi
+                got = K.apply_lora_fused(y0.clone(), x, fl, seg)
+                err = float((got.float() - want).abs().max() / want.abs().max())
+                y = y0.clone()
+                us = common.bench_us(lambda: K.apply_lora_fused(y, x, fl, seg), device,
+                                     warmup=min(5, args.iters - 1), iters=args.iters)
+                rows.append({"mix": mix, "B": B, "tokens": T, "target": "+".join(targets), "method": "triton_fused",
+                             "adapters": len(set(slots)), "us": us, "rel_err": err, "mode": K.pick_mode(seg)})
+    return rows, fused
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = common.resolve_args(args)
@@ -159,8 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     methods = _methods(K, device, dtype, with_triton=device.type == "cuda" or can_interpret)
     weights = _random_weights(args, shape, max(args.batch) + 1, device, dtype, g)
     rows = _time_methods(args, K, shape, methods, weights, device, dtype, g)
+    fused: dict = {}
+    if "triton" in methods:
+        fused_rows, fused = _time_fused(args, K, shape, methods, weights, device, dtype, g)
+        rows += fused_rows
     layer = _per_layer(rows)
-    names = list(methods)
+    # The fused method's layer sum compares with the others only when its projections cover every target.
+    covers_all = {t for targets in fused for t in targets} == set(args.targets)
+    names = list(methods) + (["triton_fused"] if fused and covers_all else [])
     _print_layer_table(args, layer, names, shape, dtype)
     worst = max(r["rel_err"] for r in rows)
     print(f"max relative error vs reference over all runs: {worst:.2e}")

@@ -76,13 +76,7 @@ def _model_facts(engine) -> dict[str, Any]:
                for name, mod in m.layers[0].named_children()}
     nbytes = sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
     return {"base_linears": linears, "model_bytes": nbytes, "lora_pool_bytes": engine.pool.nbytes,
-            "lora_backend": _lora_backend(engine)}
-
-
-def _lora_backend(engine) -> str:
-    from server.lora import ops
-
-    return ops.backend_for(engine.device)
+            "lora_backend": engine.lora_backend.name}
 
 
 def engine_systems(cfg: BenchConfig, quantize: str, prompts: list[list[int]], adapter_dirs: list[Path],

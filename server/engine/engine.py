@@ -31,7 +31,7 @@ from server.core.identity import AdapterVersion
 from server.engine.types import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Delta, Request, RequestStream, SamplingParams
 from server.core.errors import CapacityError, InvalidRequestError, LoraServeError, UnavailableError
 from server.core.limits import check_request_id
-from server.lora.pool import AdapterPool
+from server.lora.factory import build_lora_backend
 from server.model.config import ModelConfig
 from server.model.llama import KVCache, LlamaForCausalLM
 
@@ -55,11 +55,10 @@ class Engine:
                                  model.max_len, kv_tokens)
         self.blocks = BlockAllocator(-(-kv_tokens // bs), bs)
         self.kv = KVCache.allocate(self.model_config, self.blocks.num_blocks, bs, self.dtype, self.device)
-        self.pool = AdapterPool(self.model_config, config.max_adapters_on_device, config.max_rank,
-                                self.device, self.dtype,
-                                decode_dtype=config.resolve_lora_decode_dtype(self.device))
+        self.lora_backend = build_lora_backend(config, self.model_config, self.device, self.dtype)
+        self.pool = self.lora_backend.pool
         self.scheduler = Scheduler(self.blocks, self.pool, config.max_batch_size, config.max_batch_tokens)
-        self.runner = ModelRunner(model, self.kv, self.blocks, self.pool)
+        self.runner = ModelRunner(model, self.kv, self.blocks, self.lora_backend)
         self.eos_ids = self._eos_ids()
         if self.device.type == "cuda":
             from server.attention.sdpa import set_prefill_backend
