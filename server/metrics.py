@@ -105,7 +105,8 @@ class EngineCollector(Collector):
             "loraserve_requests_running": ("Requests in the running batch.", ("running",)),
             "loraserve_requests_waiting": ("Requests queued for admission.", ("waiting",)),
             "loraserve_kv_blocks_used": ("Paged KV-cache blocks in use.", ("kv_blocks_used",)),
-            "loraserve_kv_blocks_total": ("Paged KV-cache blocks in all.", ("kv_blocks_total",)),
+            # Was loraserve_kv_blocks_total: a gauge must not wear a counter's suffix (promtool).
+            "loraserve_kv_blocks_capacity": ("Paged KV-cache blocks in all.", ("kv_blocks_total",)),
             "loraserve_batch_size": ("Sequences in the most recent engine step.", ("last_batch_size", "batch_size")),
             "loraserve_adapters_on_device": ("Adapters resident in device slots.", ("adapters_on_device",)),
             "loraserve_adapter_slots": ("Device LoRA slots (slot 0, the bare base, not counted).",

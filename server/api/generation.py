@@ -228,10 +228,10 @@ class GenerationService:
             if len(inp.request_id) > MAX_REQUEST_ID:
                 raise InvalidRequestError("request_id", f"has {len(inp.request_id)} characters; "
                                           f"at most {MAX_REQUEST_ID}")
-            tenant = tenant_of()
+            tenant = record.tenant = tenant_of()
             request = self._request(engine, inp, tenant)
             record.client_id = inp.request_id or request.request_id
-            record.engine_id, record.tenant = request.request_id, tenant
+            record.engine_id = request.request_id
             if request.adapter is not None:
                 record.adapter_id, record.adapter_version = request.adapter.adapter_id, request.adapter.version
             record.prompt_tokens = len(request.prompt_token_ids)

@@ -34,10 +34,14 @@ ENV_PREFIX = "LORASERVE_"
 
 @dataclass
 class ServerConfig:
-    host: str = field(default="127.0.0.1", metadata={"help": "address to bind the gRPC server to"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind the gRPC and HTTP servers to"})
     port: int = field(default=50051, metadata={"help": "gRPC port (0 = pick a free one and log it)"})
-    metrics_port: int = field(default=9090, metadata={
-        "help": "Prometheus /metrics port (0 = pick a free one, -1 = off)"})
+    http_port: int = field(default=50080, metadata={
+        "help": "OpenAI-compatible HTTP API port on --host, also serving /health and /metrics "
+                "(0 = pick a free one and log it, -1 = off)"})
+    metrics_port: int = field(default=50091, metadata={
+        "help": "Prometheus /metrics port (0 = pick a free one, -1 = off); "
+                "not 9090, Prometheus's own port"})
     metrics_host: str = field(default="", metadata={"help": "address for /metrics (default: same as --host)"})
     grace_period: float = field(default=30.0, metadata={
         "help": "seconds in-flight calls get to finish after SIGTERM/SIGINT"})
@@ -239,8 +243,8 @@ def load(args: Optional[argparse.Namespace] = None, env: Optional[Mapping[str, s
 
 def validate(cfg: Config) -> None:
     s = cfg.server
-    for name in ("port", "metrics_port"):
-        lo = -1 if name == "metrics_port" else 0
+    for name in ("port", "http_port", "metrics_port"):
+        lo = -1 if name in ("http_port", "metrics_port") else 0
         v = getattr(s, name)
         if not lo <= v <= 65535:
             raise InvalidRequestError(name, f"is {v}; allowed range is [{lo}, 65535]")
