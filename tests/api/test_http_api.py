@@ -277,3 +277,22 @@ def test_drain_finishes_http_streams_and_refuses_new_work(tiny_dir, tmp_path):
             httpx.get(base + "/health")
     finally:
         srv.loop.call_soon_threadsafe(srv.loop.stop)
+
+
+def test_bench_sends_the_same_workload_over_both_protocols(srv):
+    import asyncio
+
+    from server.client import loadgen
+
+    summaries = {}
+    for protocol in ("grpc", "http"):
+        args = loadgen.build_parser().parse_args([
+            "--protocol", protocol, "--target", srv.target, "--base-url", srv.base_url, "--model", "model",
+            "--api-key", KEYS["acme"], "--requests", "6", "--concurrency", "3", "--adapters", "all_r8,qv",
+            "--include-base", "--min-new-tokens", "3", "--max-new-tokens", "5", "--prompt-words-min", "2",
+            "--prompt-words-max", "6"])
+        summaries[protocol] = s = asyncio.run(loadgen.run(args))
+        assert (s.ok, s.requests, s.errors, s.protocol) == (6, 6, {}, protocol)
+        assert s.itl_p50_s > 0 and s.ttft_p50_s > 0
+    tokens = {p: round(s.generated_tokens_per_s * s.seconds) for p, s in summaries.items()}
+    assert tokens["grpc"] == tokens["http"] == sum(j.max_new_tokens for j in loadgen.workload(args))
