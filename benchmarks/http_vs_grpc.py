@@ -103,6 +103,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
         serve_args += ["--adapter", f"{name}={d}"]
     server = Server(serve_args)
     rounds: list[dict[str, Any]] = []
+    ns.load_before = os.getloadavg()
     try:
         for protocol in ("grpc", "http"):  # warm-up: adapters into slots, code paths and connections warm
             measure(ns, protocol, server.ports, names, ns.concurrency)
@@ -114,6 +115,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                   flush=True)
     finally:
         server.stop()
+    ns.load_after = os.getloadavg()
     return report(ns, rounds, model_dir)
 
 
@@ -140,6 +142,7 @@ def report(ns: argparse.Namespace, rounds: list[dict[str, Any]], model_dir: Path
                      "adapter_rank": ns.rank, "mix": "uniform over base + adapters", "temperature": 0,
                      "ignore_eos": True, "http": "streamed /v1/completions (stream_options.include_usage)",
                      "grpc": "GenerateStream"},
+        "load_average": {"before": getattr(ns, "load_before", None), "after": getattr(ns, "load_after", None)},
         "summary": {"http_over_grpc_tokens_per_s": median(ratios), "range": [min(ratios), max(ratios)],
                     "per_round": ratios, "rows": rows},
         "rounds": rounds,

@@ -30,7 +30,8 @@ ACME = {"Authorization": f"Bearer {KEYS['acme']}"}
 def srv(tiny_dir, tiny_adapters, tmp_path_factory):
     s = InProcessServer(tmp_path_factory.mktemp("http"), tiny_dir,
                         {"acme/all_r8": tiny_adapters["all_r8"], "acme/qv": tiny_adapters["qv_r4"],
-                         "other/secret": tiny_adapters["mlp_rs"]}, max_request_bytes=64 << 10)
+                         "acme/broken": tiny_adapters["pattern"], "other/secret": tiny_adapters["mlp_rs"]},
+                        max_request_bytes=64 << 10)
     yield s
     s.stop()
 
@@ -126,7 +127,7 @@ def test_streams_chat_n_and_usage(http, client, grpc_stub):
 
 def test_models_are_tenant_scoped(http, srv):
     ids = [m["id"] for m in http.get("/v1/models").json()["data"]]
-    assert ids == ["model", "all_r8", "all_r8@1", "qv", "qv@1"]
+    assert ids == ["model", "all_r8", "all_r8@1", "broken", "broken@1", "qv", "qv@1"]
     card = http.get("/v1/models/qv").json()
     assert card["parent"] == "model" and card["root"] == "qv@1" and card["owned_by"] == "acme"
     other = httpx.get(srv.base_url + "/v1/models", headers={"Authorization": f"Bearer {KEYS['other']}"}).json()
@@ -199,6 +200,21 @@ def test_quota_and_typed_client_exceptions(srv):
     with pytest.raises(openai.BadRequestError) as e:
         acme.completions.create(model="model", prompt="a", max_tokens=0)
     assert e.value.param == "max_tokens"
+
+
+def test_an_adapter_that_cannot_load_is_503_streamed_or_not(http, srv):
+    """A registered adapter whose stored file was corrupted: retryable 503, never a base-model answer."""
+    registry = srv.server.registry
+    digest = registry.get("acme", "broken").versions[0].digest
+    weights = registry.store.path(digest) / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-8:] = bytes(8 - i for i in range(8))
+    weights.write_bytes(bytes(data))
+    registry.cache.discard(digest)  # as if evicted from host memory since: the next load reads the disk
+    for stream in (True, False):
+        r = http.post("/v1/completions", json={"model": "broken", "prompt": "x", "max_tokens": 3, "stream": stream})
+        assert "disk corruption" in _error(r, 503, None, "adapter_unavailable")
+    srv.wait_idle()
 
 
 def _generated(srv) -> float:

@@ -32,9 +32,14 @@ from server.api.http.schemas import ChatCompletionRequest, CompletionRequest
 from server.api.http.streaming import DONE, merged, sse, until_disconnected
 from server.api.tenants import TenantDirectory
 from server.core.errors import AdapterNotFoundError, InvalidRequestError
+from server.engine.types import Delta
 from server.metrics import ServerMetrics
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its answer began."""
 
 
 @dataclass
@@ -142,6 +147,40 @@ class OpenAIApi:
             for g in gens:
                 g.close()
 
+    async def _stream(self, request: Request, gens: Sequence[Generation],
+                      events: Callable[[AsyncIterator[tuple[int, Delta]]], AsyncIterator[bytes]]) -> Response:
+        """An event stream that opens with the first delta, so refusals before it keep their HTTP status.
+
+        An adapter that cannot be loaded, for example, fails before the first token: the client gets
+        503, not 200 and an error event. A client that leaves while waiting still aborts the work.
+        """
+        deltas = merged(gens)
+        first_delta = asyncio.ensure_future(deltas.__anext__())
+        gone = asyncio.ensure_future(until_disconnected(request.receive))
+        try:
+            await asyncio.wait({first_delta, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not first_delta.done():
+                raise _ClientGone
+            first = first_delta.result()
+        except BaseException as e:
+            first_delta.cancel()
+            for g in gens:
+                g.close()
+            if isinstance(e, _ClientGone):
+                return Response(status_code=499)
+            if isinstance(e, Exception):
+                return error_response(e)
+            raise
+        finally:
+            gone.cancel()
+
+        async def all_deltas() -> AsyncIterator[tuple[int, Delta]]:
+            yield first
+            async for item in deltas:
+                yield item
+
+        return GenerationResponse(events(all_deltas()), gens)
+
     def _usage(self, gens: Sequence[Generation], n: int) -> dict[str, int]:
         prompt = sum(g.prompt_tokens for g in gens[::n])  # each prompt once, however many choices
         return convert.usage(prompt, sum(g.record.completion_tokens for g in gens))
@@ -175,15 +214,17 @@ class OpenAIApi:
             return await self._unary(request, gens, lambda cs: {
                 "id": cid, "object": "text_completion", "created": created, "model": model,
                 "choices": [choice(i, c) for i, c in enumerate(cs)], "usage": self._usage(gens, body.n)})
-        return GenerationResponse(self._completion_events(body, gens, cid, created, model, texts), gens)
+        return await self._stream(request, gens, lambda deltas: self._completion_events(
+            body, gens, deltas, cid, created, model, texts))
 
-    async def _completion_events(self, body: CompletionRequest, gens: list[Generation], cid: str, created: int,
-                                 model: str, texts: Optional[convert.TokenTexts]) -> AsyncIterator[bytes]:
+    async def _completion_events(self, body: CompletionRequest, gens: list[Generation],
+                                 deltas: AsyncIterator[tuple[int, Delta]], cid: str, created: int, model: str,
+                                 texts: Optional[convert.TokenTexts]) -> AsyncIterator[bytes]:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         offsets = [0] * len(gens)
         head = {"id": cid, "object": "text_completion", "created": created, "model": model}
         try:
-            async for i, d in merged(gens):
+            async for i, d in deltas:
                 if not (d.token_ids or d.text or d.finished):
                     continue
                 c: dict[str, Any] = {"index": i, "text": d.text, "logprobs": None,
@@ -228,10 +269,12 @@ class OpenAIApi:
             return await self._unary(request, gens, lambda cs: {
                 "id": cid, "object": "chat.completion", "created": created, "model": model,
                 "choices": [choice(i, c) for i, c in enumerate(cs)], "usage": self._usage(gens, len(gens))})
-        return GenerationResponse(self._chat_events(body, gens, cid, created, model, texts), gens)
+        return await self._stream(request, gens, lambda deltas: self._chat_events(
+            body, gens, deltas, cid, created, model, texts))
 
-    async def _chat_events(self, body: ChatCompletionRequest, gens: list[Generation], cid: str, created: int,
-                           model: str, texts: Optional[convert.TokenTexts]) -> AsyncIterator[bytes]:
+    async def _chat_events(self, body: ChatCompletionRequest, gens: list[Generation],
+                           deltas: AsyncIterator[tuple[int, Delta]], cid: str, created: int, model: str,
+                           texts: Optional[convert.TokenTexts]) -> AsyncIterator[bytes]:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
 
@@ -245,7 +288,7 @@ class OpenAIApi:
             for i in range(len(gens)):
                 yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                              "finish_reason": None})
-            async for i, d in merged(gens):
+            async for i, d in deltas:
                 if not (d.token_ids or d.text or d.finished):
                     continue
                 c: dict[str, Any] = {"index": i, "delta": {"content": d.text} if (d.text or d.token_ids) else {},
