@@ -92,7 +92,8 @@ ENGINE_GAUGES: tuple[tuple[str, str, EngineRead], ...] = (
     ("loraserve_requests_running", "Requests in the running batch.", lambda s: s.running),
     ("loraserve_requests_waiting", "Requests queued for admission.", lambda s: s.waiting),
     ("loraserve_kv_blocks_used", "Paged KV-cache blocks in use.", lambda s: s.kv_blocks_used),
-    ("loraserve_kv_blocks_total", "Paged KV-cache blocks in all.", lambda s: s.kv_blocks_total),
+    # Was loraserve_kv_blocks_total: a gauge must not wear a counter's suffix (promtool).
+    ("loraserve_kv_blocks_capacity", "Paged KV-cache blocks in all.", lambda s: s.kv_blocks_total),
     ("loraserve_batch_size", "Sequences in the most recent engine step.", lambda s: s.last_batch_size),
     ("loraserve_adapters_on_device", "Adapters resident in device slots.", lambda s: s.pool.slots_ready),
     ("loraserve_adapter_slots", "Device LoRA slots (slot 0, the bare base, not counted).",

@@ -23,12 +23,13 @@ from server.core.engine_config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_cache import BlockAllocator
 from server.engine.runner import ModelRunner
-from server.engine.sampler import make_generator, sample
+from server.engine.sampler import make_generator, sample, token_logprobs
 from server.engine.scheduler import FINISHED, Scheduler, Sequence
 from server.core.stats import EngineStats
 from server.core.threads import run_in_fresh_thread, use_compute_threads
 from server.core.identity import AdapterVersion
-from server.engine.types import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Delta, Request, RequestStream, SamplingParams
+from server.engine.types import (FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Delta, LoraActivity, Request,
+                                 RequestStream, SamplingParams, TokenLogprob)
 from server.core.errors import CapacityError, InvalidRequestError, LoraServeError, UnavailableError
 from server.core.limits import check_request_id
 from server.lora.factory import build_lora_backend
@@ -185,6 +186,31 @@ class Engine:
             last_batch_size=self._last_batch, steps=self._steps,
             preemptions=self.scheduler.preemptions, pool=self.pool.stats())
 
+    def lora_activity(self) -> LoraActivity:
+        """Adapters of running and waiting requests, read from another thread (scrape time).
+
+        The lists belong to the loop thread; copying them is atomic under the GIL, and a queue
+        that changed shape mid-copy is simply read again.
+        """
+        def pairs(seqs: Any) -> tuple[tuple[str, str], ...]:
+            seen: dict[tuple[str, str], None] = {}
+            for s in seqs:
+                a = s.request.adapter
+                if a is not None:
+                    seen.setdefault((s.request.tenant, a.name), None)
+            return tuple(seen)
+
+        running: tuple[tuple[str, str], ...] = ()
+        waiting: tuple[tuple[str, str], ...] = ()
+        for _ in range(5):
+            try:
+                running = pairs(list(self.scheduler.running))
+                waiting = pairs(self.scheduler.waiting.in_order())
+                break
+            except RuntimeError:  # a queue changed size while copied
+                continue
+        return LoraActivity(running, waiting, self.pool.num_slots)
+
     @property
     def accepting(self) -> bool:
         return self._accepting
@@ -232,8 +258,9 @@ class Engine:
         batch = plan.prefill + plan.decode
         try:
             result = self.runner.execute(plan.prefill, plan.decode)
-            tokens = sample(result.logits, [s.request.params for s in result.seqs],
-                            [s.generator for s in result.seqs])
+            params = [s.request.params for s in result.seqs]
+            tokens = sample(result.logits, params, [s.generator for s in result.seqs])
+            logprobs = token_logprobs(result.logits, params, tokens)
         except Exception as e:  # noqa: BLE001
             log.exception("model step failed for %d sequences", len(batch))
             for seq in batch:
@@ -242,11 +269,11 @@ class Engine:
         self._last_batch = len(batch)
         self._steps += 1
         now = time.monotonic()
-        for seq, tok in zip(result.seqs, tokens):
+        for seq, tok, lp in zip(result.seqs, tokens, logprobs):
             if seq.status != FINISHED:
-                self._append(seq, tok, now)
+                self._append(seq, tok, now, lp)
 
-    def _append(self, seq: Sequence, tok: int, now: float) -> None:
+    def _append(self, seq: Sequence, tok: int, now: float, logprob: Optional[TokenLogprob] = None) -> None:
         seq.token_ids.append(tok)
         if seq.first_token_time is None:
             seq.first_token_time = now
@@ -257,24 +284,27 @@ class Engine:
             reason = FINISH_STOP
         elif seq.num_generated >= p.max_new_tokens or len(seq.token_ids) >= self.max_model_len:
             reason = FINISH_LENGTH
+        lps = [logprob] if logprob is not None else None
         if reason is None:
-            seq.stream.put(self._delta(seq, [tok], text, None))
+            seq.stream.put(self._delta(seq, [tok], text, None, logprobs=lps))
         else:
             if not stop_hit:
                 text += seq.detok.finish()
-            self._finish(seq, reason, text, [tok])
+            self._finish(seq, reason, text, [tok], logprobs=lps)
 
     def _delta(self, seq: Sequence, ids: list[int], text: str, reason: Optional[str],
-               error: Optional[BaseException] = None) -> Delta:
+               error: Optional[BaseException] = None, logprobs: Optional[list[TokenLogprob]] = None) -> Delta:
+        if logprobs is None and seq.request.params.logprobs is not None:
+            logprobs = []  # asked for: every delta carries a list (empty when it has no tokens)
         return Delta(seq.request_id, ids, text, reason, seq.num_prompt, seq.num_generated,
-                     seq.request.adapter, error)
+                     seq.request.adapter, error, logprobs)
 
     def _finish(self, seq: Sequence, reason: str, text: str, ids: Optional[list[int]] = None,
-                error: Optional[BaseException] = None) -> None:
+                error: Optional[BaseException] = None, logprobs: Optional[list[TokenLogprob]] = None) -> None:
         self.scheduler.finish(seq)
         with self._lock:
             self._live.discard(seq.request_id)
-        seq.stream.put(self._delta(seq, ids or [], text, reason, error))
+        seq.stream.put(self._delta(seq, ids or [], text, reason, error, logprobs))
 
     def _fail(self, seq: Sequence, err: BaseException) -> None:
         if not isinstance(err, LoraServeError):
