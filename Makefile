@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 HOST   ?= 127.0.0.1
 PORT   ?= 50051
 
-.PHONY: install serve test demo bench protos clean
+.PHONY: install serve test demo bench gpu-suite protos clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.cpu_mixed
+
+# On the GPU machine (no registry, so no venv install): its own python, wheels from .whl/ (docs/benchmarks.md).
+GPU_PYTHON ?= python3
+gpu-suite:
+	$(GPU_PYTHON) -m benchmarks.gpu_suite $(ARGS)
 
 protos: $(STAMP)
 	$(PY) -m server.api.protogen
