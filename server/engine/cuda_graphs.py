@@ -16,9 +16,11 @@ inputs are copied into static buffers the graph reads:
              at the pool's max rank (zero-padded ranks add nothing), per-row slots in a static
              [B] buffer; the slot stacks themselves are static already (loads write in place).
 
-Prefill and mixed steps run eagerly. Graphs are captured lazily, on a bucket's first
-decode step (warm-up on a side stream, then capture into one private memory pool
-shared by all of them), so start-up pays for none and a bucket never used costs nothing.
+Prefill and mixed steps run eagerly. `capture_all` captures every bucket pair at start-up,
+before the engine loop runs and before any adapter loads (which copy on a side stream from
+other threads, not allowed while a capture is under way): largest first, each warmed up on
+a side stream and then captured into one private memory pool shared by all of them, so
+smaller graphs reuse the larger ones' memory. A pair not captured yet is captured on first use.
 The bucket choice and padding are plain functions, and `DecodeGraphs(capture=False)`
 runs the same padded inputs eagerly: CPU tests check that padding never changes tokens.
 """
@@ -150,6 +152,7 @@ class DecodeGraphs:
         self.batch_buckets = batch_buckets(max_batch_size)
         self.context_buckets = context_buckets(max_len, blocks.block_size)
         self._graphs: dict[tuple[int, int], _Graph] = {}
+        self.replays = 0  # decode steps run through a captured graph
         self._pool = torch.cuda.graph_pool_handle() if capture else None
 
     @property
@@ -174,7 +177,23 @@ class DecodeGraphs:
         graph = self._graphs.get((B, L))
         if graph is None:
             graph = self._graphs[(B, L)] = self._capture(B, L)
+        self.replays += 1
         return seqs, graph.replay(inputs)
+
+    def capture_all(self) -> float:
+        """Capture every (batch, context) bucket pair, largest first; returns the seconds it took."""
+        import time
+
+        t0 = time.perf_counter()
+        for B in reversed(self.batch_buckets):
+            for L in reversed(self.context_buckets):
+                if (B, L) not in self._graphs:
+                    self._graphs[(B, L)] = self._capture(B, L)
+        torch.cuda.synchronize(self.device)
+        took = time.perf_counter() - t0
+        log.info("captured %d CUDA graphs for decode (batch buckets %s, context buckets %s) in %.1fs",
+                 len(self._graphs), self.batch_buckets, self.context_buckets, took)
+        return took
 
     # ---- eager (padded) ---------------------------------------------------------------------------
     def _eager(self, inputs: DecodeInputs) -> torch.Tensor:
@@ -229,5 +248,5 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool):
             logits = step()
-        log.info("captured a CUDA graph for decode: batch %d, context %d (%d graphs)", B, L, len(self._graphs) + 1)
+        log.debug("captured a CUDA graph for decode: batch %d, context %d", B, L)
         return _Graph(st, logits, graph)

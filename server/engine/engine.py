@@ -110,9 +110,11 @@ class Engine:
         if self.lora_backend.name != "triton":
             log.warning("CUDA graphs off: they need the triton LoRA backend, not %s", self.lora_backend.name)
             return None
-        return DecodeGraphs(self.model, self.kv, self.blocks, self.lora_backend, self.config.max_batch_size,
-                            self.max_model_len, scratch_kv_row=self.blocks.num_blocks * self.blocks.block_size,
-                            capture=True)
+        graphs = DecodeGraphs(self.model, self.kv, self.blocks, self.lora_backend, self.config.max_batch_size,
+                              self.max_model_len, scratch_kv_row=self.blocks.num_blocks * self.blocks.block_size,
+                              capture=True)
+        graphs.capture_all()  # before the loop and any adapter load: nothing else may use CUDA meanwhile
+        return graphs
 
     def _auto_kv_tokens(self) -> int:
         if self.device.type != "cuda":

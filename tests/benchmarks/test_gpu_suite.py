@@ -30,6 +30,7 @@ def _stand_in(name: str, code: str, budget: float, out_json: str | None = None) 
     return gpu_suite.Step(name, name, argv, argv, budget, budget, out_json)
 
 
+@pytest.mark.slow  # the suite records the machine: imports torch, transformers, peft, triton
 def test_a_failing_or_hanging_step_keeps_what_finished(tmp_path, monkeypatch):
     out = tmp_path / "suite.json"
     results = out.parent / "suite-dry-run"
@@ -49,7 +50,7 @@ def test_a_failing_or_hanging_step_keeps_what_finished(tmp_path, monkeypatch):
     assert x["value"] == 150.0 and x["met"] is True
     overhead = goals["LoRA overhead vs our base, all on one adapter, B=32, int8"]
     assert overhead["value"] == 0.2 and overhead["met"] is False
-    assert goals["cold load from host memory (s)"]["value"] is None  # not measured: never claimed
+    assert goals["cold load p50 from host memory, rank 16 (s)"]["value"] is None  # not measured: never claimed
 
 
 def test_missing_modules_names_pip_packages():
@@ -70,7 +71,7 @@ def test_dry_run_end_to_end(tmp_path):
     for name, bench in (("kernels", "gpu_kernels"), ("e2e", "gpu_e2e"), ("slora", "gpu_slora"),
                         ("coldload", "gpu_coldload")):
         assert by[name]["result"]["benchmark"] == bench
-    assert by["tests"]["tests"]["total"] >= 5  # the gpu-marked tests all collect
+    assert by["tests"]["tests"]["collected"] >= 20  # the gpu-marked tests all collect
     assert data["machine"]["torch"] and data["dry_run"] is True
     filled = [g["figure"] for g in data["goals"] if g["value"] is not None]
-    assert len(filled) == 6, filled  # all but the bf16-base roofline (int8 only in the dry run) and host-memory load
+    assert len(filled) == 8, filled  # all but the bf16-base roofline (the dry run runs int8 only)
