@@ -122,6 +122,9 @@ def pad_decode_inputs(seqs: list[Sequence], blocks: BlockAllocator, batch: int, 
     return DecodeInputs(ids, pos, new_rows, kv_rows, mask[:, None, None, :], slots, n)
 
 
+_INPUT_FIELDS = ("token_ids", "positions", "slot_mapping", "decode_kv", "decode_mask", "adapter_slots")
+
+
 class _Graph:
     """A captured decode step and the static buffers it reads and writes."""
 
@@ -130,7 +133,7 @@ class _Graph:
 
     def replay(self, new: DecodeInputs) -> torch.Tensor:
         st = self.inputs
-        for name in ("token_ids", "positions", "slot_mapping", "decode_kv", "decode_mask", "adapter_slots"):
+        for name in _INPUT_FIELDS:
             getattr(st, name).copy_(getattr(new, name), non_blocking=True)
         self.graph.replay()
         return self.logits[:new.num_real].clone()  # the next replay overwrites the static logits
@@ -154,6 +157,7 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self.replays = 0  # decode steps run through a captured graph
         self._pool = torch.cuda.graph_pool_handle() if capture else None
+        self._flat: Optional[dict[str, torch.Tensor]] = None  # static input buffers, shared by all graphs
 
     @property
     def num_captured(self) -> int:
@@ -211,6 +215,21 @@ class DecodeGraphs:
         return attn
 
     # ---- capture (CUDA) -----------------------------------------------------------------------------
+    def _static_inputs(self, B: int, L: int) -> DecodeInputs:
+        """Views [B], [B, L] over one set of flat buffers sized for the largest buckets, contiguous (the first
+        B or B * L elements), so all graphs share a few MB of inputs; replays are sequential, and each copies
+        its own inputs in first."""
+        if self._flat is None:
+            n, nl = self.batch_buckets[-1], self.batch_buckets[-1] * self.context_buckets[-1]
+            long = lambda k: torch.zeros(k, dtype=torch.long, device=self.device)  # noqa: E731
+            self._flat = {"token_ids": long(n), "positions": long(n), "slot_mapping": long(n),
+                          "adapter_slots": long(n), "decode_kv": long(nl),
+                          "decode_mask": torch.zeros(nl, dtype=torch.bool, device=self.device)}
+        f = self._flat
+        return DecodeInputs(f["token_ids"][:B], f["positions"][:B], f["slot_mapping"][:B],
+                            f["decode_kv"][:B * L].view(B, L), f["decode_mask"][:B * L].view(B, 1, 1, L),
+                            f["adapter_slots"][:B], num_real=0)
+
     def _static_lora(self, token_slots: torch.Tensor) -> LoraStep:
         """A Triton step that reads per-row slots from `token_slots` and always launches BGMV at max rank.
 
@@ -227,9 +246,9 @@ class DecodeGraphs:
     def _capture(self, B: int, L: int) -> _Graph:
         dev = self.device
         host = pad_decode_inputs([], self.blocks, B, L, self.scratch_kv_row)  # all padding: scratch row only
-        st = DecodeInputs(*(getattr(host, f).to(dev) for f in ("token_ids", "positions", "slot_mapping",
-                                                              "decode_kv", "decode_mask", "adapter_slots")),
-                          num_real=0)
+        st = self._static_inputs(B, L)
+        for f in _INPUT_FIELDS:
+            getattr(st, f).copy_(getattr(host, f))
         attn = self._attention(st.slot_mapping, st.decode_kv, st.decode_mask)
         lora = self._static_lora(st.adapter_slots)
 
