@@ -12,7 +12,7 @@ PORT   ?= 50051
 HTTP_PORT ?= 50080
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install tools serve test demo bench protos clean
+.PHONY: install tools serve test demo bench gpu-suite protos clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.cpu_mixed
+
+# On the GPU machine (no registry, so no venv install): its own python, wheels from .whl/ (docs/benchmarks.md).
+GPU_PYTHON ?= python3
+gpu-suite:
+	$(GPU_PYTHON) -m benchmarks.gpu_suite $(ARGS)
 
 protos: $(STAMP)
 	$(PY) -m server.api.protogen

@@ -51,6 +51,9 @@ class EngineConfig:
                                           "CUDA when it imports; on CPU the bf16 C kernel where --lora-decode-dtype "
                                           "resolves to bf16 and dtype is float32; the torch reference otherwise)",
                              choices=("auto", "torch", "cpu", "triton"))
+    cuda_graphs: bool = knob(True, help="replay captured CUDA graphs for decode-only steps, one per batch and "
+                                        "context bucket (CUDA with the triton LoRA backend; ignored on CPU; "
+                                        "--no-cuda-graphs runs every step eagerly)")
 
     def __post_init__(self) -> None:
         knobs.check(self, "engine")

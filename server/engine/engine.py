@@ -20,6 +20,7 @@ from typing import Any, Optional
 import torch
 
 from server.core.engine_config import EngineConfig
+from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_cache import BlockAllocator
 from server.engine.runner import ModelRunner
@@ -55,11 +56,13 @@ class Engine:
                                                               MAX_DEFAULT_CONTEXT),
                                  model.max_len, kv_tokens)
         self.blocks = BlockAllocator(-(-kv_tokens // bs), bs)
-        self.kv = KVCache.allocate(self.model_config, self.blocks.num_blocks, bs, self.dtype, self.device)
+        # One spare block past the allocator's range: padded decode rows write there (cuda_graphs.py).
+        self.kv = KVCache.allocate(self.model_config, self.blocks.num_blocks + 1, bs, self.dtype, self.device)
         self.lora_backend = build_lora_backend(config, self.model_config, self.device, self.dtype)
         self.pool = self.lora_backend.pool
         self.scheduler = Scheduler(self.blocks, self.pool, config.max_batch_size, config.max_batch_tokens)
         self.runner = ModelRunner(model, self.kv, self.blocks, self.lora_backend)
+        self.runner.decode_graphs = self._decode_graphs()
         self.eos_ids = self._eos_ids()
         if self.device.type == "cuda":
             from server.attention.sdpa import set_prefill_backend
@@ -100,6 +103,19 @@ class Engine:
         # Built (weights, KV cache, slot stacks) in a thread that then exits: no OpenMP pool may
         # outlive it beside the engine loop's (server.core.threads).
         return run_in_fresh_thread(build, threads=cfg.cpu_threads, name="loraserve-model-load")
+
+    def _decode_graphs(self) -> Optional[DecodeGraphs]:
+        """CUDA graphs for decode steps where asked for and possible (ignored on CPU)."""
+        if not self.config.cuda_graphs or self.device.type != "cuda":
+            return None
+        if self.lora_backend.name != "triton":
+            log.warning("CUDA graphs off: they need the triton LoRA backend, not %s", self.lora_backend.name)
+            return None
+        graphs = DecodeGraphs(self.model, self.kv, self.blocks, self.lora_backend, self.config.max_batch_size,
+                              self.max_model_len, scratch_kv_row=self.blocks.num_blocks * self.blocks.block_size,
+                              capture=True)
+        graphs.capture_all()  # before the loop and any adapter load: nothing else may use CUDA meanwhile
+        return graphs
 
     def _auto_kv_tokens(self) -> int:
         if self.device.type != "cuda":

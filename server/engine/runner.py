@@ -11,10 +11,12 @@ attention calls its slot mapping).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from server.attention.sdpa import AttentionMetadata
+from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_cache import BlockAllocator
 from server.engine.scheduler import Sequence
 from server.lora.backend import LoraBackend
@@ -31,8 +33,16 @@ class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv: KVCache, blocks: BlockAllocator, lora: LoraBackend):
         self.model, self.kv, self.blocks, self.lora = model, kv, blocks, lora
         self.device = model.device
+        # Set by the engine when decode steps replay CUDA graphs (server/engine/cuda_graphs.py).
+        self.decode_graphs: Optional[DecodeGraphs] = None
 
     def execute(self, prefill: list[Sequence], decode: list[Sequence]) -> StepResult:
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.covers(prefill, decode):
+            seqs, logits = graphs.run(decode)
+            for s in seqs:
+                s.num_cached = len(s.token_ids)
+            return StepResult(seqs, logits)
         # Decode rows first, then prompt rows (quantized linears treat the two kinds differently,
         # so each kind must be one contiguous block); by adapter slot within each kind.
         seqs = sorted(prefill + decode, key=lambda s: (s.is_prefill, s.adapter_slot or 0, s.order))
