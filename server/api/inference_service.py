@@ -117,4 +117,4 @@ def model_info(engine: Any, state: ServingState) -> pb.ModelInfoResponse:
         context_length=int(context_len), vocab_size=mc.vocab_size, device=str(getattr(device, "type", device)),
         dtype=str(dtype).removeprefix("torch."), quantization=cfg.quantize, max_rank=cfg.max_rank,
         adapter_slots=cfg.max_adapters_on_device, max_batch_size=cfg.max_batch_size, server_version=server_version(),
-        lora_targets=list(TARGET_MODULES.values()))
+        lora_targets=list(TARGET_MODULES.values()), prefix_cache=cfg.prefix_cache)

@@ -23,10 +23,11 @@ from server.core.engine_config import EngineConfig
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_cache import BlockAllocator
+from server.engine.prefix_cache import PrefixCache
 from server.engine.runner import ModelRunner
 from server.engine.sampler import make_generator, sample, token_logprobs
 from server.engine.scheduler import FINISHED, Scheduler, Sequence
-from server.core.stats import EngineStats
+from server.core.stats import EngineStats, PrefixCacheStats
 from server.core.threads import run_in_fresh_thread, use_compute_threads
 from server.core.identity import AdapterVersion
 from server.engine.types import (FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Delta, LoraActivity, Request,
@@ -60,7 +61,9 @@ class Engine:
         self.kv = KVCache.allocate(self.model_config, self.blocks.num_blocks + 1, bs, self.dtype, self.device)
         self.lora_backend = build_lora_backend(config, self.model_config, self.device, self.dtype)
         self.pool = self.lora_backend.pool
-        self.scheduler = Scheduler(self.blocks, self.pool, config.max_batch_size, config.max_batch_tokens)
+        self.prefix_cache = PrefixCache(self.blocks, self._base_identity()) if config.prefix_cache else None
+        self.scheduler = Scheduler(self.blocks, self.pool, config.max_batch_size, config.max_batch_tokens,
+                                   self.prefix_cache)
         self.runner = ModelRunner(model, self.kv, self.blocks, self.lora_backend)
         self.runner.decode_graphs = self._decode_graphs()
         self.eos_ids = self._eos_ids()
@@ -116,6 +119,11 @@ class Engine:
                               capture=True)
         graphs.capture_all()  # before the loop and any adapter load: nothing else may use CUDA meanwhile
         return graphs
+
+    def _base_identity(self) -> str:
+        """What the KV of a prompt depends on besides the adapter: the base weights as loaded and computed.
+        The cache lives only as long as this process, so the model's path stands in for its weights."""
+        return f"{self.model_dir}|{self.model.quantize}|{self.dtype}|{self.device.type}"
 
     def _auto_kv_tokens(self) -> int:
         if self.device.type != "cuda":
@@ -200,7 +208,14 @@ class Engine:
             running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
             kv_blocks_used=self.blocks.num_used, kv_blocks_total=self.blocks.num_blocks,
             last_batch_size=self._last_batch, steps=self._steps,
-            preemptions=self.scheduler.preemptions, pool=self.pool.stats())
+            preemptions=self.scheduler.preemptions, pool=self.pool.stats(), prefix=self._prefix_stats())
+
+    def _prefix_stats(self) -> PrefixCacheStats:
+        pc = self.prefix_cache
+        if pc is None:
+            return PrefixCacheStats()
+        return PrefixCacheStats(enabled=True, cached_blocks=pc.num_cached_blocks, hits=pc.hits, misses=pc.misses,
+                                tokens_saved=pc.tokens_saved)
 
     def lora_activity(self) -> LoraActivity:
         """Adapters of running and waiting requests, read from another thread (scrape time).
@@ -274,6 +289,7 @@ class Engine:
         batch = plan.prefill + plan.decode
         try:
             result = self.runner.execute(plan.prefill, plan.decode)
+            self.scheduler.prefilled(plan.prefill)
             params = [s.request.params for s in result.seqs]
             tokens = sample(result.logits, params, [s.generator for s in result.seqs])
             logprobs = token_logprobs(result.logits, params, tokens)

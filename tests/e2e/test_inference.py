@@ -102,6 +102,7 @@ def test_tokenize_model_info_and_chat(stub: pb_grpc.InferenceStub, default_model
     assert info.model_name == "default" and len(info.model_fingerprint) == 64
     assert info.context_length == 512 and info.quantization == "none" and info.dtype == "float32"
     assert info.device == "cpu" and info.adapter_slots == 8 and info.max_batch_size == MAX_BATCH
+    assert info.prefix_cache  # on by default
     assert info.vocab_size == tok.vocab_size or info.vocab_size >= len(tok)
 
 

@@ -163,7 +163,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_fingerprint", "context_length", "vocab_size", "device", "dtype", "quantization", "max_rank", "adapter_slots", "max_batch_size", "server_version", "lora_targets")
+    __slots__ = ("model_name", "model_fingerprint", "context_length", "vocab_size", "device", "dtype", "quantization", "max_rank", "adapter_slots", "max_batch_size", "server_version", "lora_targets", "prefix_cache")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +176,7 @@ class ModelInfoResponse(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     LORA_TARGETS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_fingerprint: str
     context_length: int
@@ -188,4 +189,5 @@ class ModelInfoResponse(_message.Message):
     max_batch_size: int
     server_version: str
     lora_targets: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_name: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., max_rank: _Optional[int] = ..., adapter_slots: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., server_version: _Optional[str] = ..., lora_targets: _Optional[_Iterable[str]] = ...) -> None: ...
+    prefix_cache: bool
+    def __init__(self, model_name: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., max_rank: _Optional[int] = ..., adapter_slots: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., server_version: _Optional[str] = ..., lora_targets: _Optional[_Iterable[str]] = ..., prefix_cache: _Optional[bool] = ...) -> None: ...
