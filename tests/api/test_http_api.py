@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import httpx
