@@ -48,6 +48,8 @@ CREATE INDEX IF NOT EXISTS versions_digest ON versions(digest);
 
 @dataclass(frozen=True)
 class VersionRow:
+    """One row of `versions`; the registry turns it into the shared `AdapterVersion` identity."""
+
     tenant: str
     name: str
     version: int
@@ -58,10 +60,6 @@ class VersionRow:
     size_bytes: int
     created_at: float
     metadata: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def adapter_id(self) -> str:
-        return f"{self.name}@{self.version}"
 
 
 def _full(e: sqlite3.Error) -> bool:

@@ -1,11 +1,15 @@
 """The adapter registry: what the server resolves adapter ids through.
 
 Disk (content-addressed objects + SQLite index) -> host LRU (`HostCache`) -> device slots
-(the engine's pool, keyed by the same digest). `resolve` hands the engine an AdapterSpec
-whose `load` reads through the host tier; the engine calls it in a worker thread.
+(the engine's pool, keyed by the same digest). `resolve` turns an adapter id (parsed into
+an `AdapterSelector`) into the server's one adapter identity, `AdapterVersion`, whose
+`load` reads through the host tier; the engine calls it in a worker thread. Index rows
+(`VersionRow`) become AdapterVersions in one place, `_identity`.
+Pins are the device pool's (`is_pinned`, by digest): the registry asks it to report a
+version as pinned and to refuse deleting one, and keeps no pin state of its own.
 
 Deleting a version removes its index row at once (it can no longer be resolved), but its
-files stay until the last AdapterSpec handed out for it is gone, so requests that
+files stay until the last AdapterVersion handed out for it is gone, so requests that
 resolved it before the delete still finish on it.
 """
 from __future__ import annotations
@@ -16,20 +20,21 @@ import os
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 from server.core.threads import ShortLivedThreads
-from server.core.identity import AdapterSpec
+from server.core.identity import AdapterVersion, version_ref
 from server.core.quotas import Quotas, QuotaSource
+from server.core.stats import RegistryStats, added
 from server.core.errors import (AdapterInUseError, AdapterLoadError, AdapterNotFoundError, AdapterRejectedError,
                            InvalidRequestError, PermissionDeniedError, QuotaExceededError, UnavailableError)
 from server.lora.weights import CONFIG_NAME, WEIGHTS_NAME, LoraWeights
 from server.model.config import ModelConfig
 
 from .cache import HostCache
-from .ids import AdapterRef, check_name, check_tenant, parse_adapter_id
+from .ids import AdapterSelector, check_name, check_tenant, parse_adapter_id
 from .index import Index, VersionRow
 from .store import ObjectStore, content_digest
 from .validate import BIN_HINT, RegistryLimits, load_validated, validate_adapter
@@ -53,8 +58,9 @@ class AdapterVersionInfo:
     pinned: bool = False
 
     @property
-    def adapter_id(self) -> str:
-        return f"{self.name}@{self.version}"
+    def ref(self) -> str:
+        """`name@N` (as `AdapterVersion.ref`)."""
+        return version_ref(self.name, self.version)
 
 
 @dataclass(frozen=True)
@@ -65,35 +71,29 @@ class AdapterInfo:
     versions: list[AdapterVersionInfo] = field(default_factory=list)
 
 
-@dataclass
-class RegistryCounters:
-    registered: int = 0
-    rejected: int = 0
-    deleted_versions: int = 0
-    resolves: int = 0
-    objects_removed: int = 0
-    startup_temp_removed: int = 0
-    startup_orphans_removed: int = 0
-
-
 class _Loader:
-    """The `load` of an AdapterSpec. While one is alive its version's files are kept on disk."""
+    """The `load` of an AdapterVersion. While one is alive its version's files are kept on disk."""
 
-    def __init__(self, registry: "Registry", digest: str, adapter_id: str):
+    def __init__(self, registry: "Registry", digest: str, ref: str):
         self._registry = registry
         self.digest = digest
-        self.adapter_id = adapter_id
+        self.ref = ref
 
     def __call__(self) -> LoraWeights:
-        return self._registry._load_weights(self.digest, self.adapter_id)
+        return self._registry._load_weights(self.digest, self.ref)
 
 
 class Registry:
-    """Persistent, versioned, validated, tenant-scoped adapters (see the module docstring)."""
+    """Persistent, versioned, validated, tenant-scoped adapters (see the module docstring).
+
+    `is_pinned(digest)`: whether the device holds that content pinned (the engine pool's
+    `is_pinned`); without a device nothing is pinned.
+    """
 
     def __init__(self, root: Path, model_config: ModelConfig, base_fingerprint: str, max_rank: int,
                  import_dirs: Sequence[Path] = (), host_cache_bytes: int = 2 << 30,
-                 limits: RegistryLimits = RegistryLimits(), tenants: Optional[QuotaSource] = None):
+                 limits: RegistryLimits = RegistryLimits(), tenants: Optional[QuotaSource] = None,
+                 is_pinned: Callable[[str], bool] = lambda digest: False):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.model_config = model_config
@@ -101,6 +101,7 @@ class Registry:
         self.max_rank = int(max_rank)
         self.limits = limits
         self.tenants = tenants
+        self.is_pinned = is_pinned
         self.import_dirs = tuple(Path(d).resolve() for d in import_dirs)
         self._lock_fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -111,17 +112,15 @@ class Registry:
         self.store = ObjectStore(self.root)
         self.index = Index(self.root / "index.sqlite")
         self.cache = HostCache(host_cache_bytes)
-        self.counters = RegistryCounters()
         self._publish_lock = threading.RLock()   # store + index changes, so GC never races a publish
-        self._state_lock = threading.RLock()    # the two dicts below
-        self._live: dict[str, int] = {}         # digest -> AdapterSpecs alive for it
-        self._pins: set[tuple[str, str, int]] = set()
+        self._state_lock = threading.RLock()    # the two below
+        self._live: dict[str, int] = {}         # digest -> AdapterVersions alive for it
+        self._counters = RegistryStats()        # frozen; versions_stored and host are filled in by stats()
         # Removing files of deleted versions (fsync, rmtree) happens here, never in the thread that
-        # happened to drop the last AdapterSpec (often the engine's loop thread).
+        # happened to drop the last AdapterVersion (often the engine's loop thread).
         self._gc = ShortLivedThreads(1, "registry-gc")
         swept = self.store.sweep(self.index.all_digests())
-        self.counters.startup_temp_removed = swept["temp"]
-        self.counters.startup_orphans_removed = swept["orphan_objects"]
+        self._count(startup_temp_removed=swept["temp"], startup_orphans_removed=swept["orphan_objects"])
         if swept["temp"] or swept["orphan_objects"]:
             log.warning("registry start-up removed %d unfinished publishes and %d orphan objects",
                         swept["temp"], swept["orphan_objects"])
@@ -155,7 +154,7 @@ class Registry:
         try:
             v = validate_adapter(bytes(config_json), bytes(weights), self.model_config, self.max_rank, self.limits)
         except AdapterRejectedError:
-            self._count("rejected")
+            self._count(rejected=1)
             raise
         digest = content_digest(config_json, weights)
         quotas = self._quotas(tenant)
@@ -169,10 +168,11 @@ class Registry:
                 self._maybe_remove_object(digest)
                 raise
         self.cache.put(digest, v.weights)
-        self._count("registered")
-        log.info("registered %s/%s digest=%s rank=%d targets=%s", tenant, row.adapter_id, digest[:12],
+        self._count(registered=1)
+        info = self._info(row)
+        log.info("registered %s/%s digest=%s rank=%d targets=%s", tenant, info.ref, digest[:12],
                  v.rank, ",".join(v.targets))
-        return self._info(row)
+        return info
 
     def register_path(self, tenant: str, name: str, path: Path, metadata: Optional[Mapping[str, str]] = None,
                       *, allow_any_path: bool = False, reuse_identical_latest: bool = False) -> AdapterVersionInfo:
@@ -263,34 +263,39 @@ class Registry:
 
     # ---- lookup ------------------------------------------------------------------------------
 
-    def _row(self, tenant: str, adapter_id: str) -> tuple[AdapterRef, VersionRow]:
-        ref = parse_adapter_id(adapter_id)
+    def _row(self, tenant: str, adapter_id: str) -> tuple[AdapterSelector, VersionRow]:
+        sel = parse_adapter_id(adapter_id)
         check_tenant(tenant)
-        row = self.index.get_version(tenant, ref.name, ref.version)
+        row = self.index.get_version(tenant, sel.name, sel.version)
         if row is None:
             raise AdapterNotFoundError(adapter_id)  # same message for another tenant's adapter
-        return ref, row
+        return sel, row
 
-    def resolve(self, tenant: str, adapter_id: str) -> AdapterSpec:
+    def resolve(self, tenant: str, adapter_id: str) -> AdapterVersion:
         """The immutable version `adapter_id` names for `tenant` right now, ready for the engine."""
         _, row = self._row(tenant, adapter_id)
         if row.base_fingerprint != self.base_fingerprint:
             raise AdapterRejectedError(
                 f"adapter {adapter_id!r} was registered for base model {row.base_fingerprint[:16]}, "
                 f"but this server serves {self.base_fingerprint[:16]}; register it again for this base")
-        self._count("resolves")
-        return AdapterSpec(key=row.digest, adapter_id=row.name, version=row.version,
-                           load=self._loader(row.digest, row.adapter_id))
+        self._count(resolves=1)
+        return self._identity(row)
 
-    def _loader(self, digest: str, adapter_id: str) -> _Loader:
-        loader = _Loader(self, digest, adapter_id)
+    def _identity(self, row: VersionRow) -> AdapterVersion:
+        """The one place an index row becomes the shared identity (its loader keeps the files alive)."""
+        ref = version_ref(row.name, row.version)
+        return AdapterVersion(tenant=row.tenant, name=row.name, version=row.version, digest=row.digest,
+                              load=self._loader(row.digest, ref))
+
+    def _loader(self, digest: str, ref: str) -> _Loader:
+        loader = _Loader(self, digest, ref)
         with self._state_lock:
             self._live[digest] = self._live.get(digest, 0) + 1
         weakref.finalize(loader, self._release, digest)
         return loader
 
     def _release(self, digest: str) -> None:
-        """The last AdapterSpec of `digest` is gone (runs in whichever thread dropped it: keep it cheap)."""
+        """The last AdapterVersion of `digest` is gone (runs in whichever thread dropped it: keep it cheap)."""
         with self._state_lock:
             n = self._live.get(digest, 0) - 1
             if n > 0:
@@ -303,7 +308,7 @@ class Registry:
             pass  # closed: the next start-up sweep removes what no row points at
 
     def _maybe_remove_object(self, digest: str) -> None:
-        """Remove an object once no index row and no live AdapterSpec needs it."""
+        """Remove an object once no index row and no live AdapterVersion needs it."""
         with self._publish_lock:
             with self._state_lock:
                 if digest in self._live:
@@ -313,30 +318,28 @@ class Registry:
             self.cache.discard(digest)
             if self.store.exists(digest):
                 self.store.remove(digest)
-                self._count("objects_removed")
+                self._count(objects_removed=1)
 
-    def _load_weights(self, digest: str, adapter_id: str) -> LoraWeights:
+    def _load_weights(self, digest: str, ref: str) -> LoraWeights:
         def from_disk() -> LoraWeights:
             try:
                 cfg, weights = self.store.read(digest)
             except OSError as e:
-                raise AdapterLoadError(f"adapter {adapter_id!r}: stored files are unreadable ({e})") from None
+                raise AdapterLoadError(f"adapter {ref!r}: stored files are unreadable ({e})") from None
             if content_digest(cfg, weights) != digest:
-                raise AdapterLoadError(f"adapter {adapter_id!r}: stored files do not match digest "
+                raise AdapterLoadError(f"adapter {ref!r}: stored files do not match digest "
                                        f"{digest[:16]} (disk corruption); register it again")
             try:
                 return load_validated(cfg, weights, self.model_config, self.max_rank, self.limits)
             except AdapterRejectedError as e:
-                raise AdapterLoadError(f"adapter {adapter_id!r}: {e}") from None
+                raise AdapterLoadError(f"adapter {ref!r}: {e}") from None
 
         return self.cache.get_or_load(digest, from_disk)
 
     def _info(self, row: VersionRow) -> AdapterVersionInfo:
-        with self._state_lock:
-            pinned = (row.tenant, row.name, row.version) in self._pins
         return AdapterVersionInfo(row.tenant, row.name, row.version, row.digest, row.rank, row.targets,
                                   row.size_bytes, row.created_at, dict(row.metadata), row.base_fingerprint,
-                                  in_host_memory=row.digest in self.cache, pinned=pinned)
+                                  in_host_memory=row.digest in self.cache, pinned=self.is_pinned(row.digest))
 
     def list(self, tenant: str) -> list[AdapterInfo]:
         check_tenant(tenant)
@@ -347,89 +350,51 @@ class Registry:
 
     def get(self, tenant: str, name: str) -> AdapterInfo:
         """All versions of `name`, or just one for `name@N` / `name@latest`."""
-        ref = parse_adapter_id(name)
+        sel = parse_adapter_id(name)
         check_tenant(tenant)
-        rows = self.index.versions(tenant, ref.name)
+        rows = self.index.versions(tenant, sel.name)
         if not rows:
             raise AdapterNotFoundError(name)
         latest = rows[-1].version
         if "@" in name:
-            want = latest if ref.version is None else ref.version
+            want = latest if sel.version is None else sel.version
             rows = [r for r in rows if r.version == want]
             if not rows:
                 raise AdapterNotFoundError(name)
-        return AdapterInfo(tenant, ref.name, latest, [self._info(r) for r in rows])
+        return AdapterInfo(tenant, sel.name, latest, [self._info(r) for r in rows])
 
-    # ---- pins and delete ---------------------------------------------------------------------
-
-    def set_pinned(self, tenant: str, adapter_id: str, pinned: bool) -> AdapterVersionInfo:
-        """Record an operator's pin of one version (the device pin itself lives in the engine pool)."""
-        _, row = self._row(tenant, adapter_id)
-        with self._state_lock:
-            (self._pins.add if pinned else self._pins.discard)((tenant, row.name, row.version))
-        return self._info(row)
-
-    def pinned_digests(self) -> set[str]:
-        with self._state_lock:
-            pins = set(self._pins)
-        out = set()
-        for tenant, name, version in pins:
-            row = self.index.get_version(tenant, name, version)
-            if row is not None:
-                out.add(row.digest)
-        return out
+    # ---- delete ------------------------------------------------------------------------------
 
     def delete(self, tenant: str, adapter_id: str) -> list[int]:
         """Delete `name@N` (or `name@latest`), or every version for a bare `name`.
 
-        Refused with AdapterInUseError while a targeted version is pinned. Requests that
+        Refused with AdapterInUseError while a targeted version is pinned on the device. Requests that
         already resolved a deleted version keep it until they finish. Returns the versions.
         """
-        ref = parse_adapter_id(adapter_id)
+        sel = parse_adapter_id(adapter_id)
         check_tenant(tenant)
         if "@" in adapter_id:
             _, row = self._row(tenant, adapter_id)
             rows = [row]
         else:
-            rows = self.index.versions(tenant, ref.name)
+            rows = self.index.versions(tenant, sel.name)
             if not rows:
                 raise AdapterNotFoundError(adapter_id)
-        with self._state_lock:
-            pinned = [r.adapter_id for r in rows if (tenant, r.name, r.version) in self._pins]
+        pinned = [version_ref(r.name, r.version) for r in rows if self.is_pinned(r.digest)]
         if pinned:
             raise AdapterInUseError(f"adapter {', '.join(pinned)} is pinned; unload (unpin) it before deleting")
         with self._publish_lock:
-            self.index.delete(tenant, ref.name, [r.version for r in rows])
+            self.index.delete(tenant, sel.name, [r.version for r in rows])
         for digest in {r.digest for r in rows}:
             self._maybe_remove_object(digest)
-        self._count("deleted_versions", len(rows))
-        log.info("deleted %s/%s versions %s", tenant, ref.name, [r.version for r in rows])
+        self._count(deleted_versions=len(rows))
+        log.info("deleted %s/%s versions %s", tenant, sel.name, [r.version for r in rows])
         return [r.version for r in rows]
 
-    def _count(self, name: str, n: int = 1) -> None:
+    def _count(self, **increments: int) -> None:
         with self._state_lock:
-            setattr(self.counters, name, getattr(self.counters, name) + n)
+            self._counters = added(self._counters, **increments)
 
-    def stats(self) -> dict[str, Any]:
-        """Counters of the disk and host tiers, for the metrics module."""
-        c = self.cache.stats()
-        return {
-            "versions_stored": self.index.count_versions(),
-            "registered_total": self.counters.registered,
-            "rejected_total": self.counters.rejected,
-            "deleted_versions_total": self.counters.deleted_versions,
-            "resolves_total": self.counters.resolves,
-            "objects_removed_total": self.counters.objects_removed,
-            "startup_temp_removed": self.counters.startup_temp_removed,
-            "startup_orphans_removed": self.counters.startup_orphans_removed,
-            "disk_loads_total": c.loads,
-            "disk_load_errors_total": c.load_errors,
-            "disk_load_seconds_total": c.load_seconds,
-            "host_hits_total": c.hits,
-            "host_misses_total": c.misses,
-            "host_hit_rate": c.hit_rate,
-            "host_evictions_total": c.evictions,
-            "host_entries": c.entries,
-            "host_bytes": c.bytes,
-            "host_budget_bytes": c.budget_bytes,
-        }
+    def stats(self) -> RegistryStats:
+        """Counters, size and the host tier's stats (a disk read is a host tier `load`), for the metrics module."""
+        return replace(self._counters, versions_stored=self.index.count_versions(), host=self.cache.stats())

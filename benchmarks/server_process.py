@@ -25,12 +25,13 @@ class ServerProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / "server.log"
         cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-               "--metrics-port", "0", *args]
+               "--http-port", "0", "--metrics-port", "0", *args]
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                     "PYTHONPATH": str(REPO), **(env or {})}
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True, bufsize=1)
         self.port = 0
+        self.http_port = 0
         self.metrics_port = 0
         self.events: list[dict] = []
         self._cond = threading.Condition()
@@ -51,6 +52,7 @@ class ServerProcess:
                 with self._cond:
                     if rec.get("event") == "listening":
                         self.port = int(rec["grpc_port"])
+                        self.http_port = int(rec.get("http_port") or 0)
                         self.metrics_port = int(rec.get("metrics_port") or 0)
                     self.events.append(rec)
                     self._cond.notify_all()

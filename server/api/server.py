@@ -1,11 +1,12 @@
 """Server bootstrap: bind first, load the model second, drain on SIGTERM/SIGINT.
 
-Order matters to operators: the gRPC port and health service come up at once
-(NOT_SERVING), so orchestrators see a live process while the model loads; health
-turns SERVING only when the engine runs and start-up adapters are registered.
-On a signal, health goes NOT_SERVING, new calls get UNAVAILABLE, in-flight calls
-get `grace_period` seconds to finish, then the rest are cancelled (which aborts
-their engine requests) and the process exits 0. A second signal skips the wait.
+Order matters to operators: the gRPC port, the HTTP port and their health checks come
+up at once (NOT_SERVING; HTTP /health 503), so orchestrators see a live process while
+the model loads; health turns SERVING only when the engine runs and start-up adapters
+are registered. On a signal, health goes NOT_SERVING (/health 503), new calls on either
+protocol get UNAVAILABLE (HTTP 503), in-flight calls get `grace_period` seconds to
+finish, then the rest are cancelled (which aborts their engine requests) and the
+process exits 0. A second signal skips the wait.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from server.api.auth import TenantResolver
 from server.api.gen.loraserve.v1 import adapters_pb2, inference_pb2
 from server.api.handlers import HEADROOM, RpcLimiter, add_service
 from server.api.inference_service import InferenceServicer, ServingState
+from server.api.router_metrics import RouterMetrics
 from server.api.stalls import StallMonitor
 from server.api.tls import ServerTls
 from server.core.config import Config, parse_adapter_flags, startup_warnings
@@ -86,6 +88,8 @@ class LoraServer:
         self.state.tenant_of = self.tenant_resolver
         self.port = 0
         self.metrics_port = 0
+        self.http: Optional[Any] = None
+        self.http_port = 0
         self._stop = asyncio.Event()
         self._second = asyncio.Event()
         self._signals = 0
@@ -106,11 +110,10 @@ class LoraServer:
                                     maximum_concurrent_rpcs=s.max_concurrent_rpcs + HEADROOM)
         add_service(self.grpc, InferenceServicer(self.state, self.metrics), _service(inference_pb2, "Inference"),
                     self.limiter)
-        has_adapters = self._add_adapters_service()
+        self._add_adapters_service()
         add_service(self.grpc, self.health, _service(health_pb2, "Health"))
-        names = [INFERENCE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
-        if has_adapters:
-            names.append(ADAPTERS)
+        names = [INFERENCE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME,
+                 ADAPTERS]
         add_service(self.grpc, reflection.aio.ReflectionServicer(names), _service(reflection_pb2, "ServerReflection"),
                     self.limiter)
         await self._set_health(NOT_SERVING)
@@ -123,11 +126,17 @@ class LoraServer:
             raise OSError(f"cannot bind gRPC to {s.host}:{s.port}")
         await self.grpc.start()
         self.state.stalls.start()
+        if s.http_port >= 0:
+            self.http_port = await self._start_http()
         if s.metrics_port >= 0:
             metrics_ssl = self.tls.ssl_context() if self.tls is not None and s.metrics_tls else None
             self.metrics_port = self.metrics.serve_http(s.metrics_host or s.host, s.metrics_port, metrics_ssl)
+        host = _bracket(s.host)
         log.info(json.dumps({"event": "listening", "host": s.host, "grpc_port": self.port,
+                             "http_port": self.http_port if s.http_port >= 0 else None,
                              "metrics_port": self.metrics_port if s.metrics_port >= 0 else None,
+                             "grpc_target": f"{host}:{self.port}",
+                             "http_url": f"http://{host}:{self.http_port}/v1" if s.http_port >= 0 else None,
                              "tls": self.tls.describe() if self.tls is not None else None,
                              "metrics_tls": bool(self.tls is not None and s.metrics_tls)}))
 
@@ -148,7 +157,8 @@ class LoraServer:
         self.state.resolver = registry
         self.state.model_fingerprint = fingerprint
         self.state.engine = engine
-        self.metrics.attach(engine, getattr(registry, "stats", None))
+        self.metrics.attach(engine.stats, registry.stats)
+        self.metrics.registry.register(RouterMetrics(engine, qualify_tenants=bool(self.cfg.server.tenants)))
         await self._set_health(SERVING)
         log.info(json.dumps({"event": "serving", "model": self.cfg.engine.model,
                              "fingerprint": self.state.model_fingerprint}))
@@ -167,8 +177,11 @@ class LoraServer:
             second.cancel()
         left = self.state.in_flight
         await self.state.stalls.stop()
+        # Cancels what is left on both protocols: their cleanups abort the engine requests.
+        stops = [self._stop_http()]
         if self.grpc is not None:
-            await self.grpc.stop(0)  # cancels what is left: their cleanups abort the engine requests
+            stops.append(self.grpc.stop(0))
+        await asyncio.gather(*stops)
         if self.engine is not None:
             await _in_thread(self.engine.shutdown, 10.0)
         if self.registry is not None:
@@ -191,6 +204,7 @@ class LoraServer:
             await self._set_health(NOT_SERVING)
             if self.grpc is not None:
                 await self.grpc.stop(0)
+            await self._stop_http()
             return 1
         await stopper
         if not loader.done():
@@ -223,6 +237,22 @@ class LoraServer:
     async def _second_signal(self) -> None:
         await self._second.wait()
 
+    async def _start_http(self) -> int:
+        """The OpenAI-compatible API on --http-port: same state, generate path, tenants and metrics as gRPC."""
+        from server.api.http.app import HttpContext, create_app
+        from server.api.http.convert import ModelNames, base_model_id
+        from server.api.http.server import HttpServer
+
+        s, model = self.cfg.server, self.cfg.engine.model
+        names = ModelNames(base_model_id(model), frozenset({model}))
+        ctx = HttpContext(self.state, self.metrics, self.tenants, names, max_request_bytes=s.max_request_bytes)
+        self.http = HttpServer(create_app(ctx))
+        return await self.http.start(s.host, s.http_port)
+
+    async def _stop_http(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
+
     def _admit(self, tenant_name: str, prompt_tokens: int, max_new_tokens: int) -> Any:
         """Hold a concurrent-request quota slot; the returned release charges the tokens actually used."""
         tenant = self.tenants.get(tenant_name)
@@ -251,17 +281,11 @@ class LoraServer:
         # quotas stay with ServingState.admit (it knows prompt lengths)
         return [AuthInterceptor(self.tenants, on_refused=self.metrics.count_auth_failure)]
 
-    def _add_adapters_service(self) -> bool:
-        try:
-            from server.api.adapters_service import add_adapters_service
-        except ModuleNotFoundError as e:
-            if e.name != "server.api.adapters_service":
-                raise
-            log.warning("Adapters service not available in this build: admin RPCs answer UNIMPLEMENTED")
-            return False
+    def _add_adapters_service(self) -> None:
+        from server.api.adapters_service import add_adapters_service
+
         add_adapters_service(self.grpc, self.lazy_registry, self.lazy_engine, self.cfg,
                              tenant_resolver=self.tenant_resolver, limiter=self.limiter)
-        return True
 
     def _make_registry(self, engine: Any, fingerprint: str) -> Any:
         from adapter_registry import Registry, RegistryLimits
@@ -271,7 +295,8 @@ class LoraServer:
         return Registry(root, engine.model_config, fingerprint, self.cfg.engine.max_rank,
                         import_dirs=[Path(d).expanduser() for d in s.import_dirs],
                         host_cache_bytes=s.host_cache_bytes,
-                        limits=RegistryLimits(max_weights_bytes=s.max_upload_bytes), tenants=self.tenants)
+                        limits=RegistryLimits(max_weights_bytes=s.max_upload_bytes), tenants=self.tenants,
+                        is_pinned=engine.pool.is_pinned)
 
     def _register_startup_adapter(self, registry: Any, name: str, path: Path) -> None:
         """`--adapter NAME=PATH`: a new version unless the newest one already has these exact bytes."""
@@ -281,7 +306,7 @@ class LoraServer:
             info = registry.register_path(record.tenant, name, path, {"source": "serve --adapter"},
                                           allow_any_path=True, reuse_identical_latest=True)
             record.version, record.digest = info.version, info.digest
-        log.info(json.dumps({"event": "adapter_registered", "adapter_id": info.adapter_id, "path": str(path)}))
+        log.info(json.dumps({"event": "adapter_registered", "adapter_id": info.ref, "path": str(path)}))
 
     def _fingerprint(self, engine: Any) -> str:
         from server.model.loader import model_fingerprint

@@ -16,15 +16,14 @@ from server.api.gen.loraserve.v1 import adapters_pb2_grpc as pb_grpc
 from server.api.tenants import QuotaTracker, TenantDirectory, hash_key
 from server.metrics import ServerMetrics
 from tests.registry.adapters import make_adapter
-from tests.registry.test_adapters_service import TENANTS, FakeEngine, code_of, env, md, upload  # noqa: F401
+from tests.registry.test_adapters_service import TENANTS, code_of, env, md, upload  # noqa: F401
 
 SECRET = "wrong-but-secret-key-123"
 
 
-async def start(reg, directory, metrics):
+async def start(reg, directory, metrics, engine):
     server = grpc.aio.server(interceptors=[AuthInterceptor(directory, QuotaTracker(),
                                                            on_refused=metrics.count_auth_failure)])
-    engine = FakeEngine()
     add_adapters_service(server, reg, engine, tenant_resolver=TenantResolver(directory))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -36,12 +35,12 @@ def _metric(metrics: ServerMetrics, reason: str) -> float:
 
 
 def test_refusals_are_counted_by_reason_and_never_show_the_key(env, caplog):
-    reg, directory, _ = env
+    reg, directory, _, engine = env
     metrics = ServerMetrics()
     caplog.set_level(logging.INFO)
 
     async def main():
-        server, ch, _ = await start(reg, directory, metrics)
+        server, ch, _ = await start(reg, directory, metrics, engine)
         stub = pb_grpc.AdaptersStub(ch)
         attempts = {
             "missing_key": [[], [("authorization", f"Basic {SECRET}")]],
@@ -88,11 +87,11 @@ def test_every_stored_hash_is_compared_whichever_key_matches(monkeypatch):
 
 
 def test_admin_actions_write_one_audit_line_each(env, caplog):
-    reg, directory, _ = env
+    reg, directory, _, engine = env
     caplog.set_level(logging.INFO, logger="loraserve.audit")
 
     async def main():
-        server, ch, _ = await start(reg, directory, ServerMetrics())
+        server, ch, _ = await start(reg, directory, ServerMetrics(), engine)
         stub = pb_grpc.AdaptersStub(ch)
         a, root = md("alice-key"), md("root-key")
         cfg, weights = make_adapter(seed=1)

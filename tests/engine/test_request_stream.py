@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from server.engine.types import Delta, RequestStream
+from server.core.identity import AdapterVersion
+from server.engine.types import Delta, RequestStream, TokenLogprob
+
+ADAPTER = AdapterVersion("t", "ad", 2, "digest", load=lambda: None)
 
 
 def _delta(i: int, last: bool = False) -> Delta:
-    return Delta("r", [i], f"<{i}>", "length" if last else None, 3, i + 1, "ad", 2)
+    return Delta("r", [i], f"<{i}>", "length" if last else None, 3, i + 1, ADAPTER,
+                 logprobs=[TokenLogprob(i, -0.5)])
 
 
 def test_a_stalled_consumer_leaves_at_most_the_bound_queued_and_loses_nothing():
@@ -26,7 +30,8 @@ def test_a_stalled_consumer_leaves_at_most_the_bound_queued_and_loses_nothing():
         assert [t for d in got for t in d.token_ids] == list(range(1000))
         assert "".join(d.text for d in got) == "".join(f"<{i}>" for i in range(1000))
         assert len(got) == 10 and got[-1].finish_reason == "length" and got[-1].completion_tokens == 1000
-        assert got[-1].adapter_id == "ad" and got[-1].adapter_version == 2
+        assert got[-1].adapter == ADAPTER
+        assert [lp.token_id for d in got for lp in d.logprobs] == list(range(1000))  # one per token, merged too
 
     asyncio.run(main())
 

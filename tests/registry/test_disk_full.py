@@ -33,7 +33,7 @@ def test_every_fill_level_fails_cleanly_or_succeeds_and_space_brings_it_back(tmp
                 filler = fill_filesystem(disk, leave)
                 try:
                     info = reg.register_bytes("t", f"big{i}", big_cfg, big_w)
-                    outcomes[leave] = f"stored {info.adapter_id}"
+                    outcomes[leave] = f"stored {info.ref}"
                 except StorageFullError as e:
                     outcomes[leave] = "full: journal" if "recording" in str(e) else "full: files"
                     assert "disk is full" in str(e) and "nothing was stored" in str(e)
@@ -43,7 +43,7 @@ def test_every_fill_level_fails_cleanly_or_succeeds_and_space_brings_it_back(tmp
                     filler.unlink()
                 # Space is back: the same upload goes through, and everything stored reads back.
                 info = reg.register_bytes("t", f"big{i}", big_cfg, big_w)
-                assert reg.resolve("t", info.adapter_id).load().rank == 16
+                assert reg.resolve("t", info.ref).load().rank == 16
                 assert reg.resolve("t", "base").load().rank == 4
                 if i < len(LEAVE) - 1:
                     assert reg.delete("t", f"big{i}") == [1]  # the next level starts from the same disk
@@ -54,7 +54,8 @@ def test_every_fill_level_fails_cleanly_or_succeeds_and_space_brings_it_back(tmp
         # A restart finds a consistent registry: every version listed, no orphan to sweep.
         reg = Registry(root, TINY, FINGERPRINT, 16)
         try:
-            assert reg.counters.startup_orphans_removed == 0 and reg.counters.startup_temp_removed == 0
+            stats = reg.stats()
+            assert stats.startup_orphans_removed == 0 and stats.startup_temp_removed == 0
             assert sorted(a.name for a in reg.list("t")) == ["base", f"big{len(LEAVE) - 1}"]
         finally:
             reg.close()

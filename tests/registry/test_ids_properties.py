@@ -4,7 +4,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapter_registry.ids import MAX_VERSION, NAME_RE, AdapterRef, check_name, parse_adapter_id
+from adapter_registry.ids import MAX_VERSION, NAME_RE, AdapterSelector, check_name, parse_adapter_id
 from server.core.errors import InvalidRequestError
 
 names = st.from_regex(NAME_RE, fullmatch=True)
@@ -22,7 +22,7 @@ def test_any_string_parses_or_is_refused_by_name(s):
         assert e.field == "adapter_id" and str(e).startswith("adapter_id: ")
         assert len(str(e)) < 400  # a hostile id is shown truncated, never echoed whole
         return
-    assert isinstance(ref, AdapterRef) and NAME_RE.fullmatch(ref.name)
+    assert isinstance(ref, AdapterSelector) and NAME_RE.fullmatch(ref.name)
     assert ref.version is None or 1 <= ref.version <= MAX_VERSION
     assert parse_adapter_id(str(ref)) == ref  # what is accepted has one canonical spelling
 
@@ -31,8 +31,8 @@ def test_any_string_parses_or_is_refused_by_name(s):
 @given(names, st.one_of(st.none(), versions))
 def test_well_formed_ids_round_trip(name, version):
     spelled = name if version is None else f"{name}@{version}"
-    assert parse_adapter_id(spelled) == AdapterRef(name, version)
-    assert parse_adapter_id(f"{name}@latest") == AdapterRef(name, None)
+    assert parse_adapter_id(spelled) == AdapterSelector(name, version)
+    assert parse_adapter_id(f"{name}@latest") == AdapterSelector(name, None)
 
 
 @settings(max_examples=200, deadline=None)
