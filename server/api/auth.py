@@ -90,6 +90,12 @@ def refusal_reason(exc: LoraServeError, metadata: dict[str, str]) -> str:
     return "unknown_tenant"
 
 
+def log_refusal(method: str, reason: str, peer: str, status: str) -> None:
+    """The `auth_refused` line, whichever protocol refused: method, reason and peer, never the key."""
+    log.info(json.dumps({"event": "auth_refused", "method": method, "reason": reason, "peer": peer,
+                         "status": status}))
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates every RPC but health and reflection; `on_refused(reason)` counts each refusal."""
 
@@ -148,8 +154,7 @@ def _refusing(handler: Any, exc: LoraServeError, method: str = "", reason: str =
     code, message = status_for(exc)
 
     def note(context: Any) -> None:
-        log.info(json.dumps({"event": "auth_refused", "method": method, "reason": reason,
-                             "peer": _peer(context), "status": code.name}))
+        log_refusal(method, reason, _peer(context), code.name)
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         note(context)
@@ -247,4 +252,4 @@ def current_caller() -> Optional[Caller]:
 
 
 __all__ = ["AuthInterceptor", "Caller", "TenantResolver", "from_tenants_file", "authenticate", "current_caller",
-           "refusal_reason", "OPEN_CALLER", "REFUSAL_REASONS", "TENANT_HEADER", "AuthenticationError"]
+           "log_refusal", "refusal_reason", "OPEN_CALLER", "REFUSAL_REASONS", "TENANT_HEADER", "AuthenticationError"]
