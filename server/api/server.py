@@ -132,11 +132,12 @@ class LoraServer:
             metrics_ssl = self.tls.ssl_context() if self.tls is not None and s.metrics_tls else None
             self.metrics_port = self.metrics.serve_http(s.metrics_host or s.host, s.metrics_port, metrics_ssl)
         host = _bracket(s.host)
+        scheme = "https" if self.tls is not None else "http"
         log.info(json.dumps({"event": "listening", "host": s.host, "grpc_port": self.port,
                              "http_port": self.http_port if s.http_port >= 0 else None,
                              "metrics_port": self.metrics_port if s.metrics_port >= 0 else None,
                              "grpc_target": f"{host}:{self.port}",
-                             "http_url": f"http://{host}:{self.http_port}/v1" if s.http_port >= 0 else None,
+                             "http_url": f"{scheme}://{host}:{self.http_port}/v1" if s.http_port >= 0 else None,
                              "tls": self.tls.describe() if self.tls is not None else None,
                              "metrics_tls": bool(self.tls is not None and s.metrics_tls)}))
 
@@ -247,7 +248,8 @@ class LoraServer:
         names = ModelNames(base_model_id(model), frozenset({model}))
         ctx = HttpContext(self.state, self.metrics, self.tenants, names, max_request_bytes=s.max_request_bytes)
         self.http = HttpServer(create_app(ctx))
-        return await self.http.start(s.host, s.http_port)
+        ssl_context = self.tls.ssl_context(HttpServer.ALPN) if self.tls is not None else None
+        return await self.http.start(s.host, s.http_port, ssl_context)
 
     async def _stop_http(self) -> None:
         if self.http is not None:

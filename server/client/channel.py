@@ -1,6 +1,7 @@
 """The one way our clients open a channel to a server: plaintext, TLS, or mutual TLS.
 
-`generate`, `adapters`, `bench` and the trainer's `--register` all take the same flags:
+`generate`, `adapters`, `bench` (over gRPC and, with `--protocol http`, HTTPS) and the trainer's `--register`
+all take the same flags:
 
     --tls                 use TLS, trusting the system's CAs
     --tls-ca FILE         use TLS, trusting this CA (PEM) for the server's certificate
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -43,6 +45,18 @@ class ClientTls:
         return grpc.ssl_channel_credentials(root_certificates=_read(self.ca, "--tls-ca"),
                                             private_key=_read(self.key, "--tls-key"),
                                             certificate_chain=_read(self.cert, "--tls-cert"))
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The same trust and client certificate for an HTTPS client (the HTTP API: `bench --protocol http`)."""
+        if bool(self.cert) != bool(self.key):
+            raise SystemExit("error: --tls-cert and --tls-key go together (the client certificate and its key)")
+        try:
+            ctx = ssl.create_default_context(cafile=str(Path(self.ca).expanduser()) if self.ca else None)
+            if self.cert:
+                ctx.load_cert_chain(Path(self.cert).expanduser(), Path(self.key).expanduser())
+        except (OSError, ssl.SSLError) as e:
+            raise SystemExit(f"error: --tls-ca/--tls-cert/--tls-key: {e}") from None
+        return ctx
 
     def options(self) -> list[tuple[str, Any]]:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.enabled and self.server_name else []

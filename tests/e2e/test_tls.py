@@ -1,12 +1,14 @@
-"""TLS and mutual TLS through the real server, with a CA and certificates generated in the test.
+"""TLS and mutual TLS through the real server, on every listener (gRPC, the OpenAI-compatible HTTP API,
+/metrics), with a CA and certificates generated in the test.
 
-Our four clients (`generate`, `adapters`, `bench`, the trainer's registration) reach a TLS server with
-`--tls-ca`; a plaintext client and one trusting another CA are refused; with `--tls-client-ca` a client
-without a certificate, or with one from another CA, is refused; SIGHUP serves a new certificate to new
-connections while a stream opened before it runs to its end.
+Our clients (`generate`, `adapters`, `bench` over gRPC and over HTTP, the trainer's registration) reach a
+TLS server with `--tls-ca`; a plaintext client and one trusting another CA are refused; with
+`--tls-client-ca` a client without a certificate, or with one from another CA, is refused; SIGHUP serves a
+new certificate to new connections on every port while streams opened before it run to their end.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import signal
@@ -16,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 
 from server import cli
@@ -44,15 +47,32 @@ def _status(channel: grpc.Channel) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-def _served_fingerprint(port: int, ca: Issued, client: Issued | None = None, tmp: Path | None = None) -> str:
-    """sha256 of the certificate a fresh TLS connection to `port` is shown (ALPN h2, as gRPC speaks)."""
+def _served_fingerprint(port: int, ca: Issued, client: Issued | None = None, tmp: Path | None = None,
+                        alpn: str = "h2") -> str:
+    """sha256 of the certificate a fresh TLS connection to `port` is shown (ALPN h2 as gRPC speaks, or
+    http/1.1 as the HTTP API does)."""
     ctx = ssl.create_default_context(cadata=ca.cert_pem.decode())
-    ctx.set_alpn_protocols(["h2"])
+    ctx.set_alpn_protocols([alpn])
     if client is not None and tmp is not None:
         ctx.load_cert_chain(*client.write(tmp, "probe"))
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
         with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
             return hashlib.sha256(s.getpeercert(binary_form=True)).hexdigest()
+
+
+def _completion(base_url: str, verify: ssl.SSLContext | bool, model: str = "sec", stream: bool = False,
+                max_tokens: int = 3) -> httpx.Response:
+    """POST /v1/completions over HTTPS (no auth: the server has no tenants file)."""
+    with httpx.Client(base_url=base_url, verify=verify, timeout=30) as client:
+        return client.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": max_tokens,
+                                                    "ignore_eos": True, "stream": stream})
+
+
+def _https(ca: Issued, client: tuple[Path, Path] | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cadata=ca.cert_pem.decode())
+    if client is not None:
+        ctx.load_cert_chain(*client)
+    return ctx
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +125,20 @@ def test_tls_end_to_end_refusals_and_sighup_rotation(tmp_path, tiny_dir, tiny_co
             assert b"loraserve_requests_total" in r.read()
         with pytest.raises(Exception):
             urllib.request.urlopen(f"http://127.0.0.1:{sp.metrics_port}/metrics", timeout=5).read()
+        # The HTTP API speaks HTTPS only, and the HTTP load generator takes the same --tls-ca.
+        https_url = f"https://127.0.0.1:{sp.http_port}"
+        assert listening["http_url"] == f"{https_url}/v1"
+        r = _completion(https_url, _https(pki["ca"]))
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        assert cli.main(["bench", "--protocol", "http", "--base-url", https_url, "--requests", "2",
+                         "--concurrency", "2", "--max-new-tokens", "2", "--min-new-tokens", "2", "--adapters", "sec",
+                         "--tls-ca", str(pki["ca_pem"]), "--output", str(tmp_path / "bench_http.json")]) == 0
+        assert json.loads((tmp_path / "bench_http.json").read_text())["ok"] == 2
+        for verify in (True, _https(pki["other_ca"])):  # the system's CAs, another CA: neither trusts ours
+            with pytest.raises(httpx.ConnectError):
+                _completion(https_url, verify)
+        with pytest.raises(httpx.HTTPError):  # plaintext HTTP to the TLS port: no answer
+            _completion(f"http://127.0.0.1:{sp.http_port}", False)
 
         # Refused: a plaintext client, and a client that trusts another CA.
         assert _status(grpc.insecure_channel(sp.target)) == grpc.StatusCode.UNAVAILABLE
@@ -117,6 +151,13 @@ def test_tls_end_to_end_refusals_and_sighup_rotation(tmp_path, tiny_dir, tiny_co
         held = open_channel(sp.target, trusted)
         stream = ipb_grpc.InferenceStub(held).GenerateStream(_request(200), timeout=120)
         first = next(stream)
+        held_http = contextlib.ExitStack()
+        http_client = held_http.enter_context(httpx.Client(base_url=https_url, verify=_https(pki["ca"]), timeout=120))
+        body = {"model": "sec", "prompt": "hi", "max_tokens": 200, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        sse = held_http.enter_context(http_client.stream("POST", "/v1/completions", json=body))
+        sse_lines = sse.iter_lines()
+        first_event = next(line for line in sse_lines if line.startswith("data: {"))
         rotated = issue(pki["ca"], "loraserve rotated")
         rotated.write(tls_dir, "server")  # same paths, new contents, as an operator's renewal does
         sp.proc.send_signal(signal.SIGHUP)
@@ -125,6 +166,12 @@ def test_tls_end_to_end_refusals_and_sighup_rotation(tmp_path, tiny_dir, tiny_co
         assert _served_fingerprint(sp.port, pki["ca"]) == rotated.fingerprint
         https_port_fp = _served_fingerprint(sp.metrics_port, pki["ca"])
         assert https_port_fp == rotated.fingerprint
+        assert _served_fingerprint(sp.http_port, pki["ca"], alpn="http/1.1") == rotated.fingerprint
+        assert _completion(https_url, _https(pki["ca"])).status_code == 200
+        events = [first_event] + [line for line in sse_lines if line.startswith("data: {")]
+        held_http.close()
+        # The SSE stream opened on the old certificate ran to its end too.
+        assert json.loads(events[-1][6:])["usage"]["completion_tokens"] == 200
         rest = list(stream)  # the stream opened on the old certificate was not dropped
         assert len(first.token_ids) + sum(len(c.token_ids) for c in rest) == 200
         assert rest[-1].finish_reason
@@ -138,12 +185,14 @@ def test_tls_end_to_end_refusals_and_sighup_rotation(tmp_path, tiny_dir, tiny_co
         failed = sp.wait_event("tls_reload_failed", timeout=30)
         assert failed["kept_fingerprint_sha256"] == rotated.fingerprint
         assert _served_fingerprint(sp.port, pki["ca"]) == rotated.fingerprint
+        assert _served_fingerprint(sp.http_port, pki["ca"], alpn="http/1.1") == rotated.fingerprint
         assert _status(open_channel(sp.target, trusted)) == grpc.StatusCode.OK
     finally:
         assert sp.stop() == 0, sp.log_tail()
 
 
 def test_mutual_tls_refuses_clients_without_a_certificate_from_the_client_ca(tmp_path, tiny_dir, pki):
+    base_model = tiny_dir.name  # the HTTP API's id for the base model: the model directory's name
     sp = start_server(tmp_path, "--model", str(tiny_dir), *TINY_SERVER_ARGS, "--tls-cert", str(pki["cert"]),
                       "--tls-key", str(pki["key"]), "--tls-client-ca", str(pki["client_ca_pem"]), "--metrics-tls",
                       env={"LORASERVE_HOME": str(tmp_path / "home")})
@@ -164,9 +213,16 @@ def test_mutual_tls_refuses_clients_without_a_certificate_from_the_client_ca(tmp
         https.load_cert_chain(pki["client_cert"], pki["client_key"])
         with urllib.request.urlopen(f"https://127.0.0.1:{sp.metrics_port}/metrics", context=https, timeout=10) as r:
             assert b"loraserve_requests_total" in r.read()
+        # The HTTP API asks for it too.
+        https_url = f"https://127.0.0.1:{sp.http_port}"
+        client_pair = (pki["client_cert"], pki["client_key"])
+        assert _completion(https_url, _https(pki["ca"], client_pair), model=base_model).status_code == 200
+        for refused_pair in (None, (pki["rogue_cert"], pki["rogue_key"])):
+            with pytest.raises(httpx.HTTPError):  # the handshake (or the first read after it) fails
+                _completion(https_url, _https(pki["ca"], refused_pair), model=base_model)
         # The plaintext/other-CA attempts never reached a handler: nothing served them.
         ok = [r for r in sp.request_lines() if r["status"] == "OK"]
-        assert len(ok) == 1
+        assert len(ok) == 2
     finally:
         assert sp.stop() == 0, sp.log_tail()
 
