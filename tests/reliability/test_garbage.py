@@ -1,4 +1,5 @@
-"""Garbage on the wire: every RPC fed random and mutated bytes through a raw channel (no serializers).
+"""Garbage on the wire: every RPC fed random and mutated bytes through a raw channel (no serializers), and
+every POST route of the HTTP API fed random and mutated bodies.
 
 Bytes that do not decode as the RPC's message must get INVALID_ARGUMENT naming the message type; bytes
 that do decode (a mutated valid request often still parses) get whatever status the servicer gives a
@@ -6,6 +7,7 @@ client's bad input. Never UNKNOWN or INTERNAL, never a hang, and the server serv
 """
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections import Counter
@@ -196,3 +198,32 @@ def test_a_malformed_message_mid_upload_is_invalid_argument(server, tiny_config)
         c.adapters.GetAdapter(apb.GetAdapterRequest(adapter_id="midway"), timeout=10)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
     c.close()
+
+
+HTTP_ROUTES = {  # a valid body per POST route of the OpenAI-compatible API
+    "/v1/completions": {"model": "fuzz", "prompt": "hello", "max_tokens": 4, "ignore_eos": True},
+    "/v1/chat/completions": {"model": "fuzz", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4},
+}
+
+
+def test_the_http_api_answers_garbage_bodies_with_a_client_status(server):
+    """Random and mutated bodies on every POST route: a 2xx or a 4xx in OpenAI's error shape, never a 5xx."""
+    import httpx
+
+    rng = random.Random(16)
+    tally: Counter = Counter()
+    bad: list[str] = []
+    with httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=CALL_TIMEOUT_S) as http:
+        for path, body in HTTP_ROUTES.items():
+            valid = json.dumps(body).encode()
+            for i in range(PAYLOADS_PER_RPC):
+                sent = (bytes(rng.randrange(256) for _ in range(rng.randint(1, 200))) if i % 2 == 0
+                        else mutate(valid, rng))
+                r = http.post(path, content=sent, headers={"content-type": "application/json"})
+                tally[r.status_code] += 1
+                if r.status_code >= 500 or (r.status_code >= 400 and set(r.json().get("error", {})) !=
+                                            {"message", "type", "param", "code"}):
+                    bad.append(f"{path} {sent[:60]!r}: {r.status_code} {r.text[:120]}")
+    print(f"\nHTTP: {sum(tally.values())} garbage bodies over {len(HTTP_ROUTES)} routes: {dict(sorted(tally.items()))}")
+    assert not bad, "\n".join(bad[:20])
+    assert "Traceback" not in "\n".join(server.raw) and "internal error" not in "\n".join(server.raw)
