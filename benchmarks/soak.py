@@ -2,10 +2,11 @@
 
 It starts `loraserve serve` with a tenants file (3 tenants, quotas), registers 40 adapters over 8 device
 slots and a small host cache (so both tiers churn), then for `--duration` seconds runs closed-loop
-workers: normal requests (greedy and sampled, streamed and unary, prompts and chat), 10% streams
-cancelled after their first chunk, 5% requests whose deadline expires, 5% bad requests of every kind in
-docs/api.md's status tables; beside them a new version of a hot adapter every 2 s, initech bursting past
-its concurrency quota and globex past its adapter quota. Then it checks, and writes to JSON:
+workers: normal requests (greedy and sampled, streamed and unary, prompts and chat; a fifth over the
+OpenAI-compatible HTTP API), 10% streams cancelled after their first chunk, 5% requests whose deadline
+expires, 5% bad requests of every kind in docs/api.md's status tables (over gRPC and HTTP); beside them
+a new version of a hot adapter every 2 s, initech bursting past its concurrency quota and globex past its
+adapter quota. Then it checks, and writes to JSON:
 
 - 0 unexpected status codes (each kind allows the statuses its table gives it);
 - every OK greedy answer equals the same request (same adapter version) served alone afterwards;
@@ -130,18 +131,20 @@ async def _replay(traffic: Any, outcomes: list[Any], limit: int, rng: random.Ran
     keys = list(groups)
     if limit and len(keys) > limit:
         keys = rng.sample(keys, limit)
-    mismatches, checked, t0 = [], 0, time.monotonic()
+    mismatches, checked, checked_http, t0 = [], 0, 0, time.monotonic()
     for tenant, adapter, raw in keys:
         req = ipb.GenerateRequest.FromString(raw)
         req.adapter_id = adapter
         alone = await traffic.generate(Outcome("replay", tenant, ()), req, stream=False)
         for o in groups[(tenant, adapter, raw)]:
             checked += 1
+            checked_http += bool(o.allowed_http)
             if alone.code.name != "OK" or alone.token_ids != o.token_ids:
                 mismatches.append({"tenant": tenant, "adapter": adapter or "base", "prompt": req.prompt or "(chat)",
                                    "served": o.token_ids, "alone": alone.token_ids, "alone_status": alone.code.name})
     return {"distinct_requests_replayed": len(keys), "distinct_requests_total": len(groups),
-            "answers_checked": checked, "mismatches": len(mismatches), "mismatch_examples": mismatches[:10],
+            "answers_checked": checked, "answers_checked_served_over_http": checked_http,
+            "mismatches": len(mismatches), "mismatch_examples": mismatches[:10],
             "replay_seconds": round(time.monotonic() - t0, 1)}
 
 
@@ -174,7 +177,7 @@ def _counts(outcomes: list[Any]) -> dict[str, dict[str, int]]:
     by: dict[str, Counter] = defaultdict(Counter)
     for o in outcomes:
         kind = "bad" if o.kind.startswith("bad: ") else o.kind
-        by[kind][o.code.name] += 1
+        by[kind][o.status] += 1
     return {k: dict(v) for k, v in sorted(by.items())}
 
 
@@ -187,6 +190,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     from server.api.gen.loraserve.v1 import adapters_pb2 as apb
     from server.api.gen.loraserve.v1 import inference_pb2 as ipb
     from server.api.gen.loraserve.v1 import inference_pb2_grpc as ipb_grpc
+    from server.api.http.convert import base_model_id
     from server.model.config import ModelConfig
     from server.model.loader import resolve_model
 
@@ -209,7 +213,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         async with grpc.aio.insecure_channel(server.target) as channel:
             info = await ipb_grpc.InferenceStub(channel).ModelInfo(
                 ipb.ModelInfoRequest(), metadata=[("authorization", f"Bearer {keys['acme']}")], timeout=60)
-            traffic = Traffic(channel, keys, mc, info.context_length, rng)
+            traffic = Traffic(channel, keys, mc, info.context_length, rng, f"http://127.0.0.1:{server.http_port}",
+                              base_model_id(args.model))
             t0 = time.monotonic()
             await traffic.register_all()
             report["setup_seconds"] = round(time.monotonic() - t0, 1)
@@ -231,6 +236,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             except grpc.aio.AioRpcError as e:
                 unpinned = e.code().name
             after_replay = await _settle(server)
+            await traffic.close()
         metrics = server.metrics()
     finally:
         code = server.stop()
@@ -240,16 +246,20 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     report.update({
         "model": {"name": args.model, "layers": mc.num_layers, "hidden": mc.hidden_size, "context": info.context_length,
                   "quantize": args.quantize, "dtype": args.dtype},
-        "load_seconds": round(load_seconds, 1), "requests": len(outcomes), "statuses_by_kind": _counts(outcomes),
+        "load_seconds": round(load_seconds, 1), "requests": len(outcomes),
+        "requests_over_http": sum(1 for o in outcomes if o.allowed_http),
+        "share_by_kind": {k: round(sum(v.values()) / max(len(outcomes), 1), 3) for k, v in _counts(outcomes).items()},
+        "statuses_by_kind": _counts(outcomes),
         "unexpected": len(unexpected),
-        "unexpected_examples": [{"kind": o.kind, "tenant": o.tenant, "status": o.code.name, "details": o.details[:300],
-                                 "allowed": [c.name for c in o.allowed], "must_say": o.must_say}
+        "unexpected_examples": [{"kind": o.kind, "tenant": o.tenant, "status": o.status, "details": o.details[:300],
+                                 "allowed": [c.name for c in o.allowed] + [f"HTTP_{h}" for h in o.allowed_http],
+                                 "must_say": o.must_say}
                                 for o in unexpected[:20]],
         "hot_swaps": {"versions_registered": sum(1 for o in outcomes if o.kind == "hot_swap" and o.code.name == "OK"),
                       "latest": traffic.hot_versions,
                       "register_p50_s": _pct(traffic.registrations, 50),
                       "register_p99_s": _pct(traffic.registrations, 99)},
-        "quota_refusals": sum(1 for o in outcomes if o.code.name == "RESOURCE_EXHAUSTED"
+        "quota_refusals": sum(1 for o in outcomes if o.status in ("RESOURCE_EXHAUSTED", "HTTP_429")
                               and o.kind in ("quota_burst", "quota_names", "normal")),
         "bad_kinds_sent": min(traffic.bad_index, len(traffic.bad_catalogue())),
         "greedy_replay": replay,

@@ -4,6 +4,9 @@ A request's outcome is "expected" when its status is one its kind allows (and, w
 says the right thing): a normal request must succeed (initech may also meet its concurrency quota), a
 cancelled stream ends CANCELLED, an expired deadline DEADLINE_EXCEEDED, and each bad request gets the
 status docs/api.md's tables give it. Anything else is unexpected, and the soak fails on the first one.
+
+Normal requests go over gRPC and, a fifth of them, over the OpenAI-compatible HTTP API (with
+`return_token_ids`, so their greedy answers join the replay check); bad requests cover both protocols.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional
 
 import grpc
+import httpx
 import torch
 from safetensors.torch import save
 
@@ -35,6 +39,7 @@ PROMPTS = ["The capital of France is", "Write a haiku about rivers.", "List thre
            "Once upon a time", "def fibonacci(n):", "Translate to French: good morning",
            "The quick brown fox", "Explain what a GPU does in one sentence."]
 MAX_NEW = (8, 12, 16)
+HTTP_SHARE = 0.2                      # of normal requests, sent over the HTTP API
 
 
 def make_lora(mc: ModelConfig, rank: int, targets: tuple[str, ...], seed: int) -> tuple[bytes, bytes]:
@@ -80,6 +85,8 @@ class Outcome:
     code: grpc.StatusCode = OK
     details: str = ""
     must_say: str = ""          # a word the refusal's message must contain
+    allowed_http: tuple[int, ...] = ()  # an HTTP API call: the HTTP statuses it may get
+    http_status: int = 0
     started: float = 0.0
     latency_s: float = 0.0
     ttft_s: Optional[float] = None
@@ -89,7 +96,16 @@ class Outcome:
     token_ids: list[int] = field(default_factory=list)
 
     @property
+    def status(self) -> str:
+        """The gRPC code's name, or HTTP_<n> for an HTTP answer other than 200."""
+        return f"HTTP_{self.http_status}" if self.http_status not in (0, 200) else self.code.name
+
+    @property
     def expected(self) -> bool:
+        if self.allowed_http:
+            if self.http_status not in self.allowed_http:
+                return False
+            return self.http_status == 200 or not self.must_say or self.must_say in self.details
         if self.code not in self.allowed:
             return False
         return self.code == OK or not self.must_say or self.must_say in self.details
@@ -104,8 +120,10 @@ class Traffic:
     """Sends the soak's requests over one channel; every call returns an Outcome."""
 
     def __init__(self, channel: grpc.aio.Channel, keys: dict[str, str], mc: ModelConfig, context_len: int,
-                 rng: random.Random):
+                 rng: random.Random, http_base: str, base_model: str):
         self.channel, self.keys, self.mc, self.context_len, self.rng = channel, keys, mc, context_len, rng
+        self.http = httpx.AsyncClient(base_url=http_base, timeout=600)
+        self.base_model = base_model  # the HTTP API's id for the base model
         self.inference = ipb_grpc.InferenceStub(channel)
         self.adapters = apb_grpc.AdaptersStub(channel)
         self.names = {t: [f"{t}-{i:02d}" for i in range(n)] for t, n in TENANT_ADAPTERS.items()}
@@ -200,7 +218,64 @@ class Traffic:
         tenant = self.rng.choice(list(TENANT_ADAPTERS))
         allowed, say = self._normal_allowed(tenant)
         req = self._request(tenant, greedy=self.rng.random() < 0.6)
-        return await self.generate(Outcome("normal", tenant, allowed, must_say=say), req, self.rng.random() < 0.5)
+        out = Outcome("normal", tenant, allowed, must_say=say)
+        if self.rng.random() < HTTP_SHARE:
+            out.allowed_http = (200, 429) if grpc.StatusCode.RESOURCE_EXHAUSTED in allowed else (200,)
+            return await self.generate_http(out, req, self.rng.random() < 0.5)
+        return await self.generate(out, req, self.rng.random() < 0.5)
+
+    async def generate_http(self, out: Outcome, req: ipb.GenerateRequest, stream: bool) -> Outcome:
+        """`req` as the OpenAI API states it (completions or chat), token ids returned: the replay can check it."""
+        out.request, out.started = req, time.monotonic()
+        p = req.params
+        body: dict[str, Any] = {"model": req.adapter_id or self.base_model, "max_tokens": p.max_new_tokens,
+                                "temperature": p.temperature, "ignore_eos": True, "return_token_ids": True,
+                                "stream": stream}
+        if p.temperature:
+            body.update(top_p=p.top_p, seed=p.seed)
+        if req.HasField("messages"):
+            path = "/v1/chat/completions"
+            body["messages"] = [{"role": m.role, "content": m.content} for m in req.messages.messages]
+        else:
+            path, body["prompt"] = "/v1/completions", req.prompt
+        headers = {"Authorization": f"Bearer {self.keys[out.tenant]}"}
+        try:
+            if stream:
+                async with self.http.stream("POST", path, json=body, headers=headers) as r:
+                    out.http_status = r.status_code
+                    if r.status_code != 200:
+                        out.details = _http_message((await r.aread()).decode("utf-8", "replace"))
+                    else:
+                        async for line in r.aiter_lines():
+                            if line.startswith("data: {"):
+                                self._http_chunk(out, json.loads(line[6:]))
+            else:
+                r = await self.http.post(path, json=body, headers=headers)
+                out.http_status = r.status_code
+                if r.status_code != 200:
+                    out.details = _http_message(r.text)
+                else:
+                    self._http_chunk(out, r.json())
+        except httpx.HTTPError as e:
+            out.http_status, out.details = -1, f"{type(e).__name__}: {e}"
+        if out.http_status != 200:
+            out.code = grpc.StatusCode.UNKNOWN  # not OK: the HTTP status says what it was
+        out.latency_s = time.monotonic() - out.started
+        return out
+
+    @staticmethod
+    def _http_chunk(out: Outcome, chunk: dict[str, Any]) -> None:
+        if "error" in chunk:  # an error after the stream began
+            out.http_status, out.details = int(chunk["error"].get("code") or 500), chunk["error"].get("message", "")
+            return
+        for choice in chunk.get("choices") or ():
+            ids = choice.get("token_ids") or []
+            if ids and out.ttft_s is None:
+                out.ttft_s = time.monotonic() - out.started
+            out.token_ids.extend(ids)
+        name, _, version = str(chunk.get("model", "")).partition("@")
+        if version:  # "name@N": an adapter served it; the base model's id has no version
+            out.adapter_id, out.version = name, int(version)
 
     async def cancelled(self) -> Outcome:
         tenant = self.rng.choice(["acme", "globex"])
@@ -240,13 +315,13 @@ class Traffic:
         return out
 
     # ---- bad requests: every row of docs/api.md's status tables -----------------------------------
-    def bad_catalogue(self) -> list[tuple[str, grpc.StatusCode, str, Callable[[], Awaitable[Any]]]]:
-        """(name, status, a word its message must contain, the call); built once."""
+    def bad_catalogue(self) -> list[tuple[str, Any, str, Callable[[], Awaitable[Any]]]]:
+        """(name, gRPC status or HTTP status, a word its message must contain, the call); built once."""
         if self._catalogue is None:
             self._catalogue = self._build_catalogue()
         return self._catalogue
 
-    def _build_catalogue(self) -> list[tuple[str, grpc.StatusCode, str, Callable[[], Awaitable[Any]]]]:
+    def _build_catalogue(self) -> list[tuple[str, Any, str, Callable[[], Awaitable[Any]]]]:
         A, I = self.adapters, self.inference
         acme, md = self.md("acme"), self.md
 
@@ -272,6 +347,7 @@ class Traffic:
         header = apb.RegisterAdapterRequest(header=apb.RegisterAdapterHeader(name="x", adapter_config_json="{}"))
         chunk = apb.RegisterAdapterRequest(chunk=b"abc")
         raw = self.channel.unary_unary("/loraserve.v1.Inference/Generate")
+        post = self._http_refusal
         IA, NF, RE = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED
         cat = [
             ("unknown adapter", NF, "not found", gen("no-such-adapter")),
@@ -309,16 +385,70 @@ class Traffic:
         ]
         cat += [(f"malformed id {bad!r}", IA, "adapter_id", gen(bad))
                 for bad in ("../x", "A", "n@0", "n@01", "n@x", "a" * 65, "n@2147483648")]
+        cat += [
+            ("top_logprobs without logprobs", IA, "top_logprobs", gen(top_logprobs=3)),
+            ("top_logprobs over 20", IA, "top_logprobs", gen(logprobs=True, top_logprobs=21)),
+            ("prompt longer than the context", IA, "prompt", gen_ids([1] * (self.context_len + 1))),
+        ]
+        # The same refusals over the HTTP API, with the HTTP statuses docs/api.md gives them.
+        body = {"model": "acme-01", "prompt": "hi", "max_tokens": 4}
+        cat += [
+            ("HTTP: no API key", 401, "missing API key", post(body, key="")),
+            ("HTTP: wrong API key", 401, "invalid API key", post(body, key=secrets.token_hex(8))),
+            ("HTTP: acting for another tenant", 403, "may not act", post(body, tenant="globex")),
+            ("HTTP: unknown model", 404, "not found", post({**body, "model": "no-such-adapter"})),
+            ("HTTP: another tenant's adapter", 404, "not found", post({**body, "model": "globex-01"})),
+            ("HTTP: body not JSON", 400, "JSON", post(content=b'{"model": ')),
+            ("HTTP: unknown field", 400, "not a field", post({**body, "frobnicate": 1})),
+            ("HTTP: temperature out of range", 400, "temperature", post({**body, "temperature": 200})),
+            ("HTTP: malformed model id (one answer with unknown ones)", 404, "not found",
+             post({**body, "model": "n@0"})),
+            ("HTTP: body over --max-request-bytes", 413, "max-request-bytes",
+             post({**body, "prompt": "x" * (5 << 20)})),
+        ]
         return cat
+
+    def _http_refusal(self, body: Optional[dict] = None, content: Optional[bytes] = None, key: Optional[str] = None,
+                      tenant: str = "") -> Callable[[], Awaitable[tuple[int, str]]]:
+        """A POST /v1/completions as acme (or with `key`): returns (HTTP status, the error's message)."""
+        headers = {"Authorization": f"Bearer {self.keys['acme'] if key is None else key}"} if key != "" else {}
+        if tenant:
+            headers["x-loraserve-tenant"] = tenant
+
+        async def call() -> tuple[int, str]:
+            r = await self.http.post("/v1/completions", json=body, content=content,
+                                     headers={**headers, "Content-Type": "application/json"})
+            return r.status_code, _http_message(r.text)
+
+        return call
 
     async def bad(self) -> Outcome:
         cat = self.bad_catalogue()
         name, code, say, call = cat[self.bad_index % len(cat)]
         self.bad_index += 1
-        out = Outcome(f"bad: {name}", "acme", (code,), must_say=say, started=time.monotonic())
-        try:
-            await call()
-        except grpc.aio.AioRpcError as e:
-            out.code, out.details = e.code(), e.details() or ""
+        if isinstance(code, int):  # an HTTP API call
+            out = Outcome(f"bad: {name}", "acme", (), must_say=say, allowed_http=(code,), started=time.monotonic())
+            try:
+                out.http_status, out.details = await call()
+            except httpx.HTTPError as e:
+                out.http_status, out.details = -1, f"{type(e).__name__}: {e}"
+            out.code = OK if out.http_status == 200 else grpc.StatusCode.UNKNOWN
+        else:
+            out = Outcome(f"bad: {name}", "acme", (code,), must_say=say, started=time.monotonic())
+            try:
+                await call()
+            except grpc.aio.AioRpcError as e:
+                out.code, out.details = e.code(), e.details() or ""
         out.latency_s = time.monotonic() - out.started
         return out
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+def _http_message(text: str) -> str:
+    """The OpenAI-shaped error's message (or the raw body when it is not one)."""
+    try:
+        return str(json.loads(text)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return text[:300]
