@@ -1,16 +1,20 @@
 """The adapter registry: what the server resolves adapter ids through.
 
-Disk (content-addressed objects + SQLite index) -> host LRU (`HostCache`) -> device slots
+Disk (content-addressed objects + an index) -> host LRU (`HostCache`) -> device slots
 (the engine's pool, keyed by the same digest). `resolve` hands the engine an AdapterSpec
 whose `load` reads through the host tier; the engine calls it in a worker thread.
 
+The index is SQLite inside the registry directory, or PostgreSQL shared by a fleet of
+replicas with the objects on a shared folder (`backends.py`); there, a change feed keeps a
+resolve cache current on every replica, which also serves adapters already resolved while
+the database is unreachable.
+
 Deleting a version removes its index row at once (it can no longer be resolved), but its
-files stay until the last AdapterSpec handed out for it is gone, so requests that
-resolved it before the delete still finish on it.
+files stay until the last AdapterSpec handed out for it is gone (and, on a shared folder, a
+grace period has passed), so requests that resolved it before the delete still finish on it.
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import threading
@@ -28,10 +32,12 @@ from server.core.errors import (AdapterInUseError, AdapterLoadError, AdapterNotF
 from server.lora.weights import CONFIG_NAME, WEIGHTS_NAME, LoraWeights
 from server.model.config import ModelConfig
 
+from .backends import open_backend
 from .cache import HostCache
+from .collector import ObjectCollector, Periodic
 from .ids import AdapterRef, check_name, check_tenant, parse_adapter_id
-from .index import Index, VersionRow
-from .store import ObjectStore, content_digest
+from .index_api import Change, VersionRow
+from .store import content_digest
 from .validate import BIN_HINT, RegistryLimits, load_validated, validate_adapter
 
 log = logging.getLogger("loraserve.registry")
@@ -74,6 +80,7 @@ class RegistryCounters:
     objects_removed: int = 0
     startup_temp_removed: int = 0
     startup_orphans_removed: int = 0
+    remote_changes: int = 0          # publishes and deletes made by other replicas, heard of here
 
 
 class _Loader:
@@ -91,27 +98,24 @@ class _Loader:
 class Registry:
     """Persistent, versioned, validated, tenant-scoped adapters (see the module docstring)."""
 
-    def __init__(self, root: Path, model_config: ModelConfig, base_fingerprint: str, max_rank: int,
+    def __init__(self, root: "Path | str", model_config: ModelConfig, base_fingerprint: str, max_rank: int,
                  import_dirs: Sequence[Path] = (), host_cache_bytes: int = 2 << 30,
-                 limits: RegistryLimits = RegistryLimits(), tenants: Optional[QuotaSource] = None):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+                 limits: RegistryLimits = RegistryLimits(), tenants: Optional[QuotaSource] = None, *,
+                 objects: Optional[Path] = None, object_grace_s: float = 600.0, resync_interval_s: float = 30.0):
+        """`root`: a registry directory, or a `postgresql://` URL with `objects` the shared folder."""
         self.model_config = model_config
         self.base_fingerprint = base_fingerprint
         self.max_rank = int(max_rank)
         self.limits = limits
         self.tenants = tenants
         self.import_dirs = tuple(Path(d).resolve() for d in import_dirs)
-        self._lock_fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self._lock_fd)
-            raise UnavailableError(f"registry {self.root} is in use by another loraserve process") from None
-        self.store = ObjectStore(self.root)
-        self.index = Index(self.root / "index.sqlite")
-        self.cache = HostCache(host_cache_bytes)
         self.counters = RegistryCounters()
+        self._closed = False
+        self._backend = open_backend(root, objects, object_grace_s, resync_interval_s, self._on_remote_change)
+        self.index = self._backend.index
+        self.store = self._backend.store
+        self.root = self.store.root
+        self.cache = HostCache(host_cache_bytes)
         self._publish_lock = threading.RLock()   # store + index changes, so GC never races a publish
         self._state_lock = threading.RLock()    # the two dicts below
         self._live: dict[str, int] = {}         # digest -> AdapterSpecs alive for it
@@ -119,7 +123,16 @@ class Registry:
         # Removing files of deleted versions (fsync, rmtree) happens here, never in the thread that
         # happened to drop the last AdapterSpec (often the engine's loop thread).
         self._gc = ShortLivedThreads(1, "registry-gc")
-        swept = self.store.sweep(self.index.all_digests())
+        self._collector = ObjectCollector(self.store, self.index, self._backend.grace_s, self._in_use,
+                                          self.cache.discard)
+        self._periodic: Optional[Periodic] = None
+        if self.index.shared:  # another replica may be publishing into the folder right now
+            swept = self._collector.collect()
+            swept = {"temp": swept["temp"], "orphan_objects": swept["objects"]}
+            every = min(max(self._backend.grace_s / 2, 5.0), 300.0)
+            self._periodic = Periodic(every, self._collect_soon, "registry-collector")
+        else:
+            swept = self.store.sweep(self.index.all_digests())
         self.counters.startup_temp_removed = swept["temp"]
         self.counters.startup_orphans_removed = swept["orphan_objects"]
         if swept["temp"] or swept["orphan_objects"]:
@@ -127,11 +140,45 @@ class Registry:
                         swept["temp"], swept["orphan_objects"])
 
     def close(self) -> None:
+        if self._closed:
+            return
+        if self._periodic is not None:
+            self._periodic.stop()
         self._gc.shutdown(wait=True)
-        self.index.close()
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = -1
+        with self._publish_lock:
+            self._closed = True
+        self._backend.close()
+
+    # ---- fleet: propagation and clean-up -----------------------------------------------------
+
+    def _on_remote_change(self, change: Change) -> None:
+        """A publish or delete committed by any replica (this one's included), from the change feed."""
+        self._count("remote_changes")
+        log.debug("registry change %s %s/%s %s", change.op, change.tenant, change.name, list(change.versions))
+
+    def _changed_here(self, op: str, tenant: str, name: str, versions: list[int]) -> None:
+        """Our own publish or delete is visible to our resolves before the call returns, not a notification later."""
+        if self._backend.cache is not None:
+            self._backend.cache.apply(Change(op, tenant, name, tuple(versions)))
+
+    def _in_use(self, digest: str) -> bool:
+        with self._state_lock:
+            return digest in self._live
+
+    def _collect_soon(self) -> None:
+        try:
+            self._gc.submit(self.collect_garbage)
+        except RuntimeError:
+            pass  # closing
+
+    def collect_garbage(self) -> dict[str, int]:
+        """Remove unused objects and abandoned temp dirs past the grace period (periodic on a shared folder)."""
+        with self._publish_lock:
+            if self._closed:
+                return {"objects": 0, "temp": 0}
+        out = self._collector.collect()
+        self._count("objects_removed", out["objects"])
+        return out
 
     # ---- publish -----------------------------------------------------------------------------
 
@@ -159,15 +206,20 @@ class Registry:
             raise
         digest = content_digest(config_json, weights)
         quotas = self._quotas(tenant)
+        cfg_bytes, w_bytes = bytes(config_json), bytes(weights)
+        self.store.publish(digest, cfg_bytes, w_bytes)
         with self._publish_lock:
-            self.store.publish(digest, bytes(config_json), bytes(weights))
             try:
+                # The object is checked (and written again if a collector removed it meanwhile) inside
+                # the index transaction, where no removal of it can run.
                 row = self.index.publish(tenant, name, digest, self.base_fingerprint, v.rank, v.targets,
                                          len(config_json) + len(weights), meta,
-                                         max_names=quotas.max_adapters, max_versions=quotas.max_adapter_versions)
+                                         max_names=quotas.max_adapters, max_versions=quotas.max_adapter_versions,
+                                         ensure_object=lambda: self.store.publish(digest, cfg_bytes, w_bytes))
             except BaseException:
                 self._maybe_remove_object(digest)
                 raise
+        self._changed_here("publish", tenant, name, [row.version])
         self.cache.put(digest, v.weights)
         self._count("registered")
         log.info("registered %s/%s digest=%s rank=%d targets=%s", tenant, row.adapter_id, digest[:12],
@@ -263,17 +315,18 @@ class Registry:
 
     # ---- lookup ------------------------------------------------------------------------------
 
-    def _row(self, tenant: str, adapter_id: str) -> tuple[AdapterRef, VersionRow]:
+    def _row(self, tenant: str, adapter_id: str, cached: bool = False) -> tuple[AdapterRef, VersionRow]:
+        """`cached`: through the resolve cache (the request path), else straight from the index."""
         ref = parse_adapter_id(adapter_id)
         check_tenant(tenant)
-        row = self.index.get_version(tenant, ref.name, ref.version)
+        row = (self._backend.lookup if cached else self.index).get_version(tenant, ref.name, ref.version)
         if row is None:
             raise AdapterNotFoundError(adapter_id)  # same message for another tenant's adapter
         return ref, row
 
     def resolve(self, tenant: str, adapter_id: str) -> AdapterSpec:
         """The immutable version `adapter_id` names for `tenant` right now, ready for the engine."""
-        _, row = self._row(tenant, adapter_id)
+        _, row = self._row(tenant, adapter_id, cached=True)
         if row.base_fingerprint != self.base_fingerprint:
             raise AdapterRejectedError(
                 f"adapter {adapter_id!r} was registered for base model {row.base_fingerprint[:16]}, "
@@ -303,16 +356,16 @@ class Registry:
             pass  # closed: the next start-up sweep removes what no row points at
 
     def _maybe_remove_object(self, digest: str) -> None:
-        """Remove an object once no index row and no live AdapterSpec needs it."""
+        """Remove an object once no index row and no live AdapterSpec needs it (see collector.py)."""
         with self._publish_lock:
-            with self._state_lock:
-                if digest in self._live:
-                    return
-            if self._lock_fd < 0 or self.index.digest_referenced(digest):
+            if self._closed:
                 return
-            self.cache.discard(digest)
-            if self.store.exists(digest):
-                self.store.remove(digest)
+            try:
+                removed = self._collector.remove_if_unused(digest)
+            except UnavailableError as e:  # the shared index is down: the periodic collector tries later
+                log.warning("not removing object %s now: %s", digest[:12], e)
+                return
+            if removed:
                 self._count("objects_removed")
 
     def _load_weights(self, digest: str, adapter_id: str) -> LoraWeights:
@@ -399,7 +452,8 @@ class Registry:
         if pinned:
             raise AdapterInUseError(f"adapter {', '.join(pinned)} is pinned; unload (unpin) it before deleting")
         with self._publish_lock:
-            self.index.delete(tenant, ref.name, [r.version for r in rows])
+            gone = self.index.delete(tenant, ref.name, [r.version for r in rows])
+        self._changed_here("delete", tenant, ref.name, gone)
         for digest in {r.digest for r in rows}:
             self._maybe_remove_object(digest)
         self._count("deleted_versions", len(rows))
@@ -413,8 +467,12 @@ class Registry:
     def stats(self) -> dict[str, Any]:
         """Counters of the disk and host tiers, for the metrics module."""
         c = self.cache.stats()
-        return {
-            "versions_stored": self.index.count_versions(),
+        try:
+            self._versions_stored = self.index.count_versions()
+        except UnavailableError:
+            pass  # the shared index is down: keep exporting the last count
+        out = {
+            "versions_stored": getattr(self, "_versions_stored", 0),
             "registered_total": self.counters.registered,
             "rejected_total": self.counters.rejected,
             "deleted_versions_total": self.counters.deleted_versions,
@@ -433,3 +491,16 @@ class Registry:
             "host_bytes": c.bytes,
             "host_budget_bytes": c.budget_bytes,
         }
+        out.update(self._fleet_stats())
+        return out
+
+    def _fleet_stats(self) -> dict[str, Any]:
+        """The shared index's health as this replica sees it (empty for a local registry)."""
+        cache, feed = self._backend.cache, self._backend.feed
+        if cache is None or feed is None:
+            return {}
+        s = cache.stats()
+        return {"index_up": 1 if s.up else 0, "remote_changes_total": self.counters.remote_changes,
+                "index_resyncs_total": feed.resyncs, "index_disconnects_total": feed.disconnects,
+                "resolve_cache_hits_total": s.hits, "resolve_cache_reads_total": s.reads,
+                "resolve_stale_served_total": s.stale_served, "resolve_refused_total": s.refused}
