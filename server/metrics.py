@@ -159,7 +159,34 @@ class EngineCollector(Collector):
                                       value=_get(rs, "registered_total"))
             yield CounterMetricFamily("loraserve_adapter_rejections", "Adapter registrations refused by validation.",
                                       value=_get(rs, "rejected_total"))
+            yield from _fleet_metrics(rs)
         if host is None or host < 0:
             host = 0.0
         yield GaugeMetricFamily("loraserve_adapters_in_host_memory", "Adapters held in the host-memory tier.",
                                 value=host)
+
+
+# A registry shared by a fleet (PostgreSQL index) reports these; a local one does not.
+_FLEET_COUNTERS = {
+    "loraserve_registry_remote_changes": ("Adapter publishes and deletes heard from the shared index.",
+                                          "remote_changes_total"),
+    "loraserve_registry_index_resyncs": ("Times the resolve cache was re-read from the shared index.",
+                                         "index_resyncs_total"),
+    "loraserve_registry_index_disconnects": ("Times the connection to the shared index was lost.",
+                                             "index_disconnects_total"),
+    "loraserve_registry_resolve_cache_hits": ("Adapter ids resolved from memory.", "resolve_cache_hits_total"),
+    "loraserve_registry_resolve_cache_reads": ("Adapter ids read from the shared index.", "resolve_cache_reads_total"),
+    "loraserve_registry_resolve_stale_served": ("Adapter ids served from memory while the index was down.",
+                                                "resolve_stale_served_total"),
+    "loraserve_registry_resolve_refused": ("Adapter ids refused (UNAVAILABLE) while the index was down.",
+                                           "resolve_refused_total"),
+}
+
+
+def _fleet_metrics(rs: Any) -> Iterable[Metric]:
+    if _get(rs, "index_up", default=-1) < 0:
+        return
+    yield GaugeMetricFamily("loraserve_registry_index_up", "1 while the shared registry index is reachable.",
+                            value=_get(rs, "index_up"))
+    for name, (doc, key) in _FLEET_COUNTERS.items():
+        yield CounterMetricFamily(name, doc, value=_get(rs, key))

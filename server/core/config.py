@@ -41,6 +41,9 @@ class ServerConfig:
     metrics_host: str = field(default="", metadata={"help": "address for /metrics (default: same as --host)"})
     grace_period: float = field(default=30.0, metadata={
         "help": "seconds in-flight calls get to finish after SIGTERM/SIGINT"})
+    drain_delay: float = field(default=0.0, metadata={
+        "help": "seconds a replica keeps accepting new calls after SIGTERM while health says NOT_SERVING, so a "
+                "load balancer stops sending before it refuses (set it above the balancer's check interval)"})
     max_request_bytes: int = field(default=4 << 20, metadata={
         "help": "largest inference request message accepted, in bytes"})
     max_response_bytes: int = field(default=16 << 20, metadata={"help": "largest response message, in bytes"})
@@ -52,7 +55,15 @@ class ServerConfig:
         "help": "max_new_tokens for requests that leave it unset"})
     tenants: str = field(default="", metadata={
         "help": "tenants TOML file (API key hashes, quotas); empty = single-tenant, no auth"})
-    registry: str = field(default="", metadata={"help": "adapter registry directory (default: $LORASERVE_HOME/registry)"})
+    registry: str = field(default="", metadata={
+        "help": "adapter registry: a directory (SQLite index, default $LORASERVE_HOME/registry) or a "
+                "postgresql:// URL shared by a fleet of replicas (then --objects is required)"})
+    objects: str = field(default="", metadata={
+        "help": "folder of adapter files (content-addressed, immutable); with a postgresql:// registry, one "
+                "every replica mounts (NFS, a ReadWriteMany volume) [default: inside the registry directory]"})
+    object_grace_period: float = field(default=600.0, metadata={
+        "help": "seconds an unused adapter file or unfinished upload is kept in a shared --objects folder "
+                "before removal (longer than any request waits to start)"})
     import_dirs: list[str] = field(default_factory=list, metadata={
         "help": "server-side directories RegisterAdapter(server_path=...) may read from", "flag": "--import-dir"})
     adapters: list[str] = field(default_factory=list, metadata={
@@ -244,8 +255,12 @@ def validate(cfg: Config) -> None:
         v = getattr(s, name)
         if not lo <= v <= 65535:
             raise InvalidRequestError(name, f"is {v}; allowed range is [{lo}, 65535]")
-    if s.grace_period < 0:
-        raise InvalidRequestError("grace_period", f"is {s.grace_period}; must be >= 0 seconds")
+    for name in ("grace_period", "drain_delay", "object_grace_period"):
+        if getattr(s, name) < 0:
+            raise InvalidRequestError(name, f"is {getattr(s, name)}; must be >= 0 seconds")
+    if s.registry.startswith(("postgresql://", "postgres://")) and not s.objects:
+        raise InvalidRequestError("objects", "a postgresql:// registry needs --objects DIR: the folder of adapter "
+                                  "files every replica mounts")
     for name in ("max_request_bytes", "max_response_bytes", "max_upload_bytes", "max_concurrent_rpcs",
                  "default_max_new_tokens"):
         if getattr(s, name) < 1:
