@@ -109,6 +109,7 @@ def generate_main(argv: list[str]) -> int:
     from google.protobuf import json_format
 
     from server.client.admin import metadata
+    from server.client.routing import routing_metadata
     from server.api.gen.loraserve.v1 import inference_pb2 as pb
     from server.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -127,7 +128,7 @@ def generate_main(argv: list[str]) -> int:
     else:
         req.messages.messages.extend(pb.ChatMessage(role=m["role"], content=m.get("content", ""))
                                      for m in _read_messages(args.messages))
-    md = metadata(args.api_key)
+    md = metadata(args.api_key) + routing_metadata(args.adapter)  # a fleet's proxy routes on the adapter
     t0 = time.perf_counter()
     with grpc.insecure_channel(args.target) as channel:
         stub = pb_grpc.InferenceStub(channel)

@@ -86,6 +86,7 @@ async def run(args: argparse.Namespace) -> Summary:
     import grpc
 
     from server.client.admin import metadata
+    from server.client.routing import routing_metadata
     from server.api.gen.loraserve.v1 import inference_pb2 as pb
     from server.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -108,7 +109,7 @@ async def run(args: argparse.Namespace) -> Summary:
                 params = pb.SamplingParams(max_new_tokens=rng.randint(args.min_new_tokens, args.max_new_tokens),
                                            ignore_eos=True, temperature=args.temperature, seed=i)
                 req = pb.GenerateRequest(request_id=f"bench-{i}", adapter_id=choice[i], prompt=prompt, params=params)
-                results.append(await _one(stub, pb, req, md, args.timeout))
+                results.append(await _one(stub, pb, req, md + routing_metadata(choice[i]), args.timeout))
 
         delays, t = [], 0.0
         for _ in range(args.requests):
