@@ -64,7 +64,13 @@ def serve_main(argv: list[str]) -> int:
 
     from server.api.server import serve
 
-    return asyncio.run(serve(cfg))
+    rc = asyncio.run(serve(cfg))
+    # Everything is closed by now (engine, registry, listeners). Skip the interpreter's final garbage
+    # collection of the model and its libraries: seconds that a rolling restart would wait for nothing.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 # ---- generate --------------------------------------------------------------------------------------
@@ -109,7 +115,7 @@ def generate_main(argv: list[str]) -> int:
     from google.protobuf import json_format
 
     from server.client.admin import metadata
-    from server.client.routing import routing_metadata
+    from server.client.routing import CHANNEL_OPTIONS, routing_metadata
     from server.api.gen.loraserve.v1 import inference_pb2 as pb
     from server.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -130,7 +136,7 @@ def generate_main(argv: list[str]) -> int:
                                      for m in _read_messages(args.messages))
     md = metadata(args.api_key) + routing_metadata(args.adapter)  # a fleet's proxy routes on the adapter
     t0 = time.perf_counter()
-    with grpc.insecure_channel(args.target) as channel:
+    with grpc.insecure_channel(args.target, options=CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.InferenceStub(channel)
         try:
             if args.stream:

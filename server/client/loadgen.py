@@ -86,7 +86,7 @@ async def run(args: argparse.Namespace) -> Summary:
     import grpc
 
     from server.client.admin import metadata
-    from server.client.routing import routing_metadata
+    from server.client.routing import CHANNEL_OPTIONS, routing_metadata
     from server.api.gen.loraserve.v1 import inference_pb2 as pb
     from server.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -98,7 +98,7 @@ async def run(args: argparse.Namespace) -> Summary:
     md = metadata(args.api_key)
     sem = asyncio.Semaphore(args.concurrency)
     results: list[Result] = []
-    async with grpc.aio.insecure_channel(args.target) as channel:
+    async with grpc.aio.insecure_channel(args.target, options=CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.InferenceStub(channel)
 
         async def worker(i: int, delay: float) -> None:

@@ -1,13 +1,29 @@
-"""The header a fleet's proxy routes on, so every request for one adapter reaches the replica holding it.
+"""What our clients do so that a fleet behind a proxy serves them well: the routing header and retries.
 
 HAProxy (deploy/haproxy/haproxy.cfg) and Envoy (deploy/envoy/envoy.yaml) hash `x-loraserve-adapter`
 consistently over the replicas. Its value is the adapter's name without the version: all versions
 of a name stay together, so a hot-swapped version loads where the old one already ran. The server
 never reads the header: one that disagrees with the request only changes where it is served.
+
+Inference calls that end UNAVAILABLE before any response message arrived are retried (gRPC's own
+retry policy, at most 3 attempts): UNAVAILABLE is what a replica that is starting or draining
+answers, and what the proxy answers for a request it could not deliver to a replica that just died.
+A call that already streamed tokens is never replayed.
 """
 from __future__ import annotations
 
+import json
+
 ADAPTER_HEADER = "x-loraserve-adapter"
+
+RETRY_SERVICE_CONFIG = {
+    "methodConfig": [{
+        "name": [{"service": "loraserve.v1.Inference"}],
+        "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"]},
+    }],
+}
+CHANNEL_OPTIONS = [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(RETRY_SERVICE_CONFIG))]
 
 
 def routing_key(adapter_id: str) -> str:
