@@ -12,29 +12,29 @@ psycopg 3 and a small connection pool:
 - Objects live on a shared filesystem and are removed only after a grace period: a delete records when
   a digest stopped being referenced (`released_objects`), and removal holds an exclusive advisory lock
   on the digest while publishes hold a shared one, so a row is never committed for a removed object.
-- A connection failure is `UnavailableError` naming the database (never its password); the pool
-  replaces broken connections by itself, so nothing needs a restart once PostgreSQL is back.
+- A connection failure is `UnavailableError` naming the database (never its password). Connections
+  come from a small pool of our own (`_Pool`) that never sleeps: a resolve that misses the cache runs
+  on the server's event loop, so after a PostgreSQL restart a dead pooled connection is found by its
+  failing BEGIN and replaced at once by a fresh one, with no backoff, and nothing needs a restart.
 """
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import ConnectionPool, PoolTimeout
 
 from server.core.errors import QuotaExceededError, UnavailableError
 
 from .index_api import VersionRow
 
 log = logging.getLogger("loraserve.registry.pg")
-# The pool logs every failed reconnect attempt; the change listener says once that the database is gone
-# and once that it is back, and each refused call says why.
-logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 CHANNEL = "loraserve_registry"
 SCHEMA_VERSION = 1
@@ -78,7 +78,56 @@ CREATE SEQUENCE IF NOT EXISTS loraserve.change_seq;
 """
 
 _COLS = "tenant, name, version, digest, base_fingerprint, rank, targets, size_bytes, created_at, metadata"
-_NOT_REACHED = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
+_NOT_REACHED = (psycopg.OperationalError, psycopg.InterfaceError)
+
+
+class PoolBusy(Exception):
+    """Every connection of the pool stayed in use for the whole wait."""
+
+
+class _Pool:
+    """At most `size` connections, idle ones reused newest first; opened on demand, never in the background."""
+
+    def __init__(self, url: str, kwargs: dict[str, Any], size: int):
+        self.url, self.kwargs, self.size = url, kwargs, size
+        self._slots = threading.BoundedSemaphore(size)
+        self._idle: deque[psycopg.Connection] = deque()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @contextmanager
+    def connection(self, timeout: float) -> Iterator[tuple[psycopg.Connection, bool]]:
+        """(connection, fresh): `fresh` is False for a reused one, which may have died while idle."""
+        if not self._slots.acquire(timeout=timeout):
+            raise PoolBusy(f"all {self.size} database connections stayed busy for {timeout:.0f}s")
+        conn: Optional[psycopg.Connection] = None
+        try:
+            with self._lock:
+                while self._idle and conn is None:
+                    c = self._idle.pop()
+                    conn = None if c.closed or c.broken else c
+            fresh = conn is None
+            if conn is None:
+                conn = psycopg.connect(self.url, **self.kwargs)
+            yield conn, fresh
+        finally:
+            if conn is not None:
+                reusable = not (conn.closed or conn.broken) and \
+                    conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+                with self._lock:
+                    if reusable and not self._closed:
+                        self._idle.append(conn)
+                        conn = None
+                if conn is not None:
+                    conn.close()
+            self._slots.release()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = list(self._idle), deque()
+        for c in idle:
+            c.close()
 
 
 def _row(r: tuple) -> VersionRow:
@@ -132,15 +181,9 @@ class PgIndex:
         self.where = redacted(url)
         self.wait_timeout = wait_timeout
         self.kwargs = connection_kwargs(url, connect_timeout)
-        self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, kwargs=self.kwargs, open=False,
-                                    check=ConnectionPool.check_connection, timeout=wait_timeout,
-                                    reconnect_timeout=10.0, name="loraserve-registry")
+        self._pool = _Pool(url, self.kwargs, pool_size)
         try:
-            self._pool.open(wait=True, timeout=max(wait_timeout, connect_timeout))
             self._create_schema()
-        except _NOT_REACHED as e:
-            self._pool.close()
-            raise unreachable(self.where, e) from None
         except BaseException:
             self._pool.close()
             raise
@@ -152,24 +195,33 @@ class PgIndex:
         self._pool.close()
 
     @contextmanager
-    def _tx(self, timeout: Optional[float] = None) -> Iterator[psycopg.Connection]:
-        """One transaction on a pooled connection; losing the database becomes UnavailableError."""
+    def _tx(self) -> Iterator[psycopg.Connection]:
+        """One transaction on a pooled connection; losing the database becomes UnavailableError.
+
+        A reused connection whose BEGIN fails died while idle (a database restart): nothing of ours
+        ran on it, so the next one (at worst a fresh one) is tried at once.
+        """
         try:
-            with self._pool.connection(timeout=timeout or self.wait_timeout) as conn:
-                with conn.transaction():
-                    yield conn
-        except PoolTimeout:
-            raise unreachable(self.where, self._why_no_connection()) from None
+            for _ in range(self._pool.size + 1):
+                with self._pool.connection(self.wait_timeout) as (conn, fresh):
+                    try:
+                        tx = conn.transaction()
+                        tx.__enter__()
+                    except _NOT_REACHED:
+                        if fresh:
+                            raise
+                        continue
+                    try:
+                        yield conn
+                    except BaseException as e:
+                        tx.__exit__(type(e), e, e.__traceback__)
+                        raise
+                    tx.__exit__(None, None, None)
+                    return
+        except PoolBusy as e:
+            raise UnavailableError(f"the adapter registry database {self.where}: {e}; retry shortly") from None
         except _NOT_REACHED as e:
             raise unreachable(self.where, e) from None
-
-    def _why_no_connection(self) -> BaseException:
-        """The pool only says it timed out: one direct attempt tells the operator why."""
-        try:
-            psycopg.connect(self.url, **{**self.kwargs, "connect_timeout": "1"}).close()
-        except psycopg.Error as e:
-            return e
-        return TimeoutError(f"no free database connection within {self.wait_timeout:.0f}s (pool exhausted)")
 
     def _create_schema(self) -> None:
         with self._tx() as conn:
