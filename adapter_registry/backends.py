@@ -13,13 +13,17 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Protocol, Union
+from typing import TYPE_CHECKING, Callable, Optional, Protocol, Union
 
 from server.core.errors import InvalidRequestError, UnavailableError
 
 from .index import Index
 from .index_api import Change, IndexBackend, VersionRow, is_index_url
 from .store import ObjectStore
+
+if TYPE_CHECKING:
+    from .pg_listener import ChangeListener
+    from .resolve_cache import ResolveCache
 
 log = logging.getLogger("loraserve.registry")
 
@@ -34,13 +38,13 @@ class Backend:
     store: ObjectStore
     lookup: Lookup                # what `resolve` reads: the index itself, or a cache in front of it
     grace_s: float                # how long unused objects and temp dirs are kept
-    feed: Optional[object] = None  # pg_listener.ChangeListener
-    cache: Optional[object] = None  # resolve_cache.ResolveCache
-    lock_fd: int = -1
+    feed: Optional["ChangeListener"] = None   # a shared index's change feed
+    cache: Optional["ResolveCache"] = None    # ... and the resolve cache it keeps current
+    lock_fd: int = -1                         # the directory lock of a local registry
 
     def close(self) -> None:
         if self.feed is not None:
-            self.feed.stop()  # type: ignore[attr-defined]
+            self.feed.stop()
         self.index.close()
         if self.lock_fd >= 0:
             os.close(self.lock_fd)  # releases the flock

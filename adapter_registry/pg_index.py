@@ -339,10 +339,6 @@ class PgIndex:
             return int(conn.execute("SELECT COUNT(*) FROM loraserve.versions WHERE tenant = %s",
                                     (tenant,)).fetchone()[0])
 
-    def change_seq(self) -> int:
-        with self._tx() as conn:
-            return read_change_seq(conn)
-
     # ---- object removal ----------------------------------------------------------------------
 
     def released_at(self, digest: str) -> Optional[float]:

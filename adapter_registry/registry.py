@@ -80,7 +80,7 @@ class RegistryCounters:
     objects_removed: int = 0
     startup_temp_removed: int = 0
     startup_orphans_removed: int = 0
-    remote_changes: int = 0          # publishes and deletes made by other replicas, heard of here
+    remote_changes: int = 0          # publishes and deletes heard from a shared index's change feed
 
 
 class _Loader:
@@ -111,6 +111,7 @@ class Registry:
         self.import_dirs = tuple(Path(d).resolve() for d in import_dirs)
         self.counters = RegistryCounters()
         self._closed = False
+        self._versions_stored = 0  # last count read from the index (kept while a shared one is down)
         self._backend = open_backend(root, objects, object_grace_s, resync_interval_s, self._on_remote_change)
         self.index = self._backend.index
         self.store = self._backend.store
@@ -472,7 +473,7 @@ class Registry:
         except UnavailableError:
             pass  # the shared index is down: keep exporting the last count
         out = {
-            "versions_stored": getattr(self, "_versions_stored", 0),
+            "versions_stored": self._versions_stored,
             "registered_total": self.counters.registered,
             "rejected_total": self.counters.rejected,
             "deleted_versions_total": self.counters.deleted_versions,

@@ -65,16 +65,20 @@ class Haproxy:
     """`haproxy -f deploy/haproxy/haproxy.cfg` with the addresses in its environment."""
 
     def __init__(self, bind: str, admin: str, replicas: list[str], log_path: Path, balance: str = AFFINITY,
-                 config: Path = CONFIG):
+                 config: Path = CONFIG, balance_factor: Optional[int] = None):
         if not 2 <= len(replicas) <= 8:
             raise ValueError("the config names 2 to 8 replicas")
         self.bind, self.admin, self.replicas, self.balance = bind, admin, list(replicas), balance
         self.config = config
+        self.balance_factor = balance_factor
         self.log_path = Path(log_path)
         self.proc: Optional[subprocess.Popen] = None
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LORASERVE_REPLICA")}
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("LORASERVE_REPLICA", "LORASERVE_HASH_BALANCE_FACTOR"))}
+        if self.balance_factor:
+            env["LORASERVE_HASH_BALANCE_FACTOR"] = str(self.balance_factor)
         env.update({"LORASERVE_PROXY_BIND": self.bind, "LORASERVE_PROXY_ADMIN": self.admin,
                     "LORASERVE_BALANCE": self.balance})
         env.update({f"LORASERVE_REPLICA{i + 1}": a for i, a in enumerate(self.replicas)})

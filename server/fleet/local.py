@@ -24,28 +24,32 @@ from server.fleet.replica import Replica, metric_value, parse_samples
 class LocalFleet:
     def __init__(self, replicas: int = 3, model: str = "default", workdir: Optional[Path] = None,
                  balance: str = AFFINITY, serve_args: Sequence[str] = (), durable: bool = False,
-                 drain_delay: float = 1.5, env: Optional[dict[str, str]] = None):
+                 drain_delay: float = 1.5, env: Optional[dict[str, str]] = None,
+                 registry_url: str = "", objects: Optional[Path] = None, balance_factor: Optional[int] = None):
+        """`registry_url` + `objects`: use an existing registry (its PostgreSQL stays up); else start one."""
         self.n = replicas
         self.model = model
         self.own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="loraserve-fleet-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.balance = balance
+        self.balance_factor = balance_factor
         self.serve_args = list(serve_args)
         self.durable = durable
         self.drain_delay = drain_delay
         self.env = env
         self.pg: Optional[PostgresCluster] = None
-        self.registry_url = ""
-        self.objects = self.workdir / "objects"
+        self.registry_url = registry_url
+        self.objects = Path(objects) if objects else self.workdir / "objects"
         self.replicas: list[Replica] = []
         self.proxy: Optional[Haproxy] = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self, timeout: float = 300.0) -> "LocalFleet":
         try:
-            self.pg = PostgresCluster(durable=self.durable).start()
-            self.registry_url = self.pg.create_database("loraserve")
+            if not self.registry_url:
+                self.pg = PostgresCluster(durable=self.durable).start()
+                self.registry_url = self.pg.create_database("loraserve")
             args = ["--model", self.model, "--registry", self.registry_url, "--objects", str(self.objects),
                     "--drain-delay", str(self.drain_delay), *self.serve_args]
             self.replicas = [Replica(f"r{i + 1}", self.workdir, args, self.env) for i in range(self.n)]
@@ -54,7 +58,8 @@ class LocalFleet:
             for r in self.replicas:
                 r.wait_serving(timeout)
             self.proxy = Haproxy(f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}",
-                                 [r.target for r in self.replicas], self.workdir / "haproxy.log", self.balance)
+                                 [r.target for r in self.replicas], self.workdir / "haproxy.log", self.balance,
+                                 balance_factor=self.balance_factor)
             self.proxy.start()
             self.proxy.wait_states({r.name: "UP" for r in self.replicas})
         except BaseException:

@@ -1,7 +1,7 @@
 """A fleet on loopback (PostgreSQL + replicas + HAProxy from deploy/haproxy/haproxy.cfg), broken on purpose.
 
-The tests share one fleet and run in file order: affinity first (on a fleet nothing has touched),
-failures last. Timings are printed (`pytest -s`) for docs/fleet.md.
+The tests share one fleet and run in file order: affinity first (it counts device-slot loads since the
+replicas started), failures last. Timings are printed (`pytest -s`) for docs/fleet.md.
 """
 from __future__ import annotations
 
@@ -126,14 +126,15 @@ def test_our_clients_set_the_header_and_a_mismatch_only_moves_where(fleet, refer
 def test_register_and_delete_propagate_within_a_second(fleet, adapter_dirs):
     """Register through the proxy: every replica serves the new version within 1 s; delete: refused within 1 s."""
     direct = {r.name: stub(r.target) for r in fleet.replicas}
-    for r in fleet.replicas:  # every replica has "fresh" (version 1, from the previous test) in its cache
-        assert call(direct[r.name], "fresh").version == 1
-    ack = fleet.register("fresh", adapter_dirs["fresh-v2"])
+    assert fleet.register("swap", adapter_dirs["fresh"]) == "swap@1"
+    for name, s in direct.items():  # every replica has resolved "swap" (version 1): it is in their caches
+        wait_for(lambda s=s: call(s, "swap").version == 1, timeout=5)
+    ack = fleet.register("swap", adapter_dirs["fresh-v2"])
     t_ack = time.monotonic()
-    assert ack == "fresh@2"
+    assert ack == "swap@2"
     seen = {}
     for name, s in direct.items():
-        seen[name] = wait_for(lambda s=s: call(s, "fresh").version == 2, timeout=5)
+        seen[name] = wait_for(lambda s=s: call(s, "swap").version == 2, timeout=5)
     assert max(seen.values()) < 1.0, seen
     # 100 requests through the proxy, half routed by our header, half without one (round-robin: every replica)
     results: list = []
@@ -141,7 +142,7 @@ def test_register_and_delete_propagate_within_a_second(fleet, adapter_dirs):
 
     def client(k: int) -> None:
         for i in range(10):
-            results.append(call(s, "fresh", header=None if (k + i) % 2 else ""))
+            results.append(call(s, "swap", header=None if (k + i) % 2 else ""))
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(10)]
     for t in threads:
@@ -158,7 +159,7 @@ def test_register_and_delete_propagate_within_a_second(fleet, adapter_dirs):
     def long_stream() -> None:
         toks, fin, ver = [], 0, 0
         for ch in direct[other].GenerateStream(pb.GenerateRequest(
-                adapter_id="fresh@2", prompt=PROMPT, params=pb.SamplingParams(max_new_tokens=400, ignore_eos=True)),
+                adapter_id="swap@2", prompt=PROMPT, params=pb.SamplingParams(max_new_tokens=400, ignore_eos=True)),
                 timeout=120):
             first.set()
             toks += ch.token_ids
@@ -169,15 +170,15 @@ def test_register_and_delete_propagate_within_a_second(fleet, adapter_dirs):
     t.start()
     assert first.wait(30)
     with grpc.insecure_channel(fleet.target) as ch:
-        gone = apb_grpc.AdaptersStub(ch).DeleteAdapter(apb.DeleteAdapterRequest(adapter_id="fresh@2"),
-                                                      metadata=routing_metadata("fresh"), timeout=30)
+        gone = apb_grpc.AdaptersStub(ch).DeleteAdapter(apb.DeleteAdapterRequest(adapter_id="swap@2"),
+                                                      metadata=routing_metadata("swap"), timeout=30)
     t_del = time.monotonic()
     assert list(gone.deleted_versions) == [2]
     refused = {}
     for name, st in direct.items():
-        refused[name] = wait_for(lambda st=st: call(st, "fresh@2").code == "NOT_FOUND", timeout=5)
+        refused[name] = wait_for(lambda st=st: call(st, "swap@2").code == "NOT_FOUND", timeout=5)
     assert max(refused.values()) < 1.0, refused
-    assert all(call(st, "fresh").version == 1 for st in direct.values())
+    assert all(call(st, "swap").version == 1 for st in direct.values())
     t.join(120)
     assert done == {"tokens": 400, "finish": pb.FINISH_REASON_LENGTH, "version": 2}, done
     print(f"\npropagation: new version served by every replica after "
