@@ -88,12 +88,13 @@ def _open_shared(url: str, objects: Optional[Path], grace_s: float, resync_inter
     index = PgIndex(url)
     cache = ResolveCache(index.versions, index.describe())
 
-    def changed(change: Change) -> None:
+    def changed(change: Change) -> None:  # in the listener's thread
         cache.apply(change)
+        cache.refresh(change.tenant, change.name)  # so no request waits for this read
         on_change(change)
 
-    feed = ChangeListener(url, index.kwargs, on_change=changed, on_sync=cache.synced, on_down=cache.down,
-                          resync_interval_s=resync_interval_s)
+    feed = ChangeListener(url, index.kwargs, on_change=changed, on_sync=cache.synced,
+                          on_snapshot=cache.load_snapshot, on_down=cache.down, resync_interval_s=resync_interval_s)
     if not feed.start(wait_s=10.0):
         feed.stop()
         index.close()

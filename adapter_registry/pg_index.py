@@ -360,6 +360,11 @@ class PgIndex:
                 conn.execute("DELETE FROM loraserve.released_objects WHERE digest = %s", (digest,))
 
 
+def read_all_versions(conn: psycopg.Connection) -> list[VersionRow]:
+    """Every live version (one query), oldest first per name."""
+    return [_row(r) for r in conn.execute(f"SELECT {_COLS} FROM loraserve.versions ORDER BY tenant, name, version")]
+
+
 def read_change_seq(conn: psycopg.Connection) -> int:
     """The last change number handed out (0 before the first change)."""
     value, called = conn.execute("SELECT last_value, is_called FROM loraserve.change_seq").fetchone()

@@ -5,7 +5,8 @@ One thread, one dedicated connection: `LISTEN loraserve_registry`, then each not
 a `Change` for the registry. Two safety nets:
 
 - on every (re)connect, after LISTEN is in place, `on_sync` tells the cache to distrust all it
-  holds (anything committed while we were not listening is then re-read on first use);
+  holds, and `on_snapshot` hands it every live version, read in one query on this connection
+  (anything committed while we were not listening is in it; what commits later is notified);
 - every `resync_interval_s`, the change counter is read (one row); if it is still past the last
   change we heard of at the next check (a transaction between its number and its commit is
   not lost, only late), a notification was lost somehow and `on_sync` runs again. The same
@@ -24,8 +25,8 @@ from typing import Any, Callable, Optional
 
 import psycopg
 
-from .index_api import Change
-from .pg_index import CHANNEL, read_change_seq, redacted
+from .index_api import Change, VersionRow
+from .pg_index import CHANNEL, read_all_versions, read_change_seq, redacted
 
 log = logging.getLogger("loraserve.registry.pg")
 
@@ -43,12 +44,13 @@ class ChangeListener:
     """The LISTEN thread (see the module docstring). Callbacks run in this thread: keep them short."""
 
     def __init__(self, url: str, kwargs: dict[str, Any], on_change: Callable[[Change], None],
-                 on_sync: Callable[[], None], on_down: Callable[[str], None],
-                 resync_interval_s: float = 30.0, reconnect_max_s: float = 1.0, poll_s: float = 0.25):
+                 on_sync: Callable[[], int], on_snapshot: Callable[[list[VersionRow], int], int],
+                 on_down: Callable[[str], None], resync_interval_s: float = 30.0, reconnect_max_s: float = 1.0,
+                 poll_s: float = 0.25):
         self.url = url
         self.where = redacted(url)
         self.kwargs = dict(kwargs)
-        self.on_change, self.on_sync, self.on_down = on_change, on_sync, on_down
+        self.on_change, self.on_sync, self.on_snapshot, self.on_down = on_change, on_sync, on_snapshot, on_down
         self.resync_interval_s = resync_interval_s
         self.reconnect_max_s = reconnect_max_s
         self.poll_s = poll_s
@@ -99,8 +101,7 @@ class ChangeListener:
         conn.execute(f"LISTEN {CHANNEL}")
         self._last_seq = read_change_seq(conn)  # after LISTEN: nothing committed later can be missed
         was = self.disconnects
-        self.on_sync()
-        self.resyncs += 1
+        self._resync(conn)
         self.connected.set()
         if was:
             log.info("registry change feed from %s is back; cached adapter ids are re-read on next use", self.where)
@@ -124,6 +125,12 @@ class ChangeListener:
                     log.warning("registry changes up to %d were not heard of (last heard %d); resyncing",
                                 suspect, self._last_seq)
                     self._last_seq = max(self._last_seq, suspect)
-                    self.on_sync()
-                    self.resyncs += 1
+                    self._resync(conn)
                 suspect = seq if seq > self._last_seq else 0
+
+    def _resync(self, conn: psycopg.Connection) -> None:
+        epoch = self.on_sync()
+        t0 = time.monotonic()
+        kept = self.on_snapshot(read_all_versions(conn), epoch)
+        self.resyncs += 1
+        log.info("registry index snapshot: %d adapter names in %.3fs", kept, time.monotonic() - t0)

@@ -4,9 +4,9 @@ One PostgreSQL registry holds 200 random adapters (registered once, before any r
 arm starts 3 fresh replicas (cold device slots and host caches) behind HAProxy with
 deploy/haproxy/haproxy.cfg and balances one way:
 
-- `affinity`: consistent hashing on `x-loraserve-adapter` (the config's default);
-- `bounded`: the same, with bounded loads (`hash-balance-factor`, default 150: no replica gets more than
-  1.5x the average of requests in flight; the excess goes to the next replica on the ring);
+- `affinity`: pure consistent hashing on `x-loraserve-adapter` (`hash-balance-factor 0`);
+- `bounded`: the same with bounded loads (`--balance-factor`, default 150, the config's default: no
+  replica gets more than 1.5x the average of requests in flight; the excess goes to the next replica);
 - `round-robin`.
 
 Every arm replays the same S-LoRA trace (power-law adapter popularity, Poisson arrivals, open loop:
@@ -108,7 +108,7 @@ def _run_arm(balance: str, rnd: int, args: argparse.Namespace, registry_url: str
     fleet = LocalFleet(args.replicas, model=args.model, workdir=workdir / f"{balance}-{rnd}",
                        balance=ROUND_ROBIN if balance == "round-robin" else AFFINITY, serve_args=serve_args,
                        registry_url=registry_url, objects=objects,
-                       balance_factor=args.balance_factor if balance == "bounded" else None)
+                       balance_factor=args.balance_factor if balance == "bounded" else 0)
     fleet.start()
     try:
         print(f"  [{balance} #{rnd}] fleet up; replaying {len(trace)} requests ...", flush=True)

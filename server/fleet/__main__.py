@@ -78,8 +78,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         for r in fleet.replicas:
             print(f"  replica {r.name}      grpc {r.target}  metrics http://127.0.0.1:{r.metrics_port}/metrics")
         assert fleet.proxy is not None
-        print(f"  HAProxy         grpc {fleet.target}  ({'round-robin' if args.round_robin else 'affinity on '}"
-              f"{'' if args.round_robin else 'x-loraserve-adapter'}); stats http://{fleet.proxy.admin}/stats", flush=True)
+        how = "round-robin" if args.round_robin else "affinity on x-loraserve-adapter"
+        print(f"  HAProxy         grpc {fleet.target}  ({how}); stats http://{fleet.proxy.admin}/stats", flush=True)
         model_dir = _model_dir(args.model)
         names = [f"demo-{i}" for i in range(args.adapters)]
         from server.fleet.adapters import write_random_adapter

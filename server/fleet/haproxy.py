@@ -77,7 +77,7 @@ class Haproxy:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("LORASERVE_REPLICA", "LORASERVE_HASH_BALANCE_FACTOR"))}
-        if self.balance_factor:
+        if self.balance_factor is not None:  # else the config's default (150)
             env["LORASERVE_HASH_BALANCE_FACTOR"] = str(self.balance_factor)
         env.update({"LORASERVE_PROXY_BIND": self.bind, "LORASERVE_PROXY_ADMIN": self.admin,
                     "LORASERVE_BALANCE": self.balance})

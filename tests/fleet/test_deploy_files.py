@@ -35,7 +35,7 @@ def backend_rules(cfg: str) -> list[str]:
     rules = []
     for line in body.splitlines():
         line = line.split("#", 1)[0].strip()
-        if line.startswith(("balance hdr", "hash-type", "option tcp-check", "tcp-check")):
+        if line.startswith(("balance hdr", "hash-type", "hash-balance-factor 150", "option tcp-check", "tcp-check")):
             rules.append(line)
         elif line.startswith("default-server"):
             rules.append(re.sub(r" inter \S+", "", line))
