@@ -224,9 +224,12 @@ class PgIndex:
             raise unreachable(self.where, e) from None
 
     def _create_schema(self) -> None:
+        """Create the schema once (the first replica to start; the others wait on the lock); later starts
+        only read its version, so a role that may use but not create the schema can run replicas."""
         with self._tx() as conn:
-            conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_NAMESPACE, _SCHEMA_LOCK_KEY))
-            conn.execute(_DDL)
+            if conn.execute("SELECT to_regclass('loraserve.meta')").fetchone()[0] is None:
+                conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_NAMESPACE, _SCHEMA_LOCK_KEY))
+                conn.execute(_DDL)
             r = conn.execute("SELECT value FROM loraserve.meta WHERE key = 'schema_version'").fetchone()
             if r is None:
                 conn.execute("INSERT INTO loraserve.meta(key, value) VALUES ('schema_version', %s)",

@@ -57,9 +57,8 @@ class ChangeListener:
         self.connected = threading.Event()
         self._stop = threading.Event()
         self._last_seq = 0
-        self._conn: Optional[psycopg.Connection] = None
         self.changes_received = 0
-        self.resyncs = 0          # times the cache was told to distrust everything
+        self.resyncs = 0          # times the whole index was read (every connect, and a gap in the changes)
         self.disconnects = 0
         self._thread = threading.Thread(target=self._run, name="registry-listener", daemon=True)
 
@@ -104,7 +103,7 @@ class ChangeListener:
         self._resync(conn)
         self.connected.set()
         if was:
-            log.info("registry change feed from %s is back; cached adapter ids are re-read on next use", self.where)
+            log.info("registry change feed from %s is back; the index was read again", self.where)
 
     def _serve(self, conn: psycopg.Connection) -> None:
         next_check = time.monotonic() + self.resync_interval_s

@@ -6,8 +6,8 @@ whose `load` reads through the host tier; the engine calls it in a worker thread
 
 The index is SQLite inside the registry directory, or PostgreSQL shared by a fleet of
 replicas with the objects on a shared folder (`backends.py`); there, a change feed keeps a
-resolve cache current on every replica, which also serves adapters already resolved while
-the database is unreachable.
+resolve cache (the whole index, in memory) current on every replica, which also serves the
+adapters it knows while the database is unreachable.
 
 Deleting a version removes its index row at once (it can no longer be resolved), but its
 files stay until the last AdapterSpec handed out for it is gone (and, on a shared folder, a

@@ -179,8 +179,10 @@ class ResolveCache:
         with self._lock:
             self._stats.reads += 1
             trusted = self._up and not read.spoiled and read.epoch == self._epoch
-            self._entries[key] = _Entry(rows, read.epoch, stale=not trusted)
-            self._entries.move_to_end(key)
+            held = self._entries.get(key)
+            if held is None or held.epoch <= read.epoch:  # never replace what a later sync read
+                self._entries[key] = _Entry(rows, read.epoch, stale=not trusted)
+                self._entries.move_to_end(key)
             while len(self._entries) > self.max_names:
                 self._entries.popitem(last=False)
         return rows
@@ -193,8 +195,8 @@ class ResolveCache:
             return row
         self._stats.refused += 1
         raise UnavailableError(
-            f"the adapter registry database {self.where} is unreachable ({self._down_reason}): adapters this "
-            "replica already resolved keep being served, others cannot be resolved until it is back; retry shortly")
+            f"the adapter registry database {self.where} is unreachable ({self._down_reason}): adapters known "
+            "before the outage keep being served, others cannot be resolved until it is back; retry shortly")
 
     def _forget_read(self, key: Key, read: _Read) -> None:
         reads = self._reads.get(key)

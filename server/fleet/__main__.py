@@ -69,8 +69,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                        balance=ROUND_ROBIN if args.round_robin else AFFINITY, serve_args=args.serve_args,
                        durable=True)
     try:
-        print(f"starting PostgreSQL, {args.replicas} replicas ({args.model}) and HAProxy; logs in {fleet.workdir}",
-              flush=True)
+        kept = "" if args.workdir else " (removed on exit; --workdir DIR keeps them)"
+        print(f"starting PostgreSQL, {args.replicas} replicas ({args.model}) and HAProxy; logs in {fleet.workdir}"
+              f"{kept}", flush=True)
         t0 = time.monotonic()
         fleet.start()
         print(f"fleet up in {time.monotonic() - t0:.0f}s")

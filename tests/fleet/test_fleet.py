@@ -204,7 +204,7 @@ def test_postgresql_restart_under_load(fleet, references, adapter_dirs):
             fleet.register("late", adapter_dirs["late"])
         assert reg.value.code() == grpc.StatusCode.UNAVAILABLE and "unreachable" in reg.value.details()
         ghost = call(s, "ghost")
-        assert ghost.code == "UNAVAILABLE" and "already resolved keep being served" in ghost.details, ghost
+        assert ghost.code == "UNAVAILABLE" and "known before the outage keep being served" in ghost.details, ghost
         load.wait_calls(20, after=time.monotonic())  # still serving, from the caches
         down_s = time.monotonic() - t0
         fleet.pg.start()
@@ -256,8 +256,11 @@ def test_kill_9_fails_only_what_was_in_flight_and_moves_its_adapters(fleet, refe
     assert long["code"] in ("UNAVAILABLE", "UNKNOWN") and 0 < long["tokens"] < 480 and long["finish"] == 0, long
     calls = load.since(t_kill - 30)
     failed = [c for c in calls if not c.ok]
-    for c in failed:  # only calls in flight on the victim when it died, and never OK
-        assert c.start < t_kill and c.adapter in moved, c
+    # Only calls in flight when it died can fail (at most one per client thread: with bounded loads a call of
+    # another replica's adapter may have spilled over to the victim), and never as OK.
+    assert len(failed) <= 4, failed
+    for c in failed:
+        assert c.start < t_kill, c
         assert c.code == "UNAVAILABLE" or (c.code == "UNKNOWN" and "Stream removed" in c.details), c
         assert c.finish == 0  # no final chunk: a partial stream is never presented as complete
     wrong = [c for c in calls if c.ok and (len(c.tokens) != 24 or c.finish != pb.FINISH_REASON_LENGTH

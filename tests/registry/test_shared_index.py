@@ -199,7 +199,7 @@ def test_postgresql_down_then_back(own_cluster, tmp_path):
         assert b.resolve("t", "early").load().rank == 4 and b.resolve("t", "heard").version == 1
         # ... what is not known here is UNAVAILABLE with the reason, not "not found", and fails fast
         t0 = time.monotonic()
-        with pytest.raises(UnavailableError, match="unreachable.*already resolved keep being served"):
+        with pytest.raises(UnavailableError, match="unreachable.*known before the outage keep being served"):
             b.resolve("t", "never-seen")
         with pytest.raises(UnavailableError, match="unreachable"):
             b.resolve("t", "known@2")
