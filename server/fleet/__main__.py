@@ -56,6 +56,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--requests", type=int, default=90, help="requests in the mixed load [90]")
     p.add_argument("--concurrency", type=int, default=6)
     p.add_argument("--round-robin", action="store_true", help="balance round-robin instead of adapter affinity")
+    p.add_argument("--balance-factor", type=int, default=None,
+                   help="HAProxy hash-balance-factor: 0 = pure affinity [default: the config's 150, bounded loads]")
     p.add_argument("--exit", action="store_true", help="stop after the demo instead of serving until Ctrl-C")
     p.add_argument("--workdir", type=Path, default=None, help="logs and objects (default: a temp dir, removed)")
     p.add_argument("serve_args", nargs="*", help="extra `loraserve serve` flags for every replica (after --)")
@@ -67,7 +69,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     fleet = LocalFleet(args.replicas, model=args.model, workdir=args.workdir,
                        balance=ROUND_ROBIN if args.round_robin else AFFINITY, serve_args=args.serve_args,
-                       durable=True)
+                       durable=True, balance_factor=args.balance_factor)
     try:
         kept = "" if args.workdir else " (removed on exit; --workdir DIR keeps them)"
         print(f"starting PostgreSQL, {args.replicas} replicas ({args.model}) and HAProxy; logs in {fleet.workdir}"
@@ -94,6 +96,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("  " + _load(fleet.target, names, args.requests, args.concurrency))
         print("which replica served which adapter (requests, from each replica's /metrics):")
         print(_table(fleet, names), flush=True)
+        spread = [a for a, per in fleet.served_by().items() if a in names and len(per) > 1]
+        if spread and not args.round_robin:
+            print(f"  ({', '.join(sorted(spread))} also ran on another replica: with bounded loads (hash-balance-factor"
+                  f" {args.balance_factor or 150}), a request whose replica already has more than that share of the "
+                  "requests in flight goes to the next replica on the ring; --balance-factor 0 shows pure affinity)",
+                  flush=True)
         if args.exit:
             return 0
         print(f"\nthe fleet keeps serving: loraserve generate --target {fleet.target} --adapter {names[0]} "
