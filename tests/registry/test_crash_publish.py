@@ -84,7 +84,7 @@ def test_kill_9_during_publish(backend, tmp_path, request):
     else:  # unused objects and temp dirs go at once, as with a directory (no other replica shares them);
         # a publish makes a few round trips to the database, so the kill comes a little later on average
         root, kw = request.getfixturevalue("pg_url"), {"objects": tmp_path / "objects", "object_grace_s": 0.0}
-        max_delay = 0.3
+        max_delay = 0.2
     Registry(root, TINY, FINGERPRINT, 16, **kw).close()
     rng = random.Random(1234)
     acked: dict = {}
@@ -129,5 +129,5 @@ def test_kill_9_during_publish(backend, tmp_path, request):
     assert len(acked) > ROUNDS
     assert rounds >= ROUNDS
     assert swept_total["temp"] + swept_total["orphans"] > 0, swept_total
-    assert elapsed < 60
+    assert elapsed < (60 if backend == "sqlite" else 90)  # opening a PostgreSQL registry takes a round trip or ten
     print(f"\n{rounds} kills, {len(acked)} acknowledged publishes, swept {swept_total}, {elapsed:.1f}s")
