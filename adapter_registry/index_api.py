@@ -21,6 +21,8 @@ def is_index_url(location: object) -> bool:
 
 @dataclass(frozen=True)
 class VersionRow:
+    """One row of `versions`; the registry turns it into the shared `AdapterVersion` identity."""
+
     tenant: str
     name: str
     version: int
@@ -31,10 +33,6 @@ class VersionRow:
     size_bytes: int
     created_at: float
     metadata: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def adapter_id(self) -> str:
-        return f"{self.name}@{self.version}"
 
 
 @dataclass(frozen=True)

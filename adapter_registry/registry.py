@@ -1,8 +1,13 @@
 """The adapter registry: what the server resolves adapter ids through.
 
 Disk (content-addressed objects + an index) -> host LRU (`HostCache`) -> device slots
-(the engine's pool, keyed by the same digest). `resolve` hands the engine an AdapterSpec
-whose `load` reads through the host tier; the engine calls it in a worker thread.
+(the engine's pool, keyed by the same digest). `resolve` turns an adapter id (parsed into
+an `AdapterSelector`) into the server's one adapter identity, `AdapterVersion`, whose
+`load` reads through the host tier; the engine calls it in a worker thread. Index rows
+(`VersionRow`) become AdapterVersions in one place, `_identity`.
+Pins are the device pool's (`is_pinned`, by digest): the registry asks it to report a
+version as pinned and to refuse deleting one, and keeps no pin state of its own (so on a
+fleet a pin is per replica: it holds that replica's slot, and refuses deletes made there).
 
 The index is SQLite inside the registry directory, or PostgreSQL shared by a fleet of
 replicas with the objects on a shared folder (`backends.py`); there, a change feed keeps a
@@ -10,7 +15,7 @@ resolve cache (the whole index, in memory) current on every replica, which also 
 adapters it knows while the database is unreachable.
 
 Deleting a version removes its index row at once (it can no longer be resolved), but its
-files stay until the last AdapterSpec handed out for it is gone (and, on a shared folder, a
+files stay until the last AdapterVersion handed out for it is gone (and, on a shared folder, a
 grace period has passed), so requests that resolved it before the delete still finish on it.
 """
 from __future__ import annotations
@@ -20,13 +25,14 @@ import os
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 from server.core.threads import ShortLivedThreads
-from server.core.identity import AdapterSpec
+from server.core.identity import AdapterVersion, version_ref
 from server.core.quotas import Quotas, QuotaSource
+from server.core.stats import RegistryStats, SharedIndexStats, added
 from server.core.errors import (AdapterInUseError, AdapterLoadError, AdapterNotFoundError, AdapterRejectedError,
                            InvalidRequestError, PermissionDeniedError, QuotaExceededError, UnavailableError)
 from server.lora.weights import CONFIG_NAME, WEIGHTS_NAME, LoraWeights
@@ -35,7 +41,7 @@ from server.model.config import ModelConfig
 from .backends import open_backend
 from .cache import HostCache
 from .collector import ObjectCollector, Periodic
-from .ids import AdapterRef, check_name, check_tenant, parse_adapter_id
+from .ids import AdapterSelector, check_name, check_tenant, parse_adapter_id
 from .index_api import Change, VersionRow
 from .store import content_digest
 from .validate import BIN_HINT, RegistryLimits, load_validated, validate_adapter
@@ -59,8 +65,9 @@ class AdapterVersionInfo:
     pinned: bool = False
 
     @property
-    def adapter_id(self) -> str:
-        return f"{self.name}@{self.version}"
+    def ref(self) -> str:
+        """`name@N` (as `AdapterVersion.ref`)."""
+        return version_ref(self.name, self.version)
 
 
 @dataclass(frozen=True)
@@ -71,45 +78,40 @@ class AdapterInfo:
     versions: list[AdapterVersionInfo] = field(default_factory=list)
 
 
-@dataclass
-class RegistryCounters:
-    registered: int = 0
-    rejected: int = 0
-    deleted_versions: int = 0
-    resolves: int = 0
-    objects_removed: int = 0
-    startup_temp_removed: int = 0
-    startup_orphans_removed: int = 0
-    remote_changes: int = 0          # publishes and deletes heard from a shared index's change feed
-
-
 class _Loader:
-    """The `load` of an AdapterSpec. While one is alive its version's files are kept on disk."""
+    """The `load` of an AdapterVersion. While one is alive its version's files are kept on disk."""
 
-    def __init__(self, registry: "Registry", digest: str, adapter_id: str):
+    def __init__(self, registry: "Registry", digest: str, ref: str):
         self._registry = registry
         self.digest = digest
-        self.adapter_id = adapter_id
+        self.ref = ref
 
     def __call__(self) -> LoraWeights:
-        return self._registry._load_weights(self.digest, self.adapter_id)
+        return self._registry._load_weights(self.digest, self.ref)
 
 
 class Registry:
-    """Persistent, versioned, validated, tenant-scoped adapters (see the module docstring)."""
+    """Persistent, versioned, validated, tenant-scoped adapters (see the module docstring).
+
+    `root`: a registry directory, or a `postgresql://` URL with `objects` the shared folder.
+    `is_pinned(digest)`: whether the device holds that content pinned (the engine pool's
+    `is_pinned`); without a device nothing is pinned.
+    """
 
     def __init__(self, root: "Path | str", model_config: ModelConfig, base_fingerprint: str, max_rank: int,
                  import_dirs: Sequence[Path] = (), host_cache_bytes: int = 2 << 30,
-                 limits: RegistryLimits = RegistryLimits(), tenants: Optional[QuotaSource] = None, *,
+                 limits: RegistryLimits = RegistryLimits(), tenants: Optional[QuotaSource] = None,
+                 is_pinned: Callable[[str], bool] = lambda digest: False, *,
                  objects: Optional[Path] = None, object_grace_s: float = 600.0, resync_interval_s: float = 30.0):
-        """`root`: a registry directory, or a `postgresql://` URL with `objects` the shared folder."""
         self.model_config = model_config
         self.base_fingerprint = base_fingerprint
         self.max_rank = int(max_rank)
         self.limits = limits
         self.tenants = tenants
+        self.is_pinned = is_pinned
         self.import_dirs = tuple(Path(d).resolve() for d in import_dirs)
-        self.counters = RegistryCounters()
+        self._counters = RegistryStats()         # frozen; versions_stored, host and shared are filled in by stats()
+        self._remote_changes = 0
         self._closed = False
         self._versions_stored = 0  # last count read from the index (kept while a shared one is down)
         self._backend = open_backend(root, objects, object_grace_s, resync_interval_s, self._on_remote_change)
@@ -118,11 +120,10 @@ class Registry:
         self.root = self.store.root
         self.cache = HostCache(host_cache_bytes)
         self._publish_lock = threading.RLock()   # store + index changes, so GC never races a publish
-        self._state_lock = threading.RLock()    # the two dicts below
-        self._live: dict[str, int] = {}         # digest -> AdapterSpecs alive for it
-        self._pins: set[tuple[str, str, int]] = set()
+        self._state_lock = threading.RLock()    # `_live` and the counters
+        self._live: dict[str, int] = {}         # digest -> AdapterVersions alive for it
         # Removing files of deleted versions (fsync, rmtree) happens here, never in the thread that
-        # happened to drop the last AdapterSpec (often the engine's loop thread).
+        # happened to drop the last AdapterVersion (often the engine's loop thread).
         self._gc = ShortLivedThreads(1, "registry-gc")
         self._collector = ObjectCollector(self.store, self.index, self._backend.grace_s, self._in_use,
                                           self.cache.discard)
@@ -134,8 +135,7 @@ class Registry:
             self._periodic = Periodic(every, self._collect_soon, "registry-collector")
         else:
             swept = self.store.sweep(self.index.all_digests())
-        self.counters.startup_temp_removed = swept["temp"]
-        self.counters.startup_orphans_removed = swept["orphan_objects"]
+        self._count(startup_temp_removed=swept["temp"], startup_orphans_removed=swept["orphan_objects"])
         if swept["temp"] or swept["orphan_objects"]:
             log.warning("registry start-up removed %d unfinished publishes and %d orphan objects",
                         swept["temp"], swept["orphan_objects"])
@@ -154,7 +154,8 @@ class Registry:
 
     def _on_remote_change(self, change: Change) -> None:
         """A publish or delete committed by any replica (this one's included), from the change feed."""
-        self._count("remote_changes")
+        with self._state_lock:
+            self._remote_changes += 1
         log.debug("registry change %s %s/%s %s", change.op, change.tenant, change.name, list(change.versions))
 
     def _changed_here(self, op: str, tenant: str, name: str, versions: list[int]) -> None:
@@ -178,7 +179,7 @@ class Registry:
             if self._closed:
                 return {"objects": 0, "temp": 0}
         out = self._collector.collect()
-        self._count("objects_removed", out["objects"])
+        self._count(objects_removed=out["objects"])
         return out
 
     # ---- publish -----------------------------------------------------------------------------
@@ -203,7 +204,7 @@ class Registry:
         try:
             v = validate_adapter(bytes(config_json), bytes(weights), self.model_config, self.max_rank, self.limits)
         except AdapterRejectedError:
-            self._count("rejected")
+            self._count(rejected=1)
             raise
         digest = content_digest(config_json, weights)
         quotas = self._quotas(tenant)
@@ -222,10 +223,11 @@ class Registry:
                 raise
         self._changed_here("publish", tenant, name, [row.version])
         self.cache.put(digest, v.weights)
-        self._count("registered")
-        log.info("registered %s/%s digest=%s rank=%d targets=%s", tenant, row.adapter_id, digest[:12],
+        self._count(registered=1)
+        info = self._info(row)
+        log.info("registered %s/%s digest=%s rank=%d targets=%s", tenant, info.ref, digest[:12],
                  v.rank, ",".join(v.targets))
-        return self._info(row)
+        return info
 
     def register_path(self, tenant: str, name: str, path: Path, metadata: Optional[Mapping[str, str]] = None,
                       *, allow_any_path: bool = False, reuse_identical_latest: bool = False) -> AdapterVersionInfo:
@@ -316,35 +318,40 @@ class Registry:
 
     # ---- lookup ------------------------------------------------------------------------------
 
-    def _row(self, tenant: str, adapter_id: str, cached: bool = False) -> tuple[AdapterRef, VersionRow]:
+    def _row(self, tenant: str, adapter_id: str, cached: bool = False) -> tuple[AdapterSelector, VersionRow]:
         """`cached`: through the resolve cache (the request path), else straight from the index."""
-        ref = parse_adapter_id(adapter_id)
+        sel = parse_adapter_id(adapter_id)
         check_tenant(tenant)
-        row = (self._backend.lookup if cached else self.index).get_version(tenant, ref.name, ref.version)
+        row = (self._backend.lookup if cached else self.index).get_version(tenant, sel.name, sel.version)
         if row is None:
             raise AdapterNotFoundError(adapter_id)  # same message for another tenant's adapter
-        return ref, row
+        return sel, row
 
-    def resolve(self, tenant: str, adapter_id: str) -> AdapterSpec:
+    def resolve(self, tenant: str, adapter_id: str) -> AdapterVersion:
         """The immutable version `adapter_id` names for `tenant` right now, ready for the engine."""
         _, row = self._row(tenant, adapter_id, cached=True)
         if row.base_fingerprint != self.base_fingerprint:
             raise AdapterRejectedError(
                 f"adapter {adapter_id!r} was registered for base model {row.base_fingerprint[:16]}, "
                 f"but this server serves {self.base_fingerprint[:16]}; register it again for this base")
-        self._count("resolves")
-        return AdapterSpec(key=row.digest, adapter_id=row.name, version=row.version,
-                           load=self._loader(row.digest, row.adapter_id))
+        self._count(resolves=1)
+        return self._identity(row)
 
-    def _loader(self, digest: str, adapter_id: str) -> _Loader:
-        loader = _Loader(self, digest, adapter_id)
+    def _identity(self, row: VersionRow) -> AdapterVersion:
+        """The one place an index row becomes the shared identity (its loader keeps the files alive)."""
+        ref = version_ref(row.name, row.version)
+        return AdapterVersion(tenant=row.tenant, name=row.name, version=row.version, digest=row.digest,
+                              load=self._loader(row.digest, ref))
+
+    def _loader(self, digest: str, ref: str) -> _Loader:
+        loader = _Loader(self, digest, ref)
         with self._state_lock:
             self._live[digest] = self._live.get(digest, 0) + 1
         weakref.finalize(loader, self._release, digest)
         return loader
 
     def _release(self, digest: str) -> None:
-        """The last AdapterSpec of `digest` is gone (runs in whichever thread dropped it: keep it cheap)."""
+        """The last AdapterVersion of `digest` is gone (runs in whichever thread dropped it: keep it cheap)."""
         with self._state_lock:
             n = self._live.get(digest, 0) - 1
             if n > 0:
@@ -357,7 +364,7 @@ class Registry:
             pass  # closed: the next start-up sweep removes what no row points at
 
     def _maybe_remove_object(self, digest: str) -> None:
-        """Remove an object once no index row and no live AdapterSpec needs it (see collector.py)."""
+        """Remove an object once no index row and no live AdapterVersion needs it (see collector.py)."""
         with self._publish_lock:
             if self._closed:
                 return
@@ -367,30 +374,28 @@ class Registry:
                 log.warning("not removing object %s now: %s", digest[:12], e)
                 return
             if removed:
-                self._count("objects_removed")
+                self._count(objects_removed=1)
 
-    def _load_weights(self, digest: str, adapter_id: str) -> LoraWeights:
+    def _load_weights(self, digest: str, ref: str) -> LoraWeights:
         def from_disk() -> LoraWeights:
             try:
                 cfg, weights = self.store.read(digest)
             except OSError as e:
-                raise AdapterLoadError(f"adapter {adapter_id!r}: stored files are unreadable ({e})") from None
+                raise AdapterLoadError(f"adapter {ref!r}: stored files are unreadable ({e})") from None
             if content_digest(cfg, weights) != digest:
-                raise AdapterLoadError(f"adapter {adapter_id!r}: stored files do not match digest "
+                raise AdapterLoadError(f"adapter {ref!r}: stored files do not match digest "
                                        f"{digest[:16]} (disk corruption); register it again")
             try:
                 return load_validated(cfg, weights, self.model_config, self.max_rank, self.limits)
             except AdapterRejectedError as e:
-                raise AdapterLoadError(f"adapter {adapter_id!r}: {e}") from None
+                raise AdapterLoadError(f"adapter {ref!r}: {e}") from None
 
         return self.cache.get_or_load(digest, from_disk)
 
     def _info(self, row: VersionRow) -> AdapterVersionInfo:
-        with self._state_lock:
-            pinned = (row.tenant, row.name, row.version) in self._pins
         return AdapterVersionInfo(row.tenant, row.name, row.version, row.digest, row.rank, row.targets,
                                   row.size_bytes, row.created_at, dict(row.metadata), row.base_fingerprint,
-                                  in_host_memory=row.digest in self.cache, pinned=pinned)
+                                  in_host_memory=row.digest in self.cache, pinned=self.is_pinned(row.digest))
 
     def list(self, tenant: str) -> list[AdapterInfo]:
         check_tenant(tenant)
@@ -401,107 +406,68 @@ class Registry:
 
     def get(self, tenant: str, name: str) -> AdapterInfo:
         """All versions of `name`, or just one for `name@N` / `name@latest`."""
-        ref = parse_adapter_id(name)
+        sel = parse_adapter_id(name)
         check_tenant(tenant)
-        rows = self.index.versions(tenant, ref.name)
+        rows = self.index.versions(tenant, sel.name)
         if not rows:
             raise AdapterNotFoundError(name)
         latest = rows[-1].version
         if "@" in name:
-            want = latest if ref.version is None else ref.version
+            want = latest if sel.version is None else sel.version
             rows = [r for r in rows if r.version == want]
             if not rows:
                 raise AdapterNotFoundError(name)
-        return AdapterInfo(tenant, ref.name, latest, [self._info(r) for r in rows])
+        return AdapterInfo(tenant, sel.name, latest, [self._info(r) for r in rows])
 
-    # ---- pins and delete ---------------------------------------------------------------------
-
-    def set_pinned(self, tenant: str, adapter_id: str, pinned: bool) -> AdapterVersionInfo:
-        """Record an operator's pin of one version (the device pin itself lives in the engine pool)."""
-        _, row = self._row(tenant, adapter_id)
-        with self._state_lock:
-            (self._pins.add if pinned else self._pins.discard)((tenant, row.name, row.version))
-        return self._info(row)
-
-    def pinned_digests(self) -> set[str]:
-        with self._state_lock:
-            pins = set(self._pins)
-        out = set()
-        for tenant, name, version in pins:
-            row = self.index.get_version(tenant, name, version)
-            if row is not None:
-                out.add(row.digest)
-        return out
+    # ---- delete ------------------------------------------------------------------------------
 
     def delete(self, tenant: str, adapter_id: str) -> list[int]:
         """Delete `name@N` (or `name@latest`), or every version for a bare `name`.
 
-        Refused with AdapterInUseError while a targeted version is pinned. Requests that
+        Refused with AdapterInUseError while a targeted version is pinned on the device. Requests that
         already resolved a deleted version keep it until they finish. Returns the versions.
         """
-        ref = parse_adapter_id(adapter_id)
+        sel = parse_adapter_id(adapter_id)
         check_tenant(tenant)
         if "@" in adapter_id:
             _, row = self._row(tenant, adapter_id)
             rows = [row]
         else:
-            rows = self.index.versions(tenant, ref.name)
+            rows = self.index.versions(tenant, sel.name)
             if not rows:
                 raise AdapterNotFoundError(adapter_id)
-        with self._state_lock:
-            pinned = [r.adapter_id for r in rows if (tenant, r.name, r.version) in self._pins]
+        pinned = [version_ref(r.name, r.version) for r in rows if self.is_pinned(r.digest)]
         if pinned:
             raise AdapterInUseError(f"adapter {', '.join(pinned)} is pinned; unload (unpin) it before deleting")
         with self._publish_lock:
-            gone = self.index.delete(tenant, ref.name, [r.version for r in rows])
-        self._changed_here("delete", tenant, ref.name, gone)
+            gone = self.index.delete(tenant, sel.name, [r.version for r in rows])
+        self._changed_here("delete", tenant, sel.name, gone)
         for digest in {r.digest for r in rows}:
             self._maybe_remove_object(digest)
-        self._count("deleted_versions", len(rows))
-        log.info("deleted %s/%s versions %s", tenant, ref.name, [r.version for r in rows])
+        self._count(deleted_versions=len(rows))
+        log.info("deleted %s/%s versions %s", tenant, sel.name, [r.version for r in rows])
         return [r.version for r in rows]
 
-    def _count(self, name: str, n: int = 1) -> None:
+    def _count(self, **increments: int) -> None:
         with self._state_lock:
-            setattr(self.counters, name, getattr(self.counters, name) + n)
+            self._counters = added(self._counters, **increments)
 
-    def stats(self) -> dict[str, Any]:
-        """Counters of the disk and host tiers, for the metrics module."""
-        c = self.cache.stats()
+    def stats(self) -> RegistryStats:
+        """Counters, size, the host tier's stats (a disk read is a host tier `load`) and, for an index shared
+        by a fleet, what this replica sees of it; for the metrics module."""
         try:
             self._versions_stored = self.index.count_versions()
         except UnavailableError:
             pass  # the shared index is down: keep exporting the last count
-        out = {
-            "versions_stored": self._versions_stored,
-            "registered_total": self.counters.registered,
-            "rejected_total": self.counters.rejected,
-            "deleted_versions_total": self.counters.deleted_versions,
-            "resolves_total": self.counters.resolves,
-            "objects_removed_total": self.counters.objects_removed,
-            "startup_temp_removed": self.counters.startup_temp_removed,
-            "startup_orphans_removed": self.counters.startup_orphans_removed,
-            "disk_loads_total": c.loads,
-            "disk_load_errors_total": c.load_errors,
-            "disk_load_seconds_total": c.load_seconds,
-            "host_hits_total": c.hits,
-            "host_misses_total": c.misses,
-            "host_hit_rate": c.hit_rate,
-            "host_evictions_total": c.evictions,
-            "host_entries": c.entries,
-            "host_bytes": c.bytes,
-            "host_budget_bytes": c.budget_bytes,
-        }
-        out.update(self._fleet_stats())
-        return out
+        with self._state_lock:
+            counters, remote_changes = self._counters, self._remote_changes
+        return replace(counters, versions_stored=self._versions_stored, host=self.cache.stats(),
+                       shared=self._shared_stats(remote_changes))
 
-    def _fleet_stats(self) -> dict[str, Any]:
-        """The shared index's health as this replica sees it (empty for a local registry)."""
+    def _shared_stats(self, remote_changes: int) -> Optional[SharedIndexStats]:
+        """The shared index's health as this replica sees it (None for a local registry)."""
         cache, feed = self._backend.cache, self._backend.feed
         if cache is None or feed is None:
-            return {}
-        s = cache.stats()
-        return {"index_up": 1 if s.up else 0, "remote_changes_total": self.counters.remote_changes,
-                "index_resyncs_total": feed.resyncs, "index_disconnects_total": feed.disconnects,
-                "resolve_cache_hits_total": s.hits, "resolve_cache_reads_total": s.reads,
-                "resolve_stale_served_total": s.stale_served, "resolve_refused_total": s.refused}
+            return None
+        return SharedIndexStats(remote_changes=remote_changes, resyncs=feed.resyncs, disconnects=feed.disconnects,
+                                resolve=cache.stats())

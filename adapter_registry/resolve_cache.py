@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Optional
 
 from server.core.errors import UnavailableError
+from server.core.stats import ResolveCacheStats, added
 
 from .index_api import Change, VersionRow
 
@@ -47,16 +48,6 @@ class _Read:
     def __init__(self, epoch: int):
         self.epoch = epoch
         self.spoiled = False
-
-
-@dataclass
-class ResolveCacheStats:
-    hits: int = 0           # answered from a trusted entry
-    reads: int = 0          # read from the database
-    stale_served: int = 0   # served from a last-known entry while the database was unreachable
-    refused: int = 0        # UnavailableError: not known here and the database unreachable
-    names: int = 0
-    up: bool = False
 
 
 def _pick(rows: tuple[VersionRow, ...], version: Optional[int]) -> Optional[VersionRow]:
@@ -148,7 +139,7 @@ class ResolveCache:
             if e is not None:
                 self._entries.move_to_end(key)
                 if self._up and not e.stale and e.epoch == self._epoch:
-                    self._stats.hits += 1
+                    self._stats = added(self._stats, hits=1)
                     return _pick(e.rows, version)
             if not self._up:
                 return self._fallback(e, version)
@@ -177,7 +168,7 @@ class ResolveCache:
             with self._lock:
                 self._forget_read(key, read)
         with self._lock:
-            self._stats.reads += 1
+            self._stats = added(self._stats, reads=1)
             trusted = self._up and not read.spoiled and read.epoch == self._epoch
             held = self._entries.get(key)
             if held is None or held.epoch <= read.epoch:  # never replace what a later sync read
@@ -191,9 +182,9 @@ class ResolveCache:
         """Last-known answer while the database is unreachable: only ever a version we know exists."""
         row = _pick(e.rows, version) if e is not None else None
         if row is not None:
-            self._stats.stale_served += 1
+            self._stats = added(self._stats, stale_served=1)
             return row
-        self._stats.refused += 1
+        self._stats = added(self._stats, refused=1)
         raise UnavailableError(
             f"the adapter registry database {self.where} is unreachable ({self._down_reason}): adapters known "
             "before the outage keep being served, others cannot be resolved until it is back; retry shortly")
@@ -207,6 +198,4 @@ class ResolveCache:
 
     def stats(self) -> ResolveCacheStats:
         with self._lock:
-            s = ResolveCacheStats(**vars(self._stats))
-            s.names, s.up = len(self._entries), self._up
-            return s
+            return replace(self._stats, names=len(self._entries), up=self._up)

@@ -262,15 +262,16 @@ def make_random_adapters(shape: ModelShape, root: str | Path, n: int, rank: int,
 # ----------------------------------------------------------------------------- driving the engine
 
 
-def adapter_spec(path: Path, model_config, max_rank: int, key: Optional[str] = None):
-    """An AdapterSpec that loads a PEFT directory (the engine calls load off its loop thread)."""
+def local_adapter(path: Path, model_config, max_rank: int):
+    """An AdapterVersion that loads a PEFT directory without a registry (the engine calls load off its
+    loop thread); the path stands in for the content digest."""
     import functools
 
-    from server.core.identity import AdapterSpec
+    from server.core.identity import AdapterVersion
     from server.lora.weights import load_peft_adapter
 
-    return AdapterSpec(key=key or str(path), adapter_id=Path(path).name, version=1,
-                       load=functools.partial(load_peft_adapter, Path(path), model_config, max_rank))
+    return AdapterVersion(tenant="default", name=Path(path).name, version=1, digest=str(path),
+                          load=functools.partial(load_peft_adapter, Path(path), model_config, max_rank))
 
 
 def run_requests(engine, requests: Sequence[tuple[float, Any]]) -> list[dict[str, float]]:

@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--quantize", nargs="+", default=["none", "int8"], choices=("none", "int8", "int4"))
     p.add_argument("--skip-peft", action="store_true")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly (to measure what graphs give)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per configuration (best is kept)")
     return p
 
@@ -65,14 +66,14 @@ def run_loraserve(args, model_dir: Path, adapters: list[Path], device: torch.dev
                        dtype="bfloat16" if device.type == "cuda" else "float32", quantize=quantize,
                        max_adapters_on_device=len(adapters), max_rank=args.rank, max_batch_size=max_b,
                        max_batch_tokens=max(max_b * args.prompt, 2048),
-                       kv_cache_tokens=max_b * (args.prompt + args.new + 16))
+                       kv_cache_tokens=max_b * (args.prompt + args.new + 16), cuda_graphs=not args.no_cuda_graphs)
     engine = Engine.from_config(cfg)
     engine.start()
     rows = []
     try:
-        specs = [common.adapter_spec(p, engine.model_config, args.rank) for p in adapters]
+        versions = [common.local_adapter(p, engine.model_config, args.rank) for p in adapters]
         t0 = time.perf_counter()
-        for s in specs:
+        for s in versions:
             engine.pool.load(s)
         load_s = time.perf_counter() - t0
         params = SamplingParams(max_new_tokens=args.new, temperature=0.0, ignore_eos=True)
@@ -81,8 +82,8 @@ def run_loraserve(args, model_dir: Path, adapters: list[Path], device: torch.dev
         def reqs(B: int, mode: str, rep: int):
             out = []
             for i in range(B):
-                spec = None if mode == "base" else specs[0 if mode == "identical" else i % len(specs)]
-                out.append((0.0, Request(prompt_ids(args.prompt, vocab, seed=1000 * rep + i), params, spec,
+                adapter = None if mode == "base" else versions[0 if mode == "identical" else i % len(versions)]
+                out.append((0.0, Request(prompt_ids(args.prompt, vocab, seed=1000 * rep + i), params, adapter,
                                          request_id=f"{mode}-{B}-{rep}-{i}")))
             return out
 
@@ -96,7 +97,7 @@ def run_loraserve(args, model_dir: Path, adapters: list[Path], device: torch.dev
                     if best is None or s["tok_s"] > best["tok_s"]:
                         best = s
                 rows.append({"system": label, "quantize": quantize, "B": B,
-                             "adapters_in_batch": 0 if mode == "base" else (1 if mode == "identical" else min(B, len(specs))),
+                             "adapters_in_batch": 0 if mode == "base" else (1 if mode == "identical" else min(B, len(versions))),
                              "adapter_preload_s": load_s, **best})
     finally:
         engine.shutdown()
@@ -144,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = common.resolve_args(args)
     if args.tiny:
-        args.batch, args.adapters, args.prompt, args.new, args.repeats = [2, 4], 2, 8, 4, 1
+        # Tiny batches: the ones asked for that are tiny already, else 2 and 4.
+        args.batch = [b for b in args.batch if b <= 4] or [2, 4]
+        args.adapters, args.prompt, args.new, args.repeats = 2, 8, 4, 1
     shape = SHAPES[args.shape]
     work = Path(args.workdir)
     print(f"preparing random {shape.name} model and {args.adapters} adapters under {work} ...", flush=True)
@@ -195,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"benchmark": "gpu_e2e", "machine": common.machine_info(device), "shape": shape.to_dict(),
                "workload": {"batch": args.batch, "adapters": args.adapters, "rank": args.rank,
                             "targets": list(common.ALL_TARGETS), "prompt": args.prompt, "new": args.new,
-                            "quantize": args.quantize, "repeats": args.repeats, "seed": args.seed},
+                            "quantize": args.quantize, "repeats": args.repeats, "seed": args.seed,
+                            "cuda_graphs": device.type == "cuda" and not args.no_cuda_graphs},
                "bandwidth_bytes_s": bandwidth, "bandwidth_source": bw_source, "results": rows, "derived": derived,
                "note": "CPU dry run on a tiny shape: numbers are meaningless" if device.type == "cpu" else ""}
     out = common.write_json(args.out, payload)

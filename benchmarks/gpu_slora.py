@@ -58,11 +58,11 @@ def run_one(args, model_dir: Path, adapters: list[Path], device: torch.device, n
     engine = Engine.from_config(cfg)
     engine.start()
     try:
-        specs = [common.adapter_spec(p, engine.model_config, args.rank) for p in adapters[:n_adapters]]
+        versions = [common.local_adapter(p, engine.model_config, args.rank) for p in adapters[:n_adapters]]
         vocab = engine.model_config.vocab_size
         reqs = [(r.arrival_s, Request(prompt_ids(r.prompt_len, vocab, seed=r.index),
                                       SamplingParams(max_new_tokens=r.output_len, ignore_eos=True),
-                                      specs[r.adapter], request_id=f"slora-{n_adapters}-{r.index}"))
+                                      versions[r.adapter], request_id=f"slora-{n_adapters}-{r.index}"))
                 for r in trace]
         common.run_requests(engine, [(0.0, Request(prompt_ids(8, vocab, seed=1), SamplingParams(max_new_tokens=2)))])
         before = engine.stats()
@@ -85,9 +85,9 @@ def run_one(args, model_dir: Path, adapters: list[Path], device: torch.device, n
         "wall_s": wall, "req_s": len(ok) / wall, "tok_s": tokens / wall,
         "ttft_s": percentiles([r["ttft"] for r in ok]), "e2e_s": percentiles([r["e2e"] for r in ok]),
         "slo_attainment": sum(r["ttft"] <= args.slo for r in ok) / max(1, len(res)),
-        "adapter_loads": after.adapter_loads - before.adapter_loads,
-        "adapter_evictions": after.adapter_evictions - before.adapter_evictions,
-        "adapter_load_seconds": after.adapter_load_seconds_total - before.adapter_load_seconds_total,
+        "adapter_loads": after.pool.loads - before.pool.loads,
+        "adapter_evictions": after.pool.evictions - before.pool.evictions,
+        "adapter_load_seconds": after.pool.load_seconds - before.pool.load_seconds,
     }
 
 

@@ -75,10 +75,12 @@ def kernel_summary(model: torch.nn.Module) -> str:
 
 def run(model_spec: str = "default", modes: tuple[str, ...] = ("none", "int8", "int4"),
         dtype: torch.dtype = torch.float32, home: Optional[Path] = None) -> dict:
+    from server.core.paths import resolve_home
     from server.model.llama import LlamaForCausalLM
     from server.model.loader import load_tokenizer, model_fingerprint, resolve_model
     from server.model.quant import module_nbytes
 
+    home = resolve_home(home)
     model_dir = resolve_model(model_spec, home=home)
     ids = text_token_ids(load_tokenizer(model_dir))
     results: list[ModeResult] = []

@@ -37,6 +37,7 @@ def tiny_adapters(tiny_dir, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The real SmolLM2-135M-Instruct, converted once into the cache."""
+    from server.core.paths import resolve_home
     from server.model.loader import resolve_model
 
-    return resolve_model("default")
+    return resolve_model("default", resolve_home())

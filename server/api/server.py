@@ -1,12 +1,12 @@
 """Server bootstrap: bind first, load the model second, drain on SIGTERM/SIGINT.
 
-Order matters to operators: the gRPC port and health service come up at once
-(NOT_SERVING), so orchestrators see a live process while the model loads; health
-turns SERVING only when the engine runs and start-up adapters are registered.
-On a signal, health goes NOT_SERVING, new calls get UNAVAILABLE (after `drain_delay`,
-while a load balancer notices), in-flight calls get `grace_period` seconds to finish, then
-the rest are cancelled (which aborts their engine requests) and the process exits 0.
-A second signal skips the waits.
+Order matters to operators: the gRPC port, the HTTP port and their health checks come
+up at once (NOT_SERVING; HTTP /health 503), so orchestrators see a live process while
+the model loads; health turns SERVING only when the engine runs and start-up adapters
+are registered. On a signal, health goes NOT_SERVING (/health 503), new calls on either
+protocol get UNAVAILABLE (HTTP 503; after `drain_delay`, while a load balancer notices),
+in-flight calls get `grace_period` seconds to finish, then the rest are cancelled (which
+aborts their engine requests) and the process exits 0. A second signal skips the waits.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from server.api.tenants import OPEN_TENANT, QuotaTracker, TenantDirectory
 from server.api.auth import TenantResolver
 from server.api.gen.loraserve.v1 import adapters_pb2, inference_pb2, inference_pb2_grpc
 from server.api.inference_service import InferenceServicer, ServingState
+from server.api.router_metrics import RouterMetrics
 from server.core.config import Config, parse_adapter_flags, startup_warnings
 from server.core.errors import UnavailableError
 from server.metrics import ServerMetrics
@@ -81,6 +82,8 @@ class LoraServer:
         self.state.tenant_of = self.tenant_resolver
         self.port = 0
         self.metrics_port = 0
+        self.http: Optional[Any] = None
+        self.http_port = 0
         self._stop = asyncio.Event()
         self._second = asyncio.Event()
         self._signals = 0
@@ -98,21 +101,26 @@ class LoraServer:
         self.grpc = grpc.aio.server(options=options, interceptors=interceptors,
                                     maximum_concurrent_rpcs=s.max_concurrent_rpcs)
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.state, self.metrics), self.grpc)
-        has_adapters = self._add_adapters_service()
+        self._add_adapters_service()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        names = [INFERENCE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
-        if has_adapters:
-            names.append(ADAPTERS)
+        names = [INFERENCE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME,
+                 ADAPTERS]
         reflection.enable_server_reflection(names, self.grpc)
         await self._set_health(NOT_SERVING)
         self.port = self.grpc.add_insecure_port(f"{_bracket(s.host)}:{s.port}")
         if self.port == 0:
             raise OSError(f"cannot bind gRPC to {s.host}:{s.port}")
         await self.grpc.start()
+        if s.http_port >= 0:
+            self.http_port = await self._start_http()
         if s.metrics_port >= 0:
             self.metrics_port = self.metrics.serve_http(s.metrics_host or s.host, s.metrics_port)
+        host = _bracket(s.host)
         log.info(json.dumps({"event": "listening", "host": s.host, "grpc_port": self.port,
-                             "metrics_port": self.metrics_port if s.metrics_port >= 0 else None}))
+                             "http_port": self.http_port if s.http_port >= 0 else None,
+                             "metrics_port": self.metrics_port if s.metrics_port >= 0 else None,
+                             "grpc_target": f"{host}:{self.port}",
+                             "http_url": f"http://{host}:{self.http_port}/v1" if s.http_port >= 0 else None}))
 
     async def load(self) -> None:
         """Load the model off the event loop (health stays answerable), then go SERVING."""
@@ -131,7 +139,8 @@ class LoraServer:
         self.state.resolver = registry
         self.state.model_fingerprint = fingerprint
         self.state.engine = engine
-        self.metrics.attach(engine, getattr(registry, "stats", None))
+        self.metrics.attach(engine.stats, registry.stats)
+        self.metrics.registry.register(RouterMetrics(engine, qualify_tenants=bool(self.cfg.server.tenants)))
         await self._set_health(SERVING)
         log.info(json.dumps({"event": "serving", "model": self.cfg.engine.model,
                              "fingerprint": self.state.model_fingerprint}))
@@ -143,6 +152,7 @@ class LoraServer:
         a load balancer that health-checks every few seconds stops sending before any call is refused.
         """
         grace = self.cfg.server.grace_period
+        self.state.stopping = True  # HTTP /health 503 from now on, as gRPC health
         await self._set_health(NOT_SERVING)
         delay = self.cfg.server.drain_delay
         if delay > 0 and self._signals < 2:
@@ -159,8 +169,11 @@ class LoraServer:
             waiter.cancel()
             second.cancel()
         left = self.state.in_flight
+        # Cancels what is left on both protocols: their cleanups abort the engine requests.
+        stops = [self._stop_http()]
         if self.grpc is not None:
-            await self.grpc.stop(0)  # cancels what is left: their cleanups abort the engine requests
+            stops.append(self.grpc.stop(0))
+        await asyncio.gather(*stops)
         if self.engine is not None:
             await _in_thread(self.engine.shutdown, 10.0)
         if self.registry is not None:
@@ -182,6 +195,7 @@ class LoraServer:
             await self._set_health(NOT_SERVING)
             if self.grpc is not None:
                 await self.grpc.stop(0)
+            await self._stop_http()
             return 1
         await stopper
         if not loader.done():
@@ -199,6 +213,22 @@ class LoraServer:
 
     async def _second_signal(self) -> None:
         await self._second.wait()
+
+    async def _start_http(self) -> int:
+        """The OpenAI-compatible API on --http-port: same state, generate path, tenants and metrics as gRPC."""
+        from server.api.http.app import HttpContext, create_app
+        from server.api.http.convert import ModelNames, base_model_id
+        from server.api.http.server import HttpServer
+
+        s, model = self.cfg.server, self.cfg.engine.model
+        names = ModelNames(base_model_id(model), frozenset({model}))
+        ctx = HttpContext(self.state, self.metrics, self.tenants, names, max_request_bytes=s.max_request_bytes)
+        self.http = HttpServer(create_app(ctx))
+        return await self.http.start(s.host, s.http_port)
+
+    async def _stop_http(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
 
     def _admit(self, tenant_name: str, prompt_tokens: int, max_new_tokens: int) -> Any:
         """Hold a concurrent-request quota slot; the returned release charges the tokens actually used."""
@@ -227,17 +257,11 @@ class LoraServer:
         log.info(json.dumps({"event": "auth", "tenants": len(self.tenants.tenants), "file": self.cfg.server.tenants}))
         return [AuthInterceptor(self.tenants)]  # quotas stay with ServingState.admit (it knows prompt lengths)
 
-    def _add_adapters_service(self) -> bool:
-        try:
-            from server.api.adapters_service import add_adapters_service
-        except ModuleNotFoundError as e:
-            if e.name != "server.api.adapters_service":
-                raise
-            log.warning("Adapters service not available in this build: admin RPCs answer UNIMPLEMENTED")
-            return False
+    def _add_adapters_service(self) -> None:
+        from server.api.adapters_service import add_adapters_service
+
         add_adapters_service(self.grpc, self.lazy_registry, self.lazy_engine, self.cfg,
                              tenant_resolver=self.tenant_resolver)
-        return True
 
     def _make_registry(self, engine: Any, fingerprint: str) -> Any:
         from adapter_registry import Registry, RegistryLimits
@@ -253,14 +277,14 @@ class LoraServer:
                         host_cache_bytes=s.host_cache_bytes,
                         limits=RegistryLimits(max_weights_bytes=s.max_upload_bytes), tenants=self.tenants,
                         objects=Path(s.objects).expanduser() if s.objects else None,
-                        object_grace_s=s.object_grace_period)
+                        object_grace_s=s.object_grace_period, is_pinned=engine.pool.is_pinned)
 
     def _register_startup_adapter(self, registry: Any, name: str, path: Path) -> None:
         """`--adapter NAME=PATH`: a new version unless the newest one already has these exact bytes."""
         tenant, _, name = name.rpartition("/")  # "tenant/name=PATH" registers for that tenant
         info = registry.register_path(tenant or self.startup_tenant, name, path, {"source": "serve --adapter"},
                                       allow_any_path=True, reuse_identical_latest=True)
-        log.info(json.dumps({"event": "adapter_registered", "adapter_id": info.adapter_id, "path": str(path)}))
+        log.info(json.dumps({"event": "adapter_registered", "adapter_id": info.ref, "path": str(path)}))
 
     def _fingerprint(self, engine: Any) -> str:
         from server.model.loader import model_fingerprint

@@ -6,28 +6,28 @@ not trust the import: it runs one small block-diagonal causal attention on the
 device and compares it with torch SDPA. Whatever it finds is logged once, and
 every caller falls back to SDPA when xformers is not the answer.
 
-Override with LORASERVE_ATTENTION=auto|sdpa|xformers (xformers: fail at start-up
-if it does not work, instead of falling back).
+The mode comes from `EngineConfig.attention` (`--attention`, LORASERVE_ATTENTION or
+TOML, validated there): auto (the probe decides), sdpa (never try xformers), or
+xformers (fail at start-up if it does not work, instead of falling back).
 
 Wiring into the engine: at start-up on CUDA,
     from server.attention import sdpa, xformers_probe
-    sdpa.set_prefill_backend(xformers_probe.prefill_fn(device))
+    sdpa.set_prefill_backend(xformers_probe.prefill_fn(device, config.attention))
 `varlen_prefill_attention` does a whole batch of prompts in one kernel call.
 """
 from __future__ import annotations
 
 import functools
 import logging
-import os
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-ENV_VAR = "LORASERVE_ATTENTION"
+AttentionMode = Literal["auto", "sdpa", "xformers"]
 PrefillFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -38,13 +38,6 @@ class ProbeResult:
     usable: bool
     reason: str
     version: Optional[str] = None
-
-
-def _mode() -> str:
-    mode = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    if mode not in ("auto", "sdpa", "xformers"):
-        raise ValueError(f"{ENV_VAR}={mode!r}: choose auto, sdpa or xformers")
-    return mode
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,29 +73,28 @@ def probe(device_index: int = 0) -> ProbeResult:
 
 
 @functools.lru_cache(maxsize=None)
-def _decide(device_type: str, device_index: int) -> str:
-    mode = _mode()
+def _decide(device_type: str, device_index: int, mode: AttentionMode) -> str:
     if device_type != "cuda":
         log.info("attention backend: sdpa (device %s)", device_type)
         return "sdpa"
     if mode == "sdpa":
-        log.info("attention backend: sdpa (%s=sdpa)", ENV_VAR)
+        log.info("attention backend: sdpa (attention=sdpa)")
         return "sdpa"
     res = probe(device_index)
     if res.usable:
         log.info("attention backend: xformers (%s)", res.reason)
         return "xformers"
     if mode == "xformers":
-        raise RuntimeError(f"{ENV_VAR}=xformers but {res.reason}")
+        raise RuntimeError(f"attention=xformers was asked for, but {res.reason}")
     log.warning("attention backend: sdpa (%s)", res.reason)
     return "sdpa"
 
 
-def attention_backend(device: torch.device | str) -> str:
-    """'xformers' when its CUDA ops load and pass the probe on this device, else 'sdpa'."""
+def attention_backend(device: torch.device | str, mode: AttentionMode = "auto") -> str:
+    """'xformers' when `mode` allows it and its CUDA ops load and pass the probe on this device, else 'sdpa'."""
     dev = torch.device(device)
     index = dev.index if dev.index is not None else (torch.cuda.current_device() if dev.type == "cuda" else 0)
-    return _decide(dev.type, index)
+    return _decide(dev.type, index, mode)
 
 
 def _sdpa_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: Sequence[int],
@@ -140,7 +132,8 @@ def _xformers_varlen(xops, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def varlen_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             seq_lens: Sequence[int], scale: Optional[float] = None) -> torch.Tensor:
+                             seq_lens: Sequence[int], scale: Optional[float] = None,
+                             mode: AttentionMode = "auto") -> torch.Tensor:
     """Causal attention of several prompts packed back to back.
 
     q [T, nh, hd], k/v [T, nkv, hd] with T = sum(seq_lens); each sequence sees only
@@ -151,16 +144,16 @@ def varlen_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"seq_lens sum to {sum(seq_lens)} but q has {q.shape[0]} tokens")
     if q.shape[0] == 0:
         return torch.empty_like(q)
-    if attention_backend(q.device) == "xformers":
+    if attention_backend(q.device, mode) == "xformers":
         import xformers.ops as xops
 
         return _xformers_varlen(xops, q, k, v, seq_lens, scale)
     return _sdpa_varlen(q, k, v, seq_lens, scale)
 
 
-def prefill_fn(device: torch.device | str) -> PrefillFn:
+def prefill_fn(device: torch.device | str, mode: AttentionMode = "auto") -> PrefillFn:
     """A one-sequence causal prefill fn(q [n, nh, hd], k, v) for `server.attention.sdpa.set_prefill_backend`."""
-    if attention_backend(device) != "xformers":
+    if attention_backend(device, mode) != "xformers":
         return lambda q, k, v: _sdpa_varlen(q, k, v, [q.shape[0]], None)
     import xformers.ops as xops
 

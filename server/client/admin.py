@@ -1,18 +1,23 @@
-"""`loraserve adapters ...`: the operator's client for the Adapters service."""
+"""`loraserve adapters ...`: the operator's client for the Adapters service.
+
+People get a table (list, get) or one line (register, load, unload, delete); `-o json` prints the
+server's record as proto3 JSON for scripts. Errors go to stderr with the gRPC status, exit code 1.
+"""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import grpc
-from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from server.api.gen.loraserve.v1 import adapters_pb2 as pb
 from server.api.gen.loraserve.v1 import adapters_pb2_grpc as pb_grpc
+from server.client import adapter_views as views
+from server.client.render import add_output_flags, print_json
 from server.client.routing import routing_metadata
 
 CHUNK_BYTES = 1 << 20  # well under the server's per-message limit
@@ -58,8 +63,12 @@ def register(stub: pb_grpc.AdaptersStub, name: str, path: Path, meta: dict[str, 
     return stub.RegisterAdapter(reqs, metadata=md, timeout=timeout)
 
 
-def _print(msg: Any) -> None:
-    print(json.dumps(json_format.MessageToDict(msg, preserving_proto_field_name=True), indent=2))
+def _show(output: str, record: Message, human: Callable[[bool], str]) -> None:
+    """The record as JSON (`-o json`), else what `human(wide)` makes of it for a person."""
+    if output == "json":
+        print_json(record)
+    else:
+        print(human(output == "wide"))
 
 
 def build_parser(prog: str = "loraserve adapters") -> argparse.ArgumentParser:
@@ -70,6 +79,7 @@ def build_parser(prog: str = "loraserve adapters") -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
         add_connection_flags(sp)
         sp.add_argument("--tenant", default="", help="admin only: act for this tenant")
+        add_output_flags(sp)
         return sp
 
     r = cmd("register", "register a PEFT adapter directory as a new version of NAME")
@@ -105,22 +115,28 @@ def main(argv: Optional[list[str]] = None, prog: str = "loraserve adapters") -> 
                     if not sep:
                         raise SystemExit(f"error: --meta {kv!r}: expected KEY=VALUE")
                     meta[k] = v
-                _print(register(stub, args.name, args.path, meta, args.server_path, args.tenant, md, args.timeout))
+                resp = register(stub, args.name, args.path, meta, args.server_path, args.tenant, md, args.timeout)
+                _show(args.output, resp, lambda wide: views.registered_line(resp))
             elif args.cmd == "list":
-                _print(stub.ListAdapters(pb.ListAdaptersRequest(tenant=args.tenant), metadata=md,
-                                         timeout=args.timeout))
+                listed = stub.ListAdapters(pb.ListAdaptersRequest(tenant=args.tenant), metadata=md,
+                                           timeout=args.timeout)
+                _show(args.output, listed, lambda wide: views.adapters_table(listed, wide, args.tenant))
             elif args.cmd == "get":
-                _print(stub.GetAdapter(pb.GetAdapterRequest(adapter_id=args.adapter_id, tenant=args.tenant),
-                                       metadata=md, timeout=args.timeout))
+                info = stub.GetAdapter(pb.GetAdapterRequest(adapter_id=args.adapter_id, tenant=args.tenant),
+                                       metadata=md, timeout=args.timeout)
+                _show(args.output, info, lambda wide: views.versions_table(info, wide))
             elif args.cmd == "load":
-                _print(stub.LoadAdapter(pb.LoadAdapterRequest(adapter_id=args.adapter_id, pin=args.pin,
-                                                              tenant=args.tenant), metadata=md, timeout=args.timeout))
+                loaded = stub.LoadAdapter(pb.LoadAdapterRequest(adapter_id=args.adapter_id, pin=args.pin,
+                                                                tenant=args.tenant), metadata=md, timeout=args.timeout)
+                _show(args.output, loaded, lambda wide: views.loaded_line(loaded))
             elif args.cmd == "unload":
-                _print(stub.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=args.adapter_id, tenant=args.tenant),
-                                          metadata=md, timeout=args.timeout))
+                unloaded = stub.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=args.adapter_id, tenant=args.tenant),
+                                              metadata=md, timeout=args.timeout)
+                _show(args.output, unloaded, lambda wide: views.unloaded_line(unloaded))
             elif args.cmd == "delete":
-                _print(stub.DeleteAdapter(pb.DeleteAdapterRequest(adapter_id=args.adapter_id, tenant=args.tenant),
-                                          metadata=md, timeout=args.timeout))
+                deleted = stub.DeleteAdapter(pb.DeleteAdapterRequest(adapter_id=args.adapter_id, tenant=args.tenant),
+                                             metadata=md, timeout=args.timeout)
+                _show(args.output, deleted, lambda wide: views.deleted_line(args.adapter_id, deleted))
         except grpc.RpcError as e:
             print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1

@@ -1,5 +1,8 @@
 """What our clients do so that a fleet behind a proxy serves them well: the routing header and retries.
 
+The header travels as gRPC metadata (`routing_metadata`) or as an HTTP header on the
+OpenAI-compatible API (`routing_headers`); one value, one hash, either protocol.
+
 HAProxy (deploy/haproxy/haproxy.cfg) and Envoy (deploy/envoy/envoy.yaml) hash `x-loraserve-adapter`
 consistently over the replicas. Its value is the adapter's name without the version: all versions
 of a name stay together, so a hot-swapped version loads where the old one already ran. The server
@@ -37,3 +40,8 @@ def routing_metadata(adapter_id: str) -> list[tuple[str, str]]:
     if not key or len(key) > 128 or not key.isascii() or not key.isprintable():
         return []  # the server refuses such an id anyway; no header is better than a broken call
     return [(ADAPTER_HEADER, key)]
+
+
+def routing_headers(adapter_id: str) -> dict[str, str]:
+    """The same header for an HTTP request (the OpenAI-compatible API): `{}` where gRPC sends none."""
+    return dict(routing_metadata(adapter_id))

@@ -1,13 +1,15 @@
 """Every server knob in one place: defaults < `--config FILE.toml` < `LORASERVE_*` env < flags.
 
-The engine's knobs live in `server.core.engine_config.EngineConfig`; this module owns the
-server's and is the only place that reads the environment or the TOML file, so a
-value has exactly one way in per source and one precedence rule.
+The knobs are the fields of two dataclasses, `ServerConfig` below (`[server]`) and
+`server.core.engine_config.EngineConfig` (`[engine]`); each field carries its help,
+choices and range (`server.core.knobs`), and constructing a section checks them: that
+is the one validation. This module is the only place that reads the environment or the
+TOML file, so a value has exactly one way in per source and one precedence rule.
 
 TOML layout: a `[server]` table and an `[engine]` table whose keys are the field
-names below (`port = 50051`, `quantize = "int8"`). Environment variables are
-`LORASERVE_` + the field name in upper case (`LORASERVE_PORT`, `LORASERVE_QUANTIZE`);
-list fields take comma-separated values.
+names (`port = 50051`, `quantize = "int8"`). Environment variables are
+`LORASERVE_` + the field name in upper case (`LORASERVE_PORT`, `LORASERVE_QUANTIZE`,
+`LORASERVE_HOME`, `LORASERVE_ATTENTION`); list fields take comma-separated values.
 """
 from __future__ import annotations
 
@@ -19,10 +21,12 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
+from server.core import knobs
 from server.core.engine_config import EngineConfig
 from server.core.errors import InvalidRequestError
+from server.core.knobs import knob
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,80 +38,58 @@ ENV_PREFIX = "LORASERVE_"
 
 @dataclass
 class ServerConfig:
-    host: str = field(default="127.0.0.1", metadata={"help": "address to bind the gRPC server to"})
-    port: int = field(default=50051, metadata={"help": "gRPC port (0 = pick a free one and log it)"})
-    metrics_port: int = field(default=9090, metadata={
-        "help": "Prometheus /metrics port (0 = pick a free one, -1 = off)"})
-    metrics_host: str = field(default="", metadata={"help": "address for /metrics (default: same as --host)"})
-    grace_period: float = field(default=30.0, metadata={
-        "help": "seconds in-flight calls get to finish after SIGTERM/SIGINT"})
-    drain_delay: float = field(default=0.0, metadata={
-        "help": "seconds a replica keeps accepting new calls after SIGTERM while health says NOT_SERVING, so a "
-                "load balancer stops sending before it refuses (set it above the balancer's check interval)"})
-    max_request_bytes: int = field(default=4 << 20, metadata={
-        "help": "largest inference request message accepted, in bytes"})
-    max_response_bytes: int = field(default=16 << 20, metadata={"help": "largest response message, in bytes"})
-    max_upload_bytes: int = field(default=512 << 20, metadata={
-        "help": "largest adapter upload (sum of RegisterAdapter chunks), in bytes"})
-    max_concurrent_rpcs: int = field(default=2048, metadata={
-        "help": "RPCs in progress at once; beyond it gRPC answers RESOURCE_EXHAUSTED"})
-    default_max_new_tokens: int = field(default=128, metadata={
-        "help": "max_new_tokens for requests that leave it unset"})
-    tenants: str = field(default="", metadata={
-        "help": "tenants TOML file (API key hashes, quotas); empty = single-tenant, no auth"})
-    registry: str = field(default="", metadata={
-        "help": "adapter registry: a directory (SQLite index, default $LORASERVE_HOME/registry) or a "
-                "postgresql:// URL shared by a fleet of replicas (then --objects is required)"})
-    objects: str = field(default="", metadata={
-        "help": "folder of adapter files (content-addressed, immutable); with a postgresql:// registry, one "
-                "every replica mounts (NFS, a ReadWriteMany volume) [default: inside the registry directory]"})
-    object_grace_period: float = field(default=600.0, metadata={
-        "help": "seconds an unused adapter file or unfinished upload is kept in a shared --objects folder "
-                "before removal (longer than any request waits to start)"})
-    import_dirs: list[str] = field(default_factory=list, metadata={
-        "help": "server-side directories RegisterAdapter(server_path=...) may read from", "flag": "--import-dir"})
-    adapters: list[str] = field(default_factory=list, metadata={
-        "help": "NAME=PATH: register a PEFT adapter directory at start-up (repeatable)", "flag": "--adapter"})
-    host_cache_bytes: int = field(default=2 << 30, metadata={
-        "help": "byte budget of the host-memory adapter cache"})
-    metrics_adapter_labels: int = field(default=32, metadata={
-        "help": "distinct adapter label values in metrics before the rest count as 'other'"})
-    log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
+    host: str = knob("127.0.0.1", help="address to bind the gRPC and HTTP servers to")
+    port: int = knob(50051, help="gRPC port (0 = pick a free one and log it)", lo=0, hi=65535)
+    http_port: int = knob(50080, help="OpenAI-compatible HTTP API port on --host, also serving /health and /metrics "
+                                      "(0 = pick a free one and log it, -1 = off)", lo=-1, hi=65535)
+    metrics_port: int = knob(50091, help="Prometheus /metrics port (0 = pick a free one, -1 = off); not 9090, "
+                                         "Prometheus's own port", lo=-1, hi=65535)
+    metrics_host: str = knob("", help="address for /metrics (default: same as --host)")
+    grace_period: float = knob(30.0, help="seconds in-flight calls get to finish after SIGTERM/SIGINT", lo=0)
+    drain_delay: float = knob(0.0, lo=0, help="seconds a replica keeps accepting new calls after SIGTERM while health "
+                                              "says NOT_SERVING, so a load balancer stops sending before it refuses "
+                                              "(set it above the balancer's check interval)")
+    max_request_bytes: int = knob(4 << 20, help="largest inference request message accepted, in bytes", lo=1)
+    max_response_bytes: int = knob(16 << 20, help="largest response message, in bytes", lo=1)
+    max_upload_bytes: int = knob(512 << 20, help="largest adapter upload (sum of RegisterAdapter chunks), in bytes",
+                                 lo=1)
+    max_concurrent_rpcs: int = knob(2048, help="RPCs in progress at once; beyond it gRPC answers RESOURCE_EXHAUSTED",
+                                    lo=1)
+    default_max_new_tokens: int = knob(128, help="max_new_tokens for requests that leave it unset", lo=1)
+    tenants: str = knob("", help="tenants TOML file (API key hashes, quotas); empty = single-tenant, no auth")
+    registry: str = knob("", help="adapter registry: a directory (SQLite index, default: the home's registry/, see "
+                                  "--home) or a postgresql:// URL shared by a fleet of replicas (then --objects is "
+                                  "required)")
+    objects: str = knob("", help="folder of adapter files (content-addressed, immutable); with a postgresql:// "
+                                 "registry, one every replica mounts (NFS, a ReadWriteMany volume) [default: inside "
+                                 "the registry directory]")
+    object_grace_period: float = knob(600.0, lo=0, help="seconds an unused adapter file or unfinished upload is kept "
+                                                        "in a shared --objects folder before removal (longer than any "
+                                                        "request waits to start)")
+    import_dirs: list[str] = knob(default_factory=list, flag="--import-dir",
+                                  help="server-side directories RegisterAdapter(server_path=...) may read from")
+    adapters: list[str] = knob(default_factory=list, flag="--adapter",
+                               help="NAME=PATH: register a PEFT adapter directory at start-up (repeatable)")
+    host_cache_bytes: int = knob(2 << 30, help="byte budget of the host-memory adapter cache", lo=0)
+    metrics_adapter_labels: int = knob(32, help="distinct adapter label values in metrics before the rest count as "
+                                                "'other'", lo=0)
+    log_level: str = knob("info", help="debug | info | warning | error", choices=("debug", "info", "warning", "error"))
+
+    def __post_init__(self) -> None:
+        knobs.check(self, "server")
+        for spec in self.adapters:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise InvalidRequestError("server.adapters", f"{spec!r}: expected NAME=PATH")
+        if self.registry.startswith(("postgresql://", "postgres://")) and not self.objects:
+            raise InvalidRequestError("server.objects", "a postgresql:// registry needs --objects DIR: the folder of "
+                                      "adapter files every replica mounts")
 
 
 @dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
-
-
-# Help for the engine's fields (EngineConfig is plain so the engine does not depend on us).
-_ENGINE_HELP = {
-    "model": "'default' (SmolLM2-135M-Instruct, bundled) or a path to an HF directory or .gguf file",
-    "device": "auto | cpu | cuda",
-    "dtype": "auto | float32 | bfloat16 | float16 (auto: bf16 on CUDA and on CPUs with native bf16)",
-    "quantize": "base weights: none | int8 | int4",
-    "max_adapters_on_device": "LoRA slots on the device",
-    "max_rank": "largest LoRA rank served (smaller ranks are zero-padded)",
-    "kv_block_size": "tokens per paged KV block",
-    "kv_cache_tokens": "KV cache capacity in tokens (0 = sized automatically)",
-    "max_model_len": "context length served (0 = the model's, capped)",
-    "max_batch_size": "sequences decoded per step",
-    "max_batch_tokens": "prompt tokens per step (prefill budget)",
-    "max_waiting": "queued requests before RESOURCE_EXHAUSTED",
-    "home": "cache directory (default $LORASERVE_HOME or ~/.cache/loraserve)",
-    "seed": "seed for sampled requests that give none",
-    "cpu_threads": "intra-op threads of the engine loop on CPU (0 = torch's default, the physical cores)",
-    "lora_decode_dtype": "auto | float32 | bfloat16: LoRA weights the CPU kernels read, decode and prompt rows (auto: "
-                         "bf16 copies when the base is quantized, fp32 with --quantize none)",
-}
-_CHOICES = {
-    "device": ("auto", "cpu", "cuda"),
-    "dtype": ("auto", "float32", "bfloat16", "float16"),
-    "quantize": ("none", "int8", "int4"),
-    "lora_decode_dtype": ("auto", "float32", "bfloat16"),
-    "log_level": ("debug", "info", "warning", "error"),
-}
 
 
 def _sections() -> dict[str, type]:
@@ -117,6 +99,10 @@ def _sections() -> dict[str, type]:
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
 
 
 def _is_list(tp: Any) -> bool:
@@ -154,12 +140,6 @@ def _coerce(section: str, name: str, tp: Any, value: Any, source: str) -> Any:
     except ValueError as e:
         raise InvalidRequestError(where, f"{value!r}: {e}") from None
     raise InvalidRequestError(where, f"unsupported type {tp}")
-
-
-def _check_choice(section: str, name: str, value: Any, source: str) -> None:
-    if name in _CHOICES and value not in _CHOICES[name]:
-        raise InvalidRequestError(f"{source}: {section}.{name}",
-                                  f"{value!r}: choose one of {', '.join(_CHOICES[name])}")
 
 
 def from_toml(path: Path) -> dict[str, dict[str, Any]]:
@@ -204,8 +184,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(f"{section} options")
         types = _field_types(cls)
         for f in dataclasses.fields(cls):
-            flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
-            help_ = f.metadata.get("help") or _ENGINE_HELP.get(f.name, "")
+            flag = _flag(f)
+            help_ = f.metadata["help"]
             default = f.default if f.default is not dataclasses.MISSING else None
             help_ = f"{help_} [default: {default!r}]" if default not in (None, "") else help_
             kw: dict[str, Any] = {"dest": f"{section}__{f.name}", "default": None, "help": help_}
@@ -216,8 +196,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                 kw.update(action=argparse.BooleanOptionalAction)
             else:
                 kw.update(type=tp)
-                if f.name in _CHOICES:
-                    kw["choices"] = _CHOICES[f.name]
+                if "choices" in f.metadata:
+                    kw["choices"] = f.metadata["choices"]
             group.add_argument(flag, **kw)
 
 
@@ -231,44 +211,32 @@ def from_args(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def load(args: Optional[argparse.Namespace] = None, env: Optional[Mapping[str, str]] = None) -> Config:
-    """Merge the four sources: defaults < TOML < environment < flags."""
+    """Merge the four sources, defaults < TOML < environment < flags, and validate the result once.
+
+    A value refused by the validation is reported with the source that gave it (file, variable or flag).
+    """
     env = os.environ if env is None else env
-    flags = from_args(args) if args is not None else {}
     path = getattr(args, "config", None) or env.get(ENV_PREFIX + "CONFIG") or None
-    layers = [from_toml(Path(path)) if path else {}, from_env(env), flags]
+    flags = {f"{s}.{f.name}": _flag(f) for s, cls in _sections().items() for f in dataclasses.fields(cls)}
+    layers: list[tuple[dict[str, dict[str, Any]], Callable[[str], str]]] = [  # (values, the source of a key)
+        (from_toml(Path(path)) if path else {}, lambda key: str(path)),
+        (from_env(env), lambda key: ENV_PREFIX + key.partition(".")[2].upper()),
+        (from_args(args) if args is not None else {}, flags.__getitem__),
+    ]
     merged: dict[str, dict[str, Any]] = {}
-    for layer in layers:
+    origin: dict[str, str] = {}  # "section.field" -> the file, variable or flag its value came from
+    for layer, source in layers:
         for section, values in layer.items():
             merged.setdefault(section, {}).update(values)
-    for section, values in merged.items():
-        for name, value in values.items():
-            _check_choice(section, name, value, "config")
-    cfg = Config(server=ServerConfig(**merged.get("server", {})), engine=EngineConfig(**merged.get("engine", {})))
-    validate(cfg)
-    return cfg
-
-
-def validate(cfg: Config) -> None:
-    s = cfg.server
-    for name in ("port", "metrics_port"):
-        lo = -1 if name == "metrics_port" else 0
-        v = getattr(s, name)
-        if not lo <= v <= 65535:
-            raise InvalidRequestError(name, f"is {v}; allowed range is [{lo}, 65535]")
-    for name in ("grace_period", "drain_delay", "object_grace_period"):
-        if getattr(s, name) < 0:
-            raise InvalidRequestError(name, f"is {getattr(s, name)}; must be >= 0 seconds")
-    if s.registry.startswith(("postgresql://", "postgres://")) and not s.objects:
-        raise InvalidRequestError("objects", "a postgresql:// registry needs --objects DIR: the folder of adapter "
-                                  "files every replica mounts")
-    for name in ("max_request_bytes", "max_response_bytes", "max_upload_bytes", "max_concurrent_rpcs",
-                 "default_max_new_tokens"):
-        if getattr(s, name) < 1:
-            raise InvalidRequestError(name, f"is {getattr(s, name)}; must be >= 1")
-    for spec in s.adapters:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise InvalidRequestError("adapter", f"{spec!r}: expected NAME=PATH")
+            origin.update({key: source(key) for key in (f"{section}.{name}" for name in values)})
+    try:
+        return Config(server=ServerConfig(**merged.get("server", {})),
+                      engine=EngineConfig(**merged.get("engine", {})))
+    except InvalidRequestError as e:
+        if e.field not in origin:  # a default or a check across fields
+            raise
+        message = str(e)[len(e.field) + 2:]  # InvalidRequestError reads "field: message"
+        raise InvalidRequestError(f"{origin[e.field]}: {e.field}", message) from None
 
 
 def parse_adapter_flags(specs: list[str]) -> list[tuple[str, Path]]:

@@ -1,50 +1,76 @@
-"""Every engine knob in one dataclass; `server/config.py` fills it from flags, env and TOML."""
+"""Every engine knob in one dataclass; `server.core.config` fills it from flags, env and TOML.
+
+Each field says once, in its metadata (`server.core.knobs.knob`), its help, its
+allowed choices or range; construction checks them, so an `EngineConfig` that
+exists is valid and the `resolve_*` methods only derive runtime values from it.
+"""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from server.core import knobs
 from server.core.errors import InvalidRequestError
+from server.core.knobs import knob
+from server.core.paths import resolve_home
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
 class EngineConfig:
-    model: str = "default"          # "default" or a path (HF directory or .gguf file)
-    device: str = "auto"            # auto | cpu | cuda
-    dtype: str = "auto"             # auto | float32 | bfloat16 | float16
-    quantize: str = "int8"          # none | int8 | int4
-    max_adapters_on_device: int = 8  # LoRA slots besides slot 0 (the bare base)
-    max_rank: int = 32
-    kv_block_size: int = 16
-    kv_cache_tokens: int = 0        # 0 = sized automatically
-    max_model_len: int = 0          # 0 = the model's max_position_embeddings (capped at 8192)
-    max_batch_size: int = 32        # sequences per step
-    max_batch_tokens: int = 2048    # prompt tokens per step (prefill budget)
-    max_waiting: int = 1024         # queue bound; beyond it submit raises CapacityError
-    home: str = ""                  # cache dir; default $LORASERVE_HOME or ~/.cache/loraserve
-    seed: int = 0                   # seed for requests that give none (mixed with the request id)
-    cpu_threads: int = 0            # intra-op threads of the engine loop on CPU; 0 = torch's default
-    lora_decode_dtype: str = "auto"  # auto | float32 | bfloat16: LoRA weights the CPU kernels read (every row)
+    model: str = knob("default", help="'default' (SmolLM2-135M-Instruct, bundled) or a path to an HF directory "
+                                      "or .gguf file")
+    device: str = knob("auto", help="auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
+    dtype: str = knob("auto", help="auto | float32 | bfloat16 | float16 (auto: bf16 on CUDA and on CPUs with "
+                                   "native bf16)", choices=("auto", *_DTYPES))
+    quantize: str = knob("int8", help="base weights: none | int8 | int4", choices=("none", "int8", "int4"))
+    max_adapters_on_device: int = knob(8, help="LoRA slots on the device (besides slot 0, the bare base)", lo=1)
+    max_rank: int = knob(32, help="largest LoRA rank served (smaller ranks are zero-padded)", lo=1)
+    kv_block_size: int = knob(16, help="tokens per paged KV block", lo=1)
+    prefix_cache: bool = knob(True, help="keep full KV blocks of prompts after their requests end and reuse them "
+                                         "for prompts that start the same way, on the same base and adapter "
+                                         "version (keyed by the adapter's content digest)")
+    kv_cache_tokens: int = knob(0, help="KV cache capacity in tokens (0 = sized automatically)", lo=0)
+    max_model_len: int = knob(0, help="context length served (0 = the model's, capped at 8192)", lo=0)
+    max_batch_size: int = knob(32, help="sequences decoded per step", lo=1)
+    max_batch_tokens: int = knob(2048, help="prompt tokens per step (prefill budget)", lo=1)
+    max_waiting: int = knob(1024, help="queued requests before RESOURCE_EXHAUSTED", lo=1)
+    home: str = knob("", help="cache directory: converted models, CPU kernels, the default registry "
+                              "(env LORASERVE_HOME; default ~/.cache/loraserve)")
+    seed: int = knob(0, help="seed for sampled requests that give none (mixed with the request id)")
+    cpu_threads: int = knob(0, help="intra-op threads of the engine loop on CPU (0 = torch's default, the "
+                                    "physical cores)", lo=0)
+    lora_decode_dtype: str = knob("auto", help="auto | float32 | bfloat16: LoRA weights the CPU kernels read, "
+                                               "decode and prompt rows (auto: bf16 copies when the base is "
+                                               "quantized, fp32 with --quantize none)",
+                                  choices=("auto", "float32", "bfloat16"))
+    attention: str = knob("auto", help="prefill attention on CUDA: auto (xformers where its start-up probe passes, "
+                                       "else sdpa) | sdpa | xformers (refuse to start if xformers does not work)",
+                          choices=("auto", "sdpa", "xformers"))
+    lora_backend: str = knob("auto", help="auto | torch | cpu | triton: what computes the LoRA deltas (auto: triton on "
+                                          "CUDA when it imports; on CPU the bf16 C kernel where --lora-decode-dtype "
+                                          "resolves to bf16 and dtype is float32; the torch reference otherwise)",
+                             choices=("auto", "torch", "cpu", "triton"))
+    cuda_graphs: bool = knob(True, help="replay captured CUDA graphs for decode-only steps, one per batch and "
+                                        "context bucket (CUDA with the triton LoRA backend; ignored on CPU; "
+                                        "--no-cuda-graphs runs every step eagerly)")
+
+    def __post_init__(self) -> None:
+        knobs.check(self, "engine")
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device == "cuda" and not torch.cuda.is_available():
-            raise InvalidRequestError("device", "cuda was asked for but torch sees no CUDA device")
-        if self.device not in ("cpu", "cuda"):
-            raise InvalidRequestError("device", f"{self.device!r}: choose auto, cpu or cuda")
+            raise InvalidRequestError("engine.device", "cuda was asked for but torch sees no CUDA device")
         return torch.device(self.device)
 
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
-        names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
         if self.dtype != "auto":
-            if self.dtype not in names:
-                raise InvalidRequestError("dtype", f"{self.dtype!r}: choose auto, float32, bfloat16 or float16")
-            return names[self.dtype]
+            return _DTYPES[self.dtype]
         if device.type == "cuda":
             return torch.bfloat16
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
@@ -52,9 +78,6 @@ class EngineConfig:
     def resolve_lora_decode_dtype(self, device: torch.device) -> torch.dtype:
         """bf16 copies of the slot stacks for the CPU kernels, decode and prompt rows (server/lora/cpu_kernel.py),
         where the base is quantized anyway; fp32 (no copies) with `none`, the PEFT-exact setting, and on CUDA."""
-        if self.lora_decode_dtype not in ("auto", "float32", "bfloat16"):
-            raise InvalidRequestError("lora_decode_dtype", f"{self.lora_decode_dtype!r}: choose auto, float32 or "
-                                      "bfloat16")
         if device.type != "cpu" or self.lora_decode_dtype == "float32":
             return torch.float32
         if self.lora_decode_dtype == "bfloat16" or self.quantize != "none":
@@ -62,9 +85,8 @@ class EngineConfig:
         return torch.float32
 
     def resolve_home(self) -> Path:
-        if self.home:
-            return Path(self.home).expanduser()
-        return Path(os.environ.get("LORASERVE_HOME", "~/.cache/loraserve")).expanduser()
+        """The cache root (`server.core.paths.resolve_home`): `home`, else $LORASERVE_HOME, else ~/.cache/loraserve."""
+        return resolve_home(self.home)
 
 
 def cpu_has_native_bf16() -> bool:

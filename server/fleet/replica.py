@@ -31,6 +31,7 @@ class Replica:
     def __init__(self, name: str, workdir: Path, serve_args: Sequence[str], env: Optional[dict[str, str]] = None):
         self.name = name
         self.grpc_port = free_port()
+        self.http_port = free_port()
         self.metrics_port = free_port()
         self.serve_args = list(serve_args)
         self.env = replica_env(env)
@@ -42,9 +43,13 @@ class Replica:
     def target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
+    @property
+    def http_address(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
     def command(self) -> list[str]:
         return [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.grpc_port),
-                "--metrics-port", str(self.metrics_port), *self.serve_args]
+                "--http-port", str(self.http_port), "--metrics-port", str(self.metrics_port), *self.serve_args]
 
     def start(self) -> "Replica":
         with open(self.log_path, "ab") as log:

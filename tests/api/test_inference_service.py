@@ -13,7 +13,7 @@ import pytest
 from server.api.gen.loraserve.v1 import inference_pb2 as pb
 from server.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
 from server.api.inference_service import InferenceServicer, ServingState
-from server.core.identity import AdapterSpec
+from server.core.identity import AdapterVersion
 from server.engine.types import Delta, RequestStream
 from server.core.errors import AdapterNotFoundError, CapacityError
 from server.metrics import ServerMetrics
@@ -61,8 +61,7 @@ class FakeEngine:
                 time.sleep(0.05 if slow else 0.001)
                 last = i == n - 1
                 stream.put(Delta(request.request_id, [i + 1], f"t{i}", "length" if last else None,
-                                 len(request.prompt_token_ids), i + 1, a.adapter_id if a else "",
-                                 a.version if a else 0))
+                                 len(request.prompt_token_ids), i + 1, a))
 
         threading.Thread(target=run, daemon=True).start()
         return stream
@@ -72,10 +71,10 @@ class FakeEngine:
 
 
 class FakeResolver:
-    def resolve(self, tenant: str, adapter_id: str) -> AdapterSpec:
+    def resolve(self, tenant: str, adapter_id: str) -> AdapterVersion:
         if adapter_id != "good":
             raise AdapterNotFoundError(adapter_id)
-        return AdapterSpec("digest", "good", 3, lambda: None)
+        return AdapterVersion(tenant, "good", 3, "digest", lambda: None)
 
 
 async def _with_server(fn) -> Any:
@@ -106,7 +105,7 @@ def test_generate_translates_both_ways() -> None:
         p = req.params
         assert (p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.seed, p.stop, p.stop_token_ids, p.ignore_eos) \
             == (5, 0.5, 1.0, 4, 9, ("x",), (7,), True)
-        assert req.adapter.adapter_id == "good"
+        assert req.adapter.name == "good"
         assert r.request_id == "mine" and list(r.token_ids) == [1, 2, 3, 4, 5] and r.text == "t0t1t2t3t4"
         assert r.finish_reason == pb.FINISH_REASON_LENGTH and r.adapter_id == "good" and r.adapter_version == 3
         assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (3, 5)

@@ -38,10 +38,13 @@ def test_probe_without_cuda_says_why():
     assert not res.usable and "CUDA" in res.reason
 
 
-def test_env_override_validated(monkeypatch):
-    monkeypatch.setenv(xp.ENV_VAR, "bogus")
-    with pytest.raises(ValueError, match="auto, sdpa or xformers"):
-        xp._mode()
+def test_mode_comes_from_the_caller_not_the_environment(monkeypatch):
+    """The engine passes `EngineConfig.attention`; LORASERVE_ATTENTION reaches the probe only through the config."""
+    monkeypatch.setenv("LORASERVE_ATTENTION", "bogus")
+    for mode in ("auto", "sdpa", "xformers"):
+        assert xp.attention_backend("cpu", mode) == "sdpa"  # CPU prefill is always SDPA
+    q, k, v = torch.randn(4, 4, 16), torch.randn(4, 2, 16), torch.randn(4, 2, 16)
+    assert torch.allclose(xp.prefill_fn("cpu", "sdpa")(q, k, v), _naive(q, k, v, [4]), atol=1e-5)
 
 
 @pytest.mark.gpu
@@ -56,3 +59,6 @@ def test_gpu_backend_matches_sdpa():
     want = xp._sdpa_varlen(q, k, v, lens, None)
     assert (got.float() - want.float()).abs().max() < 3e-2
     assert xp.attention_backend("cuda") in ("xformers", "sdpa")
+    assert xp.attention_backend("cuda", "sdpa") == "sdpa"
+    sd = xp.varlen_prefill_attention(q, k, v, lens, mode="sdpa")
+    assert torch.equal(sd, want)

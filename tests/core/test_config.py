@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 
 from server.core import config
 from server.core.errors import InvalidRequestError
@@ -18,7 +20,8 @@ def parse(*argv: str) -> argparse.Namespace:
 
 def test_defaults() -> None:
     cfg = config.load(parse(), env={})
-    assert (cfg.server.host, cfg.server.port, cfg.server.metrics_port) == ("127.0.0.1", 50051, 9090)
+    assert (cfg.server.host, cfg.server.port, cfg.server.metrics_port) == ("127.0.0.1", 50051, 50091)
+    assert cfg.server.http_port == 50080  # neither Prometheus's 9090 nor the 8000/8080 of common tools
     assert cfg.engine.quantize == "int8" and cfg.engine.model == "default" and cfg.server.adapters == []
 
 
@@ -69,3 +72,56 @@ def test_warns_beyond_loopback_without_tenants() -> None:
     warn = config.startup_warnings(config.load(parse("--host", "0.0.0.0"), env={}))
     assert len(warn) == 1 and "without --tenants" in warn[0]
     assert config.startup_warnings(config.load(parse("--host", "0.0.0.0", "--tenants", "t.toml"), env={})) == []
+
+
+def test_every_knob_is_declared_once_with_its_help() -> None:
+    """Help, choices and ranges live in the field: the flag offers exactly the field's choices."""
+    p = argparse.ArgumentParser()
+    config.add_flags(p)
+    flags = {a.dest: a for a in p._actions}
+    for section, cls in (("server", config.ServerConfig), ("engine", config.EngineConfig)):
+        for f in dataclasses.fields(cls):
+            assert f.metadata["help"], f"{section}.{f.name} has no help"
+            action = flags[f"{section}__{f.name}"]
+            assert tuple(action.choices or ()) == f.metadata.get("choices", ())
+
+
+def test_attention_and_home_are_knobs_like_any_other(tmp_path: Path) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text('[engine]\nattention = "xformers"\nhome = "/from/toml"\n')
+    assert config.load(parse(), env={}).engine.attention == "auto"
+    assert config.load(parse("--config", str(toml)), env={}).engine.attention == "xformers"
+    assert config.load(parse(), env={"LORASERVE_ATTENTION": "sdpa"}).engine.attention == "sdpa"
+    assert config.load(parse("--attention", "sdpa"), env={"LORASERVE_ATTENTION": "xformers"}).engine.attention == "sdpa"
+    with pytest.raises(InvalidRequestError, match="LORASERVE_ATTENTION: engine.attention: 'flash': choose one of "
+                                                  "auto, sdpa, xformers"):
+        config.load(parse(), env={"LORASERVE_ATTENTION": "flash"})
+    with pytest.raises(SystemExit):
+        parse("--attention", "flash")
+    # --home > LORASERVE_HOME > TOML > default, all through the loader.
+    both = {"LORASERVE_HOME": str(tmp_path / "env"), "LORASERVE_CONFIG": str(toml)}
+    assert config.load(parse("--home", str(tmp_path / "flag")), env=both).engine.resolve_home() == tmp_path / "flag"
+    assert config.load(parse(), env=both).engine.resolve_home() == tmp_path / "env"
+    assert config.load(parse("--config", str(toml)), env={}).engine.resolve_home() == Path("/from/toml")
+
+
+def test_values_are_checked_once_when_a_section_is_built() -> None:
+    """Constructing a section validates it; a bad value is named with the source that gave it."""
+    assert config.EngineConfig() == config.load(parse(), env={}).engine
+    with pytest.raises(InvalidRequestError, match="engine.lora_decode_dtype: 'fp8': choose one of"):
+        config.EngineConfig(lora_decode_dtype="fp8")
+    with pytest.raises(InvalidRequestError, match="engine.max_rank: is 0; must be >= 1"):
+        config.EngineConfig(max_rank=0)
+    with pytest.raises(InvalidRequestError, match=r"server.metrics_port: is -2; allowed range is \[-1, 65535\]"):
+        config.ServerConfig(metrics_port=-2)
+    with pytest.raises(InvalidRequestError, match=r"^--max-batch-size: engine.max_batch_size: is 0"):
+        config.load(parse("--max-batch-size", "0"), env={"LORASERVE_MAX_BATCH_SIZE": "4"})
+    with pytest.raises(InvalidRequestError, match=r"^LORASERVE_MAX_WAITING: engine.max_waiting: is 0"):
+        config.load(parse(), env={"LORASERVE_MAX_WAITING": "0"})
+
+
+def test_resolve_only_derives() -> None:
+    cpu = torch.device("cpu")
+    assert config.EngineConfig(dtype="bfloat16").resolve_dtype(cpu) == torch.bfloat16
+    assert config.EngineConfig(dtype="float16").resolve_dtype(torch.device("cuda")) == torch.float16
+    assert config.EngineConfig(device="cpu").resolve_device() == cpu

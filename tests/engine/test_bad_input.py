@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.core.identity import AdapterSpec
+from server.core.identity import AdapterVersion
 from server.engine.types import Request, SamplingParams
 from server.core.errors import AdapterLoadError, AdapterRejectedError, CapacityError, InvalidRequestError
 from tests.engine.engine_utils import make_engine
@@ -46,7 +46,7 @@ def test_failing_adapter_load_fails_only_its_request(engine, tiny_dir):
     def bad_load():
         raise AdapterRejectedError("adapter_model.safetensors: lying header")
 
-    bad = AdapterSpec("broken@1", "broken", 1, bad_load)
+    bad = AdapterVersion("default", "broken", 1, "broken-digest", bad_load)
     good = engine.submit(Request([9, 8, 7], SamplingParams(max_new_tokens=8, ignore_eos=True)))
     with pytest.raises(AdapterLoadError, match="broken.*lying header"):
         engine.submit(Request([9, 8, 7], SamplingParams(max_new_tokens=8), bad)).collect()

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from server.engine.types import Request, SamplingParams
-from tests.engine.engine_utils import make_engine, spec
+from tests.engine.engine_utils import local_adapter, make_engine
 from tests.helpers import peft_greedy
 
 
@@ -28,7 +28,7 @@ def test_mixed_batch_matches_peft_alone(engine, tiny_dir, tiny_adapters):
     for i, prompt in enumerate(_prompts()):
         for j, name in enumerate(names):
             n_new = 6 + (i * 5 + j * 3) % 14
-            adapter = spec(engine, name, tiny_adapters.get(name)) if name else None
+            adapter = local_adapter(engine, name, tiny_adapters.get(name)) if name else None
             req = Request(prompt, SamplingParams(max_new_tokens=n_new, ignore_eos=True), adapter)
             jobs.append((name, prompt, n_new, engine.submit(req)))
     for name, prompt, n_new, stream in jobs:
@@ -36,18 +36,18 @@ def test_mixed_batch_matches_peft_alone(engine, tiny_dir, tiny_adapters):
         expected = peft_greedy(tiny_dir, tiny_adapters.get(name), prompt, n_new)
         assert out.token_ids == expected, f"adapter {name}, prompt of {len(prompt)} tokens"
         assert out.finish_reason == "length"
-        assert out.adapter_id == (name or "")
+        assert (out.adapter.name if out.adapter else "") == (name or "")
 
 
 def test_requests_arriving_while_others_decode(engine, tiny_dir, tiny_adapters):
     names = list(tiny_adapters)
     first = [(n, p, engine.submit(Request(p, SamplingParams(max_new_tokens=40, ignore_eos=True),
-                                          spec(engine, n, tiny_adapters[n]))))
+                                          local_adapter(engine, n, tiny_adapters[n]))))
              for n, p in zip(names[:2], _prompts()[:2])]
     it = iter(first[0][2])
     next(it)  # the first batch is decoding now
     late = [(n, p, engine.submit(Request(p, SamplingParams(max_new_tokens=12, ignore_eos=True),
-                                         spec(engine, n, tiny_adapters[n]) if n else None)))
+                                         local_adapter(engine, n, tiny_adapters[n]) if n else None)))
             for n, p in zip([None, *names[2:]], _prompts()[2:] + [[11, 12]])]
     rest = list(it)
     first_ids = [t for d in rest for t in d.token_ids]
@@ -64,7 +64,7 @@ def test_eos_stops_like_hf(engine, tiny_dir, tiny_adapters):
     for name in (None, "all_r8"):
         prompt = [1, 2, 3, 4]
         out = engine.generate(prompt, SamplingParams(max_new_tokens=60),
-                              spec(engine, name, tiny_adapters.get(name)) if name else None)
+                              local_adapter(engine, name, tiny_adapters.get(name)) if name else None)
         ref = peft_greedy(tiny_dir, tiny_adapters.get(name), prompt, 60, eos_token_id=eos)
         assert out.token_ids == ref
         assert out.finish_reason == ("stop" if ref[-1] == eos else "length")
@@ -89,7 +89,7 @@ def test_real_smollm2_matches_peft(default_model_dir, tmp_path):
         adapters = {None: None, "a1": a1, "a2": a2}
         t0 = time.perf_counter()
         jobs = [(n, p, eng.submit(Request(p, SamplingParams(max_new_tokens=12, ignore_eos=True),
-                                          spec(eng, n, a) if n else None)))
+                                          local_adapter(eng, n, a) if n else None)))
                 for p in prompts for n, a in adapters.items()]
         outs = [(n, p, s.collect()) for n, p, s in jobs]
         assert time.perf_counter() - t0 < 120

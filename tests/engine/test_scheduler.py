@@ -7,7 +7,7 @@ import time
 import pytest
 
 from server.engine.types import Request, SamplingParams
-from tests.engine.engine_utils import make_engine, spec
+from tests.engine.engine_utils import local_adapter, make_engine
 from tests.helpers import peft_greedy
 
 
@@ -18,7 +18,7 @@ def test_preemption_under_tiny_kv_budget_keeps_outputs_exact(tiny_dir, tiny_adap
         names = [None, "all_r8", "qv_r4", "mlp_rs"]
         prompts = [list(range(10 + i, 20 + i)) for i in range(4)]
         streams = [eng.submit(Request(p, SamplingParams(max_new_tokens=30, ignore_eos=True),
-                                      spec(eng, n, tiny_adapters.get(n)) if n else None))
+                                      local_adapter(eng, n, tiny_adapters.get(n)) if n else None))
                    for n, p in zip(names, prompts)]
         outs = [s.collect() for s in streams]
         preempted = eng.stats()
@@ -34,7 +34,7 @@ def test_abort_mid_stream_frees_blocks_and_slot(tiny_dir, tiny_adapters):
     eng = make_engine(tiny_dir)
     try:
         req = Request(list(range(30)), SamplingParams(max_new_tokens=300, ignore_eos=True),
-                      spec(eng, "all_r8", tiny_adapters["all_r8"]), request_id="victim")
+                      local_adapter(eng, "all_r8", tiny_adapters["all_r8"]), request_id="victim")
         stream = eng.submit(req)
         it = iter(stream)
         for _ in range(3):
@@ -83,7 +83,8 @@ def test_hundred_random_requests_finish_with_right_lengths(tiny_dir, tiny_adapte
                                top_k=rng.choice([0, 5]), top_p=rng.choice([1.0, 0.9]), seed=i)
             name = rng.choice(names)
             prompt = [rng.randrange(256) for _ in range(rng.randrange(1, 60))]
-            jobs.append((n_new, eng.submit(Request(prompt, p, spec(eng, name, tiny_adapters.get(name)) if name else None))))
+            adapter = local_adapter(eng, name, tiny_adapters.get(name)) if name else None
+            jobs.append((n_new, eng.submit(Request(prompt, p, adapter))))
             if i % 10 == 0:
                 time.sleep(0.01)
         for n_new, st in jobs:
@@ -91,7 +92,7 @@ def test_hundred_random_requests_finish_with_right_lengths(tiny_dir, tiny_adapte
             assert out.finish_reason == "length" and len(out.token_ids) == n_new == out.completion_tokens
         st = eng.stats()
         assert st.kv_blocks_used == 0 and st.running == 0 and st.waiting == 0
-        assert st.adapter_evictions > 0  # 4 adapters through 2 slots
+        assert st.pool.evictions > 0  # 4 adapters through 2 slots
     finally:
         eng.shutdown()
 

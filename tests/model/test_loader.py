@@ -214,19 +214,19 @@ def test_fingerprint_changes_with_weights(tmp_path):
 
 def test_missing_path(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
-        resolve_model(str(tmp_path / "nope"))
+        resolve_model(str(tmp_path / "nope"), home=tmp_path / "home")
 
 
 def test_dir_without_config(tmp_path):
     with pytest.raises(ModelLoadError, match="without config.json"):
-        resolve_model(str(tmp_path))
+        resolve_model(str(tmp_path), home=tmp_path / "home")
 
 
 def test_not_a_model_file(tmp_path):
     f = tmp_path / "weights.bin"
     f.write_bytes(b"\0" * 16)
     with pytest.raises(ModelLoadError, match="neither a .gguf file"):
-        resolve_model(str(f))
+        resolve_model(str(f), home=tmp_path / "home")
 
 
 def test_garbage_gguf_is_refused_clearly(tmp_path):
@@ -263,7 +263,7 @@ def test_unsupported_architectures(tmp_path, cfg, msg):
             "vocab_size": 10}
     (tmp_path / "config.json").write_text(json.dumps({**base, **cfg}))
     with pytest.raises(ModelLoadError, match=msg) as e:
-        resolve_model(str(tmp_path))
+        resolve_model(str(tmp_path), home=tmp_path / "home")
     assert isinstance(e.value, LoraServeError)
 
 
@@ -272,7 +272,7 @@ def test_mistral_without_sliding_window_is_accepted(tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg.update(model_type="mistral", sliding_window=None)
     (d / "config.json").write_text(json.dumps(cfg))
-    assert resolve_model(str(d)) == d
+    assert resolve_model(str(d), home=tmp_path / "home") == d
 
 
 def test_pickle_only_dir_is_refused(tmp_path):
@@ -281,7 +281,7 @@ def test_pickle_only_dir_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(base))
     (tmp_path / "pytorch_model.bin").write_bytes(b"\0")
     with pytest.raises(ModelLoadError, match="safetensors only"):
-        resolve_model(str(tmp_path))
+        resolve_model(str(tmp_path), home=tmp_path / "home")
 
 
 def test_shard_index_naming_a_missing_file(tmp_path):
@@ -300,9 +300,10 @@ def test_default_without_the_package_says_how_to_install(monkeypatch, tmp_path):
         resolve_model("default", home=tmp_path)
 
 
-def test_home_resolution(monkeypatch, tmp_path):
+def test_home_is_the_callers(monkeypatch, tmp_path):
+    """The loader reads no environment: the digest cache goes where the caller's home says."""
+    d, _ = _tiny_llama(tmp_path, False)
     monkeypatch.setenv("LORASERVE_HOME", str(tmp_path / "env"))
-    assert loader.loraserve_home() == tmp_path / "env"
-    assert loader.loraserve_home(tmp_path / "arg") == tmp_path / "arg"
-    monkeypatch.delenv("LORASERVE_HOME")
-    assert loader.loraserve_home() == Path.home() / ".cache" / "loraserve"
+    model_fingerprint(d, home=tmp_path / "arg")
+    assert (tmp_path / "arg" / "models" / ".file-digests.json").is_file()
+    assert not (tmp_path / "env").exists()

@@ -1,13 +1,13 @@
 import pytest
 
-from adapter_registry.ids import AdapterRef, check_name, parse_adapter_id
+from adapter_registry.ids import AdapterSelector, check_name, parse_adapter_id
 from server.core.errors import InvalidRequestError
 
 
 @pytest.mark.parametrize("good", ["a", "0", "my-adapter", "x.y_z-1", "a" * 64])
 def test_valid_names(good):
     assert check_name(good) == good
-    assert parse_adapter_id(good) == AdapterRef(good, None)
+    assert parse_adapter_id(good) == AdapterSelector(good, None)
 
 
 @pytest.mark.parametrize("bad", ["", "A", "-a", ".a", "_a", "a" * 65, "a/b", "../etc", "a b", "é", "a\x00",
@@ -20,7 +20,7 @@ def test_invalid_ids(bad):
 
 
 def test_versions():
-    assert parse_adapter_id("n@1") == AdapterRef("n", 1)
-    assert parse_adapter_id("n@2147483647") == AdapterRef("n", 2147483647)
-    assert parse_adapter_id("n@latest") == AdapterRef("n", None)
-    assert str(AdapterRef("n", 3)) == "n@3"
+    assert parse_adapter_id("n@1") == AdapterSelector("n", 1)
+    assert parse_adapter_id("n@2147483647") == AdapterSelector("n", 2147483647)
+    assert parse_adapter_id("n@latest") == AdapterSelector("n", None)
+    assert str(AdapterSelector("n", 3)) == "n@3"

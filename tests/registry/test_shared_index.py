@@ -83,17 +83,17 @@ def test_new_and_deleted_versions_propagate_within_a_second(replicas):
     c1, w1 = make_adapter(seed=1)
     c2, w2 = make_adapter(seed=2)
     a.register_bytes("t", "ad", c1, w1)
-    wait_until(lambda: b.stats()["remote_changes_total"] == 1)
-    reads = b.stats()["resolve_cache_reads_total"]
+    wait_until(lambda: b.stats().shared.remote_changes == 1)
+    reads = b.stats().shared.resolve.reads
     assert resolves_to(b, "ad") == resolves_to(b, "ad") == 1
-    s = b.stats()  # b read "ad" when it heard of it: its requests find it in memory
-    assert s["resolve_cache_hits_total"] == 2 and s["resolve_cache_reads_total"] == reads
+    s = b.stats().shared.resolve  # b read "ad" when it heard of it: its requests find it in memory
+    assert s.hits == 2 and s.reads == reads
     a.register_bytes("t", "ad", c2, w2)
     assert resolves_to(a, "ad") == 2          # at once where it was registered
     took = wait_until(lambda: resolves_to(b, "ad") == 2)
     assert took < 1.0, f"name@latest reached the other replica after {took:.3f}s"
     in_flight = b.resolve("t", "ad@2")         # a request on b resolved version 2 ...
-    b.cache.discard(in_flight.key)             # (not in b's host memory: it must read the shared folder)
+    b.cache.discard(in_flight.digest)             # (not in b's host memory: it must read the shared folder)
     a.delete("t", "ad@2")
     with pytest.raises(AdapterNotFoundError):
         a.resolve("t", "ad@2")
@@ -101,7 +101,7 @@ def test_new_and_deleted_versions_propagate_within_a_second(replicas):
     assert took < 1.0, f"a deleted version was still served by the other replica after {took:.3f}s"
     assert resolves_to(b, "ad") == 1           # latest falls back to the version left
     assert in_flight.load().rank == 4          # ... and finishes on it: the files outlive the delete
-    assert b.stats()["remote_changes_total"] >= 3
+    assert b.stats().shared.remote_changes >= 3
 
 
 def test_unused_objects_and_temp_dirs_wait_for_the_grace_period(replicas):
@@ -162,7 +162,7 @@ def test_a_publish_racing_the_collector_keeps_its_object(replicas):
     assert result["v"].version == 1       # ... then commits, with its object written again
     assert a.store.exists(v.digest)
     spec = b.resolve("t", "new")
-    b.cache.discard(spec.key)
+    b.cache.discard(spec.digest)
     assert spec.load().rank == 4
 
 
@@ -185,14 +185,14 @@ def test_postgresql_down_then_back(own_cluster, tmp_path):
     try:
         a.register_bytes("t", "known", c1, w1)
         known = b.resolve("t", "known")       # b has resolved "known" before the outage
-        b.cache.discard(known.key)
+        b.cache.discard(known.digest)
         a.register_bytes("t", "heard", c2, w2)  # b only hears of it
-        wait_until(lambda: b.stats()["remote_changes_total"] >= 2)
+        wait_until(lambda: b.stats().shared.remote_changes >= 2)
         own_cluster.stop()
-        wait_until(lambda: b.stats()["index_up"] == 0)
+        wait_until(lambda: not b.stats().shared.resolve.up)
         # adapters already resolved keep being served, from the cache (and the shared folder) ...
         again = b.resolve("t", "known")
-        assert (again.version, again.key) == (1, known.key) and again.load().rank == 4
+        assert (again.version, again.digest) == (1, known.digest) and again.load().rank == 4
         assert b.resolve("t", "known@1").version == 1
         # ... and so does every adapter b knows of without ever having served it (requests that move
         # to b because their replica died or was busy keep working during the outage)
@@ -208,16 +208,39 @@ def test_postgresql_down_then_back(own_cluster, tmp_path):
             a.register_bytes("t", "during", c2, w2)
         with pytest.raises(UnavailableError):
             a.list("t")
-        assert b.stats()["resolve_stale_served_total"] >= 2 and b.stats()["resolve_refused_total"] >= 2
+        assert b.stats().shared.resolve.stale_served >= 2 and b.stats().shared.resolve.refused >= 2
         own_cluster.start()
         # reconnects by itself: everything works again, and nothing of the failed register is visible
-        wait_until(lambda: a.stats()["index_up"] == 1 and b.stats()["index_up"] == 1, timeout=10)
+        wait_until(lambda: a.stats().shared.resolve.up and b.stats().shared.resolve.up, timeout=10)
         with pytest.raises(AdapterNotFoundError):
             b.resolve("t", "never-seen")
         assert [x.name for x in b.list("t")] == ["early", "heard", "known"]
         assert a.register_bytes("t", "during", c2, w2).version == 1
         assert b.resolve("t", "during").load().rank == 4
-        assert b.stats()["index_disconnects_total"] >= 1
+        assert b.stats().shared.disconnects >= 1
     finally:
         a.close()
         b.close()
+
+
+def test_a_replica_exports_the_documented_fleet_metrics(replicas):
+    """What operators alert on (docs/operations.md): exported with a shared index, read from its stats."""
+    from server.core.stats import EngineStats
+    from server.metrics import ServerMetrics
+    from tests.test_metrics import SHARED_INDEX_METRICS, documented_metrics, exported
+
+    a, b = replicas(), replicas()
+    c, w = make_adapter()
+    a.register_bytes("t", "ad", c, w)
+    wait_until(lambda: b.stats().shared.remote_changes == 1)
+    assert resolves_to(b, "ad") == 1
+    metrics = ServerMetrics()
+    metrics.attach(EngineStats, b.stats)
+    documented = documented_metrics()
+    shared = {n: t for n, t in exported(metrics).items() if n in SHARED_INDEX_METRICS}
+    assert shared == {n: documented[n] for n in SHARED_INDEX_METRICS}
+    value, s = metrics.registry.get_sample_value, b.stats().shared
+    assert value("loraserve_registry_index_up") == 1 and value("loraserve_registry_remote_changes_total") == 1
+    assert value("loraserve_registry_resolve_cache_hits_total") == s.resolve.hits >= 1
+    assert value("loraserve_registry_index_resyncs_total") == s.resyncs >= 1
+    assert value("loraserve_registry_resolve_refused_total") == 0

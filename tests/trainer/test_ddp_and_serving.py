@@ -78,7 +78,7 @@ def test_two_process_gloo_ddp_equals_one_process(tiny_dir, ddp_data, tmp_path):
 @pytest.mark.slow
 def test_trained_adapter_served_by_loraserve_equals_peft_greedy(tiny_dir, ddp_data, tmp_path):
     from server.engine.types import Request, SamplingParams
-    from tests.engine.engine_utils import make_engine, spec
+    from tests.engine.engine_utils import local_adapter, make_engine
     from tests.helpers import peft_greedy
 
     out = tmp_path / "adapter"
@@ -90,7 +90,7 @@ def test_trained_adapter_served_by_loraserve_equals_peft_greedy(tiny_dir, ddp_da
     try:
         prompts = [list(range(40, 52)), [105, 116, 101, 109, 32, 51, 61], [7, 8, 9]]
         streams = [eng.submit(Request(p, SamplingParams(max_new_tokens=10, ignore_eos=True),
-                                      spec(eng, "trained", out))) for p in prompts]
+                                      local_adapter(eng, "trained", out))) for p in prompts]
         served = [s.collect().token_ids for s in streams]
     finally:
         eng.shutdown()
