@@ -115,7 +115,7 @@ def generate_main(argv: list[str]) -> int:
     from google.protobuf import json_format
 
     from server.client.admin import metadata
-    from server.client.routing import CHANNEL_OPTIONS, routing_metadata
+    from server.client.routing import CHANNEL_OPTIONS, failed_call, routing_metadata
     from server.api.gen.loraserve.v1 import inference_pb2 as pb
     from server.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -160,7 +160,8 @@ def generate_main(argv: list[str]) -> int:
                     print(resp.text)
                 _summary(resp, time.perf_counter() - t0)
         except grpc.RpcError as e:
-            print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+            code, details = failed_call(e)  # a stream a fleet's proxy cut short is UNAVAILABLE, said plainly
+            print(f"error: {code}: {details}", file=sys.stderr)
             return 1
     return 0
 

@@ -140,7 +140,7 @@ class GrpcSender:
     async def send(self, job: Job) -> Result:
         import grpc
 
-        from server.client.routing import routing_metadata
+        from server.client.routing import failed_call, routing_metadata
 
         pb = self.pb
         params = pb.SamplingParams(max_new_tokens=job.max_new_tokens, ignore_eos=True,
@@ -155,7 +155,7 @@ class GrpcSender:
                     timer.tokens()
                     tokens += len(chunk.token_ids)
         except grpc.aio.AioRpcError as e:
-            return Result(False, e.code().name, adapter=job.adapter)
+            return Result(False, failed_call(e)[0], adapter=job.adapter)
         return timer.result(tokens, job.adapter)
 
     async def close(self) -> None:

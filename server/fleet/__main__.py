@@ -79,10 +79,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"fleet up in {time.monotonic() - t0:.0f}s")
         print(f"  registry index  {fleet.registry_url}  (objects: {fleet.objects})")
         for r in fleet.replicas:
-            print(f"  replica {r.name}      grpc {r.target}  metrics http://127.0.0.1:{r.metrics_port}/metrics")
+            print(f"  replica {r.name}      grpc {r.target}  http http://{r.http_address}/v1  "
+                  f"metrics http://127.0.0.1:{r.metrics_port}/metrics")
         assert fleet.proxy is not None
         how = "round-robin" if args.round_robin else "affinity on x-loraserve-adapter"
-        print(f"  HAProxy         grpc {fleet.target}  ({how}); stats http://{fleet.proxy.admin}/stats", flush=True)
+        print(f"  HAProxy         grpc {fleet.target}  http {fleet.base_url}/v1  ({how}); "
+              f"stats http://{fleet.proxy.admin}/stats", flush=True)
         model_dir = _model_dir(args.model)
         names = [f"demo-{i}" for i in range(args.adapters)]
         from server.fleet.adapters import write_random_adapter
@@ -105,8 +107,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.exit:
             return 0
         print(f"\nthe fleet keeps serving: loraserve generate --target {fleet.target} --adapter {names[0]} "
-              f"--prompt 'Hello'\n  (loraserve bench / adapters work the same way); Ctrl-C stops everything",
-              flush=True)
+              f"--prompt 'Hello'\n  (loraserve bench / adapters work the same way), or over HTTP:\n"
+              f"  curl {fleet.base_url}/v1/completions -H 'x-loraserve-adapter: {names[0]}' "
+              f"-H 'content-type: application/json' -d '{{\"model\": \"{names[0]}\", \"prompt\": \"Hello\"}}'\n"
+              "Ctrl-C stops everything", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

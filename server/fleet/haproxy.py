@@ -14,7 +14,7 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
@@ -65,10 +65,16 @@ class Haproxy:
     """`haproxy -f deploy/haproxy/haproxy.cfg` with the addresses in its environment."""
 
     def __init__(self, bind: str, admin: str, replicas: list[str], log_path: Path, balance: str = AFFINITY,
-                 config: Path = CONFIG, balance_factor: Optional[int] = None):
+                 config: Path = CONFIG, balance_factor: Optional[int] = None, http_bind: str = "",
+                 http_replicas: Sequence[str] = ()):
+        """`http_bind` + `http_replicas` (the replicas' --http-port addresses, in the same order): also route
+        the OpenAI-compatible HTTP API, on the same header and ring."""
         if not 2 <= len(replicas) <= 8:
             raise ValueError("the config names 2 to 8 replicas")
+        if http_bind and len(http_replicas) != len(replicas):
+            raise ValueError("one HTTP address per replica")
         self.bind, self.admin, self.replicas, self.balance = bind, admin, list(replicas), balance
+        self.http_bind, self.http_replicas = http_bind, list(http_replicas) if http_bind else []
         self.config = config
         self.balance_factor = balance_factor
         self.log_path = Path(log_path)
@@ -76,12 +82,15 @@ class Haproxy:
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("LORASERVE_REPLICA", "LORASERVE_HASH_BALANCE_FACTOR"))}
+               if not k.startswith(("LORASERVE_REPLICA", "LORASERVE_HASH_BALANCE_FACTOR", "LORASERVE_PROXY_HTTP"))}
         if self.balance_factor is not None:  # else the config's default (150)
             env["LORASERVE_HASH_BALANCE_FACTOR"] = str(self.balance_factor)
         env.update({"LORASERVE_PROXY_BIND": self.bind, "LORASERVE_PROXY_ADMIN": self.admin,
                     "LORASERVE_BALANCE": self.balance})
         env.update({f"LORASERVE_REPLICA{i + 1}": a for i, a in enumerate(self.replicas)})
+        if self.http_bind:
+            env["LORASERVE_PROXY_HTTP_BIND"] = self.http_bind
+            env.update({f"LORASERVE_REPLICA{i + 1}_HTTP": a for i, a in enumerate(self.http_replicas)})
         return env
 
     def check_config(self) -> None:
@@ -107,28 +116,31 @@ class Haproxy:
                 self.proc.kill()
                 self.proc.wait(5)
 
-    def server_states(self) -> dict[str, str]:
-        """{'r1': 'UP', 'r2': 'DOWN', ...} from HAProxy's own stats (what it routes by right now)."""
+    def server_states(self, backend: str = "replicas") -> dict[str, str]:
+        """{'r1': 'UP', 'r2': 'DOWN', ...} from HAProxy's own stats (what it routes by right now);
+        `backend` "replicas_http" for the HTTP API's."""
         with urllib.request.urlopen(f"http://{self.admin}/stats;csv", timeout=5) as r:
             text = r.read().decode().lstrip("# ")
         out = {}
         for row in csv.DictReader(io.StringIO(text)):
-            if row.get("pxname") == "replicas" and row.get("svname", "").startswith("r"):
+            if row.get("pxname") == backend and row.get("svname", "").startswith("r"):
                 out[row["svname"]] = row.get("status", "").split(" ")[0]
         return out
 
     def wait_states(self, want: dict[str, str], timeout: float = 30) -> float:
-        """Wait until each named server has the wanted status ('UP'/'DOWN'); returns the seconds it took."""
+        """Wait until each named server has the wanted status ('UP'/'DOWN'), in the HTTP backend too when
+        there is one; returns the seconds it took."""
         t0 = time.monotonic()
-        last: dict[str, str] = {}
+        last: dict[str, dict[str, str]] = {}
+        backends = ("replicas", "replicas_http") if self.http_bind else ("replicas",)
         while time.monotonic() - t0 < timeout:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"haproxy exited ({self.proc.returncode}):\n{self.log_tail()}")
             try:
-                last = self.server_states()
+                last = {b: self.server_states(b) for b in backends}
             except OSError:
-                last = {}
-            if all(last.get(k) == v for k, v in want.items()):
+                last = {b: {} for b in backends}
+            if all(st.get(k) == v for st in last.values() for k, v in want.items()):
                 return time.monotonic() - t0
             time.sleep(0.05)
         raise TimeoutError(f"haproxy servers {last} did not reach {want} in {timeout}s:\n{self.log_tail()}")

@@ -59,7 +59,8 @@ class LocalFleet:
                 r.wait_serving(timeout)
             self.proxy = Haproxy(f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}",
                                  [r.target for r in self.replicas], self.workdir / "haproxy.log", self.balance,
-                                 balance_factor=self.balance_factor)
+                                 balance_factor=self.balance_factor, http_bind=f"127.0.0.1:{free_port()}",
+                                 http_replicas=[r.http_address for r in self.replicas])
             self.proxy.start()
             self.proxy.wait_states({r.name: "UP" for r in self.replicas})
         except BaseException:
@@ -89,9 +90,15 @@ class LocalFleet:
 
     @property
     def target(self) -> str:
-        """Where clients connect: the proxy."""
+        """Where gRPC clients connect: the proxy."""
         assert self.proxy is not None
         return self.proxy.bind
+
+    @property
+    def base_url(self) -> str:
+        """Where OpenAI-style HTTP clients connect: the proxy (add /v1)."""
+        assert self.proxy is not None
+        return f"http://{self.proxy.http_bind}"
 
     def replica(self, name: str) -> Replica:
         return next(r for r in self.replicas if r.name == name)

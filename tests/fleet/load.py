@@ -10,7 +10,7 @@ import grpc
 
 from server.api.gen.loraserve.v1 import inference_pb2 as pb
 from server.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
-from server.client.routing import CHANNEL_OPTIONS, routing_metadata
+from server.client.routing import CHANNEL_OPTIONS, failed_call, routing_metadata
 
 PROMPT = "the quick brown fox"
 MAX_NEW_TOKENS = 12
@@ -22,11 +22,12 @@ class Call:
     end: float
     adapter: str
     kind: str              # "unary" | "stream"
-    code: str              # grpc status name
+    code: str              # status name as our clients report it (server.client.routing.failed_call)
     details: str
     tokens: tuple[int, ...]
     finish: int            # FinishReason; 0 when the call never finished
     version: int
+    grpc_code: str = "OK"  # the status name gRPC itself gave
 
     @property
     def ok(self) -> bool:
@@ -56,7 +57,9 @@ def call(stub: pb_grpc.InferenceStub, adapter_id: str, kind: str = "unary", head
             r = stub.Generate(request(adapter_id, max_new_tokens), metadata=md, timeout=timeout)
             tokens, finish, version = list(r.token_ids), r.finish_reason, r.adapter_version
     except grpc.RpcError as e:
-        code, details = e.code().name, e.details() or ""
+        code, details = failed_call(e)
+        return Call(t0, time.monotonic(), adapter_id, kind, code, details, tuple(tokens), finish, version,
+                    e.code().name)
     return Call(t0, time.monotonic(), adapter_id, kind, code, details, tuple(tokens), finish, version)
 
 

@@ -31,7 +31,7 @@ def k8s_docs() -> dict[tuple[str, str], dict]:
 
 def backend_rules(cfg: str) -> list[str]:
     """The lines of `backend replicas` that decide routing and health, without addresses and intervals."""
-    body = cfg.split("backend replicas", 1)[1]
+    body = re.split(r"\n(?:frontend|backend|listen|defaults|global)\b", cfg.split("\nbackend replicas\n", 1)[1])[0]
     rules = []
     for line in body.splitlines():
         line = line.split("#", 1)[0].strip()
@@ -42,11 +42,28 @@ def backend_rules(cfg: str) -> list[str]:
     return rules
 
 
-@pytest.mark.parametrize("replicas,balance", [(2, None), (3, None), (8, None), (3, ROUND_ROBIN)])
-def test_haproxy_cfg_is_valid(tmp_path, replicas, balance):
-    hp = Haproxy("127.0.0.1:1", "127.0.0.1:2", [f"127.0.0.1:{10 + i}" for i in range(replicas)], tmp_path / "log",
-                 **({"balance": balance} if balance else {}))
+@pytest.mark.parametrize("replicas,balance,http", [(2, None, False), (3, None, True), (8, None, True),
+                                                    (3, ROUND_ROBIN, False)])
+def test_haproxy_cfg_is_valid(tmp_path, replicas, balance, http):
+    addrs = [f"127.0.0.1:{10 + i}" for i in range(replicas)]
+    hp = Haproxy("127.0.0.1:1", "127.0.0.1:2", addrs, tmp_path / "log", **({"balance": balance} if balance else {}),
+                 **({"http_bind": "127.0.0.1:3", "http_replicas": [f"127.0.0.1:{30 + i}" for i in range(replicas)]}
+                    if http else {}))
     hp.check_config()
+
+
+def test_the_http_frontend_routes_on_the_same_ring():
+    """Same header, hash, bounded loads and server ids as the gRPC backend: an adapter's HTTP and gRPC
+    requests reach the same replica."""
+    cfg = CONFIG.read_text()
+    grpc_part, http_part = cfg.split("\nbackend replicas_http\n", 1)
+    grpc_rules = [r.replace(" proto h2", "") for r in backend_rules(grpc_part) if not r.startswith(("option tcp",
+                                                                                                    "tcp-check"))]
+    assert backend_rules("\nbackend replicas\n" + http_part) == grpc_rules and len(grpc_rules) == 4
+    assert "option httpchk GET /health" in http_part and "http-check expect status 200" in http_part
+    for i in range(1, 9):
+        assert f'server r{i} "${{LORASERVE_REPLICA{i}}}" id {i}' in cfg
+        assert f'server r{i} "${{LORASERVE_REPLICA{i}_HTTP}}" id {i}' in http_part
 
 
 def test_the_health_check_bytes_are_grpc_health_check(tmp_path):

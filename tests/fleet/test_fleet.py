@@ -5,23 +5,25 @@ replicas started), failures last. Timings are printed (`pytest -s`) for docs/fle
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
 import time
 
 import grpc
+import httpx
 import pytest
 
 from server.api.gen.loraserve.v1 import adapters_pb2 as apb
 from server.api.gen.loraserve.v1 import adapters_pb2_grpc as apb_grpc
 from server.api.gen.loraserve.v1 import inference_pb2 as pb
 from server.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
-from server.client.routing import routing_metadata
+from server.client.routing import failed_call, routing_headers, routing_metadata
 from server.fleet.replica import REPO, metric_value
 
 from .conftest import ADAPTERS
-from .load import PROMPT, Load, call
+from .load import MAX_NEW_TOKENS, PROMPT, Load, call
 
 pytestmark = pytest.mark.slow
 
@@ -122,6 +124,24 @@ def test_our_clients_set_the_header_and_a_mismatch_only_moves_where(fleet, refer
     assert c.ok and c.tokens == references[b] and c.version == 1
     d = delta(before, fleet.served_by())
     assert d == {b: {own[a]: 1}}, d
+
+
+def test_http_clients_set_the_same_header_and_reach_the_same_replica(fleet, references):
+    """The OpenAI-compatible API through the proxy's HTTP frontend (same header, same ring): an OpenAI client
+    sets the header with extra_headers; an adapter's HTTP requests reach the replica its gRPC requests reach."""
+    import openai
+
+    own = owners(fleet)
+    client = openai.OpenAI(base_url=fleet.base_url + "/v1", api_key="none", max_retries=0, timeout=60)
+    a, b = ADAPTERS[1], ADAPTERS[6]
+    before = fleet.served_by()
+    for name in (a, b, a, b):
+        out = client.completions.create(model=name, prompt=PROMPT, max_tokens=MAX_NEW_TOKENS, temperature=0,
+                                        extra_body={"ignore_eos": True, "return_token_ids": True},
+                                        extra_headers=routing_headers(name))
+        assert out.model == f"{name}@1" and tuple(out.choices[0].model_extra["token_ids"]) == references[name]
+    d = delta(before, fleet.served_by())
+    assert d == {a: {own[a]: 2}, b: {own[b]: 2}}, d
 
 
 def test_register_and_delete_propagate_within_a_second(fleet, adapter_dirs):
@@ -228,11 +248,16 @@ def test_kill_9_fails_only_what_was_in_flight_and_moves_its_adapters(fleet, refe
     moved = [a for a, r in own.items() if r == victim_name]
     long: dict = {}
     first = threading.Event()
+    # Connections opened (and used) before the load starts, so both long streams start at once.
+    grpc_stub = stub(fleet.target)
+    assert call(grpc_stub, moved[0]).ok
+    http_client = httpx.Client(base_url=fleet.base_url, timeout=120, headers=routing_headers(moved[0]))
+    assert http_client.get("/v1/models").status_code == 200
 
     def long_stream() -> None:  # surely in flight on the victim when it dies
         toks, fin = [], 0
         try:
-            for ch in stub(fleet.target).GenerateStream(pb.GenerateRequest(
+            for ch in grpc_stub.GenerateStream(pb.GenerateRequest(
                     adapter_id=moved[0], prompt=PROMPT, params=pb.SamplingParams(max_new_tokens=480, ignore_eos=True)),
                     metadata=routing_metadata(moved[0]), timeout=120):
                 first.set()
@@ -240,20 +265,51 @@ def test_kill_9_fails_only_what_was_in_flight_and_moves_its_adapters(fleet, refe
                 fin = ch.finish_reason or fin
             long.update(code="OK")
         except grpc.RpcError as e:
-            long.update(code=e.code().name, details=e.details())
+            code, details = failed_call(e)  # as our clients report it
+            long.update(code=code, details=details, grpc_code=e.code().name, grpc_details=e.details())
         long.update(tokens=len(toks), finish=fin)
+
+    http: dict = {}
+    http_first = threading.Event()
+
+    def long_http_stream() -> None:  # the same over the proxy's HTTP frontend (SSE)
+        body = {"model": moved[0], "prompt": PROMPT, "max_tokens": 480, "ignore_eos": True, "stream": True}
+        chunks, finish, done = 0, None, False
+        try:
+            with http_client.stream("POST", "/v1/completions", json=body) as r:
+                for line in r.iter_lines():
+                    if line == "data: [DONE]":
+                        done = True
+                    elif line.startswith("data: {"):
+                        http_first.set()
+                        choices = json.loads(line[6:])["choices"]
+                        chunks += bool(choices)
+                        finish = (choices[0].get("finish_reason") if choices else None) or finish
+            http.update(error=None)
+        except httpx.HTTPError as e:
+            http.update(error=type(e).__name__)
+        http.update(chunks=chunks, finish=finish, done=done)
 
     with Load(fleet.target, ADAPTERS, threads=4, max_new_tokens=24) as load:
         load.wait_calls(30, after=0)
+        t_http = threading.Thread(target=long_http_stream)
         t = threading.Thread(target=long_stream)
+        t_http.start()
         t.start()
-        assert first.wait(30)
+        assert first.wait(30) and http_first.wait(30)
+        assert not long and not http, (long, http)  # both still streaming
         t_kill = time.monotonic()
         victim.kill()
         detect = fleet.proxy.wait_states({victim_name: "DOWN"}, timeout=10)
         load.wait_calls(60, after=time.monotonic())
         t.join(60)
-    assert long["code"] in ("UNAVAILABLE", "UNKNOWN") and 0 < long["tokens"] < 480 and long["finish"] == 0, long
+        t_http.join(60)
+    http_client.close()
+    # HAProxy 2.6 ends the cut stream without a status (gRPC: UNKNOWN "Stream removed"); our clients say UNAVAILABLE
+    assert long["code"] == "UNAVAILABLE" and 0 < long["tokens"] < 480 and long["finish"] == 0, long
+    assert long["grpc_code"] in ("UNAVAILABLE", "UNKNOWN"), long
+    # over HTTP the cut stream is never complete either: no finish_reason, no [DONE]
+    assert 0 < http["chunks"] < 480 and http["finish"] is None and not http["done"], http
     calls = load.since(t_kill - 30)
     failed = [c for c in calls if not c.ok]
     # Only calls in flight when it died can fail (at most one per client thread: with bounded loads a call of
@@ -261,7 +317,7 @@ def test_kill_9_fails_only_what_was_in_flight_and_moves_its_adapters(fleet, refe
     assert len(failed) <= 4, failed
     for c in failed:
         assert c.start < t_kill, c
-        assert c.code == "UNAVAILABLE" or (c.code == "UNKNOWN" and "Stream removed" in c.details), c
+        assert c.code == "UNAVAILABLE" and c.grpc_code in ("UNAVAILABLE", "UNKNOWN"), c
         assert c.finish == 0  # no final chunk: a partial stream is never presented as complete
     wrong = [c for c in calls if c.ok and (len(c.tokens) != 24 or c.finish != pb.FINISH_REASON_LENGTH
                                            or c.tokens[:len(references[c.adapter])] != references[c.adapter])]
@@ -274,8 +330,10 @@ def test_kill_9_fails_only_what_was_in_flight_and_moves_its_adapters(fleet, refe
     back = owners(fleet, moved)
     assert set(back.values()) == {victim_name}, back  # restarted, it rejoins and takes its adapters back
     print(f"\nkill -9 {victim_name} (owner of {moved}): proxy marked it down after {detect:.2f}s; "
-          f"a stream in flight on it ended {long['code']} ({long.get('details')!r}) after {long['tokens']} tokens, "
-          f"{len(failed)} load calls in flight on it failed ({sorted({c.code for c in failed})}), "
+          f"a stream in flight on it ended {long['code']} (gRPC: {long['grpc_code']} {long['grpc_details']!r}) "
+          f"after {long['tokens']} tokens, {len(failed)} load calls in flight on it failed "
+          f"({sorted({(c.code, c.grpc_code) for c in failed})}), an HTTP stream ended after {http['chunks']} chunks "
+          f"({http['error'] or 'no error raised'}, no finish_reason, no [DONE]), "
           f"{len([c for c in calls if c.ok])} succeeded; moved to {after}; restarted and serving in {restart_s:.1f}s")
 
 
