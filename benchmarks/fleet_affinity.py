@@ -149,11 +149,13 @@ def _register(args: argparse.Namespace, registry_url: str, objects: Path, names:
     from adapter_registry import Registry
     from server.fleet.adapters import write_random_adapter
     from server.model.config import ModelConfig
+    from server.core.paths import resolve_home
     from server.model.loader import model_fingerprint, resolve_model
 
-    model_dir = resolve_model(args.model)
+    home = resolve_home()  # the replicas' home ($LORASERVE_HOME or the default)
+    model_dir = resolve_model(args.model, home)
     cfg = ModelConfig.from_file(model_dir / "config.json")
-    reg = Registry(registry_url, cfg, model_fingerprint(model_dir), args.rank, objects=objects,
+    reg = Registry(registry_url, cfg, model_fingerprint(model_dir, home), args.rank, objects=objects,
                    host_cache_bytes=0)
     try:
         for i, name in enumerate(names):

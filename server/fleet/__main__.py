@@ -16,9 +16,11 @@ from server.fleet.local import LocalFleet
 
 
 def _model_dir(model: str) -> Path:
+    """The model's HF directory, converted into the same home the replicas use ($LORASERVE_HOME or the default)."""
+    from server.core.paths import resolve_home
     from server.model.loader import resolve_model
 
-    return resolve_model(model)
+    return resolve_model(model, resolve_home())
 
 
 def _table(fleet: LocalFleet, adapters: list[str]) -> str:
@@ -67,6 +69,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    # Ctrl-C stops the fleet even when this was started where SIGINT is ignored (a background job of a script)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     fleet = LocalFleet(args.replicas, model=args.model, workdir=args.workdir,
                        balance=ROUND_ROBIN if args.round_robin else AFFINITY, serve_args=args.serve_args,
                        durable=True, balance_factor=args.balance_factor)
