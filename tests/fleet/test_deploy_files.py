@@ -80,7 +80,7 @@ def test_k8s_haproxy_has_the_same_routing_health_and_retries(tmp_path):
     tested = CONFIG.read_text()
     assert backend_rules(cm) == backend_rules(tested)
     assert f"balance hdr({ADAPTER_HEADER})" in backend_rules(cm)
-    for line in ("retries 2", "retry-on conn-failure", "option redispatch 1", "timeout server 10m"):
+    for line in ("retries 2", "retry-on conn-failure", "option redispatch 1", "timeout server 10m", "timeout check 5s"):
         assert line in cm and line in tested
 
 
