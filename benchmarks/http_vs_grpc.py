@@ -92,9 +92,10 @@ def measure(ns: argparse.Namespace, protocol: str, ports: dict[str, int], adapte
 
 def run(ns: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.cpu_mixed import make_adapters
+    from server.core.paths import resolve_home
     from server.model.loader import resolve_model
 
-    model_dir = resolve_model("default")
+    model_dir = resolve_model("default", resolve_home())
     root = Path(ns.workdir or tempfile.mkdtemp(prefix="http-vs-grpc-"))
     adapter_dirs = make_adapters(model_dir, root / "adapters", ns.adapters, ns.rank, seed=7)
     names = [f"a{i}" for i in range(len(adapter_dirs))]
@@ -147,8 +148,7 @@ def report(ns: argparse.Namespace, rounds: list[dict[str, Any]], model_dir: Path
                     "per_round": ratios, "rows": rows},
         "rounds": rounds,
     }
-    print(print_table(rows, list(rows[0]), title=f"HTTP vs gRPC, concurrency {ns.concurrency} "
-                                                 f"({machine_line(machine)})"))
+    print_table(rows, list(rows[0]), title=f"HTTP vs gRPC, concurrency {ns.concurrency} ({machine_line(machine)})")
     print(f"HTTP / gRPC tokens/s: {median(ratios):.3f} (rounds {min(ratios):.3f}-{max(ratios):.3f})")
     return payload
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -28,3 +29,18 @@ def test_report_pairs_rounds_and_names_machine_model_workload(capsys) -> None:
     assert payload["workload"]["concurrency"] == 16 and payload["load_average"]["after"] == (2.0, 2.0, 2.0)
     out = capsys.readouterr().out
     assert "HTTP / gRPC tokens/s: 0.970" in out and "ITL p99 ms" in out
+
+
+@pytest.mark.e2e
+def test_benchmark_runs_both_protocols_against_the_real_server(tmp_path, capsys) -> None:
+    """The whole benchmark, shrunk: real server, real model, one adapter, one round of each protocol."""
+    out = tmp_path / "http_vs_grpc.json"
+    assert http_vs_grpc.main(["--concurrency", "2", "--requests", "2", "--rounds", "1", "--new-tokens", "2",
+                              "--adapters", "1", "--workdir", str(tmp_path / "work"), "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    (only,) = payload["rounds"]
+    for protocol in ("grpc", "http"):
+        assert only[protocol]["ok"] == only[protocol]["requests"] == 2
+        assert only[protocol]["generated_tokens_per_s"] > 0
+    assert len(payload["summary"]["per_round"]) == 1
+    assert "HTTP / gRPC tokens/s:" in capsys.readouterr().out
