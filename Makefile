@@ -1,5 +1,6 @@
-# Two commands on a fresh machine: `make serve` and `make test`. Everything installs into .venv, except promtool
-# (Debian's prometheus package, for the metrics tests), installed with apt-get where it is missing.
+# Two commands on a fresh machine: `make serve` and `make test`. Everything installs into .venv, except the
+# Debian packages the tests start or call (promtool from prometheus; postgresql and haproxy for the fleet),
+# installed with apt-get where they are missing.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -12,7 +13,7 @@ PORT   ?= 50051
 HTTP_PORT ?= 50080
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install tools serve test demo bench soak gpu-suite protos clean
+.PHONY: install tools serve test demo bench soak gpu-suite fleet fleet-test protos clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,12 +25,18 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP) tools
 
-# promtool checks the real /metrics output in the tests (`promtool check metrics`).
+# promtool checks the real /metrics output in the tests (`promtool check metrics`); PostgreSQL (initdb,
+# pg_ctl) and HAProxy: the fleet and its tests start them on loopback.
 tools:
-	@command -v promtool >/dev/null 2>&1 || { \
-	  echo "installing promtool (Debian package prometheus)"; \
+	@missing=""; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || missing="$$missing postgresql"; \
+	command -v haproxy >/dev/null || test -x /usr/sbin/haproxy || missing="$$missing haproxy"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing (apt-get)"; \
 	  $(SUDO) apt-get update -qq && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 
 serve: $(STAMP)
 	@echo "loraserve: gRPC on $(HOST):$(PORT); OpenAI-compatible HTTP on http://$(HOST):$(HTTP_PORT)/v1" \
@@ -53,6 +60,14 @@ soak: $(STAMP)
 GPU_PYTHON ?= python3
 gpu-suite:
 	$(GPU_PYTHON) -m benchmarks.gpu_suite $(ARGS)
+
+# PostgreSQL + 3 replicas + HAProxy on loopback, adapters, a mixed load, who served what; Ctrl-C stops it all.
+fleet: $(STAMP) tools
+	$(PY) -m server.fleet $(FLEET_ARGS)
+
+# The fleet tests with 3 replicas (`make test` runs them with 2).
+fleet-test: $(STAMP) tools
+	LORASERVE_FLEET_REPLICAS=3 $(PY) -m pytest -q -s -ra -p no:cacheprovider tests/fleet
 
 protos: $(STAMP)
 	$(PY) -m server.api.protogen

@@ -12,9 +12,13 @@ import json
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
+
+from .index_api import VersionRow
+
+__all__ = ["Index", "VersionRow"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (
@@ -46,22 +50,6 @@ CREATE INDEX IF NOT EXISTS versions_digest ON versions(digest);
 """
 
 
-@dataclass(frozen=True)
-class VersionRow:
-    """One row of `versions`; the registry turns it into the shared `AdapterVersion` identity."""
-
-    tenant: str
-    name: str
-    version: int
-    digest: str
-    base_fingerprint: str
-    rank: int
-    targets: tuple[str, ...]
-    size_bytes: int
-    created_at: float
-    metadata: dict[str, str] = field(default_factory=dict)
-
-
 def _full(e: sqlite3.Error) -> bool:
     """SQLITE_FULL (the disk holding the database or its WAL is full)."""
     return getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(e)
@@ -83,7 +71,9 @@ def _row(r: tuple) -> VersionRow:
 
 
 class Index:
-    """Thread-safe access to the index database (one connection, one lock)."""
+    """Thread-safe access to the index database (one connection, one lock); an `IndexBackend`."""
+
+    shared = False  # one process (the registry directory's lock): objects can go as soon as unused
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -94,13 +84,17 @@ class Index:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
 
+    def describe(self) -> str:
+        return str(self.path)
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
     def publish(self, tenant: str, name: str, digest: str, base_fingerprint: str, rank: int,
                 targets: tuple[str, ...], size_bytes: int, metadata: dict[str, str],
-                max_names: Optional[int] = None, max_versions: Optional[int] = None) -> VersionRow:
+                max_names: Optional[int] = None, max_versions: Optional[int] = None,
+                ensure_object: Optional[Callable[[], None]] = None) -> VersionRow:
         """Allocate the next version of `name` and insert its row, all in one transaction.
 
         Quota checks run inside the same transaction, so two concurrent publishes cannot
@@ -113,6 +107,8 @@ class Index:
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
+                if ensure_object is not None:
+                    ensure_object()
                 cur.execute("INSERT OR IGNORE INTO tenants(tenant, created_at) VALUES (?, ?)", (tenant, now))
                 r = cur.execute("SELECT next_version FROM names WHERE tenant=? AND name=?", (tenant, name)).fetchone()
                 live = cur.execute("SELECT COUNT(*) FROM versions WHERE tenant=? AND name=?",
@@ -174,13 +170,16 @@ class Index:
                                         (tenant, name)).fetchall()
         return [_row(r) for r in rows]
 
-    def delete(self, tenant: str, name: str, versions: list[int]) -> None:
+    def delete(self, tenant: str, name: str, versions: list[int]) -> list[int]:
         with self._lock:
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
-                cur.executemany("DELETE FROM versions WHERE tenant=? AND name=? AND version=?",
-                                [(tenant, name, v) for v in versions])
+                gone = []
+                for v in versions:
+                    cur.execute("DELETE FROM versions WHERE tenant=? AND name=? AND version=?", (tenant, name, v))
+                    if cur.rowcount:
+                        gone.append(v)
                 cur.execute("COMMIT")
             except BaseException as e:
                 _rollback(cur)
@@ -190,6 +189,14 @@ class Index:
                     raise StorageFullError(f"the registry's disk is full at {self.path.parent}: even a delete needs "
                                            "room in the journal; free a little space and retry") from None
                 raise
+        return gone
+
+    def released_at(self, digest: str) -> Optional[float]:
+        return None  # one process: the registry knows when it let go of an object
+
+    def removal_guard(self, digest: str) -> AbstractContextManager[bool]:
+        # One process: the registry's publish lock already keeps removal and publish apart.
+        return nullcontext(not self.digest_referenced(digest))
 
     def digest_referenced(self, digest: str) -> bool:
         with self._lock:

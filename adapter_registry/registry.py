@@ -1,20 +1,25 @@
 """The adapter registry: what the server resolves adapter ids through.
 
-Disk (content-addressed objects + SQLite index) -> host LRU (`HostCache`) -> device slots
+Disk (content-addressed objects + an index) -> host LRU (`HostCache`) -> device slots
 (the engine's pool, keyed by the same digest). `resolve` turns an adapter id (parsed into
 an `AdapterSelector`) into the server's one adapter identity, `AdapterVersion`, whose
 `load` reads through the host tier; the engine calls it in a worker thread. Index rows
 (`VersionRow`) become AdapterVersions in one place, `_identity`.
 Pins are the device pool's (`is_pinned`, by digest): the registry asks it to report a
-version as pinned and to refuse deleting one, and keeps no pin state of its own.
+version as pinned and to refuse deleting one, and keeps no pin state of its own (so on a
+fleet a pin is per replica: it holds that replica's slot, and refuses deletes made there).
+
+The index is SQLite inside the registry directory, or PostgreSQL shared by a fleet of
+replicas with the objects on a shared folder (`backends.py`); there, a change feed keeps a
+resolve cache (the whole index, in memory) current on every replica, which also serves the
+adapters it knows while the database is unreachable.
 
 Deleting a version removes its index row at once (it can no longer be resolved), but its
-files stay until the last AdapterVersion handed out for it is gone, so requests that
-resolved it before the delete still finish on it.
+files stay until the last AdapterVersion handed out for it is gone (and, on a shared folder, a
+grace period has passed), so requests that resolved it before the delete still finish on it.
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import threading
@@ -27,16 +32,18 @@ from typing import Callable, Mapping, Optional, Sequence
 from server.core.threads import ShortLivedThreads
 from server.core.identity import AdapterVersion, version_ref
 from server.core.quotas import Quotas, QuotaSource
-from server.core.stats import RegistryStats, added
+from server.core.stats import RegistryStats, SharedIndexStats, added
 from server.core.errors import (AdapterInUseError, AdapterLoadError, AdapterNotFoundError, AdapterRejectedError,
                            InvalidRequestError, PermissionDeniedError, QuotaExceededError, UnavailableError)
 from server.lora.weights import CONFIG_NAME, WEIGHTS_NAME, LoraWeights
 from server.model.config import ModelConfig
 
+from .backends import open_backend
 from .cache import HostCache
+from .collector import ObjectCollector, Periodic
 from .ids import AdapterSelector, check_name, check_tenant, parse_adapter_id
-from .index import Index, VersionRow
-from .store import ObjectStore, content_digest
+from .index_api import Change, VersionRow
+from .store import content_digest
 from .validate import BIN_HINT, RegistryLimits, load_validated, validate_adapter
 
 log = logging.getLogger("loraserve.registry")
@@ -86,16 +93,16 @@ class _Loader:
 class Registry:
     """Persistent, versioned, validated, tenant-scoped adapters (see the module docstring).
 
+    `root`: a registry directory, or a `postgresql://` URL with `objects` the shared folder.
     `is_pinned(digest)`: whether the device holds that content pinned (the engine pool's
     `is_pinned`); without a device nothing is pinned.
     """
 
-    def __init__(self, root: Path, model_config: ModelConfig, base_fingerprint: str, max_rank: int,
+    def __init__(self, root: "Path | str", model_config: ModelConfig, base_fingerprint: str, max_rank: int,
                  import_dirs: Sequence[Path] = (), host_cache_bytes: int = 2 << 30,
                  limits: RegistryLimits = RegistryLimits(), tenants: Optional[QuotaSource] = None,
-                 is_pinned: Callable[[str], bool] = lambda digest: False):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+                 is_pinned: Callable[[str], bool] = lambda digest: False, *,
+                 objects: Optional[Path] = None, object_grace_s: float = 600.0, resync_interval_s: float = 30.0):
         self.model_config = model_config
         self.base_fingerprint = base_fingerprint
         self.max_rank = int(max_rank)
@@ -103,34 +110,77 @@ class Registry:
         self.tenants = tenants
         self.is_pinned = is_pinned
         self.import_dirs = tuple(Path(d).resolve() for d in import_dirs)
-        self._lock_fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self._lock_fd)
-            raise UnavailableError(f"registry {self.root} is in use by another loraserve process") from None
-        self.store = ObjectStore(self.root)
-        self.index = Index(self.root / "index.sqlite")
+        self._counters = RegistryStats()         # frozen; versions_stored, host and shared are filled in by stats()
+        self._remote_changes = 0
+        self._closed = False
+        self._versions_stored = 0  # last count read from the index (kept while a shared one is down)
+        self._backend = open_backend(root, objects, object_grace_s, resync_interval_s, self._on_remote_change)
+        self.index = self._backend.index
+        self.store = self._backend.store
+        self.root = self.store.root
         self.cache = HostCache(host_cache_bytes)
         self._publish_lock = threading.RLock()   # store + index changes, so GC never races a publish
-        self._state_lock = threading.RLock()    # the two below
+        self._state_lock = threading.RLock()    # `_live` and the counters
         self._live: dict[str, int] = {}         # digest -> AdapterVersions alive for it
-        self._counters = RegistryStats()        # frozen; versions_stored and host are filled in by stats()
         # Removing files of deleted versions (fsync, rmtree) happens here, never in the thread that
         # happened to drop the last AdapterVersion (often the engine's loop thread).
         self._gc = ShortLivedThreads(1, "registry-gc")
-        swept = self.store.sweep(self.index.all_digests())
+        self._collector = ObjectCollector(self.store, self.index, self._backend.grace_s, self._in_use,
+                                          self.cache.discard)
+        self._periodic: Optional[Periodic] = None
+        if self.index.shared:  # another replica may be publishing into the folder right now
+            swept = self._collector.collect()
+            swept = {"temp": swept["temp"], "orphan_objects": swept["objects"]}
+            every = min(max(self._backend.grace_s / 2, 5.0), 300.0)
+            self._periodic = Periodic(every, self._collect_soon, "registry-collector")
+        else:
+            swept = self.store.sweep(self.index.all_digests())
         self._count(startup_temp_removed=swept["temp"], startup_orphans_removed=swept["orphan_objects"])
         if swept["temp"] or swept["orphan_objects"]:
             log.warning("registry start-up removed %d unfinished publishes and %d orphan objects",
                         swept["temp"], swept["orphan_objects"])
 
     def close(self) -> None:
+        if self._closed:
+            return
+        if self._periodic is not None:
+            self._periodic.stop()
         self._gc.shutdown(wait=True)
-        self.index.close()
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = -1
+        with self._publish_lock:
+            self._closed = True
+        self._backend.close()
+
+    # ---- fleet: propagation and clean-up -----------------------------------------------------
+
+    def _on_remote_change(self, change: Change) -> None:
+        """A publish or delete committed by any replica (this one's included), from the change feed."""
+        with self._state_lock:
+            self._remote_changes += 1
+        log.debug("registry change %s %s/%s %s", change.op, change.tenant, change.name, list(change.versions))
+
+    def _changed_here(self, op: str, tenant: str, name: str, versions: list[int]) -> None:
+        """Our own publish or delete is visible to our resolves before the call returns, not a notification later."""
+        if self._backend.cache is not None:
+            self._backend.cache.apply(Change(op, tenant, name, tuple(versions)))
+
+    def _in_use(self, digest: str) -> bool:
+        with self._state_lock:
+            return digest in self._live
+
+    def _collect_soon(self) -> None:
+        try:
+            self._gc.submit(self.collect_garbage)
+        except RuntimeError:
+            pass  # closing
+
+    def collect_garbage(self) -> dict[str, int]:
+        """Remove unused objects and abandoned temp dirs past the grace period (periodic on a shared folder)."""
+        with self._publish_lock:
+            if self._closed:
+                return {"objects": 0, "temp": 0}
+        out = self._collector.collect()
+        self._count(objects_removed=out["objects"])
+        return out
 
     # ---- publish -----------------------------------------------------------------------------
 
@@ -158,15 +208,20 @@ class Registry:
             raise
         digest = content_digest(config_json, weights)
         quotas = self._quotas(tenant)
+        cfg_bytes, w_bytes = bytes(config_json), bytes(weights)
+        self.store.publish(digest, cfg_bytes, w_bytes)
         with self._publish_lock:
-            self.store.publish(digest, bytes(config_json), bytes(weights))
             try:
+                # The object is checked (and written again if a collector removed it meanwhile) inside
+                # the index transaction, where no removal of it can run.
                 row = self.index.publish(tenant, name, digest, self.base_fingerprint, v.rank, v.targets,
                                          len(config_json) + len(weights), meta,
-                                         max_names=quotas.max_adapters, max_versions=quotas.max_adapter_versions)
+                                         max_names=quotas.max_adapters, max_versions=quotas.max_adapter_versions,
+                                         ensure_object=lambda: self.store.publish(digest, cfg_bytes, w_bytes))
             except BaseException:
                 self._maybe_remove_object(digest)
                 raise
+        self._changed_here("publish", tenant, name, [row.version])
         self.cache.put(digest, v.weights)
         self._count(registered=1)
         info = self._info(row)
@@ -263,17 +318,18 @@ class Registry:
 
     # ---- lookup ------------------------------------------------------------------------------
 
-    def _row(self, tenant: str, adapter_id: str) -> tuple[AdapterSelector, VersionRow]:
+    def _row(self, tenant: str, adapter_id: str, cached: bool = False) -> tuple[AdapterSelector, VersionRow]:
+        """`cached`: through the resolve cache (the request path), else straight from the index."""
         sel = parse_adapter_id(adapter_id)
         check_tenant(tenant)
-        row = self.index.get_version(tenant, sel.name, sel.version)
+        row = (self._backend.lookup if cached else self.index).get_version(tenant, sel.name, sel.version)
         if row is None:
             raise AdapterNotFoundError(adapter_id)  # same message for another tenant's adapter
         return sel, row
 
     def resolve(self, tenant: str, adapter_id: str) -> AdapterVersion:
         """The immutable version `adapter_id` names for `tenant` right now, ready for the engine."""
-        _, row = self._row(tenant, adapter_id)
+        _, row = self._row(tenant, adapter_id, cached=True)
         if row.base_fingerprint != self.base_fingerprint:
             raise AdapterRejectedError(
                 f"adapter {adapter_id!r} was registered for base model {row.base_fingerprint[:16]}, "
@@ -308,16 +364,16 @@ class Registry:
             pass  # closed: the next start-up sweep removes what no row points at
 
     def _maybe_remove_object(self, digest: str) -> None:
-        """Remove an object once no index row and no live AdapterVersion needs it."""
+        """Remove an object once no index row and no live AdapterVersion needs it (see collector.py)."""
         with self._publish_lock:
-            with self._state_lock:
-                if digest in self._live:
-                    return
-            if self._lock_fd < 0 or self.index.digest_referenced(digest):
+            if self._closed:
                 return
-            self.cache.discard(digest)
-            if self.store.exists(digest):
-                self.store.remove(digest)
+            try:
+                removed = self._collector.remove_if_unused(digest)
+            except UnavailableError as e:  # the shared index is down: the periodic collector tries later
+                log.warning("not removing object %s now: %s", digest[:12], e)
+                return
+            if removed:
                 self._count(objects_removed=1)
 
     def _load_weights(self, digest: str, ref: str) -> LoraWeights:
@@ -384,7 +440,8 @@ class Registry:
         if pinned:
             raise AdapterInUseError(f"adapter {', '.join(pinned)} is pinned; unload (unpin) it before deleting")
         with self._publish_lock:
-            self.index.delete(tenant, sel.name, [r.version for r in rows])
+            gone = self.index.delete(tenant, sel.name, [r.version for r in rows])
+        self._changed_here("delete", tenant, sel.name, gone)
         for digest in {r.digest for r in rows}:
             self._maybe_remove_object(digest)
         self._count(deleted_versions=len(rows))
@@ -396,5 +453,21 @@ class Registry:
             self._counters = added(self._counters, **increments)
 
     def stats(self) -> RegistryStats:
-        """Counters, size and the host tier's stats (a disk read is a host tier `load`), for the metrics module."""
-        return replace(self._counters, versions_stored=self.index.count_versions(), host=self.cache.stats())
+        """Counters, size, the host tier's stats (a disk read is a host tier `load`) and, for an index shared
+        by a fleet, what this replica sees of it; for the metrics module."""
+        try:
+            self._versions_stored = self.index.count_versions()
+        except UnavailableError:
+            pass  # the shared index is down: keep exporting the last count
+        with self._state_lock:
+            counters, remote_changes = self._counters, self._remote_changes
+        return replace(counters, versions_stored=self._versions_stored, host=self.cache.stats(),
+                       shared=self._shared_stats(remote_changes))
+
+    def _shared_stats(self, remote_changes: int) -> Optional[SharedIndexStats]:
+        """The shared index's health as this replica sees it (None for a local registry)."""
+        cache, feed = self._backend.cache, self._backend.feed
+        if cache is None or feed is None:
+            return None
+        return SharedIndexStats(remote_changes=remote_changes, resyncs=feed.resyncs, disconnects=feed.disconnects,
+                                resolve=cache.stats())

@@ -4,12 +4,18 @@ Layout under the registry root (no user-supplied string ever becomes a path comp
 
     objects/<d[:2]>/<digest>/adapter_config.json
     objects/<d[:2]>/<digest>/adapter_model.safetensors
-    tmp/<random>/                       a publish in progress (removed at start-up)
+    tmp/<random>/                       a publish in progress (an orphan once its writer is gone)
 
 Publish order: write both files into a fresh temp dir, fsync each file and the dir,
 rename the dir to its final name, fsync the parent. Only then does the caller add the
 index row. A kill at any point leaves either nothing visible (a temp dir, or an object
 no row points at: both orphans, removed by `sweep`) or the whole version.
+
+The folder may be shared by many replicas (`--objects` on NFS or a ReadWriteMany volume):
+objects are immutable and named by digest, so two writers of one object write the same
+bytes. There, orphans are only removed once older than a grace period (`min_age_s`), so
+another replica's publish in progress is never swept; a publish of an object that already
+exists refreshes its modification time for the same reason.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import hashlib
 import os
 import shutil
 import struct
+import time
 import uuid
 from pathlib import Path
 from typing import Iterable
@@ -88,6 +95,7 @@ class ObjectStore:
         """Make the object durable under its final name; idempotent for equal content."""
         final = self.path(digest)
         if self.exists(digest):
+            self.touch(digest)  # "in use from now": a collector elsewhere must wait another grace period
             return final
         work = self.tmp / uuid.uuid4().hex
         try:
@@ -112,6 +120,19 @@ class ObjectStore:
                 shutil.rmtree(work, ignore_errors=True)
         return final
 
+    def touch(self, digest: str) -> None:
+        try:
+            os.utime(self.path(digest))
+        except FileNotFoundError:
+            pass
+
+    def age(self, digest: str) -> float:
+        """Seconds since the object was written or last published again (0 when it is missing)."""
+        try:
+            return max(0.0, time.time() - os.stat(self.path(digest)).st_mtime)
+        except FileNotFoundError:
+            return 0.0
+
     def read(self, digest: str) -> tuple[bytes, bytes]:
         """(config bytes, weights bytes) of an object; raises OSError when missing."""
         p = self.path(digest)
@@ -123,7 +144,10 @@ class ObjectStore:
         if not p.exists():
             return
         grave = self.tmp / f"del-{uuid.uuid4().hex}"
-        os.rename(p, grave)
+        try:
+            os.rename(p, grave)
+        except FileNotFoundError:
+            return  # another replica removed it first
         _fsync_dir(p.parent)
         shutil.rmtree(grave, ignore_errors=True)
 
@@ -133,12 +157,22 @@ class ObjectStore:
                 for obj in shard.iterdir():
                     yield obj.name
 
-    def sweep(self, referenced: set[str]) -> dict[str, int]:
-        """Start-up cleanup: every temp dir and every object no index row points at."""
-        removed_tmp = 0
+    def sweep_temp(self, min_age_s: float = 0.0) -> int:
+        """Remove temp entries (unfinished publishes, half-removed objects) older than `min_age_s`."""
+        removed = 0
         for entry in list(self.tmp.iterdir()):
+            if min_age_s > 0 and _age(entry) < min_age_s:
+                continue
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-            removed_tmp += 1
+            removed += 1
+        return removed
+
+    def sweep(self, referenced: set[str]) -> dict[str, int]:
+        """Start-up cleanup of a folder one process owns: every temp dir and object no index row points at.
+
+        A shared folder is never swept like this: `collector.ObjectCollector` removes what is unused there.
+        """
+        removed_tmp = self.sweep_temp()
         removed_obj = 0
         for shard in list(self.objects.iterdir()):
             if not shard.is_dir():
@@ -151,3 +185,10 @@ class ObjectStore:
         if removed_tmp or removed_obj:
             _fsync_dir(self.objects)
         return {"temp": removed_tmp, "orphan_objects": removed_obj}
+
+
+def _age(path: Path) -> float:
+    try:
+        return max(0.0, time.time() - os.stat(path).st_mtime)
+    except FileNotFoundError:
+        return float("inf")

@@ -64,7 +64,13 @@ def serve_main(argv: list[str]) -> int:
 
     from server.api.server import serve
 
-    return asyncio.run(serve(cfg))
+    rc = asyncio.run(serve(cfg))
+    # Everything is closed by now (engine, registry, listeners). Skip the interpreter's final garbage
+    # collection of the model and its libraries: seconds that a rolling restart would wait for nothing.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 # ---- generate --------------------------------------------------------------------------------------
@@ -110,6 +116,7 @@ def generate_main(argv: list[str]) -> int:
 
     from server.client.admin import metadata
     from server.client.channel import ClientTls, open_channel
+    from server.client.routing import CHANNEL_OPTIONS, failed_call, routing_metadata
     from server.api.gen.loraserve.v1 import inference_pb2 as pb
     from server.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -128,9 +135,9 @@ def generate_main(argv: list[str]) -> int:
     else:
         req.messages.messages.extend(pb.ChatMessage(role=m["role"], content=m.get("content", ""))
                                      for m in _read_messages(args.messages))
-    md = metadata(args.api_key)
+    md = metadata(args.api_key) + routing_metadata(args.adapter)  # a fleet's proxy routes on the adapter
     t0 = time.perf_counter()
-    with open_channel(args.target, ClientTls.from_args(args)) as channel:
+    with open_channel(args.target, ClientTls.from_args(args), options=CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.InferenceStub(channel)
         try:
             if args.stream:
@@ -154,7 +161,8 @@ def generate_main(argv: list[str]) -> int:
                     print(resp.text)
                 _summary(resp, time.perf_counter() - t0)
         except grpc.RpcError as e:
-            print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+            code, details = failed_call(e)  # a stream a fleet's proxy cut short is UNAVAILABLE, said plainly
+            print(f"error: {code}: {details}", file=sys.stderr)
             return 1
     return 0
 

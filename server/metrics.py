@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from server.core.stats import EngineStats, RegistryStats
+from server.core.stats import EngineStats, RegistryStats, SharedIndexStats
 
 OTHER = "other"
 BASE = "base"
@@ -132,6 +132,7 @@ def _https_server(host: str, port: int, registry: CollectorRegistry, ctx: ssl.SS
 # typed stats, so a renamed field fails the metrics test instead of exporting a silent 0.
 EngineRead = Callable[[EngineStats], float]
 RegistryRead = Callable[[RegistryStats], float]
+SharedIndexRead = Callable[[SharedIndexStats], float]
 
 ENGINE_GAUGES: tuple[tuple[str, str, EngineRead], ...] = (
     ("loraserve_requests_running", "Requests in the running batch.", lambda s: s.running),
@@ -182,6 +183,24 @@ REGISTRY_COUNTERS: tuple[tuple[str, str, RegistryRead], ...] = (
     ("loraserve_adapter_rejections", "Adapter registrations refused by validation.", lambda s: s.rejected),
 )
 HOST_ENTRIES = ("loraserve_adapters_in_host_memory", "Adapters held in the host-memory tier.")
+# A registry whose index a fleet shares (PostgreSQL) exports these too; a local one does not.
+SHARED_INDEX_GAUGES: tuple[tuple[str, str, SharedIndexRead], ...] = (
+    ("loraserve_registry_index_up", "1 while the shared registry index is reachable.", lambda s: s.resolve.up),
+)
+SHARED_INDEX_COUNTERS: tuple[tuple[str, str, SharedIndexRead], ...] = (
+    ("loraserve_registry_remote_changes", "Adapter publishes and deletes heard from the shared index.",
+     lambda s: s.remote_changes),
+    ("loraserve_registry_index_resyncs", "Times the resolve cache was re-read from the shared index.",
+     lambda s: s.resyncs),
+    ("loraserve_registry_index_disconnects", "Times the connection to the shared index was lost.",
+     lambda s: s.disconnects),
+    ("loraserve_registry_resolve_cache_hits", "Adapter ids resolved from memory.", lambda s: s.resolve.hits),
+    ("loraserve_registry_resolve_cache_reads", "Adapter names read from the shared index.", lambda s: s.resolve.reads),
+    ("loraserve_registry_resolve_stale_served", "Adapter ids served from memory while the index was down.",
+     lambda s: s.resolve.stale_served),
+    ("loraserve_registry_resolve_refused", "Adapter ids refused (UNAVAILABLE) while the index was down.",
+     lambda s: s.resolve.refused),
+)
 
 
 class EngineCollector(Collector):
@@ -210,3 +229,8 @@ class EngineCollector(Collector):
         for name, doc, read in REGISTRY_GAUGES:
             yield GaugeMetricFamily(name, doc, value=float(read(rs)))
         yield GaugeMetricFamily(*HOST_ENTRIES, value=float(rs.host.entries))
+        if rs.shared is not None:
+            for name, doc, read in SHARED_INDEX_GAUGES:
+                yield GaugeMetricFamily(name, doc, value=float(read(rs.shared)))
+            for name, doc, read in SHARED_INDEX_COUNTERS:
+                yield CounterMetricFamily(name, doc, value=float(read(rs.shared)))

@@ -28,6 +28,8 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "server.metrics": ("server.core",),
     "server.client": ("server.core", "server.api.gen"),
     "server.cli": ("server.core", "server.api", "server.api.gen", "server.client", "server.metrics"),
+    # Runs a fleet on loopback (PostgreSQL, replicas, HAProxy) as processes; talks to it as a client.
+    "server.fleet": ("server.core", "server.api.gen", "server.client", "server.model"),
     # Clients of the server: they may use anything below; nothing below may use them.
     "trainer": ("server", "adapter_registry"),
     "benchmarks": ("server", "adapter_registry"),

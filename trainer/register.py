@@ -70,7 +70,10 @@ def register_adapter(adapter_dir: Path, target: str, name: str, api_key: str = "
         if not (adapter_dir / f).is_file():
             raise RegistrationError(f"{adapter_dir} has no {f}: not a trained adapter directory")
     meta = registry_metadata(read_provenance(adapter_dir))
-    md = [("authorization", f"Bearer {api_key}")] if api_key else None
+    from server.client.routing import routing_metadata
+
+    # Through a fleet's proxy, the upload lands on the replica that will serve `name` (its host cache is warmed).
+    md = ([("authorization", f"Bearer {api_key}")] if api_key else []) + routing_metadata(name)
     with open_channel(target, tls) as channel:
         stub = pb_grpc.AdaptersStub(channel)
         try:

@@ -42,7 +42,8 @@ class ServingState:
     model_name: str = ""
     model_fingerprint: str = ""
     default_max_new_tokens: int = 128
-    draining: bool = False
+    draining: bool = False          # new calls are refused
+    stopping: bool = False          # a signal arrived: health says not serving (calls still served in --drain-delay)
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     tenant_of: Callable[[Any], str] = lambda context: "default"

@@ -4,9 +4,9 @@ Order matters to operators: the gRPC port, the HTTP port and their health checks
 up at once (NOT_SERVING; HTTP /health 503), so orchestrators see a live process while
 the model loads; health turns SERVING only when the engine runs and start-up adapters
 are registered. On a signal, health goes NOT_SERVING (/health 503), new calls on either
-protocol get UNAVAILABLE (HTTP 503), in-flight calls get `grace_period` seconds to
-finish, then the rest are cancelled (which aborts their engine requests) and the
-process exits 0. A second signal skips the wait.
+protocol get UNAVAILABLE (HTTP 503; after `drain_delay`, while a load balancer notices),
+in-flight calls get `grace_period` seconds to finish, then the rest are cancelled (which
+aborts their engine requests) and the process exits 0. A second signal skips the waits.
 """
 from __future__ import annotations
 
@@ -165,10 +165,21 @@ class LoraServer:
                              "fingerprint": self.state.model_fingerprint}))
 
     async def drain(self) -> None:
-        """NOT_SERVING, refuse new calls, give in-flight ones the grace period, then stop everything."""
+        """NOT_SERVING, refuse new calls, give in-flight ones the grace period, then stop everything.
+
+        With `drain_delay`, new calls are still served for that long after health turns NOT_SERVING:
+        a load balancer that health-checks every few seconds stops sending before any call is refused.
+        """
         grace = self.cfg.server.grace_period
-        self.state.draining = True
+        self.state.stopping = True  # HTTP /health 503 from now on, as gRPC health
         await self._set_health(NOT_SERVING)
+        delay = self.cfg.server.drain_delay
+        if delay > 0 and self._signals < 2:
+            log.info(json.dumps({"event": "drain_delay", "seconds": delay, "in_flight": self.state.in_flight}))
+            second = asyncio.ensure_future(self._second_signal())
+            await asyncio.wait([second], timeout=delay)
+            second.cancel()
+        self.state.draining = True
         log.info(json.dumps({"event": "draining", "in_flight": self.state.in_flight, "grace_period_s": grace}))
         if self.state.in_flight and self._signals < 2:
             waiter = asyncio.ensure_future(self.state.idle.wait())
@@ -291,14 +302,19 @@ class LoraServer:
 
     def _make_registry(self, engine: Any, fingerprint: str) -> Any:
         from adapter_registry import Registry, RegistryLimits
+        from adapter_registry.index_api import is_index_url
 
         s = self.cfg.server
-        root = Path(s.registry).expanduser() if s.registry else self.cfg.engine.resolve_home() / "registry"
+        if is_index_url(s.registry):
+            root: Any = s.registry  # PostgreSQL, shared by a fleet
+        else:
+            root = Path(s.registry).expanduser() if s.registry else self.cfg.engine.resolve_home() / "registry"
         return Registry(root, engine.model_config, fingerprint, self.cfg.engine.max_rank,
                         import_dirs=[Path(d).expanduser() for d in s.import_dirs],
                         host_cache_bytes=s.host_cache_bytes,
                         limits=RegistryLimits(max_weights_bytes=s.max_upload_bytes), tenants=self.tenants,
-                        is_pinned=engine.pool.is_pinned)
+                        objects=Path(s.objects).expanduser() if s.objects else None,
+                        object_grace_s=s.object_grace_period, is_pinned=engine.pool.is_pinned)
 
     def _register_startup_adapter(self, registry: Any, name: str, path: Path) -> None:
         """`--adapter NAME=PATH`: a new version unless the newest one already has these exact bytes."""

@@ -19,6 +19,7 @@ from server.api.gen.loraserve.v1 import adapters_pb2_grpc as pb_grpc
 from server.client import adapter_views as views
 from server.client.channel import ClientTls, add_tls_flags, open_channel
 from server.client.render import add_output_flags, print_json
+from server.client.routing import routing_metadata
 
 CHUNK_BYTES = 1 << 20  # well under the server's per-message limit
 CONFIG_NAME = "adapter_config.json"
@@ -104,7 +105,8 @@ def build_parser(prog: str = "loraserve adapters") -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None, prog: str = "loraserve adapters") -> int:
     args = build_parser(prog).parse_args(argv)
-    md = metadata(args.api_key)
+    # Through a fleet's proxy, admin calls about one adapter reach the replica that serves it.
+    md = metadata(args.api_key) + routing_metadata(getattr(args, "adapter_id", "") or getattr(args, "name", ""))
     with open_channel(args.target, ClientTls.from_args(args)) as channel:
         stub = pb_grpc.AdaptersStub(channel)
         try:

@@ -129,14 +129,17 @@ class GrpcSender:
         from server.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
         from server.client.admin import metadata
         from server.client.channel import ClientTls, open_aio_channel
+        from server.client.routing import CHANNEL_OPTIONS
 
         self.args, self.pb = args, pb
         self.md = metadata(args.api_key)
-        self.channel = open_aio_channel(args.target, ClientTls.from_args(args))
+        self.channel = open_aio_channel(args.target, ClientTls.from_args(args), options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.InferenceStub(self.channel)
 
     async def send(self, job: Job) -> Result:
         import grpc
+
+        from server.client.routing import failed_call, routing_metadata
 
         pb = self.pb
         params = pb.SamplingParams(max_new_tokens=job.max_new_tokens, ignore_eos=True,
@@ -145,12 +148,13 @@ class GrpcSender:
                                  params=params)
         timer, tokens = _Timer(), 0
         try:
-            async for chunk in self.stub.GenerateStream(req, metadata=self.md, timeout=self.args.timeout):
+            async for chunk in self.stub.GenerateStream(req, metadata=self.md + routing_metadata(job.adapter),
+                                                        timeout=self.args.timeout):
                 if chunk.token_ids:
                     timer.tokens()
                     tokens += len(chunk.token_ids)
         except grpc.aio.AioRpcError as e:
-            return Result(False, e.code().name, adapter=job.adapter)
+            return Result(False, failed_call(e)[0], adapter=job.adapter)
         return timer.result(tokens, job.adapter)
 
     async def close(self) -> None:
@@ -176,12 +180,15 @@ class HttpSender:
     async def send(self, job: Job) -> Result:
         import httpx
 
+        from server.client.routing import routing_headers
+
         body = {"model": job.adapter or self.args.model, "prompt": job.prompt, "max_tokens": job.max_new_tokens,
                 "temperature": self.args.temperature, "seed": job.index, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
         timer, tokens = _Timer(), 0
         try:
-            async with self.client.stream("POST", "/v1/completions", json=body, extensions=self.extensions) as r:
+            async with self.client.stream("POST", "/v1/completions", json=body, headers=routing_headers(job.adapter),
+                                          extensions=self.extensions) as r:
                 if r.status_code != 200:
                     await r.aread()
                     return Result(False, f"HTTP_{r.status_code}", adapter=job.adapter)

@@ -46,6 +46,9 @@ class ServerConfig:
                                          "Prometheus's own port", lo=-1, hi=65535)
     metrics_host: str = knob("", help="address for /metrics (default: same as --host)")
     grace_period: float = knob(30.0, help="seconds in-flight calls get to finish after SIGTERM/SIGINT", lo=0)
+    drain_delay: float = knob(0.0, lo=0, help="seconds a replica keeps accepting new calls after SIGTERM while health "
+                                              "says NOT_SERVING, so a load balancer stops sending before it refuses "
+                                              "(set it above the balancer's check interval)")
     max_request_bytes: int = knob(4 << 20, help="largest inference request message accepted, in bytes", lo=1)
     max_response_bytes: int = knob(16 << 20, help="largest response message, in bytes", lo=1)
     max_upload_bytes: int = knob(512 << 20, help="largest adapter upload (sum of RegisterAdapter chunks), in bytes",
@@ -54,7 +57,15 @@ class ServerConfig:
                                                "naming this flag (health checks are exempt)", lo=1)
     default_max_new_tokens: int = knob(128, help="max_new_tokens for requests that leave it unset", lo=1)
     tenants: str = knob("", help="tenants TOML file (API key hashes, quotas); empty = single-tenant, no auth")
-    registry: str = knob("", help="adapter registry directory (default: the home's registry/, see --home)")
+    registry: str = knob("", help="adapter registry: a directory (SQLite index, default: the home's registry/, see "
+                                  "--home) or a postgresql:// URL shared by a fleet of replicas (then --objects is "
+                                  "required)")
+    objects: str = knob("", help="folder of adapter files (content-addressed, immutable); with a postgresql:// "
+                                 "registry, one every replica mounts (NFS, a ReadWriteMany volume) [default: inside "
+                                 "the registry directory]")
+    object_grace_period: float = knob(600.0, lo=0, help="seconds an unused adapter file or unfinished upload is kept "
+                                                        "in a shared --objects folder before removal (longer than any "
+                                                        "request waits to start)")
     import_dirs: list[str] = knob(default_factory=list, flag="--import-dir",
                                   help="server-side directories RegisterAdapter(server_path=...) may read from")
     adapters: list[str] = knob(default_factory=list, flag="--adapter",
@@ -83,6 +94,9 @@ class ServerConfig:
         for name in ("tls_client_ca", "metrics_tls"):
             if getattr(self, name) and not self.tls_cert:
                 raise InvalidRequestError(f"server.{name}", "needs --tls-cert and --tls-key (TLS itself)")
+        if self.registry.startswith(("postgresql://", "postgres://")) and not self.objects:
+            raise InvalidRequestError("server.objects", "a postgresql:// registry needs --objects DIR: the folder of "
+                                      "adapter files every replica mounts")
 
 
 @dataclass

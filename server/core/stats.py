@@ -1,7 +1,8 @@
 """Typed snapshots of serving state, for `server/metrics.py` and anyone else who reads them.
 
 Each layer produces its own: the adapter pool `PoolStats`, the engine `EngineStats` (which holds
-the pool's), the registry `RegistryStats` (which holds the host tier's `HostCacheStats`). They are
+the pool's), the registry `RegistryStats` (which holds the host tier's `HostCacheStats` and, for an
+index shared by a fleet, `SharedIndexStats` with its `ResolveCacheStats`). They are
 frozen: a producer keeps its counters in one of these and swaps in an updated copy under its lock
 (`added`), so a snapshot is handed out as is and never changes under its reader.
 Counters are totals since the process started; the metrics module names them, nobody re-maps them.
@@ -9,7 +10,7 @@ Counters are totals since the process started; the metrics module names them, no
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from typing import Optional, TypeVar
 
 S = TypeVar("S")
 
@@ -74,6 +75,28 @@ class HostCacheStats:
 
 
 @dataclass(frozen=True)
+class ResolveCacheStats:
+    """A replica's in-memory view of a shared index (adapter_registry/resolve_cache.py)."""
+
+    hits: int = 0                  # adapter ids answered from memory
+    reads: int = 0                 # names read from the database
+    stale_served: int = 0          # answered from memory while the database was unreachable
+    refused: int = 0               # not known here while the database was unreachable (UNAVAILABLE)
+    names: int = 0                 # adapter names held
+    up: bool = False               # the change feed is connected
+
+
+@dataclass(frozen=True)
+class SharedIndexStats:
+    """A registry index shared by a fleet of replicas (PostgreSQL), as this replica sees it."""
+
+    remote_changes: int = 0        # publishes and deletes heard from the change feed (this replica's included)
+    resyncs: int = 0               # times the whole index was read (every connect, and a gap in the changes)
+    disconnects: int = 0           # times the change feed lost its connection
+    resolve: ResolveCacheStats = field(default_factory=ResolveCacheStats)
+
+
+@dataclass(frozen=True)
 class RegistryStats:
     versions_stored: int = 0
     registered: int = 0
@@ -84,6 +107,7 @@ class RegistryStats:
     startup_temp_removed: int = 0  # unfinished publishes the start-up sweep removed
     startup_orphans_removed: int = 0
     host: HostCacheStats = field(default_factory=HostCacheStats)
+    shared: Optional[SharedIndexStats] = None  # None: a local (SQLite) index, nothing shared
 
 
 def added(stats: S, **increments: float) -> S:

@@ -125,6 +125,23 @@ def test_streams_chat_n_and_usage(http, client, grpc_stub):
     assert unary.usage.completion_tokens == 4 or unary.choices[0].finish_reason == "stop"
 
 
+def test_the_routing_header_only_routes(http, client):
+    """x-loraserve-adapter (what a fleet's proxy hashes on) is accepted and never changes what is served."""
+    from server.client.routing import ADAPTER_HEADER, routing_headers
+
+    body = {"model": "qv", "prompt": "abc", "max_tokens": 5, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    plain = http.post("/v1/completions", json=body).json()
+    crossed = http.post("/v1/completions", json=body, headers={ADAPTER_HEADER: "all_r8"}).json()
+    assert crossed["model"] == plain["model"] == "qv@1"
+    assert crossed["choices"][0]["token_ids"] == plain["choices"][0]["token_ids"]
+    # an OpenAI client sets it with extra_headers, as docs/fleet.md shows
+    out = client.completions.create(model="qv", prompt="abc", max_tokens=5, temperature=0,
+                                    extra_body={"ignore_eos": True, "return_token_ids": True},
+                                    extra_headers=routing_headers("qv@1"))
+    assert out.model == "qv@1" and out.choices[0].model_extra["token_ids"] == plain["choices"][0]["token_ids"]
+
+
 def test_models_are_tenant_scoped(http, srv):
     ids = [m["id"] for m in http.get("/v1/models").json()["data"]]
     assert ids == ["model", "all_r8", "all_r8@1", "broken", "broken@1", "qv", "qv@1"]
@@ -321,6 +338,22 @@ def test_drain_finishes_http_streams_and_refuses_new_work(tiny_dir, tmp_path):
         assert sum(1 for e in got[:-1] if e["choices"]) == 200
         with pytest.raises(httpx.ConnectError):
             httpx.get(base + "/health")
+    finally:
+        srv.loop.call_soon_threadsafe(srv.loop.stop)
+
+
+def test_drain_delay_keeps_serving_http_while_health_says_draining(tiny_dir, tmp_path):
+    """--drain-delay: /health turns 503 at the signal (a balancer stops sending), calls are served until it ends."""
+    srv = InProcessServer(tmp_path, tiny_dir, {}, tenants=False, drain_delay=3.0)
+    try:
+        base = srv.base_url
+        drained = srv.spawn(srv.server.drain())
+        while httpx.get(base + "/health").status_code == 200:
+            time.sleep(0.01)
+        assert httpx.get(base + "/health").json() == {"status": "draining"}
+        r = httpx.post(base + "/v1/completions", json={"model": "model", "prompt": "x", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200, r.text  # sent inside the delay: served
+        drained.result(60)
     finally:
         srv.loop.call_soon_threadsafe(srv.loop.stop)
 

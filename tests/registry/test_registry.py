@@ -1,4 +1,8 @@
-"""Registry behaviour without an engine: versions, tenants, quotas, deletes, imports, tiers."""
+"""Registry behaviour without an engine: versions, tenants, quotas, deletes, imports, tiers.
+
+Every test here runs against both index backends (SQLite directory, PostgreSQL + objects folder):
+see the `open_registry` / `registry` fixtures in conftest.py.
+"""
 import gc
 import os
 import threading
@@ -95,7 +99,7 @@ def test_ids_are_never_paths(registry, tmp_path):
         registry.register_bytes("../t", "a", c, w)
     with pytest.raises(InvalidRequestError):
         registry.resolve("t", "../../etc/passwd")
-    files = {p.name for p in (tmp_path / "reg").rglob("*")}
+    files = {p.name for p in registry.root.rglob("*")}
     assert not any(n in files for n in ("a", "t", "x"))
 
 
@@ -154,24 +158,49 @@ def test_delete_refused_while_pinned(tmp_path):
     registry.close()
 
 
-def test_persistence_and_single_writer(tmp_path):
+def test_persistence(open_registry):
     c, w = make_adapter()
-    reg = Registry(tmp_path / "r", TINY, FINGERPRINT, 16)
+    reg = open_registry()
     reg.register_bytes("t", "a", c, w, {"k": "v"})
-    with pytest.raises(UnavailableError, match="in use"):
-        Registry(tmp_path / "r", TINY, FINGERPRINT, 16)
     reg.close()
-    reg = Registry(tmp_path / "r", TINY, FINGERPRINT, 16)
+    reg = open_registry()
     adapter = reg.resolve("t", "a")
     assert adapter.version == 1 and adapter.load().rank == 4
     assert reg.get("t", "a").versions[0].metadata == {"k": "v"}
     reg.close()
     # another base model: visible in list, refused at resolve time with the reason
-    reg = Registry(tmp_path / "r", TINY, "another-base", 16)
+    reg = open_registry(fingerprint="another-base")
     assert [a.name for a in reg.list("t")] == ["a"]
     with pytest.raises(AdapterRejectedError, match="registered for base model"):
         reg.resolve("t", "a")
     reg.close()
+
+
+def test_single_writer_on_a_directory(tmp_path):
+    reg = Registry(tmp_path / "r", TINY, FINGERPRINT, 16)
+    with pytest.raises(UnavailableError, match="in use"):
+        Registry(tmp_path / "r", TINY, FINGERPRINT, 16)
+    reg.close()
+    Registry(tmp_path / "r", TINY, FINGERPRINT, 16).close()
+
+
+def test_many_writers_on_postgresql(pg_url, tmp_path):
+    """No single-writer lock on the shared backend: replicas open the same index and objects folder at once."""
+    a = Registry(pg_url, TINY, FINGERPRINT, 16, objects=tmp_path / "objects")
+    b = Registry(pg_url, TINY, FINGERPRINT, 16, objects=tmp_path / "objects")
+    try:
+        c, w = make_adapter()
+        assert a.register_bytes("t", "x", c, w).version == 1
+        assert b.register_bytes("t", "x", c, w).version == 2
+        assert b.resolve("t", "x@1").load().rank == 4
+    finally:
+        a.close()
+        b.close()
+
+
+def test_postgresql_needs_an_objects_folder(pg_url):
+    with pytest.raises(InvalidRequestError, match="--objects"):
+        Registry(pg_url, TINY, FINGERPRINT, 16)
 
 
 def test_corrupted_object_is_a_load_error(registry):
@@ -224,17 +253,17 @@ def test_register_path_only_inside_import_dirs(registry, tmp_path):
     weights_equal(registry.resolve("t", "good").load(), load_peft_adapter(inside, TINY, 16))
 
 
-def test_server_paths_disabled_without_import_dirs(tmp_path):
-    reg = Registry(tmp_path / "r", TINY, FINGERPRINT, 16)
+def test_server_paths_disabled_without_import_dirs(open_registry, tmp_path):
+    reg = open_registry()
     with pytest.raises(PermissionDeniedError, match="--import-dir"):
         reg.register_path("t", "x", tmp_path)
     reg.close()
 
 
-def test_stored_adapter_quotas(tmp_path):
+def test_stored_adapter_quotas(open_registry):
     tenants = TenantDirectory.from_dict({"tenants": {
         "small": {"api_keys": [hash_key("k1")], "max_adapters": 2, "max_adapter_versions": 3}}})
-    reg = Registry(tmp_path / "r", TINY, FINGERPRINT, 16, tenants=tenants)
+    reg = open_registry(tenants=tenants)
     c, w = make_adapter()
     reg.register_bytes("small", "a", c, w)
     reg.register_bytes("small", "b", c, w)
@@ -267,10 +296,10 @@ def test_concurrent_publishes_get_distinct_versions(registry):
     assert not errors and sorted(out) == list(range(1, 9))
 
 
-def test_host_tier_lru_and_counters(tmp_path):
+def test_host_tier_lru_and_counters(open_registry):
     c, w = make_adapter(rank=4)
     size = make_weights_size(c, w)
-    reg = Registry(tmp_path / "r", TINY, FINGERPRINT, 16, host_cache_bytes=int(size * 2.5))
+    reg = open_registry(host_cache_bytes=int(size * 2.5))
     specs = []
     for i in range(4):
         ci, wi = make_adapter(seed=i)

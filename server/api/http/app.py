@@ -3,7 +3,8 @@
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /v1/models/{id},
 GET /health (200 only while serving), GET /metrics (Prometheus text). Every /v1 route takes
 `Authorization: Bearer KEY` (and, for admins, `x-loraserve-tenant`) exactly as gRPC metadata;
-errors are OpenAI-shaped with the status their gRPC code maps to (server/api/errors.py).
+`x-loraserve-adapter`, a fleet proxy's routing key (docs/fleet.md), is never read: the body's `model`
+decides what is served. Errors are OpenAI-shaped with the status their gRPC code maps to (server/api/errors.py).
 
 Each request owns its generations from start to response: a client that disconnects (streaming
 or not) closes them, which aborts the engine requests at once.
@@ -362,7 +363,7 @@ class OpenAIApi:
     # ---- health and metrics --------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
         state = self.ctx.state
-        status = "draining" if state.draining else "loading" if state.engine is None else "serving"
+        status = "draining" if state.draining or state.stopping else "loading" if state.engine is None else "serving"
         return JSONResponse({"status": status}, status_code=200 if status == "serving" else 503)
 
     async def prometheus(self, request: Request) -> Response:
