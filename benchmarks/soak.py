@@ -192,6 +192,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     from server.api.gen.loraserve.v1 import inference_pb2_grpc as ipb_grpc
     from server.api.http.convert import base_model_id
     from server.model.config import ModelConfig
+    from server.core.paths import resolve_home
     from server.model.loader import resolve_model
 
     rng = random.Random(args.seed)
@@ -199,7 +200,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     keys = {t: secrets.token_urlsafe(24) for t in TENANT_ADAPTERS}
     (work / "tenants.toml").write_text(tenants_toml(keys))
-    model_dir = resolve_model(args.model, Path(args.home) if args.home else None)
+    model_dir = resolve_model(args.model, resolve_home(args.home or None))
     mc = ModelConfig.from_file(Path(model_dir) / "config.json")
     server_args = ["--model", args.model, "--quantize", args.quantize, "--dtype", args.dtype,
                    "--tenants", str(work / "tenants.toml"), "--registry", str(work / "registry"),
@@ -306,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rss-growth-bound-mb", type=float, default=64.0)
     p.add_argument("--hang-after", type=float, default=120.0,
                    help="seconds after the end a call may still be open before the run counts as hung")
-    p.add_argument("--replay-max", type=int, default=0, help="distinct greedy requests replayed (0 = all)")
+    p.add_argument("--replay-max", type=int, default=400,
+                   help="distinct greedy requests replayed, drawn at random (0 = all; each is served alone, so a long "
+                        "run's thousands would take longer than the run)")
     p.add_argument("--seed", type=int, default=15)
     p.add_argument("--home", default="", help="LORASERVE_HOME for the server (model cache)")
     p.add_argument("--workdir", default="", help="registry, tenants file and server.log (default: a temp dir)")
