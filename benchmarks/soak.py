@@ -15,8 +15,8 @@ adapter quota. Then it checks, and writes to JSON:
 - no internal error or traceback in the server log;
 and reports p50/p99 latency and time to first token per tenant. Exit code 0 when every check passes.
 
-CI runs 60 s of it on a tiny random Llama (tests/benchmarks/test_soak.py); docs/reliability.md quotes a
-20-minute run on SmolLM2-135M.
+`make reliability` runs 60 s of it on a tiny random Llama (tests/benchmarks/test_soak.py, marked `long`:
+not in `make test`); docs/reliability.md quotes a 20-minute run on SmolLM2-135M (`make soak`).
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from tests.e2e.conftest import start_server
 from tests.registry.client import Client
 from tests.reliability.conftest import TINY_SERVER_ARGS, adapter_bytes
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.long]  # `make reliability`
 
 KILLS = 30
 LANES = 2  # independent servers (own registry each) killed side by side: restarts dominate, and they overlap
