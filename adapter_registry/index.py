@@ -50,6 +50,18 @@ CREATE INDEX IF NOT EXISTS versions_digest ON versions(digest);
 """
 
 
+def _full(e: sqlite3.Error) -> bool:
+    """SQLITE_FULL (the disk holding the database or its WAL is full)."""
+    return getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(e)
+
+
+def _rollback(cur: sqlite3.Cursor) -> None:
+    try:
+        cur.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass  # SQLite may have rolled back already (after SQLITE_FULL it can): nothing is left to undo
+
+
 _COLS = "tenant, name, version, digest, base_fingerprint, rank, targets, size_bytes, created_at, metadata"
 
 
@@ -127,8 +139,13 @@ class Index:
                             (tenant, name, version, digest, base_fingerprint, rank, json.dumps(list(targets)),
                              size_bytes, now, json.dumps(metadata, sort_keys=True)))
                 cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
+            except BaseException as e:
+                _rollback(cur)
+                if isinstance(e, sqlite3.Error) and _full(e):
+                    from server.core.errors import StorageFullError
+
+                    raise StorageFullError(f"the registry's disk is full at {self.path.parent} while recording "
+                                           f"{name}'s new version; nothing was stored; free space and retry") from None
                 raise
         return row
 
@@ -164,8 +181,13 @@ class Index:
                     if cur.rowcount:
                         gone.append(v)
                 cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
+            except BaseException as e:
+                _rollback(cur)
+                if isinstance(e, sqlite3.Error) and _full(e):
+                    from server.core.errors import StorageFullError
+
+                    raise StorageFullError(f"the registry's disk is full at {self.path.parent}: even a delete needs "
+                                           "room in the journal; free a little space and retry") from None
                 raise
         return gone
 

@@ -19,6 +19,7 @@ exists refreshes its modification time for the same reason.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -28,6 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Iterable
 
+from server.core.errors import StorageFullError
 from server.lora.weights import CONFIG_NAME, WEIGHTS_NAME
 
 _DOMAIN = b"loraserve-adapter-v1\0"
@@ -41,6 +43,14 @@ def content_digest(config_json: bytes, weights: bytes) -> str:
     h.update(config_json)
     h.update(weights)
     return h.hexdigest()
+
+
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def storage_full(root: Path, doing: str, e: OSError) -> StorageFullError:
+    return StorageFullError(f"the registry's disk is full ({e.strerror}) at {root} while {doing}; nothing was "
+                            "stored; free space (or delete old adapter versions) and retry")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -88,8 +98,8 @@ class ObjectStore:
             self.touch(digest)  # "in use from now": a collector elsewhere must wait another grace period
             return final
         work = self.tmp / uuid.uuid4().hex
-        work.mkdir()
         try:
+            work.mkdir()
             _write_synced(work / CONFIG_NAME, config_json)
             _write_synced(work / WEIGHTS_NAME, weights)
             _fsync_dir(work)
@@ -101,6 +111,10 @@ class ObjectStore:
                     raise
             _fsync_dir(final.parent)
             _fsync_dir(self.objects)
+        except OSError as e:
+            if e.errno in FULL_ERRNOS:
+                raise storage_full(self.root, "writing the adapter's files", e) from None
+            raise
         finally:
             if work.exists():
                 shutil.rmtree(work, ignore_errors=True)

@@ -120,7 +120,8 @@ def parse_header(data: bytes, limits: RegistryLimits) -> tuple[list[TensorEntry]
         raise _reject(f"header is not valid UTF-8 JSON ({e})") from None
     if not isinstance(header, dict):
         raise _reject("header must be a JSON object")
-    meta = header.pop("__metadata__", None) or {}
+    meta = header.pop("__metadata__", None)
+    meta = {} if meta is None else meta  # null is what safetensors itself accepts; [] or "" it refuses
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise _reject("__metadata__ must map strings to strings")
     if len(header) > limits.max_tensors:

@@ -8,8 +8,10 @@ CollectorRegistry: tests and embedded uses never collide with the global one.
 """
 from __future__ import annotations
 
+import socket
+import ssl
 import threading
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -68,7 +70,18 @@ class ServerMetrics:
                                      registry=r)
         self.generated_tokens = Counter("loraserve_generated_tokens", "Tokens generated (streamed to clients).",
                                         ["adapter"], registry=r)
+        self.auth_failures = Counter(
+            "loraserve_auth_failures", "Refused authentications by reason: missing_key, wrong_key, "
+            "permission_denied, unknown_tenant (never the key).", ["reason"], registry=r)
+        for reason in ("missing_key", "wrong_key", "permission_denied", "unknown_tenant"):
+            self.auth_failures.labels(reason)  # present at 0, so an alert can watch the rate from the start
+        self.stalled_streams = Counter(
+            "loraserve_stalled_streams", "Streams aborted because the client read nothing for "
+            "--stalled-stream-timeout seconds (their KV blocks and slot were freed).", registry=r)
         self._engine_collector: Optional[EngineCollector] = None
+
+    def count_auth_failure(self, reason: str) -> None:
+        self.auth_failures.labels(reason).inc()
 
     def attach(self, engine_stats: Callable[[], EngineStats],
                registry_stats: Optional[Callable[[], RegistryStats]] = None) -> None:
@@ -77,10 +90,42 @@ class ServerMetrics:
             self._engine_collector = EngineCollector(engine_stats, registry_stats)
             self.registry.register(self._engine_collector)
 
-    def serve_http(self, host: str, port: int) -> int:
-        """Serve /metrics on its own port and return the port actually bound."""
-        server, _thread = start_http_server(port, addr=host or "0.0.0.0", registry=self.registry)
+    def serve_http(self, host: str, port: int, ssl_context: Optional[ssl.SSLContext] = None) -> int:
+        """Serve /metrics on its own port and return the port actually bound (HTTPS with `ssl_context`)."""
+        if ssl_context is None:
+            server, _thread = start_http_server(port, addr=host or "0.0.0.0", registry=self.registry)
+        else:
+            server = _https_server(host or "0.0.0.0", port, self.registry, ssl_context)
         return int(server.server_port)
+
+
+def _https_server(host: str, port: int, registry: CollectorRegistry, ctx: ssl.SSLContext) -> Any:
+    """prometheus_client's WSGI server behind TLS, the socket wrapped before the first accept.
+
+    Handshakes run in the per-request thread, not in accept(): a client that stalls mid-handshake
+    cannot hold the listener up (nor a thread for more than 30 s), and one that fails it (plaintext, wrong
+    CA) is dropped quietly.
+    """
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
+
+    class Quiet(WSGIRequestHandler):
+        timeout = 30  # seconds a connection may sit mid-handshake or mid-request before it is dropped
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            pass  # a refused handshake or a dropped connection is the client's business
+
+    httpd = make_server(host.strip("[]"), port, make_wsgi_app(registry), Server, handler_class=Quiet)
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True, do_handshake_on_connect=False)
+    threading.Thread(target=httpd.serve_forever, name="metrics-https", daemon=True).start()
+    return httpd
 
 
 # Scrape-time metrics: (name, help, the stats attribute it reads). Every reader names a field of the
@@ -99,6 +144,8 @@ ENGINE_GAUGES: tuple[tuple[str, str, EngineRead], ...] = (
     ("loraserve_adapters_on_device", "Adapters resident in device slots.", lambda s: s.pool.slots_ready),
     ("loraserve_adapter_slots", "Device LoRA slots (slot 0, the bare base, not counted).",
      lambda s: s.pool.slots_total),
+    ("loraserve_adapter_slots_in_use", "Device slots held by running requests (0 when idle: a leaked reference "
+     "shows here).", lambda s: s.pool.slots_in_use),
     ("loraserve_prefix_cache_blocks", "KV blocks held by the prefix cache (in use or idle, evictable when idle).",
      lambda s: s.prefix.cached_blocks),
 )

@@ -1,8 +1,9 @@
 """Builders shared by the tests: tiny random Llama checkpoints, a byte-level tokenizer, PEFT adapters."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -87,3 +88,45 @@ def peft_greedy(model_dir: Path, adapter_dir: Optional[Path], prompt: Sequence[i
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
     return out[0, ids.shape[1]:].tolist()
+
+
+@contextmanager
+def small_filesystem(path: Path, size: str = "2m") -> Iterator[Path]:
+    """A size-limited tmpfs mounted at `path` for the block (disk-full tests); skips when mounting is not allowed.
+
+    Needs root with CAP_SYS_ADMIN (a container may lack it): the skip says so, never silently.
+    """
+    import subprocess
+
+    import pytest
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a {size} tmpfs at {path} here (needs root with CAP_SYS_ADMIN): "
+                    f"{(proc.stderr or proc.stdout).strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill_filesystem(path: Path, leave: int = 0) -> Path:
+    """Write a filler file under `path` until fewer than `leave` + 4096 bytes are free; returns the filler."""
+    import os
+
+    filler = Path(path) / "filler"
+    with open(filler, "wb") as f:
+        while True:
+            st = os.statvfs(path)
+            free = st.f_bavail * st.f_frsize
+            if free <= leave + 4096:
+                break
+            try:
+                f.write(b"\0" * min(free - leave, 1 << 20))
+                f.flush()
+            except OSError:
+                break
+    return filler

@@ -73,7 +73,7 @@ def test_every_documented_metric_is_exported_with_its_type(served):
     metrics.attach(engine.stats, registry.stats)
     metrics.registry.register(RouterMetrics(engine, qualify_tenants=True))  # as the server does
     documented = documented_metrics()
-    assert len(documented) == 39 + len(SHARED_INDEX_METRICS)  # the table parsed (not empty when reformatted)
+    assert len(documented) == 42 + len(SHARED_INDEX_METRICS)  # the table parsed (not empty when reformatted)
     assert SHARED_INDEX_METRICS <= set(documented)
     assert exported(metrics) == {n: t for n, t in documented.items() if n not in SHARED_INDEX_METRICS}
 
@@ -94,6 +94,7 @@ def test_scrape_reads_engine_and_registry_stats(served):
         "loraserve_prefix_cache_misses_total": 2, "loraserve_prefix_cache_tokens_saved_total": 0,
         # device tier: one slot; each adapter a miss, a load, then a hit once ready; b evicted a
         "loraserve_adapter_slots": 1, "loraserve_adapters_on_device": 1, "loraserve_adapter_loads_total": 2,
+        "loraserve_adapter_slots_in_use": 0,  # no request runs: no slot is held
         "loraserve_adapter_evictions_total": 1, "loraserve_adapter_load_failures_total": 0,
         "loraserve_adapter_slot_misses_total": 2, "loraserve_adapter_slot_hits_total": 2,
         # host tier: holds one adapter; both device loads missed it and read disk; three evictions

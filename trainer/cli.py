@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Optional
 
+from server.client.channel import ClientTls, add_tls_flags
 from server.core.errors import LoraServeError
 from server.model.config import TARGETS
 from trainer.train import TrainConfig, train
@@ -77,6 +78,7 @@ def build_parser(prog: str = "loraserve trainer") -> argparse.ArgumentParser:
     g.add_argument("--target", default=os.environ.get("LORASERVE_TARGET", ""), help="server HOST:PORT")
     g.add_argument("--name", default="", help="adapter name to register under")
     g.add_argument("--api-key", default=os.environ.get("LORASERVE_API_KEY", ""), help="tenant API key")
+    add_tls_flags(g)
     return p
 
 
@@ -114,7 +116,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         from trainer.register import register_adapter
 
         try:
-            reg = register_adapter(result.output, args.target, args.name, args.api_key)
+            reg = register_adapter(result.output, args.target, args.name, args.api_key, tls=ClientTls.from_args(args))
         except LoraServeError as e:
             print(f"error: {e}", file=sys.stderr)
             return 3

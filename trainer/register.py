@@ -54,12 +54,16 @@ def _requests(pb, name: str, adapter_dir: Path, meta: dict[str, str]) -> Iterato
 
 
 def register_adapter(adapter_dir: Path, target: str, name: str, api_key: str = "",
-                     timeout: Optional[float] = 300.0) -> Registered:
-    """Register `adapter_dir` as a new version of `name` on the server at `target` (HOST:PORT)."""
+                     timeout: Optional[float] = 300.0, tls: Optional[Any] = None) -> Registered:
+    """Register `adapter_dir` as a new version of `name` on the server at `target` (HOST:PORT).
+
+    `tls`: a `server.client.channel.ClientTls` for a TLS or mutual-TLS server (None: plaintext).
+    """
     import grpc
 
     from server.api.gen.loraserve.v1 import adapters_pb2 as pb
     from server.api.gen.loraserve.v1 import adapters_pb2_grpc as pb_grpc
+    from server.client.channel import open_channel
 
     adapter_dir = Path(adapter_dir)
     for f in (CONFIG_NAME, WEIGHTS_NAME):
@@ -70,7 +74,7 @@ def register_adapter(adapter_dir: Path, target: str, name: str, api_key: str = "
 
     # Through a fleet's proxy, the upload lands on the replica that will serve `name` (its host cache is warmed).
     md = ([("authorization", f"Bearer {api_key}")] if api_key else []) + routing_metadata(name)
-    with grpc.insecure_channel(target) as channel:
+    with open_channel(target, tls) as channel:
         stub = pb_grpc.AdaptersStub(channel)
         try:
             resp = stub.RegisterAdapter(_requests(pb, name, adapter_dir, meta), metadata=md, timeout=timeout)

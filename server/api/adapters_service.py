@@ -19,12 +19,15 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from adapter_registry import AdapterInfo, AdapterVersionInfo
+from server.api.audit import AuditRecord, audited, peer_of
 from server.api.auth import Caller, TenantResolver
 from server.api.errors import status_for
+from server.api.handlers import RpcLimiter, add_service
+from server.api.tenants import TenantDirectory
 from server.api.gen.loraserve.v1 import adapters_pb2 as pb
 from server.api.gen.loraserve.v1 import adapters_pb2_grpc as pb_grpc
 from server.core.threads import ShortLivedThreads
-from server.core.errors import AdapterInUseError, InvalidRequestError, UnavailableError
+from server.core.errors import AdapterInUseError, InvalidRequestError, LoraServeError, UnavailableError
 
 log = logging.getLogger("loraserve.adapters")
 
@@ -59,6 +62,16 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         caller: Caller = self.tenants.caller(context)
         return caller.act_for(requested)
 
+    def _audit(self, context: Any, action: str, adapter: str, requested_tenant: str) -> AuditRecord:
+        """The audit record of one admin action, caller and tenant filled in as far as they are known."""
+        try:
+            caller: Optional[Caller] = self.tenants.caller(context)
+        except LoraServeError:
+            caller = None
+        name = caller.tenant.name if caller is not None else ""
+        return AuditRecord(action, tenant=requested_tenant or (caller.acting_for if caller else ""), caller=name,
+                           adapter=adapter, peer=peer_of(context))
+
     def _device(self) -> dict[str, Any]:
         """digest (the slot key) -> SlotInfo of what is on the device now ({} while the model loads)."""
         try:
@@ -83,11 +96,12 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
     # ---- RPCs ----------------------------------------------------------------------------------
     async def RegisterAdapter(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await self._register(request_iterator, context)
+            with audited(self._audit(context, "register", "", "")) as record:
+                return await self._register(request_iterator, context, record)
         except Exception as e:  # noqa: BLE001
             await context.abort(*status_for(e))
 
-    async def _register(self, request_iterator: Any, context: Any) -> pb.RegisterAdapterResponse:
+    async def _register(self, request_iterator: Any, context: Any, record: AuditRecord) -> pb.RegisterAdapterResponse:
         header: Optional[pb.RegisterAdapterHeader] = None
         chunks = bytearray()
         limit = min(self.max_upload_bytes, self.registry.limits.max_weights_bytes)
@@ -97,6 +111,7 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
                 if part != "header":
                     raise InvalidRequestError("header", "the first RegisterAdapter message must be the header")
                 header = msg.header
+                record.adapter = header.name[:100]
                 if header.total_size < 0 or header.total_size > limit:
                     raise InvalidRequestError("total_size", f"is {header.total_size}; allowed range is "
                                               f"[0, {limit}] bytes")
@@ -110,7 +125,9 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
             chunks += msg.chunk
         if header is None:
             raise InvalidRequestError("header", "the stream was empty; send a header first")
-        tenant = self._tenant(context, header.tenant)
+        record.adapter = header.name[:100]
+        record.tenant = header.tenant[:100] or record.tenant
+        tenant = record.tenant = self._tenant(context, header.tenant)
         metadata = dict(header.metadata)
         if header.server_path:
             if header.adapter_config_json:
@@ -125,25 +142,33 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
                 raise InvalidRequestError("chunk", "no adapter_model.safetensors bytes were sent")
             info = await self._blocking(self.registry.register_bytes, tenant, header.name,
                                            header.adapter_config_json.encode("utf-8"), bytes(chunks), metadata)
+        record.version, record.digest = info.version, info.digest
+        record.extra = {"size_bytes": info.size_bytes, "source": "server_path" if header.server_path else "upload"}
         log.info("registered %s/%s (%d bytes)", tenant, info.ref, info.size_bytes)
         return pb.RegisterAdapterResponse(name=info.name, version=self._version_pb(info, self._device()),
                                           adapter_id=info.ref)
 
     @_rpc
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: Any) -> pb.LoadAdapterResponse:
-        tenant = self._tenant(context, request.tenant)
-        adapter = self.registry.resolve(tenant, request.adapter_id)
-        t0 = time.perf_counter()
-        await self._blocking(self.engine.pool.load, adapter, request.pin)  # the pool holds the pin
+        with audited(self._audit(context, "pin" if request.pin else "load", request.adapter_id[:100],
+                                 request.tenant[:100])) as record:
+            tenant = record.tenant = self._tenant(context, request.tenant)
+            adapter = self.registry.resolve(tenant, request.adapter_id)
+            record.version, record.digest = adapter.version, adapter.digest
+            t0 = time.perf_counter()
+            await self._blocking(self.engine.pool.load, adapter, request.pin)  # the pool holds the pin
         return pb.LoadAdapterResponse(adapter_id=adapter.ref, version=adapter.version,
                                       pinned=request.pin, load_seconds=time.perf_counter() - t0)
 
     @_rpc
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: Any) -> pb.UnloadAdapterResponse:
-        tenant = self._tenant(context, request.tenant)
-        adapter = self.registry.resolve(tenant, request.adapter_id)
-        self.engine.pool.unpin(adapter.digest)
-        was = bool(self.engine.pool.unload(adapter.digest))  # AdapterInUseError while requests run on it
+        with audited(self._audit(context, "unload", request.adapter_id[:100], request.tenant[:100])) as record:
+            tenant = record.tenant = self._tenant(context, request.tenant)
+            adapter = self.registry.resolve(tenant, request.adapter_id)
+            record.version, record.digest = adapter.version, adapter.digest
+            self.engine.pool.unpin(adapter.digest)
+            was = bool(self.engine.pool.unload(adapter.digest))  # AdapterInUseError while requests run on it
+            record.extra = {"was_on_device": was}
         return pb.UnloadAdapterResponse(adapter_id=adapter.ref, was_on_device=was)
 
     @_rpc
@@ -161,10 +186,17 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
 
     @_rpc
     async def DeleteAdapter(self, request: pb.DeleteAdapterRequest, context: Any) -> pb.DeleteAdapterResponse:
-        tenant = self._tenant(context, request.tenant)
+        with audited(self._audit(context, "delete", request.adapter_id[:100], request.tenant[:100])) as record:
+            return await self._delete(request, context, record)
+
+    async def _delete(self, request: pb.DeleteAdapterRequest, context: Any,
+                      record: AuditRecord) -> pb.DeleteAdapterResponse:
+        tenant = record.tenant = self._tenant(context, request.tenant)
         before = await self._blocking(self.registry.get, tenant, request.adapter_id)
+        record.version, record.digest = [v.version for v in before.versions], [v.digest for v in before.versions]
         digests = {v.digest for v in before.versions}
         deleted = await self._blocking(self.registry.delete, tenant, request.adapter_id)
+        record.version = deleted
         for digest in digests:  # free device slots nobody can resolve any more (running ones finish first)
             if not self.registry.index.digest_referenced(digest):
                 try:
@@ -175,12 +207,13 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
 
 
 def add_adapters_service(server: grpc.aio.Server, registry: Any, engine: Any, cfg: Any = None,
-                         tenant_resolver: Optional[TenantResolver] = None) -> AdaptersServicer:
+                         tenant_resolver: Optional[TenantResolver] = None,
+                         limiter: Optional[RpcLimiter] = None) -> AdaptersServicer:
     """Bind the Adapters service; `registry` and `engine` may be lazy stand-ins set after start-up."""
     if tenant_resolver is None:
         tenants_file = getattr(getattr(cfg, "server", None), "tenants", "") if cfg is not None else ""
         tenant_resolver = TenantResolver(TenantDirectory.from_toml(Path(tenants_file)) if tenants_file else None)
     max_upload = getattr(getattr(cfg, "server", None), "max_upload_bytes", 512 << 20) if cfg is not None else 512 << 20
     servicer = AdaptersServicer(registry, engine, tenant_resolver, max_upload)
-    pb_grpc.add_AdaptersServicer_to_server(servicer, server)
+    add_service(server, servicer, pb.DESCRIPTOR.services_by_name["Adapters"], limiter)
     return servicer

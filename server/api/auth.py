@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextvars
 import inspect
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ from server.core.errors import AuthenticationError, InvalidRequestError, LoraSer
 log = logging.getLogger("loraserve.auth")
 
 TENANT_HEADER = "x-loraserve-tenant"
+# Why an authentication was refused: the label values of loraserve_auth_failures (never the key itself).
+REFUSAL_REASONS = ("missing_key", "wrong_key", "permission_denied", "unknown_tenant")
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 QUOTA_METHODS = ("/loraserve.v1.Inference/Generate", "/loraserve.v1.Inference/GenerateStream")
 
@@ -78,10 +81,29 @@ def authenticate(directory: TenantDirectory, metadata: dict[str, str]) -> Caller
     return Caller(tenant, caller.act_for(acting), known) if acting else caller
 
 
+def refusal_reason(exc: LoraServeError, metadata: dict[str, str]) -> str:
+    """One of REFUSAL_REASONS for an error `authenticate` raised (for the failed-auth counter and log)."""
+    if isinstance(exc, AuthenticationError):
+        return "missing_key" if _bearer(metadata) is None else "wrong_key"
+    if isinstance(exc, PermissionDeniedError):
+        return "permission_denied"
+    return "unknown_tenant"
+
+
+def log_refusal(method: str, reason: str, peer: str, status: str) -> None:
+    """The `auth_refused` line, whichever protocol refused: method, reason and peer, never the key."""
+    log.info(json.dumps({"event": "auth_refused", "method": method, "reason": reason, "peer": peer,
+                         "status": status}))
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, directory: TenantDirectory, quotas: Optional[QuotaTracker] = None):
+    """Authenticates every RPC but health and reflection; `on_refused(reason)` counts each refusal."""
+
+    def __init__(self, directory: TenantDirectory, quotas: Optional[QuotaTracker] = None,
+                 on_refused: Optional[Callable[[str], None]] = None):
         self.directory = directory
         self.quotas = quotas
+        self.on_refused = on_refused
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
         handler = await continuation(details)
@@ -92,13 +114,22 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         try:
             caller = authenticate(self.directory, metadata)
         except LoraServeError as e:
-            log.info("refused %s: %s", method, e)
-            return _refusing(handler, e)
+            reason = refusal_reason(e, metadata)
+            if self.on_refused is not None:
+                self.on_refused(reason)
+            return _refusing(handler, e, method, reason)
         if self.quotas is None or method not in QUOTA_METHODS:
             return _wrapped(handler, caller, None, None)
         # quotas belong to the tenant the work is for: an admin acting for one spends its quota
         quota_tenant = self.directory.get(caller.acting_for) or Tenant(caller.acting_for)
         return _wrapped(handler, caller, self.quotas, quota_tenant)
+
+
+def _peer(context: Any) -> str:
+    try:
+        return str(context.peer())
+    except Exception:  # noqa: BLE001 - a peer is a nicety in a log line
+        return ""
 
 
 def _usage_tokens(msg: Any) -> Optional[int]:
@@ -118,13 +149,19 @@ def _rebuild(handler: Any, **behaviors: Any) -> Any:
                 response_serializer=handler.response_serializer)
 
 
-def _refusing(handler: Any, exc: LoraServeError) -> Any:
+def _refusing(handler: Any, exc: LoraServeError, method: str = "", reason: str = "") -> Any:
+    """A handler that logs the refusal (method, reason, peer; never the key) and answers its status."""
     code, message = status_for(exc)
 
+    def note(context: Any) -> None:
+        log_refusal(method, reason, _peer(context), code.name)
+
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        note(context)
         await context.abort(code, message)
 
     async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        note(context)
         await context.abort(code, message)
         yield  # pragma: no cover - makes this an async generator
 
@@ -215,4 +252,4 @@ def current_caller() -> Optional[Caller]:
 
 
 __all__ = ["AuthInterceptor", "Caller", "TenantResolver", "from_tenants_file", "authenticate", "current_caller",
-           "OPEN_CALLER", "TENANT_HEADER", "AuthenticationError"]
+           "log_refusal", "refusal_reason", "OPEN_CALLER", "REFUSAL_REASONS", "TENANT_HEADER", "AuthenticationError"]

@@ -46,6 +46,14 @@ class RequestTooLargeError(E.InvalidRequestError):
         super().__init__("body", f"is larger than {limit} bytes (--max-request-bytes)")
 
 
+def code_for(exc: BaseException) -> grpc.StatusCode:
+    """The status code `status_for` gives `exc`, without logging anything (for audit lines and counters)."""
+    for cls, code in _CODES:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """(code, client-facing message) for any exception; unknown ones are logged with their traceback.
 

@@ -24,6 +24,7 @@ import grpc
 
 from server.api import prompts
 from server.api.errors import status_for
+from server.api.stalls import StallMonitor
 from server.core.errors import InvalidRequestError, UnavailableError
 from server.core.identity import AdapterVersion
 from server.core.limits import check_request_id
@@ -48,6 +49,7 @@ class ServingState:
     tenant_of: Callable[[Any], str] = lambda context: "default"
     # Called around each generate with (tenant, prompt_tokens, max_new_tokens); returns a release callable.
     admit: Optional[Callable[[str, int, int], Callable[[int], None]]] = None
+    stalls: Optional[StallMonitor] = None  # aborts streams whose client stopped reading
 
     def __post_init__(self) -> None:
         self.idle.set()

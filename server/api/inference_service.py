@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
+
+import grpc
 
 from server.api import translate
 from server.api.errors import status_for
@@ -73,9 +75,39 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return translate.response(gen.client_id, ids, "".join(texts), last, logprobs)
 
     async def GenerateStream(self, request: pb.GenerateRequest, context: Any) -> AsyncIterator[pb.GenerateStreamResponse]:
-        async for gen, delta in self._run("GenerateStream", request, context):
-            if delta.token_ids or delta.text or delta.finished:
-                yield translate.stream_chunk(gen.client_id, delta)
+        current: list[Generation] = []
+        stalls = self.state.stalls
+        watch = stalls.watch(self._on_stall(context, current)) if stalls is not None else None
+        try:
+            async for gen, delta in self._run("GenerateStream", request, context):
+                current[:] = [gen]
+                if delta.token_ids or delta.text or delta.finished:
+                    chunk = translate.stream_chunk(gen.client_id, delta)
+                    if watch is not None:
+                        watch.writing()  # gRPC's write of this chunk waits while the client's window is full
+                    yield chunk
+                    if watch is not None:
+                        watch.written()
+        finally:
+            if watch is not None:
+                stalls.forget(watch)
+
+    def _on_stall(self, context: Any, current: list[Generation]) -> Callable[[], None]:
+        """What the stall monitor does to this stream: log, end the RPC, cancel its task (whose done
+        callback aborts the engine request: KV blocks and the slot pin are freed at once)."""
+        task = asyncio.current_task()
+        timeout = self.state.stalls.timeout_s if self.state.stalls is not None else 0
+
+        def on_stall() -> None:
+            message = (f"stream stalled: the client read nothing for {timeout:g}s, so the request was "
+                       "aborted (--stalled-stream-timeout)")
+            if current:
+                current[0].record.done(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+            asyncio.ensure_future(_abort_quietly(context, grpc.StatusCode.RESOURCE_EXHAUSTED, message))
+            if task is not None:
+                task.cancel()
+
+        return on_stall
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: Any) -> pb.TokenizeResponse:
         try:
@@ -95,6 +127,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             code, message = status_for(e)
             await context.abort(code, message)
         return model_info(engine, self.state)
+
+
+async def _abort_quietly(context: Any, code: grpc.StatusCode, message: str) -> None:
+    """Queue the status for a client that may read it later (or never: then gRPC drops it with the connection)."""
+    try:
+        await context.abort(code, message)
+    except BaseException:  # noqa: BLE001 - AbortError is how abort returns; a closed call is fine too
+        pass
 
 
 def server_version() -> str:

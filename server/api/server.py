@@ -19,17 +19,21 @@ from pathlib import Path
 from typing import Any, Optional
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from server.api.tenants import OPEN_TENANT, QuotaTracker, TenantDirectory
+from server.api.audit import AuditRecord, audited
 from server.api.auth import TenantResolver
-from server.api.gen.loraserve.v1 import adapters_pb2, inference_pb2, inference_pb2_grpc
+from server.api.gen.loraserve.v1 import adapters_pb2, inference_pb2
+from server.api.handlers import HEADROOM, RpcLimiter, add_service
 from server.api.inference_service import InferenceServicer, ServingState
 from server.api.router_metrics import RouterMetrics
+from server.api.stalls import StallMonitor
+from server.api.tls import ServerTls
 from server.core.config import Config, parse_adapter_flags, startup_warnings
-from server.core.errors import UnavailableError
+from server.core.errors import LoraServeError, UnavailableError
 from server.metrics import ServerMetrics
 
 log = logging.getLogger("loraserve.server")
@@ -67,6 +71,7 @@ class LoraServer:
         self.metrics = ServerMetrics(cfg.server.metrics_adapter_labels)
         self.state = ServingState(default_max_new_tokens=cfg.server.default_max_new_tokens,
                                   model_name=cfg.engine.model)
+        self.state.stalls = StallMonitor(cfg.server.stalled_stream_timeout, on_abort=self.metrics.stalled_streams.inc)
         self.health = HealthServicer()
         self.engine: Optional[Any] = None
         self.registry: Optional[Any] = None
@@ -75,6 +80,7 @@ class LoraServer:
         self.grpc: Optional[grpc.aio.Server] = None
         self.tenants = (TenantDirectory.from_toml(Path(cfg.server.tenants)) if cfg.server.tenants
                         else TenantDirectory.open())
+        self.tls = ServerTls.from_config(cfg.server)  # None: plaintext listeners
         self.quotas = QuotaTracker()
         self.state.admit = self._admit
         self.startup_tenant = OPEN_TENANT
@@ -98,29 +104,42 @@ class LoraServer:
                    ("grpc.max_send_message_length", s.max_response_bytes),
                    ("grpc.so_reuseport", 0)]
         interceptors = self._interceptors()
+        # Our limit answers with a message naming the knob; gRPC's, HEADROOM above it, keeps health checks answerable.
+        self.limiter = RpcLimiter(s.max_concurrent_rpcs)
         self.grpc = grpc.aio.server(options=options, interceptors=interceptors,
-                                    maximum_concurrent_rpcs=s.max_concurrent_rpcs)
-        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.state, self.metrics), self.grpc)
+                                    maximum_concurrent_rpcs=s.max_concurrent_rpcs + HEADROOM)
+        add_service(self.grpc, InferenceServicer(self.state, self.metrics), _service(inference_pb2, "Inference"),
+                    self.limiter)
         self._add_adapters_service()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        add_service(self.grpc, self.health, _service(health_pb2, "Health"))
         names = [INFERENCE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME,
                  ADAPTERS]
-        reflection.enable_server_reflection(names, self.grpc)
+        add_service(self.grpc, reflection.aio.ReflectionServicer(names), _service(reflection_pb2, "ServerReflection"),
+                    self.limiter)
         await self._set_health(NOT_SERVING)
-        self.port = self.grpc.add_insecure_port(f"{_bracket(s.host)}:{s.port}")
+        address = f"{_bracket(s.host)}:{s.port}"
+        if self.tls is not None:
+            self.port = self.grpc.add_secure_port(address, self.tls.grpc_credentials())
+        else:
+            self.port = self.grpc.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind gRPC to {s.host}:{s.port}")
         await self.grpc.start()
+        self.state.stalls.start()
         if s.http_port >= 0:
             self.http_port = await self._start_http()
         if s.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve_http(s.metrics_host or s.host, s.metrics_port)
+            metrics_ssl = self.tls.ssl_context() if self.tls is not None and s.metrics_tls else None
+            self.metrics_port = self.metrics.serve_http(s.metrics_host or s.host, s.metrics_port, metrics_ssl)
         host = _bracket(s.host)
+        scheme = "https" if self.tls is not None else "http"
         log.info(json.dumps({"event": "listening", "host": s.host, "grpc_port": self.port,
                              "http_port": self.http_port if s.http_port >= 0 else None,
                              "metrics_port": self.metrics_port if s.metrics_port >= 0 else None,
                              "grpc_target": f"{host}:{self.port}",
-                             "http_url": f"http://{host}:{self.http_port}/v1" if s.http_port >= 0 else None}))
+                             "http_url": f"{scheme}://{host}:{self.http_port}/v1" if s.http_port >= 0 else None,
+                             "tls": self.tls.describe() if self.tls is not None else None,
+                             "metrics_tls": bool(self.tls is not None and s.metrics_tls)}))
 
     async def load(self) -> None:
         """Load the model off the event loop (health stays answerable), then go SERVING."""
@@ -169,6 +188,7 @@ class LoraServer:
             waiter.cancel()
             second.cancel()
         left = self.state.in_flight
+        await self.state.stalls.stop()
         # Cancels what is left on both protocols: their cleanups abort the engine requests.
         stops = [self._stop_http()]
         if self.grpc is not None:
@@ -186,6 +206,7 @@ class LoraServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
         await self.start()
         loader = asyncio.ensure_future(self.load())
         stopper = asyncio.ensure_future(self._stop.wait())
@@ -211,6 +232,20 @@ class LoraServer:
         if self._signals >= 2:
             self._second.set()
 
+    def _on_reload(self) -> None:
+        """SIGHUP: re-read the TLS files; new handshakes use them, established connections carry on."""
+        if self.tls is None:
+            log.info(json.dumps({"event": "reload", "tls": None, "note": "no --tls-cert: nothing to reload"}))
+            return
+        try:
+            material = self.tls.reload()
+        except LoraServeError as e:
+            log.error(json.dumps({"event": "tls_reload_failed", "error": str(e),
+                                  "kept_fingerprint_sha256": self.tls.fingerprint}))
+            return
+        log.info(json.dumps({"event": "tls_reloaded", "fingerprint_sha256": material.fingerprint,
+                             "reloads": self.tls.reloads}))
+
     async def _second_signal(self) -> None:
         await self._second.wait()
 
@@ -224,7 +259,8 @@ class LoraServer:
         names = ModelNames(base_model_id(model), frozenset({model}))
         ctx = HttpContext(self.state, self.metrics, self.tenants, names, max_request_bytes=s.max_request_bytes)
         self.http = HttpServer(create_app(ctx))
-        return await self.http.start(s.host, s.http_port)
+        ssl_context = self.tls.ssl_context(HttpServer.ALPN) if self.tls is not None else None
+        return await self.http.start(s.host, s.http_port, ssl_context)
 
     async def _stop_http(self) -> None:
         if self.http is not None:
@@ -255,13 +291,14 @@ class LoraServer:
         from server.api.auth import AuthInterceptor
 
         log.info(json.dumps({"event": "auth", "tenants": len(self.tenants.tenants), "file": self.cfg.server.tenants}))
-        return [AuthInterceptor(self.tenants)]  # quotas stay with ServingState.admit (it knows prompt lengths)
+        # quotas stay with ServingState.admit (it knows prompt lengths)
+        return [AuthInterceptor(self.tenants, on_refused=self.metrics.count_auth_failure)]
 
     def _add_adapters_service(self) -> None:
         from server.api.adapters_service import add_adapters_service
 
         add_adapters_service(self.grpc, self.lazy_registry, self.lazy_engine, self.cfg,
-                             tenant_resolver=self.tenant_resolver)
+                             tenant_resolver=self.tenant_resolver, limiter=self.limiter)
 
     def _make_registry(self, engine: Any, fingerprint: str) -> Any:
         from adapter_registry import Registry, RegistryLimits
@@ -282,8 +319,11 @@ class LoraServer:
     def _register_startup_adapter(self, registry: Any, name: str, path: Path) -> None:
         """`--adapter NAME=PATH`: a new version unless the newest one already has these exact bytes."""
         tenant, _, name = name.rpartition("/")  # "tenant/name=PATH" registers for that tenant
-        info = registry.register_path(tenant or self.startup_tenant, name, path, {"source": "serve --adapter"},
-                                      allow_any_path=True, reuse_identical_latest=True)
+        record = AuditRecord("register", tenant=tenant or self.startup_tenant, caller="serve --adapter", adapter=name)
+        with audited(record):
+            info = registry.register_path(record.tenant, name, path, {"source": "serve --adapter"},
+                                          allow_any_path=True, reuse_identical_latest=True)
+            record.version, record.digest = info.version, info.digest
         log.info(json.dumps({"event": "adapter_registered", "adapter_id": info.ref, "path": str(path)}))
 
     def _fingerprint(self, engine: Any) -> str:
@@ -292,6 +332,10 @@ class LoraServer:
         if engine.model_dir is None:
             return ""
         return model_fingerprint(Path(engine.model_dir), self.cfg.engine.resolve_home())
+
+
+def _service(module: Any, name: str) -> Any:
+    return module.DESCRIPTOR.services_by_name[name]
 
 
 def _bracket(host: str) -> str:
@@ -316,4 +360,9 @@ async def _in_thread(fn: Any, *args: Any) -> Any:
 
 
 async def serve(cfg: Config) -> int:
-    return await LoraServer(cfg).run()
+    try:
+        server = LoraServer(cfg)
+    except LoraServeError as e:  # a bad tenants or certificate file: the operator's to fix, no traceback
+        log.error(json.dumps({"event": "start_failed", "error": str(e)}))
+        return 2
+    return await server.run()

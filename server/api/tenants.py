@@ -17,6 +17,7 @@ Without a tenants file the server runs open, as one tenant (`OPEN_TENANT`) with 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 import sys
 import threading
@@ -58,7 +59,7 @@ class Tenant:
 
 
 def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class TenantDirectory:
@@ -67,6 +68,7 @@ class TenantDirectory:
     def __init__(self, tenants: dict[str, Tenant], key_hashes: dict[str, str], open_mode: bool = False):
         self.tenants = tenants
         self._by_hash = key_hashes  # sha256 hex -> tenant name
+        self._hashes = tuple((h.encode("ascii"), name) for h, name in key_hashes.items())
         self.open_mode = open_mode
 
     @classmethod
@@ -132,7 +134,13 @@ class TenantDirectory:
             return self.tenants[OPEN_TENANT]
         if not api_key:
             raise AuthenticationError("missing API key: send the metadata 'authorization: Bearer KEY'")
-        name = self._by_hash.get(hash_key(api_key))
+        digest = hash_key(api_key).encode("ascii")
+        name = None
+        # Every stored hash is compared in constant time and none ends the loop early: how long this
+        # takes says nothing about which hash (or how much of one) matched.
+        for stored, owner in self._hashes:
+            if hmac.compare_digest(stored, digest):
+                name = owner
         if name is None:
             raise AuthenticationError("invalid API key")
         return self.tenants[name]

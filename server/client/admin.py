@@ -17,6 +17,7 @@ from google.protobuf.message import Message
 from server.api.gen.loraserve.v1 import adapters_pb2 as pb
 from server.api.gen.loraserve.v1 import adapters_pb2_grpc as pb_grpc
 from server.client import adapter_views as views
+from server.client.channel import ClientTls, add_tls_flags, open_channel
 from server.client.render import add_output_flags, print_json
 from server.client.routing import routing_metadata
 
@@ -31,6 +32,7 @@ def add_connection_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get("LORASERVE_API_KEY", ""),
                    help="API key sent as 'authorization: Bearer KEY' [env LORASERVE_API_KEY]")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before the call is abandoned")
+    add_tls_flags(p)
 
 
 def metadata(api_key: str) -> list[tuple[str, str]]:
@@ -105,7 +107,7 @@ def main(argv: Optional[list[str]] = None, prog: str = "loraserve adapters") -> 
     args = build_parser(prog).parse_args(argv)
     # Through a fleet's proxy, admin calls about one adapter reach the replica that serves it.
     md = metadata(args.api_key) + routing_metadata(getattr(args, "adapter_id", "") or getattr(args, "name", ""))
-    with grpc.insecure_channel(args.target) as channel:
+    with open_channel(args.target, ClientTls.from_args(args)) as channel:
         stub = pb_grpc.AdaptersStub(channel)
         try:
             if args.cmd == "register":

@@ -125,16 +125,15 @@ class _Timer:
 
 class GrpcSender:
     def __init__(self, args: argparse.Namespace):
-        import grpc
-
         from server.api.gen.loraserve.v1 import inference_pb2 as pb
         from server.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
         from server.client.admin import metadata
+        from server.client.channel import ClientTls, open_aio_channel
         from server.client.routing import CHANNEL_OPTIONS
 
         self.args, self.pb = args, pb
         self.md = metadata(args.api_key)
-        self.channel = grpc.aio.insecure_channel(args.target, options=CHANNEL_OPTIONS)
+        self.channel = open_aio_channel(args.target, ClientTls.from_args(args), options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.InferenceStub(self.channel)
 
     async def send(self, job: Job) -> Result:
@@ -168,11 +167,15 @@ class HttpSender:
     def __init__(self, args: argparse.Namespace):
         import httpx
 
+        from server.client.channel import ClientTls
+
+        tls = ClientTls.from_args(args)  # the same --tls-ca / --tls-cert / --tls-key as gRPC
+        self.extensions = {"sni_hostname": tls.server_name} if tls.server_name else {}
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
         self.args = args
         self.client = httpx.AsyncClient(base_url=args.base_url.rstrip("/"), headers=headers, limits=limits,
-                                        timeout=args.timeout)
+                                        timeout=args.timeout, verify=tls.ssl_context() if tls.enabled else True)
 
     async def send(self, job: Job) -> Result:
         import httpx
@@ -184,8 +187,8 @@ class HttpSender:
                 "stream_options": {"include_usage": True}}
         timer, tokens = _Timer(), 0
         try:
-            async with self.client.stream("POST", "/v1/completions", json=body,
-                                          headers=routing_headers(job.adapter)) as r:
+            async with self.client.stream("POST", "/v1/completions", json=body, headers=routing_headers(job.adapter),
+                                          extensions=self.extensions) as r:
                 if r.status_code != 200:
                     await r.aread()
                     return Result(False, f"HTTP_{r.status_code}", adapter=job.adapter)
@@ -246,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=("grpc", "http"), default="grpc",
                    help="grpc: GenerateStream on --target; http: streamed /v1/completions on --base-url")
     p.add_argument("--base-url", default=os.environ.get("LORASERVE_HTTP_URL", "http://127.0.0.1:50080"),
-                   help="the HTTP API's root for --protocol http [env LORASERVE_HTTP_URL, default "
-                        "http://127.0.0.1:50080]")
+                   help="the HTTP API's root for --protocol http (https://... against a TLS server; the --tls "
+                        "flags apply) [env LORASERVE_HTTP_URL, default http://127.0.0.1:50080]")
     p.add_argument("--model", default="default", help="the base model's id over HTTP (requests without an adapter)")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight at most")

@@ -53,8 +53,8 @@ class ServerConfig:
     max_response_bytes: int = knob(16 << 20, help="largest response message, in bytes", lo=1)
     max_upload_bytes: int = knob(512 << 20, help="largest adapter upload (sum of RegisterAdapter chunks), in bytes",
                                  lo=1)
-    max_concurrent_rpcs: int = knob(2048, help="RPCs in progress at once; beyond it gRPC answers RESOURCE_EXHAUSTED",
-                                    lo=1)
+    max_concurrent_rpcs: int = knob(2048, help="API RPCs in progress at once; beyond it a call gets RESOURCE_EXHAUSTED "
+                                               "naming this flag (health checks are exempt)", lo=1)
     default_max_new_tokens: int = knob(128, help="max_new_tokens for requests that leave it unset", lo=1)
     tenants: str = knob("", help="tenants TOML file (API key hashes, quotas); empty = single-tenant, no auth")
     registry: str = knob("", help="adapter registry: a directory (SQLite index, default: the home's registry/, see "
@@ -74,6 +74,14 @@ class ServerConfig:
     metrics_adapter_labels: int = knob(32, help="distinct adapter label values in metrics before the rest count as "
                                                 "'other'", lo=0)
     log_level: str = knob("info", help="debug | info | warning | error", choices=("debug", "info", "warning", "error"))
+    stalled_stream_timeout: float = knob(30.0, lo=0, help="seconds a streamed response may wait on a client that reads "
+                                         "nothing before its request is aborted (KV blocks and adapter slot freed); "
+                                         "0 = wait forever")
+    tls_cert: str = knob("", help="PEM certificate chain: serve gRPC and the HTTP API over TLS; re-read on SIGHUP")
+    tls_key: str = knob("", help="PEM private key of --tls-cert")
+    tls_client_ca: str = knob("", help="PEM CA bundle for mutual TLS: clients must present a certificate it signed")
+    metrics_tls: bool = knob(False, help="serve /metrics over TLS too (same certificate; client certificates with "
+                                         "--tls-client-ca)")
 
     def __post_init__(self) -> None:
         knobs.check(self, "server")
@@ -81,6 +89,11 @@ class ServerConfig:
             name, sep, path = spec.partition("=")
             if not sep or not name or not path:
                 raise InvalidRequestError("server.adapters", f"{spec!r}: expected NAME=PATH")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise InvalidRequestError("server.tls_cert", "--tls-cert and --tls-key go together; set both or neither")
+        for name in ("tls_client_ca", "metrics_tls"):
+            if getattr(self, name) and not self.tls_cert:
+                raise InvalidRequestError(f"server.{name}", "needs --tls-cert and --tls-key (TLS itself)")
         if self.registry.startswith(("postgresql://", "postgres://")) and not self.objects:
             raise InvalidRequestError("server.objects", "a postgresql:// registry needs --objects DIR: the folder of "
                                       "adapter files every replica mounts")
@@ -255,7 +268,11 @@ def is_loopback(host: str) -> bool:
 def startup_warnings(cfg: Config) -> list[str]:
     """What an operator should hear about before the first request."""
     out = []
-    if not cfg.server.tenants and not is_loopback(cfg.server.host):
-        out.append(f"listening on {cfg.server.host} without --tenants: anyone who can reach this port "
+    s = cfg.server
+    if not s.tenants and not is_loopback(s.host):
+        out.append(f"listening on {s.host} without --tenants: anyone who can reach this port "
                    "can generate and manage adapters (no authentication)")
+    if s.tenants and not s.tls_cert and not is_loopback(s.host):
+        out.append(f"INSECURE: --tenants on {s.host} without --tls-cert/--tls-key: API keys cross the network "
+                   "in clear text and anyone on the path can read and replay them; serve with TLS")
     return out

@@ -50,6 +50,10 @@ class CapacityError(LoraServeError):
     """The server is full (waiting queue, slots): retry later."""
 
 
+class StorageFullError(CapacityError):
+    """The disk under the registry is full (or over its quota): nothing was stored; retry once space is freed."""
+
+
 class QuotaExceededError(LoraServeError):
     """A tenant is over one of its quotas; the message names the limit."""
 

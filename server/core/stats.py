@@ -21,6 +21,7 @@ class PoolStats:
 
     slots_total: int = 0
     slots_ready: int = 0           # slots holding a loaded adapter (a slot still loading is not counted)
+    slots_in_use: int = 0          # slots running sequences hold (0 when idle: a leaked reference shows here)
     loads: int = 0
     load_failures: int = 0
     load_seconds: float = 0.0

@@ -50,7 +50,10 @@ class ShortLivedThreads(Executor):
         self._active = 0
         self._started = 0
         self._shutdown = False
-        self._idle = threading.Condition()
+        # Re-entrant, and no thread is started while it is held: submit() is called from weakref finalizers
+        # (the registry's), which the garbage collector runs in whichever thread allocates, also inside this
+        # lock or in a new worker's bootstrap while its starter waits for it (a deadlock the soak found).
+        self._idle = threading.Condition(threading.RLock())
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> "Future[T]":
         fut: Future = Future()
@@ -58,10 +61,13 @@ class ShortLivedThreads(Executor):
             if self._shutdown:
                 raise RuntimeError("cannot schedule new work after shutdown")
             self._queue.append((fut, fn, args, kwargs))
-            if self._active < self._max:
+            start = self._active < self._max
+            if start:
                 self._active += 1
                 self._started += 1
-                threading.Thread(target=self._work, name=f"{self._prefix}_{self._started}", daemon=True).start()
+                name = f"{self._prefix}_{self._started}"
+        if start:
+            threading.Thread(target=self._work, name=name, daemon=True).start()
         return fut
 
     def _work(self) -> None:

@@ -119,20 +119,45 @@ class Delta:
         return self.finish_reason is not None
 
 
+MAX_QUEUED_DELTAS = 64
+
+
+def merge_deltas(first: Delta, then: Delta) -> Delta:
+    """One delta saying what `first` and `then` said, in order (for a consumer that fell behind)."""
+    logprobs = None
+    if first.logprobs is not None or then.logprobs is not None:
+        logprobs = (first.logprobs or []) + (then.logprobs or [])
+    return Delta(then.request_id, first.token_ids + then.token_ids, first.text + then.text, then.finish_reason,
+                 then.prompt_tokens, then.completion_tokens, then.adapter or first.adapter, then.error or first.error,
+                 logprobs)
+
+
 class RequestStream:
     """The per-request channel from the engine thread to one consumer.
 
     The engine thread calls `put`; a consumer either iterates synchronously or,
     when the stream was made with an event loop, with `async for`. An error
     delta is raised to the consumer as its exception.
+
+    The async queue is bounded: at most `max_queued` deltas wait for the consumer; past that the
+    engine merges what it produces into one pending delta, which the consumer takes after the
+    queued ones. A consumer that falls behind (a client that reads slowly or not at all) thus gets
+    bigger chunks, never an unbounded number of objects, and the engine thread never waits for it.
     """
 
-    def __init__(self, request_id: str, loop: Optional[asyncio.AbstractEventLoop] = None):
+    def __init__(self, request_id: str, loop: Optional[asyncio.AbstractEventLoop] = None,
+                 max_queued: int = MAX_QUEUED_DELTAS):
         self.request_id = request_id
         self._loop = loop
         self._aq: Optional[asyncio.Queue] = asyncio.Queue() if loop is not None else None
         self._q: "queue.SimpleQueue[Delta]" = queue.SimpleQueue()
         self._done = threading.Event()
+        self._max_queued = max(1, int(max_queued))
+        self._lock = threading.Lock()
+        self._queued = 0                      # handed to the loop, not yet taken by the consumer
+        self._pending: Optional[Delta] = None  # what arrived while the queue was full, merged
+        self._final: Optional[Delta] = None    # the last delta, kept apart so an error follows the tokens
+        self.merged = 0                       # deltas folded into a pending one (how far behind it fell)
 
     def put(self, delta: Delta) -> None:
         if self._done.is_set():
@@ -140,12 +165,41 @@ class RequestStream:
         if delta.finished:
             self._done.set()
         if self._aq is not None and self._loop is not None:
+            with self._lock:
+                if self._pending is not None or self._queued >= self._max_queued:
+                    if delta.finished:
+                        self._final = delta
+                    else:
+                        self._pending = delta if self._pending is None else merge_deltas(self._pending, delta)
+                        self.merged += 1
+                    return
+                self._queued += 1
             try:
                 self._loop.call_soon_threadsafe(self._aq.put_nowait, delta)
             except RuntimeError:  # loop closed: the consumer is gone
                 pass
         else:
             self._q.put(delta)
+
+    @property
+    def queued(self) -> int:
+        """Deltas waiting for the consumer (a pending merged one counts as one)."""
+        with self._lock:
+            return self._queued + (self._pending is not None) + (self._final is not None)
+
+    async def _next(self) -> Delta:
+        assert self._aq is not None, "stream was created without an event loop"
+        with self._lock:
+            if self._queued == 0 and self._pending is not None:
+                d, self._pending = self._pending, None
+                return d
+            if self._queued == 0 and self._final is not None:
+                d, self._final = self._final, None
+                return d
+        d = await self._aq.get()
+        with self._lock:
+            self._queued -= 1
+        return d
 
     @property
     def finished(self) -> bool:
@@ -163,7 +217,7 @@ class RequestStream:
     async def __aiter__(self) -> AsyncIterator[Delta]:
         assert self._aq is not None, "stream was created without an event loop"
         while True:
-            d = await self._aq.get()
+            d = await self._next()
             if d.error is not None:
                 raise d.error
             yield d

@@ -197,7 +197,8 @@ class AdapterPool:
     def stats(self) -> PoolStats:
         with self._lock:
             ready = sum(1 for s in self._slots[1:] if s is not None and s.state == READY)
-            return replace(self._stats, slots_ready=ready)
+            in_use = sum(1 for s in self._slots[1:] if s is not None and s.refcount)
+            return replace(self._stats, slots_ready=ready, slots_in_use=in_use)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

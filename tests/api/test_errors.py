@@ -14,6 +14,7 @@ CASES = [
     (E.AdapterRejectedError("DoRA (use_dora=true) is not supported"), grpc.StatusCode.INVALID_ARGUMENT),
     (E.AdapterNotFoundError("x@3"), grpc.StatusCode.NOT_FOUND),
     (E.CapacityError("the waiting queue is full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (E.StorageFullError("the registry's disk is full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
     (E.QuotaExceededError("max_concurrent_requests"), grpc.StatusCode.RESOURCE_EXHAUSTED),
     (E.UnavailableError("draining"), grpc.StatusCode.UNAVAILABLE),
     (E.AdapterLoadError("disk read failed"), grpc.StatusCode.UNAVAILABLE),

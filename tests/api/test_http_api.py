@@ -6,6 +6,7 @@ router metrics (checked by promtool) and a drain that finishes HTTP streams like
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -162,6 +163,26 @@ def _error(r: httpx.Response, status: int, param, code) -> str:
     return err["message"]
 
 
+def test_auth_refusals_are_counted_by_reason_and_never_show_the_key(srv, caplog):
+    """The same loraserve_auth_failures_total and auth_refused line as gRPC's refusals."""
+    secret = "wrong-but-secret-http-key"
+    count = srv.server.metrics.registry.get_sample_value
+    before = {r: count("loraserve_auth_failures_total", {"reason": r}) for r in ("missing_key", "wrong_key")}
+    caplog.set_level("INFO", logger="loraserve.auth")
+    ok = {"model": "all_r8", "prompt": "x", "max_tokens": 2}
+    assert httpx.post(srv.base_url + "/v1/completions", json=ok).status_code == 401
+    assert httpx.post(srv.base_url + "/v1/completions", json=ok,
+                      headers={"Authorization": f"Bearer {secret}"}).status_code == 401
+    assert {r: count("loraserve_auth_failures_total", {"reason": r}) - before[r] for r in before} == {
+        "missing_key": 1, "wrong_key": 1}
+    refused = [json.loads(r.getMessage()) for r in caplog.records if '"auth_refused"' in r.getMessage()]
+    assert [(x["method"], x["reason"], x["status"]) for x in refused] == [
+        ("POST /v1/completions", "missing_key", "UNAUTHENTICATED"),
+        ("POST /v1/completions", "wrong_key", "UNAUTHENTICATED")]
+    assert all(x["peer"].startswith("127.0.0.1:") for x in refused)
+    assert not any(secret in r.getMessage() for r in caplog.records)
+
+
 def test_refusals_name_the_field(http, srv):
     url = "/v1/completions"
     ok = {"model": "all_r8", "prompt": "x", "max_tokens": 2}
@@ -195,6 +216,16 @@ def test_refusals_name_the_field(http, srv):
     assert "larger than 65536 bytes" in _error(http.post(url, json=big), 413, "body", "request_too_large")
     chunked = http.post(url, content=iter([json.dumps(big).encode()]), headers={"content-type": "application/json"})
     assert "larger than" in _error(chunked, 413, "body", "request_too_large")
+    # Far over the limit: the client still reads its 413, also httpx's async client (the openai client's), which
+    # reports a reset as a connection error: the server drains the body instead of closing mid-upload.
+    huge = {**ok, "prompt": "x" * (8 << 20)}
+
+    async def post_huge() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=srv.base_url, headers=ACME, timeout=60) as client:
+            return [await client.post(url, json=huge) for _ in range(3)]
+
+    for r in asyncio.run(post_huge()):
+        assert "larger than" in _error(r, 413, "body", "request_too_large")
     assert _error(http.get("/v1/nowhere"), 404, None, "not_found") == "no route /v1/nowhere"
     assert http.get("/health").json() == {"status": "serving"}
     # The server keeps serving everyone else.

@@ -71,7 +71,31 @@ def test_warns_beyond_loopback_without_tenants() -> None:
     assert config.startup_warnings(config.load(parse("--host", "::1"), env={})) == []
     warn = config.startup_warnings(config.load(parse("--host", "0.0.0.0"), env={}))
     assert len(warn) == 1 and "without --tenants" in warn[0]
-    assert config.startup_warnings(config.load(parse("--host", "0.0.0.0", "--tenants", "t.toml"), env={})) == []
+    tls = ("--tls-cert", "c.pem", "--tls-key", "k.pem")
+    assert config.startup_warnings(config.load(parse("--host", "0.0.0.0", "--tenants", "t.toml", *tls),
+                                               env={})) == []
+
+
+def test_warns_loudly_when_tenants_keys_would_cross_the_network_in_clear() -> None:
+    warn = config.startup_warnings(config.load(parse("--host", "0.0.0.0", "--tenants", "t.toml"), env={}))
+    assert len(warn) == 1 and warn[0].startswith("INSECURE") and "--tls-cert" in warn[0]
+    assert config.startup_warnings(config.load(parse("--tenants", "t.toml"), env={})) == []  # loopback
+
+
+def test_tls_flags_env_and_toml(tmp_path) -> None:
+    cfg = config.load(parse("--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-client-ca", "ca.pem",
+                            "--metrics-tls"), env={})
+    assert (cfg.server.tls_cert, cfg.server.tls_key, cfg.server.tls_client_ca, cfg.server.metrics_tls) == (
+        "c.pem", "k.pem", "ca.pem", True)
+    env = {"LORASERVE_TLS_CERT": "e.pem", "LORASERVE_TLS_KEY": "ek.pem"}
+    assert config.load(parse(), env=env).server.tls_cert == "e.pem"
+    toml = tmp_path / "c.toml"
+    toml.write_text('[server]\ntls_cert = "t.pem"\ntls_key = "tk.pem"\nmetrics_tls = true\n')
+    assert config.load(parse("--config", str(toml)), env={}).server.metrics_tls is True
+    for args, match in ((("--tls-cert", "c.pem"), "go together"), (("--tls-key", "k.pem"), "go together"),
+                        (("--tls-client-ca", "ca.pem"), "needs --tls-cert"), (("--metrics-tls",), "needs --tls-cert")):
+        with pytest.raises(InvalidRequestError, match=match):
+            config.load(parse(*args), env={})
 
 
 def test_every_knob_is_declared_once_with_its_help() -> None:

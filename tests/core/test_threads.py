@@ -81,3 +81,42 @@ def test_use_compute_threads_sets_the_callers_threads():
         assert run_in_fresh_thread(lambda: (use_compute_threads(1), torch.get_num_threads())) == (1, 1)
     finally:
         torch.set_num_threads(before)
+
+
+def test_submit_from_a_finalizer_the_garbage_collector_runs_never_deadlocks():
+    """The registry submits from weakref finalizers; the collector runs them in any allocating thread, also in a
+    new worker's bootstrap while its starter holds the executor's lock (a deadlock the soak found)."""
+    import gc
+    import random
+    import weakref
+
+    ex = ShortLivedThreads(1, "gc")
+    fired: list[int] = []
+
+    class Node:
+        pass
+
+    def cyclic_garbage_with_finalizer() -> None:
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        weakref.finalize(a, lambda: (fired.append(1), ex.submit(int)))
+
+    def churn() -> None:
+        rng = random.Random(0)
+        for _ in range(1500):
+            for _ in range(rng.randrange(1, 20)):
+                cyclic_garbage_with_finalizer()
+            while ex.live_threads:  # every submit below starts a worker
+                time.sleep(0.0002)
+            ex.submit(int)
+
+    old = gc.get_threshold()
+    gc.set_threshold(3, 1000, 1000)  # collect often, so collections land inside submit() and thread starts
+    try:
+        worker = threading.Thread(target=churn, daemon=True)
+        worker.start()
+        worker.join(120)
+    finally:
+        gc.set_threshold(*old)
+    assert not worker.is_alive(), f"deadlocked after {len(fired)} finalizers"
+    assert len(fired) > 1000

@@ -34,13 +34,15 @@ def test_lru_eviction_spares_referenced_and_pinned_slots(mcfg, tiny_adapters):
     pool.load(a)
     pool.load(b, pin=True)
     assert pool.is_pinned("qv_r4") and not pool.is_pinned("all_r8")
+    assert pool.stats().slots_in_use == 0  # loaded and pinned, but no sequence holds a slot
     sa = pool.acquire(a)  # a running sequence holds a
-    assert sa is not None
+    assert sa is not None and pool.stats().slots_in_use == 1
     assert pool.acquire(c) is None  # both slots held: c waits, nothing is evicted
     assert {s.key for s in pool.resident()} == {"all_r8", "qv_r4"}
     with pytest.raises(AdapterInUseError):
         pool.unload("all_r8")
     pool.release(sa)
+    assert pool.stats().slots_in_use == 0
     pool.load(c)  # now a (unreferenced, unpinned, least recently used) goes
     assert {s.key for s in pool.resident()} == {"qv_r4", "mlp_rs"}
     assert pool.stats().evictions == 1

@@ -23,8 +23,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
-from server.api.auth import TENANT_HEADER, Caller, authenticate
-from server.api.errors import HttpError, http_error_for
+from server.api.auth import TENANT_HEADER, Caller, authenticate, log_refusal, refusal_reason
+from server.api.errors import HttpError, http_error_for, status_for
 from server.api.generation import Generation, GenerationService, GenerateInput, ServingState
 from server.api.http import convert
 from server.api.http.errors import error_response, respond, validation_error
@@ -32,7 +32,7 @@ from server.api.http.limits import BodyLimit
 from server.api.http.schemas import ChatCompletionRequest, CompletionRequest
 from server.api.http.streaming import DONE, merged, sse, until_disconnected
 from server.api.tenants import TenantDirectory
-from server.core.errors import AdapterNotFoundError, InvalidRequestError
+from server.core.errors import AdapterNotFoundError, InvalidRequestError, LoraServeError
 from server.engine.types import Delta
 from server.metrics import ServerMetrics
 
@@ -90,9 +90,17 @@ class OpenAIApi:
 
     # ---- shared steps ----------------------------------------------------------------------------
     def _caller(self, request: Request) -> Caller:
+        """The caller, or its refusal counted and logged exactly as gRPC's interceptor does (never the key)."""
         headers = {"authorization": request.headers.get("authorization", ""),
                    TENANT_HEADER: request.headers.get(TENANT_HEADER, "")}
-        return authenticate(self.ctx.tenants, headers)
+        try:
+            return authenticate(self.ctx.tenants, headers)
+        except LoraServeError as e:
+            reason = refusal_reason(e, headers)
+            self.ctx.metrics.count_auth_failure(reason)
+            peer = f"{request.client.host}:{request.client.port}" if request.client else ""
+            log_refusal(f"{request.method} {request.url.path}", reason, peer, status_for(e)[0].name)
+            raise
 
     async def _body(self, request: Request, model: type[BaseModel]) -> Any:
         raw = await request.body()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from typing import Any, Optional
 
 import uvicorn
@@ -20,6 +21,8 @@ SHUTDOWN_TIMEOUT_S = 1.0
 
 
 class HttpServer:
+    ALPN = ("http/1.1",)  # uvicorn's h11 protocol
+
     def __init__(self, app: Any):
         self.app = app
         self.port = 0
@@ -27,8 +30,9 @@ class HttpServer:
         self._sock: Optional[socket.socket] = None
         self._loop_task: Optional[asyncio.Future] = None
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen on host:port (0 = any free port) and serve; returns the port bound."""
+    async def start(self, host: str, port: int, ssl_context: Optional[ssl.SSLContext] = None) -> int:
+        """Listen on host:port (0 = any free port) and serve, over TLS with `ssl_context` (the server's, which
+        follows SIGHUP reloads: server/api/tls.py); returns the port bound."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -40,7 +44,8 @@ class HttpServer:
         sock.listen(2048)
         sock.setblocking(False)
         config = uvicorn.Config(self.app, lifespan="off", log_config=None, access_log=False,
-                                timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S, server_header=False)
+                                timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S, server_header=False,
+                                ssl_context_factory=(lambda _config, _default: ssl_context) if ssl_context else None)
         config.load()
         server = uvicorn.Server(config)
         server.lifespan = config.lifespan_class(config)

@@ -1,0 +1,109 @@
+"""A real `loraserve serve` process for benchmarks: started on free ports, its JSON log kept, its memory read.
+
+The ports come from the server's "listening" log line, readiness from its "serving" line (the same
+protocol the tests use); every log line is written to `<workdir>/server.log` as it arrives.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ServerProcess:
+    def __init__(self, workdir: Path, args: Sequence[str], env: Optional[dict[str, str]] = None):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / "server.log"
+        cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+               "--http-port", "0", "--metrics-port", "0", *args]
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+                    "PYTHONPATH": str(REPO), **(env or {})}
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, bufsize=1)
+        self.port = 0
+        self.http_port = 0
+        self.metrics_port = 0
+        self.events: list[dict] = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._pump, name="server-log", daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stderr is not None
+        with open(self.log_path, "w") as log:
+            for line in self.proc.stderr:
+                log.write(line)
+                log.flush()
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if not isinstance(rec, dict):
+                    continue
+                with self._cond:
+                    if rec.get("event") == "listening":
+                        self.port = int(rec["grpc_port"])
+                        self.http_port = int(rec.get("http_port") or 0)
+                        self.metrics_port = int(rec.get("metrics_port") or 0)
+                    self.events.append(rec)
+                    self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_serving(self, timeout: float = 900.0) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not any(e.get("event") == "serving" for e in self.events):
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"the server exited ({self.proc.returncode}); see {self.log_path}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RuntimeError(f"the server was not serving after {timeout:.0f} s; see {self.log_path}")
+                self._cond.wait(min(left, 1.0))
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics as {'name{labels}': value}."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=30) as r:
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                out[key] = float(value)
+        return out
+
+    def rss_mb(self) -> float:
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return 0.0
+
+    def request_lines(self) -> list[dict]:
+        with self._cond:
+            return [e for e in self.events if e.get("event") == "request"]
+
+    def stop(self, timeout: float = 120.0) -> Optional[int]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
