@@ -9,28 +9,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Callable, Optional
 
+from server.core.stats import HostCacheStats, added
 from server.lora.weights import LoraWeights
-
-
-@dataclass
-class CacheStats:
-    hits: int = 0
-    misses: int = 0
-    loads: int = 0
-    load_errors: int = 0
-    load_seconds: float = 0.0
-    evictions: int = 0
-    entries: int = 0
-    bytes: int = 0
-    budget_bytes: int = 0
-
-    @property
-    def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
 
 
 class _Pending:
@@ -48,16 +31,16 @@ class HostCache:
         self._lock = threading.Lock()
         self._items: "OrderedDict[str, LoraWeights]" = OrderedDict()
         self._pending: dict[str, _Pending] = {}
-        self._stats = CacheStats(budget_bytes=self.budget)
+        self._stats = HostCacheStats(budget_bytes=self.budget)
 
     def get_or_load(self, key: str, load: Callable[[], LoraWeights]) -> LoraWeights:
         with self._lock:
             hit = self._items.get(key)
             if hit is not None:
                 self._items.move_to_end(key)
-                self._stats.hits += 1
+                self._stats = added(self._stats, hits=1)
                 return hit
-            self._stats.misses += 1
+            self._stats = added(self._stats, misses=1)
             pending = self._pending.get(key)
             owner = pending is None
             if owner:
@@ -74,14 +57,13 @@ class HostCache:
             value = load()
         except BaseException as e:
             with self._lock:
-                self._stats.load_errors += 1
+                self._stats = added(self._stats, load_errors=1)
                 del self._pending[key]
             pending.error = e
             pending.done.set()
             raise
         with self._lock:
-            self._stats.loads += 1
-            self._stats.load_seconds += time.perf_counter() - t0
+            self._stats = added(self._stats, loads=1, load_seconds=time.perf_counter() - t0)
             del self._pending[key]
             self._insert(key, value)
         pending.value = value
@@ -93,12 +75,11 @@ class HostCache:
         if size > self.budget:
             return
         self._items[key] = value
-        self._stats.bytes += size
-        while self._stats.bytes > self.budget:
+        stats = added(self._stats, bytes=size)
+        while stats.bytes > self.budget:
             _, old = self._items.popitem(last=False)
-            self._stats.bytes -= old.nbytes
-            self._stats.evictions += 1
-        self._stats.entries = len(self._items)
+            stats = added(stats, bytes=-old.nbytes, evictions=1)
+        self._stats = replace(stats, entries=len(self._items))
 
     def put(self, key: str, value: LoraWeights) -> None:
         """Warm the tier with weights we already hold (a version just registered)."""
@@ -114,9 +95,7 @@ class HostCache:
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:
-                self._stats.bytes -= old.nbytes
-                self._stats.entries = len(self._items)
+                self._stats = replace(self._stats, bytes=self._stats.bytes - old.nbytes, entries=len(self._items))
 
-    def stats(self) -> CacheStats:
-        with self._lock:
-            return CacheStats(**vars(self._stats))
+    def stats(self) -> HostCacheStats:
+        return self._stats  # frozen: every change swaps in a new one

@@ -5,6 +5,8 @@ Disk (content-addressed objects + SQLite index) -> host LRU (`HostCache`) -> dev
 an `AdapterSelector`) into the server's one adapter identity, `AdapterVersion`, whose
 `load` reads through the host tier; the engine calls it in a worker thread. Index rows
 (`VersionRow`) become AdapterVersions in one place, `_identity`.
+Pins are the device pool's (`is_pinned`, by digest): the registry asks it to report a
+version as pinned and to refuse deleting one, and keeps no pin state of its own.
 
 Deleting a version removes its index row at once (it can no longer be resolved), but its
 files stay until the last AdapterVersion handed out for it is gone, so requests that
@@ -18,13 +20,14 @@ import os
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 from server.core.threads import ShortLivedThreads
 from server.core.identity import AdapterVersion, version_ref
 from server.core.quotas import Quotas, QuotaSource
+from server.core.stats import RegistryStats, added
 from server.core.errors import (AdapterInUseError, AdapterLoadError, AdapterNotFoundError, AdapterRejectedError,
                            InvalidRequestError, PermissionDeniedError, QuotaExceededError, UnavailableError)
 from server.lora.weights import CONFIG_NAME, WEIGHTS_NAME, LoraWeights
@@ -68,17 +71,6 @@ class AdapterInfo:
     versions: list[AdapterVersionInfo] = field(default_factory=list)
 
 
-@dataclass
-class RegistryCounters:
-    registered: int = 0
-    rejected: int = 0
-    deleted_versions: int = 0
-    resolves: int = 0
-    objects_removed: int = 0
-    startup_temp_removed: int = 0
-    startup_orphans_removed: int = 0
-
-
 class _Loader:
     """The `load` of an AdapterVersion. While one is alive its version's files are kept on disk."""
 
@@ -92,11 +84,16 @@ class _Loader:
 
 
 class Registry:
-    """Persistent, versioned, validated, tenant-scoped adapters (see the module docstring)."""
+    """Persistent, versioned, validated, tenant-scoped adapters (see the module docstring).
+
+    `is_pinned(digest)`: whether the device holds that content pinned (the engine pool's
+    `is_pinned`); without a device nothing is pinned.
+    """
 
     def __init__(self, root: Path, model_config: ModelConfig, base_fingerprint: str, max_rank: int,
                  import_dirs: Sequence[Path] = (), host_cache_bytes: int = 2 << 30,
-                 limits: RegistryLimits = RegistryLimits(), tenants: Optional[QuotaSource] = None):
+                 limits: RegistryLimits = RegistryLimits(), tenants: Optional[QuotaSource] = None,
+                 is_pinned: Callable[[str], bool] = lambda digest: False):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.model_config = model_config
@@ -104,6 +101,7 @@ class Registry:
         self.max_rank = int(max_rank)
         self.limits = limits
         self.tenants = tenants
+        self.is_pinned = is_pinned
         self.import_dirs = tuple(Path(d).resolve() for d in import_dirs)
         self._lock_fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -114,17 +112,15 @@ class Registry:
         self.store = ObjectStore(self.root)
         self.index = Index(self.root / "index.sqlite")
         self.cache = HostCache(host_cache_bytes)
-        self.counters = RegistryCounters()
         self._publish_lock = threading.RLock()   # store + index changes, so GC never races a publish
-        self._state_lock = threading.RLock()    # the two dicts below
+        self._state_lock = threading.RLock()    # the two below
         self._live: dict[str, int] = {}         # digest -> AdapterVersions alive for it
-        self._pins: set[tuple[str, str, int]] = set()
+        self._counters = RegistryStats()        # frozen; versions_stored and host are filled in by stats()
         # Removing files of deleted versions (fsync, rmtree) happens here, never in the thread that
         # happened to drop the last AdapterVersion (often the engine's loop thread).
         self._gc = ShortLivedThreads(1, "registry-gc")
         swept = self.store.sweep(self.index.all_digests())
-        self.counters.startup_temp_removed = swept["temp"]
-        self.counters.startup_orphans_removed = swept["orphan_objects"]
+        self._count(startup_temp_removed=swept["temp"], startup_orphans_removed=swept["orphan_objects"])
         if swept["temp"] or swept["orphan_objects"]:
             log.warning("registry start-up removed %d unfinished publishes and %d orphan objects",
                         swept["temp"], swept["orphan_objects"])
@@ -158,7 +154,7 @@ class Registry:
         try:
             v = validate_adapter(bytes(config_json), bytes(weights), self.model_config, self.max_rank, self.limits)
         except AdapterRejectedError:
-            self._count("rejected")
+            self._count(rejected=1)
             raise
         digest = content_digest(config_json, weights)
         quotas = self._quotas(tenant)
@@ -172,7 +168,7 @@ class Registry:
                 self._maybe_remove_object(digest)
                 raise
         self.cache.put(digest, v.weights)
-        self._count("registered")
+        self._count(registered=1)
         info = self._info(row)
         log.info("registered %s/%s digest=%s rank=%d targets=%s", tenant, info.ref, digest[:12],
                  v.rank, ",".join(v.targets))
@@ -282,7 +278,7 @@ class Registry:
             raise AdapterRejectedError(
                 f"adapter {adapter_id!r} was registered for base model {row.base_fingerprint[:16]}, "
                 f"but this server serves {self.base_fingerprint[:16]}; register it again for this base")
-        self._count("resolves")
+        self._count(resolves=1)
         return self._identity(row)
 
     def _identity(self, row: VersionRow) -> AdapterVersion:
@@ -322,7 +318,7 @@ class Registry:
             self.cache.discard(digest)
             if self.store.exists(digest):
                 self.store.remove(digest)
-                self._count("objects_removed")
+                self._count(objects_removed=1)
 
     def _load_weights(self, digest: str, ref: str) -> LoraWeights:
         def from_disk() -> LoraWeights:
@@ -341,11 +337,9 @@ class Registry:
         return self.cache.get_or_load(digest, from_disk)
 
     def _info(self, row: VersionRow) -> AdapterVersionInfo:
-        with self._state_lock:
-            pinned = (row.tenant, row.name, row.version) in self._pins
         return AdapterVersionInfo(row.tenant, row.name, row.version, row.digest, row.rank, row.targets,
                                   row.size_bytes, row.created_at, dict(row.metadata), row.base_fingerprint,
-                                  in_host_memory=row.digest in self.cache, pinned=pinned)
+                                  in_host_memory=row.digest in self.cache, pinned=self.is_pinned(row.digest))
 
     def list(self, tenant: str) -> list[AdapterInfo]:
         check_tenant(tenant)
@@ -369,29 +363,12 @@ class Registry:
                 raise AdapterNotFoundError(name)
         return AdapterInfo(tenant, sel.name, latest, [self._info(r) for r in rows])
 
-    # ---- pins and delete ---------------------------------------------------------------------
-
-    def set_pinned(self, tenant: str, adapter_id: str, pinned: bool) -> AdapterVersionInfo:
-        """Record an operator's pin of one version (the device pin itself lives in the engine pool)."""
-        _, row = self._row(tenant, adapter_id)
-        with self._state_lock:
-            (self._pins.add if pinned else self._pins.discard)((tenant, row.name, row.version))
-        return self._info(row)
-
-    def pinned_digests(self) -> set[str]:
-        with self._state_lock:
-            pins = set(self._pins)
-        out = set()
-        for tenant, name, version in pins:
-            row = self.index.get_version(tenant, name, version)
-            if row is not None:
-                out.add(row.digest)
-        return out
+    # ---- delete ------------------------------------------------------------------------------
 
     def delete(self, tenant: str, adapter_id: str) -> list[int]:
         """Delete `name@N` (or `name@latest`), or every version for a bare `name`.
 
-        Refused with AdapterInUseError while a targeted version is pinned. Requests that
+        Refused with AdapterInUseError while a targeted version is pinned on the device. Requests that
         already resolved a deleted version keep it until they finish. Returns the versions.
         """
         sel = parse_adapter_id(adapter_id)
@@ -403,42 +380,21 @@ class Registry:
             rows = self.index.versions(tenant, sel.name)
             if not rows:
                 raise AdapterNotFoundError(adapter_id)
-        with self._state_lock:
-            pinned = [version_ref(r.name, r.version) for r in rows if (tenant, r.name, r.version) in self._pins]
+        pinned = [version_ref(r.name, r.version) for r in rows if self.is_pinned(r.digest)]
         if pinned:
             raise AdapterInUseError(f"adapter {', '.join(pinned)} is pinned; unload (unpin) it before deleting")
         with self._publish_lock:
             self.index.delete(tenant, sel.name, [r.version for r in rows])
         for digest in {r.digest for r in rows}:
             self._maybe_remove_object(digest)
-        self._count("deleted_versions", len(rows))
+        self._count(deleted_versions=len(rows))
         log.info("deleted %s/%s versions %s", tenant, sel.name, [r.version for r in rows])
         return [r.version for r in rows]
 
-    def _count(self, name: str, n: int = 1) -> None:
+    def _count(self, **increments: int) -> None:
         with self._state_lock:
-            setattr(self.counters, name, getattr(self.counters, name) + n)
+            self._counters = added(self._counters, **increments)
 
-    def stats(self) -> dict[str, Any]:
-        """Counters of the disk and host tiers, for the metrics module."""
-        c = self.cache.stats()
-        return {
-            "versions_stored": self.index.count_versions(),
-            "registered_total": self.counters.registered,
-            "rejected_total": self.counters.rejected,
-            "deleted_versions_total": self.counters.deleted_versions,
-            "resolves_total": self.counters.resolves,
-            "objects_removed_total": self.counters.objects_removed,
-            "startup_temp_removed": self.counters.startup_temp_removed,
-            "startup_orphans_removed": self.counters.startup_orphans_removed,
-            "disk_loads_total": c.loads,
-            "disk_load_errors_total": c.load_errors,
-            "disk_load_seconds_total": c.load_seconds,
-            "host_hits_total": c.hits,
-            "host_misses_total": c.misses,
-            "host_hit_rate": c.hit_rate,
-            "host_evictions_total": c.evictions,
-            "host_entries": c.entries,
-            "host_bytes": c.bytes,
-            "host_budget_bytes": c.budget_bytes,
-        }
+    def stats(self) -> RegistryStats:
+        """Counters, size and the host tier's stats (a disk read is a host tier `load`), for the metrics module."""
+        return replace(self._counters, versions_stored=self.index.count_versions(), host=self.cache.stats())

@@ -3,8 +3,10 @@
 For B = 1..64 decode tokens (one per sequence, grouped by slot as the runner does)
 and Punica's adapter mixes, time `apply_lora` (shrink + expand) on each of the
 seven targets of a random-weight Llama shape and report microseconds per call,
-per target and summed over the layer. Each method is checked against the
-reference before it is timed.
+per target and summed over the layer. `triton_fused` times what the server's
+Triton backend runs: `apply_lora_fused` once per base projection (q/k/v, o,
+gate/up, down) on the pool's stacks, for every projection whose targets are all
+measured. Each method is checked against the reference before it is timed.
 
     python -m benchmarks.gpu_kernels --shape 1b --out results/gpu_kernels_1b.json
     python -m benchmarks.gpu_kernels --dry-run --out /tmp/k.json   # CPU, interpreter, tiny
@@ -14,13 +16,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import torch
 
 from benchmarks import gpu_common as common
+from benchmarks import lora_variants
 from benchmarks.roofline import ALL_TARGETS, SHAPES
 from benchmarks.workload import punica_mix
 from server.lora.segments import LoraSegments
+from server.lora.stacks import ProjectionStacks
+from server.model.config import PROJECTIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,34 +51,43 @@ def _methods(K, device: torch.device, dtype: torch.dtype, with_triton: bool):
         "triton_bgmv": lambda y, x, a, b, s, seg: K.apply_lora(y, x, a, b, s, seg, mode="bgmv"),
     }
     m["torch_ref"] = torch_ref.apply_lora
-    if K.grouped_mm_available(device, dtype):
-        m["grouped_mm"] = K.apply_lora_grouped_mm
+    if lora_variants.grouped_mm_available(device, dtype):
+        m["grouped_mm"] = lora_variants.apply_lora_grouped_mm
     return m
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    device = common.resolve_args(args)
-    can_interpret = False
-    if device.type == "cpu":
-        # Triton runs on CPU only through its interpreter, which must be chosen before import.
-        can_interpret = "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
-        os.environ["TRITON_INTERPRET"] = "1"
-        if not can_interpret:
-            print("note: triton was imported before its interpreter could be chosen; "
-                  "timing the torch methods only", file=sys.stderr)
-        # The interpreter runs programs one by one: keep the smoke run to seconds.
-        args.batch = [2]
-        args.mixes = [m for m in args.mixes if m in ("distinct", "identical")] or ["distinct"]
-        args.targets = [t for t in args.targets if t in ("q", "down")] or args.targets[:1]
-        args.iters = 1
-    from server.lora import triton_sgmv as K
+def _projection_stacks(targets: tuple[str, ...], weights: dict, shape, rank: int, dtype: torch.dtype,
+                       device: torch.device) -> ProjectionStacks:
+    """The per-target weights laid out as the pool keeps one projection (server/lora/stacks.py)."""
+    n_slots = weights[targets[0]][0].shape[0]
+    stacks = ProjectionStacks.zeros(targets, tuple(shape.target_shape(t)[0] for t in targets),
+                                    shape.target_shape(targets[0])[1], n_slots, rank, dtype, device)
+    for g, t in enumerate(targets):
+        a, b, scale = weights[t]
+        for slot in range(n_slots):
+            stacks.write(slot, g, a[slot], b[slot], float(scale[slot]))
+    return stacks
 
-    shape = SHAPES[args.shape]
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    n_slots = max(args.batch) + 1
-    g = torch.Generator(device=device).manual_seed(args.seed)
-    methods = _methods(K, device, dtype, with_triton=device.type == "cuda" or can_interpret)
+
+def _shrink_for_interpreter(args: argparse.Namespace) -> bool:
+    """CPU run: select Triton's interpreter and cut the sweep to seconds; False when Triton cannot run."""
+    # Triton runs on CPU only through its interpreter, which must be chosen before import.
+    can_interpret = "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
+    os.environ["TRITON_INTERPRET"] = "1"
+    if not can_interpret:
+        print("note: triton was imported before its interpreter could be chosen; "
+              "timing the torch methods only", file=sys.stderr)
+    # The interpreter runs programs one by one: keep the smoke run to seconds.
+    args.batch = [2]
+    args.mixes = [m for m in args.mixes if m in ("distinct", "identical")] or ["distinct"]
+    args.targets = [t for t in args.targets if t in ("q", "down")] or args.targets[:1]
+    args.iters = 1
+    return can_interpret
+
+
+def _random_weights(args: argparse.Namespace, shape, n_slots: int, device: torch.device, dtype: torch.dtype,
+                    g: torch.Generator) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per target: A, B and scale for n_slots slots; slot 0 is the all-zero "no adapter" slot."""
     weights = {}
     for t in args.targets:
         o, i = shape.target_shape(t)
@@ -82,7 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         scale = torch.full((n_slots,), 2.0, device=device)
         scale[0] = 0
         weights[t] = (a, b, scale)
+    return weights
 
+
+def _time_methods(args: argparse.Namespace, K, shape, methods: dict, weights: dict, device: torch.device,
+                  dtype: torch.dtype, g: torch.Generator) -> list[dict]:
+    """One row per (mix, B, target, method): microseconds per call and error against the fp32 reference."""
     rows = []
     for mix in args.mixes:
         for B in args.batch:
@@ -106,34 +126,32 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append({"mix": mix, "B": B, "tokens": T, "target": t, "method": name,
                                  "adapters": len(set(slots)), "us": us, "rel_err": err,
                                  "mode": K.pick_mode(seg) if name == "triton" else ""})
-    layer = {}
+    return rows
+
+
+def _per_layer(rows: list[dict]) -> dict[tuple[str, int, str], float]:
+    """(mix, B, method) -> microseconds summed over the targets."""
+    layer: dict[tuple[str, int, str], float] = {}
     for r in rows:
         key = (r["mix"], r["B"], r["method"])
         layer[key] = layer.get(key, 0.0) + r["us"]
-    layer_rows = [{"mix": m, "B": B, "method": meth, "layer_us": us} for (m, B, meth), us in layer.items()]
-    names = list(methods)
+    return layer
+
+
+def _print_layer_table(args: argparse.Namespace, layer: dict, names: list[str], shape, dtype: torch.dtype) -> None:
     table = []
     for mix in args.mixes:
         for B in args.batch:
             row = {"mix": mix, "B": B}
             row.update({n: layer.get((mix, B, n)) for n in names})
-            best = min(names, key=lambda n: layer.get((mix, B, n), float("inf")))
-            row["fastest"] = best
+            row["fastest"] = min(names, key=lambda n: layer.get((mix, B, n), float("inf")))
             table.append(row)
     common.print_table(table, ["mix", "B", *names, "fastest"],
                        title=f"LoRA us per layer ({'+'.join(args.targets)}), shape {shape.name}, rank {args.rank}, "
                              f"{'prefill ' + str(args.prefill) if args.prefill else 'decode'}, {dtype}")
-    worst = max(r["rel_err"] for r in rows)
-    print(f"max relative error vs reference over all runs: {worst:.2e}")
 
-    payload = {"benchmark": "gpu_kernels", "machine": common.machine_info(device), "shape": shape.to_dict(),
-               "workload": {"batch": args.batch, "mixes": args.mixes, "rank": args.rank, "targets": args.targets,
-                            "prefill_tokens_per_seq": args.prefill, "dtype": str(dtype), "iters": args.iters,
-                            "seed": args.seed},
-               "per_target": rows, "per_layer": layer_rows, "max_rel_err": worst,
-               "note": "CPU dry run under the Triton interpreter: times are meaningless" if device.type == "cpu" else ""}
-    out = common.write_json(args.out, payload)
 
+def _plot(args: argparse.Namespace, layer: dict, names: list[str], out) -> Path:
     fig, axes = common.new_figure(len(args.mixes))
     for ax, mix in zip(axes, args.mixes):
         for n in names:
@@ -144,7 +162,74 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_ylabel("us per layer")
         ax.grid(alpha=0.3)
     axes[0].legend()
-    png = common.save_figure(fig, common.png_path(out))
+    return common.save_figure(fig, common.png_path(out))
+
+
+def _time_fused(args: argparse.Namespace, K, shape, methods: dict, weights: dict, device: torch.device,
+                dtype: torch.dtype, g: torch.Generator) -> tuple[list[dict], dict]:
+    """`triton_fused` rows: `apply_lora_fused` once per projection whose targets are all measured,
+    checked against the reference target by target; also returns the projections it covered."""
+    fused = {targets: K.FusedLora.of(_projection_stacks(targets, weights, shape, args.rank, dtype, device))
+             for targets in PROJECTIONS if all(t in args.targets for t in targets)}
+    rows = []
+    for mix in args.mixes:
+        for B in args.batch:
+            slots = sorted(s + 1 for s in punica_mix(mix, B, seed=args.seed))
+            seg = LoraSegments.from_sequences(slots, [args.prefill or 1] * B, device)
+            T = seg.num_tokens
+            for targets, fl in fused.items():
+                x = torch.randn(T, fl.stacks.a.shape[2], device=device, generator=g).to(dtype)
+                y0 = torch.randn(T, sum(fl.stacks.widths), device=device, generator=g).to(dtype)
+                want, lo = y0.clone().float(), 0
+                for t in targets:
+                    a, b, scale = weights[t]
+                    hi = lo + b.shape[1]
+                    want[:, lo:hi] = methods["torch_ref"](want[:, lo:hi].clone(), x.float(), a.float(),
+                                                          b.float(), scale, seg)
+                    lo = hi
+                got = K.apply_lora_fused(y0.clone(), x, fl, seg)
+                err = float((got.float() - want).abs().max() / want.abs().max())
+                y = y0.clone()
+                us = common.bench_us(lambda: K.apply_lora_fused(y, x, fl, seg), device,
+                                     warmup=min(5, args.iters - 1), iters=args.iters)
+                rows.append({"mix": mix, "B": B, "tokens": T, "target": "+".join(targets), "method": "triton_fused",
+                             "adapters": len(set(slots)), "us": us, "rel_err": err, "mode": K.pick_mode(seg)})
+    return rows, fused
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = common.resolve_args(args)
+    can_interpret = _shrink_for_interpreter(args) if device.type == "cpu" else False
+    from server.lora import triton_sgmv as K
+
+    shape = SHAPES[args.shape]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    methods = _methods(K, device, dtype, with_triton=device.type == "cuda" or can_interpret)
+    weights = _random_weights(args, shape, max(args.batch) + 1, device, dtype, g)
+    rows = _time_methods(args, K, shape, methods, weights, device, dtype, g)
+    fused: dict = {}
+    if "triton" in methods:
+        fused_rows, fused = _time_fused(args, K, shape, methods, weights, device, dtype, g)
+        rows += fused_rows
+    layer = _per_layer(rows)
+    # The fused method's layer sum compares with the others only when its projections cover every target.
+    covers_all = {t for targets in fused for t in targets} == set(args.targets)
+    names = list(methods) + (["triton_fused"] if fused and covers_all else [])
+    _print_layer_table(args, layer, names, shape, dtype)
+    worst = max(r["rel_err"] for r in rows)
+    print(f"max relative error vs reference over all runs: {worst:.2e}")
+
+    layer_rows = [{"mix": m, "B": B, "method": meth, "layer_us": us} for (m, B, meth), us in layer.items()]
+    payload = {"benchmark": "gpu_kernels", "machine": common.machine_info(device), "shape": shape.to_dict(),
+               "workload": {"batch": args.batch, "mixes": args.mixes, "rank": args.rank, "targets": args.targets,
+                            "prefill_tokens_per_seq": args.prefill, "dtype": str(dtype), "iters": args.iters,
+                            "seed": args.seed},
+               "per_target": rows, "per_layer": layer_rows, "max_rel_err": worst,
+               "note": "CPU dry run under the Triton interpreter: times are meaningless" if device.type == "cpu" else ""}
+    out = common.write_json(args.out, payload)
+    png = _plot(args, layer, names, out)
     print(f"wrote {out} and {png}")
     if worst > (2e-2 if dtype != torch.float32 else 1e-4):
         print(f"FAIL: a method disagrees with the reference (max relative error {worst:.2e})", file=sys.stderr)

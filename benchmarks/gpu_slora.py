@@ -85,9 +85,9 @@ def run_one(args, model_dir: Path, adapters: list[Path], device: torch.device, n
         "wall_s": wall, "req_s": len(ok) / wall, "tok_s": tokens / wall,
         "ttft_s": percentiles([r["ttft"] for r in ok]), "e2e_s": percentiles([r["e2e"] for r in ok]),
         "slo_attainment": sum(r["ttft"] <= args.slo for r in ok) / max(1, len(res)),
-        "adapter_loads": after.adapter_loads - before.adapter_loads,
-        "adapter_evictions": after.adapter_evictions - before.adapter_evictions,
-        "adapter_load_seconds": after.adapter_load_seconds_total - before.adapter_load_seconds_total,
+        "adapter_loads": after.pool.loads - before.pool.loads,
+        "adapter_evictions": after.pool.evictions - before.pool.evictions,
+        "adapter_load_seconds": after.pool.load_seconds - before.pool.load_seconds,
     }
 
 

@@ -2,18 +2,20 @@
 
 Per-request timings are observed by the Inference servicer as deltas stream out;
 engine and registry state (queue depths, KV blocks, slots, adapter tiers) is read
-from `engine.stats()` / `registry.stats()` at scrape time by a custom collector, so
-the engine thread never touches prometheus-client. Everything lives in its own
+from their typed stats (`server/core/stats.py`: `Engine.stats()`, `Registry.stats()`)
+at scrape time by a custom collector, so the engine thread never touches prometheus-client. Everything lives in its own
 CollectorRegistry: tests and embedded uses never collide with the global one.
 """
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from server.core.stats import EngineStats, RegistryStats
 
 OTHER = "other"
 BASE = "base"
@@ -68,10 +70,11 @@ class ServerMetrics:
                                         ["adapter"], registry=r)
         self._engine_collector: Optional[EngineCollector] = None
 
-    def attach(self, engine: Any, registry_stats: Optional[Callable[[], Any]] = None) -> None:
-        """Start exporting engine (and registry) state; call once the engine exists."""
+    def attach(self, engine_stats: Callable[[], EngineStats],
+               registry_stats: Optional[Callable[[], RegistryStats]] = None) -> None:
+        """Start exporting engine (and registry) state (`Engine.stats`, `Registry.stats`); call once they exist."""
         if self._engine_collector is None:
-            self._engine_collector = EngineCollector(engine, registry_stats)
+            self._engine_collector = EngineCollector(engine_stats, registry_stats)
             self.registry.register(self._engine_collector)
 
     def serve_http(self, host: str, port: int) -> int:
@@ -80,86 +83,75 @@ class ServerMetrics:
         return int(server.server_port)
 
 
-def _get(obj: Any, *names: str, default: float = 0.0) -> float:
-    """First present attribute (or dict key) of `names`: tolerate engine stats growing new fields."""
-    for n in names:
-        v = obj.get(n) if isinstance(obj, dict) else getattr(obj, n, None)
-        if v is not None:
-            return float(v)
-    return default
+# Scrape-time metrics: (name, help, the stats attribute it reads). Every reader names a field of the
+# typed stats, so a renamed field fails the metrics test instead of exporting a silent 0.
+EngineRead = Callable[[EngineStats], float]
+RegistryRead = Callable[[RegistryStats], float]
+
+ENGINE_GAUGES: tuple[tuple[str, str, EngineRead], ...] = (
+    ("loraserve_requests_running", "Requests in the running batch.", lambda s: s.running),
+    ("loraserve_requests_waiting", "Requests queued for admission.", lambda s: s.waiting),
+    ("loraserve_kv_blocks_used", "Paged KV-cache blocks in use.", lambda s: s.kv_blocks_used),
+    ("loraserve_kv_blocks_total", "Paged KV-cache blocks in all.", lambda s: s.kv_blocks_total),
+    ("loraserve_batch_size", "Sequences in the most recent engine step.", lambda s: s.last_batch_size),
+    ("loraserve_adapters_on_device", "Adapters resident in device slots.", lambda s: s.pool.slots_ready),
+    ("loraserve_adapter_slots", "Device LoRA slots (slot 0, the bare base, not counted).",
+     lambda s: s.pool.slots_total),
+)
+ENGINE_COUNTERS: tuple[tuple[str, str, EngineRead], ...] = (
+    ("loraserve_adapter_loads", "Adapter loads into device slots.", lambda s: s.pool.loads),
+    ("loraserve_adapter_evictions", "Adapters evicted from device slots.", lambda s: s.pool.evictions),
+    ("loraserve_adapter_load_seconds", "Seconds spent loading adapters into device slots.",
+     lambda s: s.pool.load_seconds),
+    ("loraserve_adapter_load_failures", "Adapter loads that failed (the request got an error).",
+     lambda s: s.pool.load_failures),
+    ("loraserve_adapter_slot_hits", "Requests whose adapter was already in a device slot.", lambda s: s.pool.hits),
+    ("loraserve_adapter_slot_misses", "Requests whose adapter had to be loaded into a slot.",
+     lambda s: s.pool.misses),
+    ("loraserve_preemptions", "Sequences preempted (recomputed) when the KV cache ran out.",
+     lambda s: s.preemptions),
+    ("loraserve_engine_steps", "Engine steps run.", lambda s: s.steps),
+)
+REGISTRY_GAUGES: tuple[tuple[str, str, RegistryRead], ...] = (
+    ("loraserve_adapter_host_cache_bytes", "Bytes of adapters held in host memory.", lambda s: s.host.bytes),
+    ("loraserve_adapter_versions_stored", "Adapter versions in the registry.", lambda s: s.versions_stored),
+)
+REGISTRY_COUNTERS: tuple[tuple[str, str, RegistryRead], ...] = (
+    ("loraserve_adapter_host_cache_hits", "Adapter loads served from host memory.", lambda s: s.host.hits),
+    ("loraserve_adapter_host_cache_misses", "Adapter loads that had to read the disk tier.", lambda s: s.host.misses),
+    ("loraserve_adapter_disk_loads", "Adapter versions read from disk.", lambda s: s.host.loads),
+    ("loraserve_adapter_disk_load_seconds", "Seconds spent reading adapters from disk.",
+     lambda s: s.host.load_seconds),
+    ("loraserve_adapter_host_evictions", "Adapters evicted from host memory.", lambda s: s.host.evictions),
+    ("loraserve_adapter_registrations", "Adapter versions registered.", lambda s: s.registered),
+    ("loraserve_adapter_rejections", "Adapter registrations refused by validation.", lambda s: s.rejected),
+)
+HOST_ENTRIES = ("loraserve_adapters_in_host_memory", "Adapters held in the host-memory tier.")
 
 
 class EngineCollector(Collector):
-    """Reads `engine.stats()` (and the registry's tier stats) at scrape time."""
+    """Reads the engine's (and the registry's) typed stats at scrape time."""
 
-    def __init__(self, engine: Any, registry_stats: Optional[Callable[[], Any]] = None):
-        self.engine = engine
+    def __init__(self, engine_stats: Callable[[], EngineStats],
+                 registry_stats: Optional[Callable[[], RegistryStats]] = None):
+        self.engine_stats = engine_stats
         self.registry_stats = registry_stats
 
     def describe(self) -> Iterable[Metric]:
         return []  # dynamic: do not call stats() at registration
 
     def collect(self) -> Iterable[Metric]:
-        s = self.engine.stats()
-        gauges = {
-            "loraserve_requests_running": ("Requests in the running batch.", ("running",)),
-            "loraserve_requests_waiting": ("Requests queued for admission.", ("waiting",)),
-            "loraserve_kv_blocks_used": ("Paged KV-cache blocks in use.", ("kv_blocks_used",)),
-            "loraserve_kv_blocks_total": ("Paged KV-cache blocks in all.", ("kv_blocks_total",)),
-            "loraserve_batch_size": ("Sequences in the most recent engine step.", ("last_batch_size", "batch_size")),
-            "loraserve_adapters_on_device": ("Adapters resident in device slots.", ("adapters_on_device",)),
-            "loraserve_adapter_slots": ("Device LoRA slots (slot 0, the bare base, not counted).",
-                                        ("adapter_slots_total", "adapter_slots")),
-        }
-        for name, (doc, keys) in gauges.items():
-            yield GaugeMetricFamily(name, doc, value=_get(s, *keys))
-        counters = {
-            "loraserve_adapter_loads": ("Adapter loads into device slots.", ("adapter_loads", "adapter_loads_total")),
-            "loraserve_adapter_evictions": ("Adapters evicted from device slots.",
-                                            ("adapter_evictions", "adapter_evictions_total")),
-            "loraserve_adapter_load_seconds": ("Seconds spent loading adapters into device slots.",
-                                               ("adapter_load_seconds", "adapter_load_seconds_total")),
-            "loraserve_adapter_load_failures": ("Adapter loads that failed (the request got an error).",
-                                                ("adapter_load_failures",)),
-            "loraserve_adapter_slot_hits": ("Requests whose adapter was already in a device slot.",
-                                            ("adapter_hits",)),
-            "loraserve_adapter_slot_misses": ("Requests whose adapter had to be loaded into a slot.",
-                                              ("adapter_misses",)),
-            "loraserve_preemptions": ("Sequences preempted (recomputed) when the KV cache ran out.",
-                                      ("preemptions", "preemptions_total")),
-            "loraserve_engine_steps": ("Engine steps run.", ("steps", "steps_total")),
-        }
-        for name, (doc, keys) in counters.items():
-            yield CounterMetricFamily(name, doc, value=_get(s, *keys))
-        yield from self._registry_metrics()
-
-    def _registry_metrics(self) -> Iterable[Metric]:
-        host = None
-        if self.registry_stats is not None:
-            rs = self.registry_stats()
-            host = _get(rs, "host_entries", "adapters_in_host_memory", default=-1)
-            hits = CounterMetricFamily("loraserve_adapter_host_cache_hits", "Adapter loads served from host memory.",
-                                       value=_get(rs, "host_hits_total"))
-            misses = CounterMetricFamily("loraserve_adapter_host_cache_misses",
-                                         "Adapter loads that had to read the disk tier.",
-                                         value=_get(rs, "host_misses_total"))
-            yield hits
-            yield misses
-            yield CounterMetricFamily("loraserve_adapter_disk_loads", "Adapter versions read from disk.",
-                                      value=_get(rs, "disk_loads_total"))
-            yield CounterMetricFamily("loraserve_adapter_disk_load_seconds", "Seconds spent reading adapters from disk.",
-                                      value=_get(rs, "disk_load_seconds_total"))
-            yield GaugeMetricFamily("loraserve_adapter_host_cache_bytes", "Bytes of adapters held in host memory.",
-                                    value=_get(rs, "host_bytes"))
-            yield CounterMetricFamily("loraserve_adapter_host_evictions", "Adapters evicted from host memory.",
-                                      value=_get(rs, "host_evictions_total"))
-            yield GaugeMetricFamily("loraserve_adapter_versions_stored", "Adapter versions in the registry.",
-                                    value=_get(rs, "versions_stored"))
-            yield CounterMetricFamily("loraserve_adapter_registrations", "Adapter versions registered.",
-                                      value=_get(rs, "registered_total"))
-            yield CounterMetricFamily("loraserve_adapter_rejections", "Adapter registrations refused by validation.",
-                                      value=_get(rs, "rejected_total"))
-        if host is None or host < 0:
-            host = 0.0
-        yield GaugeMetricFamily("loraserve_adapters_in_host_memory", "Adapters held in the host-memory tier.",
-                                value=host)
+        s = self.engine_stats()
+        for name, doc, read in ENGINE_GAUGES:
+            yield GaugeMetricFamily(name, doc, value=float(read(s)))
+        for name, doc, read in ENGINE_COUNTERS:
+            yield CounterMetricFamily(name, doc, value=float(read(s)))
+        if self.registry_stats is None:
+            yield GaugeMetricFamily(*HOST_ENTRIES, value=0.0)  # no registry: no host tier
+            return
+        rs = self.registry_stats()
+        for name, doc, read in REGISTRY_COUNTERS:
+            yield CounterMetricFamily(name, doc, value=float(read(rs)))
+        for name, doc, read in REGISTRY_GAUGES:
+            yield GaugeMetricFamily(name, doc, value=float(read(rs)))
+        yield GaugeMetricFamily(*HOST_ENTRIES, value=float(rs.host.entries))

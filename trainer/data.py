@@ -23,7 +23,6 @@ import torch
 from server.core.errors import LoraServeError
 
 IGNORE_INDEX = -100
-FORMATS = ("prompt_completion", "messages", "text")
 _ROLES = ("system", "user", "assistant", "tool")
 
 

@@ -12,6 +12,7 @@ environment variables torchrun sets are all it takes.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -279,6 +280,45 @@ def _py_state_from_list(s: list) -> tuple:
 
 # ------------------------------------------------------------------ trainer
 
+@dataclass
+class _Job:
+    """What a run sets up once: data, model, optimizer, and the step counts they imply."""
+
+    model_dir: Path
+    fingerprint: str
+    pad_id: int
+    train: Dataset
+    eval: Optional[Dataset]
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+    model: Any                      # the PeftModel
+    loss_module: nn.Module          # CausalLMLoss, DDP-wrapped under torchrun
+    params: list[torch.Tensor]      # the trainable (LoRA) tensors
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+
+
+@dataclass
+class _Progress:
+    """Everything the loop advances; a checkpoint saves it and `--resume` restores it."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    elapsed_before: float = 0.0     # training seconds of the runs this one resumes
+    best_loss: float = math.inf
+    best_step: int = 0
+    bad_evals: int = 0
+    best_state: Optional[dict[str, torch.Tensor]] = None
+    stopped_early: bool = False
+    out_of_time: bool = False
+    loop_started: float = 0.0       # perf_counter when this process's loop began
+
+    def train_seconds(self) -> float:
+        return self.elapsed_before + (time.perf_counter() - self.loop_started)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         cfg.validate()
@@ -316,6 +356,38 @@ class Trainer:
     def _trainable(self, model) -> dict[str, torch.Tensor]:
         return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
+    def _set_up(self) -> _Job:
+        """Resolve the base, load data and model, wrap for DDP, build optimizer and LR schedule."""
+        from server.core.paths import resolve_home
+        from server.model.loader import load_tokenizer, model_fingerprint, resolve_model
+
+        cfg, d = self.cfg, self.dist
+        home = resolve_home(cfg.home)
+        model_dir = resolve_model(cfg.model, home)
+        tokenizer = load_tokenizer(model_dir)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        train, ev = self._load_data(tokenizer)
+        fingerprint = model_fingerprint(model_dir, home)
+
+        micro_per_epoch = len(epoch_batches(len(train), cfg.batch_size, cfg.seed, 0, d.rank, d.world))
+        steps_per_epoch = -(-micro_per_epoch // cfg.grad_accum)
+        total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+        warmup = int(round(cfg.warmup_ratio * total_steps))
+
+        model = self._load_model(model_dir)
+        model.train()
+        loss_module: nn.Module = CausalLMLoss(model)
+        if d.world > 1:
+            # Buffers (RoPE tables) are constants: broadcasting them would add a collective per forward.
+            loss_module = nn.parallel.DistributedDataParallel(
+                loss_module, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                broadcast_buffers=False)
+        params = list(self._trainable(model).values())
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, total_steps, cfg.min_lr_ratio))
+        return _Job(model_dir, fingerprint, pad_id, train, ev, steps_per_epoch, total_steps, warmup,
+                    model, loss_module, params, opt, sched)
+
     # -- checkpoints ---------------------------------------------------------
 
     def _ckpt_root(self) -> Path:
@@ -336,37 +408,47 @@ class Trainer:
             raise TrainingConfigError(f"--resume: no checkpoint under {self._ckpt_root()} to resume from")
         return found[-1]
 
-    def _save_checkpoint(self, step: int, model, opt, sched, state: dict[str, Any],
-                         best: Optional[dict[str, torch.Tensor]]) -> None:
+    def _checkpoint_state(self, job: _Job, p: _Progress) -> dict[str, Any]:
+        """The JSON side of a checkpoint: loop progress plus what a resuming run must match."""
+        return {"step": p.step, "tokens_seen": p.tokens_seen, "history": p.history,
+                "train_seconds": p.train_seconds(),
+                "best_eval_loss": p.best_loss if math.isfinite(p.best_loss) else None,
+                "best_step": p.best_step, "evals_without_improvement": p.bad_evals,
+                "stopped_early": p.stopped_early, "out_of_time": p.out_of_time,
+                "run_key": self.cfg.run_key(), "world_size": self.dist.world,
+                "train_sha256": job.train.sha256, "eval_sha256": job.eval.sha256 if job.eval else None}
+
+    def _save_checkpoint(self, job: _Job, p: _Progress) -> None:
         from safetensors.torch import save_file
 
         root = self._ckpt_root()
-        final = root / f"step-{step:08d}"
-        tmp = root / f".step-{step:08d}.tmp"
+        final = root / f"step-{p.step:08d}"
+        tmp = root / f".step-{p.step:08d}.tmp"
         if self.dist.main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.dist.barrier()
         torch.save(_rng_state(self.dist.device), tmp / f"rng-rank{self.dist.rank}.pt")
         if self.dist.main:
-            save_file({n: p.detach().cpu().contiguous() for n, p in self._trainable(model).items()},
+            save_file({n: t.detach().cpu().contiguous() for n, t in self._trainable(job.model).items()},
                       str(tmp / "trainable.safetensors"))
-            if best is not None:
-                save_file({n: t.contiguous() for n, t in best.items()}, str(tmp / "best.safetensors"))
-            torch.save(opt.state_dict(), tmp / "optimizer.pt")
-            torch.save(sched.state_dict(), tmp / "scheduler.pt")
-            export.write_json(tmp / STATE_NAME, state)  # written last: its presence marks a whole checkpoint
+            if p.best_state is not None:
+                save_file({n: t.contiguous() for n, t in p.best_state.items()}, str(tmp / "best.safetensors"))
+            torch.save(job.opt.state_dict(), tmp / "optimizer.pt")
+            torch.save(job.sched.state_dict(), tmp / "scheduler.pt")
+            # Written last: its presence marks a whole checkpoint.
+            export.write_json(tmp / STATE_NAME, self._checkpoint_state(job, p))
         self.dist.barrier()
         if self.dist.main:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            old = sorted(p for p in root.glob("step-*") if p.is_dir())
-            for p in old[: max(0, len(old) - self.cfg.keep_checkpoints)]:
-                shutil.rmtree(p, ignore_errors=True)
+            old = sorted(c for c in root.glob("step-*") if c.is_dir())
+            for c in old[: max(0, len(old) - self.cfg.keep_checkpoints)]:
+                shutil.rmtree(c, ignore_errors=True)
         self.dist.barrier()
 
-    def _load_checkpoint(self, ckpt: Path, model, opt, sched) -> tuple[dict[str, Any], Optional[dict]]:
+    def _load_checkpoint(self, ckpt: Path, job: _Job) -> tuple[dict[str, Any], Optional[dict]]:
         from safetensors.torch import load_file
 
         state = json.loads((ckpt / STATE_NAME).read_text())
@@ -375,26 +457,44 @@ class Trainer:
         if diff:
             pairs = ", ".join(f"{k}: checkpoint {have.get(k)!r} vs now {want.get(k)!r}" for k in diff)
             raise TrainingConfigError(f"--resume: {ckpt} was made with different settings ({pairs})")
-        for key, ds_sha in (("train_sha256", self._train.sha256),
-                            ("eval_sha256", self._eval.sha256 if self._eval else None)):
+        for key, ds_sha in (("train_sha256", job.train.sha256),
+                            ("eval_sha256", job.eval.sha256 if job.eval else None)):
             if state.get(key) != ds_sha:
                 raise TrainingConfigError(f"--resume: {ckpt} was trained on different data ({key} differs)")
         if state.get("world_size") != self.dist.world:
             raise TrainingConfigError(f"--resume: {ckpt} was made by {state.get('world_size')} processes, "
                                       f"this run has {self.dist.world}; the data order would differ")
-        params = self._trainable(model)
+        params = self._trainable(job.model)
         saved = load_file(str(ckpt / "trainable.safetensors"))
         if set(saved) != set(params):
             raise TrainingConfigError(f"--resume: {ckpt} holds different trainable tensors than this model")
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(saved[n].to(p.device, p.dtype))
-        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=self.dist.device, weights_only=True))
-        sched.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+        job.opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=self.dist.device, weights_only=True))
+        job.sched.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
         rng = ckpt / f"rng-rank{self.dist.rank}.pt"
         _set_rng_state(torch.load(rng, weights_only=True), self.dist.device)
         best = load_file(str(ckpt / "best.safetensors")) if (ckpt / "best.safetensors").is_file() else None
         return state, best
+
+    def _resume(self, job: _Job) -> _Progress:
+        """Fresh progress, or that of the checkpoint `--resume` names (weights, optimizer, RNG restored)."""
+        p = _Progress()
+        ckpt = self._find_checkpoint()
+        if ckpt is None:
+            return p
+        state, p.best_state = self._load_checkpoint(ckpt, job)
+        p.step, p.tokens_seen = state["step"], state["tokens_seen"]
+        p.history = state["history"]
+        p.elapsed_before = state["train_seconds"]
+        p.best_loss = state["best_eval_loss"] if state["best_eval_loss"] is not None else math.inf
+        p.best_step, p.bad_evals = state["best_step"], state["evals_without_improvement"]
+        # A run cut by --time-limit continues on resume; one stopped by early stopping stays stopped.
+        p.stopped_early = state.get("stopped_early", False) and not state.get("out_of_time", False)
+        if self.dist.main:
+            log.info("resumed from %s at step %d of %d", ckpt, p.step, job.total_steps)
+        return p
 
     # -- eval ----------------------------------------------------------------
 
@@ -418,220 +518,205 @@ class Trainer:
         mean = total / max(count, 1.0)
         return mean, math.exp(min(mean, 700.0))
 
-    # -- main ------------------------------------------------------------------
+    def _evaluate_if_due(self, job: _Job, p: _Progress, bar) -> None:
+        """Evaluate at the configured interval and at the last step; track the best; stop early on patience."""
+        cfg = self.cfg
+        epoch_end = (p.step % job.steps_per_epoch) == 0
+        due = (cfg.eval_every and p.step % cfg.eval_every == 0) or (not cfg.eval_every and epoch_end)
+        if job.eval is None or not (due or p.step == job.total_steps):
+            return
+        eval_loss, ppl = self.evaluate(job.loss_module, job.eval, job.pad_id)
+        p.history.append({"kind": "eval", "step": p.step, "eval_loss": eval_loss, "eval_ppl": ppl})
+        self._say(bar, f"eval at step {p.step}: loss {eval_loss:.4f}, perplexity {ppl:.3f}")
+        if eval_loss < p.best_loss - cfg.min_delta:
+            p.best_loss, p.best_step, p.bad_evals = eval_loss, p.step, 0
+            p.best_state = {n: t.detach().cpu().clone() for n, t in self._trainable(job.model).items()}
+            return
+        p.bad_evals += 1
+        if cfg.patience and p.bad_evals >= cfg.patience:
+            p.stopped_early = True
+            self._say(bar, f"early stop at step {p.step}: no eval improvement in {p.bad_evals} evals "
+                           f"(best {p.best_loss:.4f} at step {p.best_step})")
 
-    def run(self) -> TrainResult:
-        from peft import get_peft_model_state_dict
+    # -- the loop ------------------------------------------------------------
 
-        from server.core.paths import resolve_home
-        from server.model.loader import load_tokenizer, model_fingerprint, resolve_model
+    def _optimizer_step(self, job: _Job, p: _Progress, epoch: int, micro: list[list[int]]) -> dict[str, Any]:
+        """One optimizer step over `micro` (up to grad_accum micro-batches); returns its history record.
 
+        The loss is summed per micro-batch and divided by the trainable tokens of the
+        whole step on every process, so the gradient is that of the step's mean loss.
+        """
         cfg, d = self.cfg, self.dist
-        t_start = time.perf_counter()
-        home = resolve_home(cfg.home)
-        model_dir = resolve_model(cfg.model, home)
-        tokenizer = load_tokenizer(model_dir)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self._train, self._eval = self._load_data(tokenizer)
-        train, ev = self._train, self._eval
-        fingerprint = model_fingerprint(model_dir, home)
+        t0, c0 = time.perf_counter(), time.process_time()
+        batches = [collate([job.train.examples[i] for i in idx], job.pad_id) for idx in micro]
+        local_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        local_labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        glob_labels, glob_tokens = d.sum(local_labels, local_tokens)
+        step_loss = 0.0
+        for j, b in enumerate(batches):
+            b = {key: v.to(d.device) for key, v in b.items()}
+            # Gradients are all-reduced once per step, on the last micro-batch.
+            sync_now = j == len(batches) - 1
+            with job.loss_module.no_sync() if (d.world > 1 and not sync_now) else contextlib.nullcontext():
+                loss_sum, _ = job.loss_module(b["input_ids"], b["attention_mask"], b["labels"])
+                # DDP averages gradients over processes, hence the factor `world`.
+                (loss_sum * (d.world / max(glob_labels, 1.0))).backward()
+            step_loss += float(loss_sum.detach())
+        grad_norm = (float(torch.nn.utils.clip_grad_norm_(job.params, cfg.max_grad_norm))
+                     if cfg.max_grad_norm > 0 else _grad_norm(job.params))
+        lr_now = job.opt.param_groups[0]["lr"]
+        job.opt.step()
+        job.sched.step()
+        job.opt.zero_grad(set_to_none=True)
+        (step_loss,) = d.sum(step_loss)
+        p.step += 1
+        p.tokens_seen += int(glob_tokens)
+        dt = time.perf_counter() - t0
+        mean_loss = step_loss / max(glob_labels, 1.0)
+        if not math.isfinite(mean_loss):
+            raise LoraServeError(f"training diverged at step {p.step}: loss is {mean_loss}; "
+                                 "lower --lr or check the data")
+        rec = {"kind": "train", "step": p.step, "epoch": epoch, "loss": mean_loss, "lr": lr_now,
+               "grad_norm": grad_norm, "tokens": int(glob_tokens), "seconds": dt,
+               # CPU time of this process (all its threads): comparable across loaded machines.
+               "cpu_seconds": time.process_time() - c0,
+               "tokens_per_s": glob_tokens / dt if dt > 0 else None}
+        p.history.append(rec)
+        return rec
 
-        micro_per_epoch = len(epoch_batches(len(train), cfg.batch_size, cfg.seed, 0, d.rank, d.world))
-        steps_per_epoch = -(-micro_per_epoch // cfg.grad_accum)
-        total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
-        warmup = int(round(cfg.warmup_ratio * total_steps))
+    def _show_step(self, rec: dict[str, Any], total_steps: int, bar) -> None:
+        dt = rec["seconds"]
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}",
+                            tok_s=f"{rec['tokens'] / dt:.0f}" if dt > 0 else "-")
+        elif self.dist.main and self.cfg.log_every and rec["step"] % self.cfg.log_every == 0:
+            log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", rec["step"], total_steps, rec["loss"], rec["lr"],
+                     rec["tokens"] / dt if dt > 0 else 0.0)
 
-        model = self._load_model(model_dir)
-        model.train()
-        loss_module: nn.Module = CausalLMLoss(model)
-        if d.world > 1:
-            # Buffers (RoPE tables) are constants: broadcasting them would add a collective per forward.
-            loss_module = nn.parallel.DistributedDataParallel(
-                loss_module, device_ids=[d.device.index] if d.device.type == "cuda" else None,
-                broadcast_buffers=False)
-        params = list(self._trainable(model).values())
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, total_steps, cfg.min_lr_ratio))
+    def _say(self, bar, msg: str, level: int = logging.INFO) -> None:
+        """A notice from rank 0: through the progress bar when there is one, else the log."""
+        if not self.dist.main:
+            return
+        if bar is not None:
+            bar.write(msg)
+        else:
+            log.log(level, "%s", msg)
 
-        history: list[dict[str, Any]] = []
-        step, tokens_seen, elapsed_before = 0, 0, 0.0
-        best_loss, best_step, bad_evals = math.inf, 0, 0
-        best_state: Optional[dict[str, torch.Tensor]] = None
-        stopped_early = False
-        out_of_time = False
-        ckpt = self._find_checkpoint()
-        if ckpt is not None:
-            state, best_state = self._load_checkpoint(ckpt, model, opt, sched)
-            step, tokens_seen = state["step"], state["tokens_seen"]
-            history = state["history"]
-            elapsed_before = state["train_seconds"]
-            best_loss = state["best_eval_loss"] if state["best_eval_loss"] is not None else math.inf
-            best_step, bad_evals = state["best_step"], state["evals_without_improvement"]
-            # A run cut by --time-limit continues on resume; one stopped by early stopping stays stopped.
-            stopped_early = state.get("stopped_early", False) and not state.get("out_of_time", False)
-            if d.main:
-                log.info("resumed from %s at step %d of %d", ckpt, step, total_steps)
+    def _check_time_limit(self, job: _Job, p: _Progress, bar) -> None:
+        if not self.cfg.time_limit or p.stopped_early or p.step >= job.total_steps:
+            return
+        # Every process must agree to stop at the same step, so rank 0's clock decides.
+        (over,) = self.dist.sum(float(self.dist.main and time.perf_counter() - p.loop_started > self.cfg.time_limit))
+        if over:
+            p.out_of_time = p.stopped_early = True
+            self._say(bar, f"time limit of {self.cfg.time_limit:.0f} s reached: stopping at step {p.step}",
+                      logging.WARNING)
 
-        def trainer_state() -> dict[str, Any]:
-            return {"step": step, "tokens_seen": tokens_seen, "history": history,
-                    "train_seconds": elapsed_before + (time.perf_counter() - t_loop),
-                    "best_eval_loss": best_loss if math.isfinite(best_loss) else None,
-                    "best_step": best_step, "evals_without_improvement": bad_evals,
-                    "stopped_early": stopped_early, "out_of_time": out_of_time,
-                    "run_key": cfg.run_key(), "world_size": d.world,
-                    "train_sha256": train.sha256, "eval_sha256": ev.sha256 if ev else None}
+    def _train_loop(self, job: _Job, p: _Progress, bar) -> None:
+        """Optimizer steps until the last one, an early stop or the time limit; eval and checkpoints between."""
+        cfg, d = self.cfg, self.dist
+        order_epoch, order = -1, []
+        while p.step < job.total_steps and not p.stopped_early:
+            epoch, k = divmod(p.step, job.steps_per_epoch)
+            if epoch != order_epoch:
+                order_epoch, order = epoch, epoch_batches(len(job.train), cfg.batch_size, cfg.seed, epoch,
+                                                          d.rank, d.world)
+            rec = self._optimizer_step(job, p, epoch, order[k * cfg.grad_accum:(k + 1) * cfg.grad_accum])
+            self._show_step(rec, job.total_steps, bar)
+            self._evaluate_if_due(job, p, bar)
+            self._check_time_limit(job, p, bar)
+            if (cfg.save_every and p.step % cfg.save_every == 0) or p.step == job.total_steps or p.stopped_early:
+                self._save_checkpoint(job, p)
 
-        bar = None
-        if d.main and cfg.progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, desc="training")
-        t_loop = time.perf_counter()
-        epoch_cache: dict[int, list[list[int]]] = {}
-        try:
-            while step < total_steps and not stopped_early:
-                epoch, k = divmod(step, steps_per_epoch)
-                if epoch not in epoch_cache:
-                    epoch_cache.clear()
-                    epoch_cache[epoch] = epoch_batches(len(train), cfg.batch_size, cfg.seed, epoch, d.rank, d.world)
-                micro = epoch_cache[epoch][k * cfg.grad_accum:(k + 1) * cfg.grad_accum]
-                t0, c0 = time.perf_counter(), time.process_time()
-                batches = [collate([train.examples[i] for i in idx], pad_id) for idx in micro]
-                local_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-                local_labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-                glob_labels, glob_tokens = d.sum(local_labels, local_tokens)
-                step_loss = 0.0
-                for j, b in enumerate(batches):
-                    b = {key: v.to(d.device) for key, v in b.items()}
-                    sync_now = j == len(batches) - 1
-                    ctx = loss_module.no_sync() if (d.world > 1 and not sync_now) else _nullcontext()
-                    with ctx:
-                        loss_sum, _ = loss_module(b["input_ids"], b["attention_mask"], b["labels"])
-                        # DDP averages gradients over processes, hence the factor `world`.
-                        (loss_sum * (d.world / max(glob_labels, 1.0))).backward()
-                    step_loss += float(loss_sum.detach())
-                grad_norm = (float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-                             if cfg.max_grad_norm > 0 else _grad_norm(params))
-                lr_now = opt.param_groups[0]["lr"]
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                (step_loss,) = d.sum(step_loss)
-                step += 1
-                tokens_seen += int(glob_tokens)
-                dt = time.perf_counter() - t0
-                mean_loss = step_loss / max(glob_labels, 1.0)
-                if not math.isfinite(mean_loss):
-                    raise LoraServeError(f"training diverged at step {step}: loss is {mean_loss}; "
-                                         "lower --lr or check the data")
-                rec = {"kind": "train", "step": step, "epoch": epoch, "loss": mean_loss, "lr": lr_now,
-                       "grad_norm": grad_norm, "tokens": int(glob_tokens), "seconds": dt,
-                       # CPU time of this process (all its threads): comparable across loaded machines.
-                       "cpu_seconds": time.process_time() - c0,
-                       "tokens_per_s": glob_tokens / dt if dt > 0 else None}
-                history.append(rec)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_now:.2e}",
-                                    tok_s=f"{glob_tokens / dt:.0f}" if dt > 0 else "-")
-                elif d.main and cfg.log_every and step % cfg.log_every == 0:
-                    log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", step, total_steps, mean_loss, lr_now,
-                             glob_tokens / dt if dt > 0 else 0.0)
-                epoch_end = (step % steps_per_epoch) == 0
-                due = (cfg.eval_every and step % cfg.eval_every == 0) or (not cfg.eval_every and epoch_end)
-                if ev is not None and (due or step == total_steps):
-                    eval_loss, ppl = self.evaluate(loss_module, ev, pad_id)
-                    history.append({"kind": "eval", "step": step, "eval_loss": eval_loss, "eval_ppl": ppl})
-                    if d.main:
-                        msg = f"eval at step {step}: loss {eval_loss:.4f}, perplexity {ppl:.3f}"
-                        (bar.write(msg) if bar is not None else log.info("%s", msg))
-                    if eval_loss < best_loss - cfg.min_delta:
-                        best_loss, best_step, bad_evals = eval_loss, step, 0
-                        best_state = {n: p.detach().cpu().clone() for n, p in self._trainable(model).items()}
-                    else:
-                        bad_evals += 1
-                        if cfg.patience and bad_evals >= cfg.patience:
-                            stopped_early = True
-                            if d.main:
-                                msg = (f"early stop at step {step}: no eval improvement in {bad_evals} evals "
-                                       f"(best {best_loss:.4f} at step {best_step})")
-                                (bar.write(msg) if bar is not None else log.info("%s", msg))
-                if cfg.time_limit and not stopped_early and step < total_steps:
-                    # Every process must agree to stop at the same step, so rank 0's clock decides.
-                    (over,) = d.sum(float(d.main and time.perf_counter() - t_loop > cfg.time_limit))
-                    if over:
-                        out_of_time = stopped_early = True
-                        if d.main:
-                            msg = f"time limit of {cfg.time_limit:.0f} s reached: stopping at step {step}"
-                            (bar.write(msg) if bar is not None else log.warning("%s", msg))
-                if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps or stopped_early:
-                    self._save_checkpoint(step, model, opt, sched, trainer_state(), best_state)
-        finally:
-            if bar is not None:
-                bar.close()
-        train_seconds = elapsed_before + (time.perf_counter() - t_loop)
+    # -- results -------------------------------------------------------------
 
-        if best_state is not None and cfg.restore_best and best_step != step:
+    def _restore_best(self, job: _Job, p: _Progress) -> int:
+        """Put the best-eval weights back when asked to; returns the step whose weights get exported."""
+        if p.best_state is None or not self.cfg.restore_best:
+            return p.step
+        if p.best_step != p.step:
             with torch.no_grad():
-                for n, p in self._trainable(model).items():
-                    p.copy_(best_state[n].to(p.device, p.dtype))
-        exported_step = best_step if (best_state is not None and cfg.restore_best) else step
+                for n, t in self._trainable(job.model).items():
+                    t.copy_(p.best_state[n].to(t.device, t.dtype))
+        return p.best_step
 
-        train_recs = [h for h in history if h["kind"] == "train"]
+    def _metrics(self, job: _Job, p: _Progress, exported_step: int, train_seconds: float) -> dict[str, Any]:
+        train_recs = [h for h in p.history if h["kind"] == "train"]
         tail = train_recs[-10:]
-        evals = [h for h in history if h["kind"] == "eval"]
-        metrics: dict[str, Any] = {
-            "steps": step, "total_steps": total_steps, "exported_step": exported_step,
-            "epochs": step / steps_per_epoch, "stopped_early": stopped_early, "out_of_time": out_of_time,
+        evals = [h for h in p.history if h["kind"] == "eval"]
+        best = math.isfinite(p.best_loss)
+        # Throughput of the optimizer steps themselves (eval and checkpoint time excluded).
+        step_seconds = sum(h["seconds"] for h in train_recs)
+        return {
+            "steps": p.step, "total_steps": job.total_steps, "exported_step": exported_step,
+            "epochs": p.step / job.steps_per_epoch, "stopped_early": p.stopped_early, "out_of_time": p.out_of_time,
             "train_loss_first": train_recs[0]["loss"] if train_recs else None,
             "train_loss_last": train_recs[-1]["loss"] if train_recs else None,
             "train_loss_last10": sum(h["loss"] for h in tail) / len(tail) if tail else None,
             "eval_loss": evals[-1]["eval_loss"] if evals else None,
             "eval_ppl": evals[-1]["eval_ppl"] if evals else None,
-            "best_eval_loss": best_loss if math.isfinite(best_loss) else None,
-            "best_eval_ppl": math.exp(best_loss) if math.isfinite(best_loss) else None,
-            "best_step": best_step if math.isfinite(best_loss) else None,
-            "tokens_seen": tokens_seen, "train_seconds": train_seconds,
-            # Throughput of the optimizer steps themselves (eval and checkpoint time excluded).
-            "tokens_per_s": (tokens_seen / step_seconds) if (step_seconds := sum(h["seconds"] for h in train_recs)) > 0
-            else None,
-            "world_size": d.world,
+            "best_eval_loss": p.best_loss if best else None,
+            "best_eval_ppl": math.exp(p.best_loss) if best else None,
+            "best_step": p.best_step if best else None,
+            "tokens_seen": p.tokens_seen, "train_seconds": train_seconds,
+            "tokens_per_s": (p.tokens_seen / step_seconds) if step_seconds > 0 else None,
+            "world_size": self.dist.world,
         }
-        result = TrainResult(self.out, metrics, history)
-        if d.main:
-            hyper = {k: v for k, v in cfg.run_key().items()}
-            hyper.update({"batch_size_global": cfg.batch_size * cfg.grad_accum * d.world, "warmup_steps": warmup,
-                          "device": str(d.device), "dtype": str(self.dtype).replace("torch.", "")})
-            provenance = {
-                "base_model": cfg.model, "base_model_dir": str(model_dir),
-                "base_model_fingerprint": fingerprint,
-                "train_data": train.summary(), "train_data_sha256": train.sha256,
-                "eval_data": ev.summary() if ev else None, "eval_data_sha256": ev.sha256 if ev else None,
-                "hyperparameters": hyper, "metrics": metrics,
-                "loraserve_version": export.loraserve_version(),
-                "created_unix": int(time.time()),
-            }
-            tensors = get_peft_model_state_dict(model)
-            peft_cfg = model.peft_config["default"]
-            # Name the base as the user did ("default" or their path), not this machine's cache dir.
-            peft_cfg.base_model_name_or_path = cfg.model
-            export.save_adapter(self.out, peft_cfg, tensors, provenance)
-            report = dict(provenance)
-            report["warnings"] = train.warnings() + (ev.warnings() if ev else [])
-            report["history"] = history
-            report["wall_seconds"] = time.perf_counter() - t_start
-            export.write_json(self.out / export.REPORT_NAME, report)
-            export.plot_loss_curve(history, self.out / export.CURVE_NAME,
-                                   title=f"{self.out.name} ({Path(cfg.data).name}): rank {cfg.rank}, {step} steps")
-        d.barrier()
-        return result
 
+    def _export(self, job: _Job, p: _Progress, metrics: dict[str, Any], t_start: float) -> None:
+        """Rank 0: the PEFT adapter with its provenance, the JSON report and the loss curve."""
+        from peft import get_peft_model_state_dict
 
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
+        cfg, d, train, ev = self.cfg, self.dist, job.train, job.eval
+        hyper = dict(cfg.run_key())
+        hyper.update({"batch_size_global": cfg.batch_size * cfg.grad_accum * d.world, "warmup_steps": job.warmup,
+                      "device": str(d.device), "dtype": str(self.dtype).replace("torch.", "")})
+        provenance = {
+            "base_model": cfg.model, "base_model_dir": str(job.model_dir),
+            "base_model_fingerprint": job.fingerprint,
+            "train_data": train.summary(), "train_data_sha256": train.sha256,
+            "eval_data": ev.summary() if ev else None, "eval_data_sha256": ev.sha256 if ev else None,
+            "hyperparameters": hyper, "metrics": metrics,
+            "loraserve_version": export.loraserve_version(),
+            "created_unix": int(time.time()),
+        }
+        tensors = get_peft_model_state_dict(job.model)
+        peft_cfg = job.model.peft_config["default"]
+        # Name the base as the user did ("default" or their path), not this machine's cache dir.
+        peft_cfg.base_model_name_or_path = cfg.model
+        export.save_adapter(self.out, peft_cfg, tensors, provenance)
+        report = dict(provenance)
+        report["warnings"] = train.warnings() + (ev.warnings() if ev else [])
+        report["history"] = p.history
+        report["wall_seconds"] = time.perf_counter() - t_start
+        export.write_json(self.out / export.REPORT_NAME, report)
+        export.plot_loss_curve(p.history, self.out / export.CURVE_NAME,
+                               title=f"{self.out.name} ({Path(cfg.data).name}): rank {cfg.rank}, {p.step} steps")
 
-    def __exit__(self, *exc: Any) -> None:
-        return None
+    # -- main ------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        """Set up, resume if asked, train, then export the adapter (rank 0) and return the metrics."""
+        t_start = time.perf_counter()
+        job = self._set_up()
+        p = self._resume(job)
+        bar = None
+        if self.dist.main and self.cfg.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=job.total_steps, initial=p.step, unit="step", dynamic_ncols=True, desc="training")
+        p.loop_started = time.perf_counter()
+        try:
+            self._train_loop(job, p, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        train_seconds = p.train_seconds()
+        metrics = self._metrics(job, p, self._restore_best(job, p), train_seconds)
+        if self.dist.main:
+            self._export(job, p, metrics, t_start)
+        self.dist.barrier()
+        return TrainResult(self.out, metrics, p.history)
 
 
 def _grad_norm(params: list[torch.Tensor]) -> float:

@@ -18,8 +18,7 @@ from typing import Any, Awaitable, Callable, Optional
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from adapter_registry import AdapterInfo, AdapterVersionInfo, Registry
-from server.api.tenants import TenantDirectory
+from adapter_registry import AdapterInfo, AdapterVersionInfo
 from server.api.auth import Caller, TenantResolver
 from server.api.errors import status_for
 from server.api.gen.loraserve.v1 import adapters_pb2 as pb
@@ -28,16 +27,6 @@ from server.core.threads import ShortLivedThreads
 from server.core.errors import AdapterInUseError, InvalidRequestError, UnavailableError
 
 log = logging.getLogger("loraserve.adapters")
-
-
-def build_registry(cfg: Any, engine: Any, base_fingerprint: str) -> Registry:
-    """The registry a `loraserve serve` process uses, from its Config and loaded engine."""
-    s = cfg.server
-    root = Path(s.registry).expanduser() if s.registry else cfg.engine.resolve_home() / "registry"
-    tenants = TenantDirectory.from_toml(Path(s.tenants)) if s.tenants else None
-    return Registry(root, engine.model_config, base_fingerprint, cfg.engine.max_rank,
-                    import_dirs=[Path(d).expanduser() for d in s.import_dirs],
-                    host_cache_bytes=s.host_cache_bytes, tenants=tenants)
 
 
 def _rpc(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -85,8 +74,7 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         created.FromNanoseconds(int(v.created_at * 1e9))
         return pb.AdapterVersion(version=v.version, digest=v.digest, rank=v.rank, targets=list(v.targets),
                                  size_bytes=v.size_bytes, created=created, metadata=v.metadata, tier=tier,
-                                 pinned=v.pinned or bool(slot is not None and slot.pinned),
-                                 base_model_fingerprint=v.base_fingerprint)
+                                 pinned=v.pinned, base_model_fingerprint=v.base_fingerprint)
 
     def _info_pb(self, a: AdapterInfo, device: dict[str, Any]) -> pb.AdapterInfo:
         return pb.AdapterInfo(name=a.name, tenant=a.tenant, latest_version=a.latest_version,
@@ -146,9 +134,7 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         tenant = self._tenant(context, request.tenant)
         adapter = self.registry.resolve(tenant, request.adapter_id)
         t0 = time.perf_counter()
-        await self._blocking(self.engine.pool.load, adapter, request.pin)
-        if request.pin:
-            self.registry.set_pinned(tenant, adapter.ref, True)
+        await self._blocking(self.engine.pool.load, adapter, request.pin)  # the pool holds the pin
         return pb.LoadAdapterResponse(adapter_id=adapter.ref, version=adapter.version,
                                       pinned=request.pin, load_seconds=time.perf_counter() - t0)
 
@@ -156,7 +142,6 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: Any) -> pb.UnloadAdapterResponse:
         tenant = self._tenant(context, request.tenant)
         adapter = self.registry.resolve(tenant, request.adapter_id)
-        self.registry.set_pinned(tenant, adapter.ref, False)
         self.engine.pool.unpin(adapter.digest)
         was = bool(self.engine.pool.unload(adapter.digest))  # AdapterInUseError while requests run on it
         return pb.UnloadAdapterResponse(adapter_id=adapter.ref, was_on_device=was)
@@ -179,11 +164,6 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         tenant = self._tenant(context, request.tenant)
         before = await self._blocking(self.registry.get, tenant, request.adapter_id)
         digests = {v.digest for v in before.versions}
-        device = self._device()
-        pinned = [v.ref for v in before.versions
-                  if v.pinned or (v.digest in device and device[v.digest].pinned)]
-        if pinned:
-            raise AdapterInUseError(f"adapter {', '.join(pinned)} is pinned; unload (unpin) it before deleting")
         deleted = await self._blocking(self.registry.delete, tenant, request.adapter_id)
         for digest in digests:  # free device slots nobody can resolve any more (running ones finish first)
             if not self.registry.index.digest_referenced(digest):

@@ -42,9 +42,3 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     incident = uuid.uuid4().hex[:12]
     log.error("internal error (incident %s)", incident, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); see the server log"
-
-
-async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-    """End the RPC with the status for `exc` (raises, as `context.abort` does)."""
-    code, message = status_for(exc)
-    await context.abort(code, message)

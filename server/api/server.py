@@ -97,11 +97,10 @@ class LoraServer:
         self.grpc = grpc.aio.server(options=options, interceptors=interceptors,
                                     maximum_concurrent_rpcs=s.max_concurrent_rpcs)
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.state, self.metrics), self.grpc)
-        has_adapters = self._add_adapters_service()
+        self._add_adapters_service()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        names = [INFERENCE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
-        if has_adapters:
-            names.append(ADAPTERS)
+        names = [INFERENCE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME,
+                 ADAPTERS]
         reflection.enable_server_reflection(names, self.grpc)
         await self._set_health(NOT_SERVING)
         self.port = self.grpc.add_insecure_port(f"{_bracket(s.host)}:{s.port}")
@@ -130,7 +129,7 @@ class LoraServer:
         self.state.resolver = registry
         self.state.model_fingerprint = fingerprint
         self.state.engine = engine
-        self.metrics.attach(engine, getattr(registry, "stats", None))
+        self.metrics.attach(engine.stats, registry.stats)
         await self._set_health(SERVING)
         log.info(json.dumps({"event": "serving", "model": self.cfg.engine.model,
                              "fingerprint": self.state.model_fingerprint}))
@@ -216,17 +215,11 @@ class LoraServer:
         log.info(json.dumps({"event": "auth", "tenants": len(self.tenants.tenants), "file": self.cfg.server.tenants}))
         return [AuthInterceptor(self.tenants)]  # quotas stay with ServingState.admit (it knows prompt lengths)
 
-    def _add_adapters_service(self) -> bool:
-        try:
-            from server.api.adapters_service import add_adapters_service
-        except ModuleNotFoundError as e:
-            if e.name != "server.api.adapters_service":
-                raise
-            log.warning("Adapters service not available in this build: admin RPCs answer UNIMPLEMENTED")
-            return False
+    def _add_adapters_service(self) -> None:
+        from server.api.adapters_service import add_adapters_service
+
         add_adapters_service(self.grpc, self.lazy_registry, self.lazy_engine, self.cfg,
                              tenant_resolver=self.tenant_resolver)
-        return True
 
     def _make_registry(self, engine: Any, fingerprint: str) -> Any:
         from adapter_registry import Registry, RegistryLimits
@@ -236,7 +229,8 @@ class LoraServer:
         return Registry(root, engine.model_config, fingerprint, self.cfg.engine.max_rank,
                         import_dirs=[Path(d).expanduser() for d in s.import_dirs],
                         host_cache_bytes=s.host_cache_bytes,
-                        limits=RegistryLimits(max_weights_bytes=s.max_upload_bytes), tenants=self.tenants)
+                        limits=RegistryLimits(max_weights_bytes=s.max_upload_bytes), tenants=self.tenants,
+                        is_pinned=engine.pool.is_pinned)
 
     def _register_startup_adapter(self, registry: Any, name: str, path: Path) -> None:
         """`--adapter NAME=PATH`: a new version unless the newest one already has these exact bytes."""

@@ -47,6 +47,10 @@ class EngineConfig:
     attention: str = knob("auto", help="prefill attention on CUDA: auto (xformers where its start-up probe passes, "
                                        "else sdpa) | sdpa | xformers (refuse to start if xformers does not work)",
                           choices=("auto", "sdpa", "xformers"))
+    lora_backend: str = knob("auto", help="auto | torch | cpu | triton: what computes the LoRA deltas (auto: triton on "
+                                          "CUDA when it imports; on CPU the bf16 C kernel where --lora-decode-dtype "
+                                          "resolves to bf16 and dtype is float32; the torch reference otherwise)",
+                             choices=("auto", "torch", "cpu", "triton"))
 
     def __post_init__(self) -> None:
         knobs.check(self, "engine")

@@ -14,7 +14,6 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,12 +25,13 @@ from server.engine.kv_cache import BlockAllocator
 from server.engine.runner import ModelRunner
 from server.engine.sampler import make_generator, sample
 from server.engine.scheduler import FINISHED, Scheduler, Sequence
+from server.core.stats import EngineStats
 from server.core.threads import run_in_fresh_thread, use_compute_threads
 from server.core.identity import AdapterVersion
 from server.engine.types import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Delta, Request, RequestStream, SamplingParams
 from server.core.errors import CapacityError, InvalidRequestError, LoraServeError, UnavailableError
 from server.core.limits import check_request_id
-from server.lora.pool import AdapterPool
+from server.lora.factory import build_lora_backend
 from server.model.config import ModelConfig
 from server.model.llama import KVCache, LlamaForCausalLM
 
@@ -39,25 +39,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_TOKENS = 16384
 MAX_DEFAULT_CONTEXT = 8192
-
-
-@dataclass
-class EngineStats:
-    running: int
-    waiting: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    last_batch_size: int
-    steps: int
-    preemptions: int
-    adapters_on_device: int
-    adapter_slots_total: int
-    adapter_loads: int
-    adapter_load_failures: int
-    adapter_evictions: int
-    adapter_hits: int
-    adapter_misses: int
-    adapter_load_seconds_total: float
 
 
 class Engine:
@@ -74,11 +55,10 @@ class Engine:
                                  model.max_len, kv_tokens)
         self.blocks = BlockAllocator(-(-kv_tokens // bs), bs)
         self.kv = KVCache.allocate(self.model_config, self.blocks.num_blocks, bs, self.dtype, self.device)
-        self.pool = AdapterPool(self.model_config, config.max_adapters_on_device, config.max_rank,
-                                self.device, self.dtype,
-                                decode_dtype=config.resolve_lora_decode_dtype(self.device))
+        self.lora_backend = build_lora_backend(config, self.model_config, self.device, self.dtype)
+        self.pool = self.lora_backend.pool
         self.scheduler = Scheduler(self.blocks, self.pool, config.max_batch_size, config.max_batch_tokens)
-        self.runner = ModelRunner(model, self.kv, self.blocks, self.pool)
+        self.runner = ModelRunner(model, self.kv, self.blocks, self.lora_backend)
         self.eos_ids = self._eos_ids()
         if self.device.type == "cuda":
             from server.attention.sdpa import set_prefill_backend
@@ -198,16 +178,12 @@ class Engine:
                                    tenant=tenant)).collect()
 
     def stats(self) -> EngineStats:
-        ps = self.pool.stats
+        """A snapshot of the engine and its adapter pool (metrics read it at scrape time, from another thread)."""
         return EngineStats(
             running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
             kv_blocks_used=self.blocks.num_used, kv_blocks_total=self.blocks.num_blocks,
             last_batch_size=self._last_batch, steps=self._steps,
-            preemptions=self.scheduler.preemptions,
-            adapters_on_device=sum(1 for s in self.pool.resident() if s.state == "ready"),
-            adapter_slots_total=self.pool.num_slots, adapter_loads=ps.loads,
-            adapter_load_failures=ps.load_failures, adapter_evictions=ps.evictions, adapter_hits=ps.hits,
-            adapter_misses=ps.misses, adapter_load_seconds_total=ps.load_seconds_total)
+            preemptions=self.scheduler.preemptions, pool=self.pool.stats())
 
     @property
     def accepting(self) -> bool:

@@ -1,8 +1,12 @@
 """Build one step's batch tensors and run the model: tokens in, next-token logits out.
 
 Decode rows come first, then prompt rows; within each kind sequences are ordered by
-adapter slot so that each slot's tokens are contiguous (one LoRA segment per adapter
+adapter slot so that each adapter's tokens are contiguous (one LoRA segment per adapter
 and kind). Prefill runs and decode rows are described to attention by index.
+
+Two kinds of index meet here: an *adapter slot* (which slot of the LoRA pool a sequence's
+adapter sits in, 0 for none) and a *KV row* (a flat row of the paged KV cache, which
+attention calls its slot mapping).
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import torch
 from server.attention.sdpa import AttentionMetadata
 from server.engine.kv_cache import BlockAllocator
 from server.engine.scheduler import Sequence
-from server.lora.pool import AdapterPool
+from server.lora.backend import LoraBackend
 from server.model.llama import KVCache, LlamaForCausalLM
 
 
@@ -24,20 +28,20 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, kv: KVCache, blocks: BlockAllocator, pool: AdapterPool):
-        self.model, self.kv, self.blocks, self.pool = model, kv, blocks, pool
+    def __init__(self, model: LlamaForCausalLM, kv: KVCache, blocks: BlockAllocator, lora: LoraBackend):
+        self.model, self.kv, self.blocks, self.lora = model, kv, blocks, lora
         self.device = model.device
 
     def execute(self, prefill: list[Sequence], decode: list[Sequence]) -> StepResult:
         # Decode rows first, then prompt rows (quantized linears treat the two kinds differently,
         # so each kind must be one contiguous block); by adapter slot within each kind.
-        seqs = sorted(prefill + decode, key=lambda s: (s.is_prefill, s.slot or 0, s.order))
+        seqs = sorted(prefill + decode, key=lambda s: (s.is_prefill, s.adapter_slot or 0, s.order))
         ids: list[int] = []
         pos: list[int] = []
-        slot_rows: list[torch.Tensor] = []
-        token_slots: list[int] = []
+        new_kv_rows: list[torch.Tensor] = []  # per sequence, the KV rows its new tokens are written to
+        adapter_slots: list[int] = []  # per row (token), its adapter's slot
         prefill_runs: list[tuple[int, int]] = []
-        decode_rows: list[int] = []
+        decode_rows: list[int] = []  # the batch rows of decode tokens
         decode_seqs: list[Sequence] = []
         last_rows: list[int] = []
         for s in seqs:
@@ -54,30 +58,31 @@ class ModelRunner:
                 pos.append(p)
                 decode_rows.append(start)
                 decode_seqs.append(s)
-            slot_rows.append(self.blocks.rows(s.blocks, len(s.token_ids) - n, len(s.token_ids)))
-            token_slots.extend([s.slot or 0] * n)
+            new_kv_rows.append(self.blocks.rows(s.blocks, len(s.token_ids) - n, len(s.token_ids)))
+            adapter_slots.extend([s.adapter_slot or 0] * n)
             last_rows.append(len(ids) - 1)
+        num_decode = len(decode_rows)
 
         dev = self.device
         attn = AttentionMetadata(
-            slot_mapping=torch.cat(slot_rows).to(dev),
+            slot_mapping=torch.cat(new_kv_rows).to(dev),
             prefill=tuple(prefill_runs),
             all_decode=not prefill_runs,
-            prompt_from=len(decode_rows) if prefill_runs else None,
+            prompt_from=num_decode if prefill_runs else None,
         )
         if decode_seqs:
             ctx = [len(s.token_ids) for s in decode_seqs]
             L = max(ctx)
-            kv_idx = torch.zeros((len(decode_seqs), L), dtype=torch.long)
+            context_kv_rows = torch.zeros((num_decode, L), dtype=torch.long)
             for i, s in enumerate(decode_seqs):
-                kv_idx[i, :ctx[i]] = self.blocks.rows(s.blocks, 0, ctx[i])
+                context_kv_rows[i, :ctx[i]] = self.blocks.rows(s.blocks, 0, ctx[i])
             mask = torch.arange(L)[None, :] < torch.tensor(ctx)[:, None]
-            attn.decode_kv = kv_idx.to(dev)
+            attn.decode_kv = context_kv_rows.to(dev)
             attn.decode_mask = mask[:, None, None, :].to(dev)
             if prefill_runs:
                 attn.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=dev)
 
-        lora = self.pool.batch(token_slots, len(decode_rows)) if any(token_slots) else None
+        lora = self.lora.prepare(adapter_slots, num_decode)
         hidden = self.model(torch.tensor(ids, dtype=torch.long, device=dev),
                             torch.tensor(pos, dtype=torch.long, device=dev), attn, self.kv, lora)
         logits = self.model.logits(hidden.index_select(0, torch.tensor(last_rows, device=dev)))

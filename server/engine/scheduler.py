@@ -40,7 +40,7 @@ class Sequence:
     num_prompt: int
     blocks: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose K/V are in the cache
-    slot: Optional[int] = None
+    adapter_slot: Optional[int] = None  # its adapter's slot in the pool while running (0: no adapter)
     status: str = WAITING
     order: int = field(default_factory=lambda: next(_order))
     first_token_time: Optional[float] = None
@@ -155,9 +155,9 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         self.blocks.free(seq.blocks)
-        if seq.slot is not None:
-            self.pool.release(seq.slot)
-            seq.slot = None
+        if seq.adapter_slot is not None:
+            self.pool.release(seq.adapter_slot)
+            seq.adapter_slot = None
 
     def _preempt(self, seq: Sequence) -> None:
         """Drop a running sequence's cache; it re-enters waiting at the front and recomputes."""
@@ -197,7 +197,7 @@ class Scheduler:
             need = self.blocks.blocks_for(n)
             if need > self.blocks.num_free:
                 break
-            slot = 0
+            adapter_slot = 0
             if seq.request.adapter is not None:
                 try:
                     got = self.pool.acquire(seq.request.adapter)
@@ -207,9 +207,9 @@ class Scheduler:
                     continue
                 if got is None:
                     continue  # loading off-thread; the rest of the queue is not held up
-                slot = got
+                adapter_slot = got
             self.waiting.remove(seq)
-            seq.slot = slot
+            seq.adapter_slot = adapter_slot
             seq.blocks = self.blocks.allocate(need)
             seq.status = RUNNING
             self.running.append(seq)

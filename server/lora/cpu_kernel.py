@@ -22,11 +22,11 @@ Rounding adapter weights to bf16 (8 mantissa bits) is what GPU servers do when t
 runs in bf16; here it is used only where the base is already quantized
 (`EngineConfig.lora_decode_dtype = "auto"`), never in the PEFT-exact `--quantize none` setting.
 
-Built once per machine (gcc or cc, `-O3 -march=native -fopenmp`) into
-`$LORASERVE_HOME/kernels/` and loaded with ctypes after torch, so its OpenMP calls bind
-to torch's own libgomp (checked: a second OpenMP runtime would fight torch's threads).
-Without a compiler, or when any check fails, `load()` returns None and the torch
-reference serves. LORASERVE_CPU_KERNEL=0 turns it off.
+Built once per machine (gcc or cc, `-O3 -march=native -fopenmp`) into `kernels/` under the
+engine's home (`--home`) and loaded with ctypes after torch, so its OpenMP calls bind to
+torch's own libgomp (checked: a second OpenMP runtime would fight torch's threads). Without a
+compiler, or when any check fails, `load()` returns None and the torch reference serves.
+`server/lora/cpu_backend.py` is the backend that runs these kernels; `--lora-backend` chooses it.
 """
 from __future__ import annotations
 
@@ -176,9 +176,14 @@ class _Target(ctypes.Structure):
                 ("y_off", ctypes.c_long)]
 
 
+def _slot_blocks_contiguous(t: torch.Tensor) -> bool:
+    """[slots, R, n] whose every slot is one row-major [R, n] block (the slots themselves may be apart)."""
+    return t.dim() == 3 and t.stride(2) == 1 and t.stride(1) == t.shape[2]
+
+
 class KernelPlan:
     """The kernels' view of one group of targets that read the same x (q/k/v, gate/up, or one
-    linear alone): their stacks' pointers and output columns, checked and packed once (at pool
+    linear alone): their stacks' pointers and output columns, checked and packed once (at backend
     start-up) so that a step pays one ctypes call per group and kind of row, and no per-call checks
     on them. It keeps its tensors alive; they must stay in place (the pool writes adapters into them)."""
 
@@ -191,8 +196,8 @@ class KernelPlan:
         for a, bt, scale, y_off in parts:
             if not (a.dtype == bt.dtype == torch.bfloat16 and scale.dtype == torch.float32
                     and a.device.type == bt.device.type == scale.device.type == "cpu"
-                    and a.is_contiguous() and bt.is_contiguous() and scale.is_contiguous()):
-                raise ValueError("the kernel reads contiguous bf16 CPU stacks and fp32 scales")
+                    and _slot_blocks_contiguous(a) and _slot_blocks_contiguous(bt) and scale.is_contiguous()):
+                raise ValueError("the kernel reads bf16 CPU stacks, each slot's block contiguous, and fp32 scales")
             if a.shape != a0.shape or bt.shape[:2] != a0.shape[:2] or scale.shape != (a0.shape[0],):
                 raise ValueError(f"stacks disagree: a {tuple(a.shape)}, bt {tuple(bt.shape)}, "
                                  f"scale {tuple(scale.shape)} for {tuple(a0.shape)}")
@@ -252,7 +257,7 @@ class CpuLoraKernel:
     def run(self, y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, plan: KernelPlan, rank: int) -> None:
         """y[t] += LoRA delta of every target in `plan` for the first len(slots) rows (slot 0 rows
         untouched). Unchecked: slots and rank passed `check_slots` (once per step), and y, x passed
-        `accepts` for at least len(slots) rows; the engine checks once per group for both kinds of row."""
+        `accepts` for at least len(slots) rows; the backend checks once per group for both kinds of row."""
         self._fn(slots.shape[0], slots.data_ptr(), rank, plan.in_features, x.data_ptr(), x.stride(0),
                  y.data_ptr(), y.stride(0), plan.count, plan.address)
 
@@ -261,38 +266,6 @@ class CpuLoraKernel:
         `accepts` for every row the blocks reach."""
         self._prompt_fn(blocks.shape[0], blocks.data_ptr(), rank, plan.in_features, x.data_ptr(), x.stride(0),
                         y.data_ptr(), y.stride(0), plan.count, plan.address)
-
-    def try_run(self, y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, plan: KernelPlan, rank: int) -> bool:
-        """`run` after its activation checks; False, touching nothing, when they fail."""
-        if not self.accepts(y, x, plan, slots.shape[0]):
-            return False
-        self.run(y, x, slots, plan, rank)
-        return True
-
-    def try_run_prompt(self, y: torch.Tensor, x: torch.Tensor, blocks: torch.Tensor, plan: KernelPlan,
-                       rank: int) -> bool:
-        """`run_prompt` after its activation checks; False, touching nothing, when they fail."""
-        end = int((blocks[:, 0] + blocks[:, 1]).max()) if blocks.shape[0] else 0
-        if not self.accepts(y, x, plan, end):
-            return False
-        self.run_prompt(y, x, blocks, plan, rank)
-        return True
-
-    def decode(self, y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, a: torch.Tensor, bt: torch.Tensor,
-               scale: torch.Tensor, rank: int) -> torch.Tensor:
-        """One linear, checked in full (tests and one-off callers; the engine uses prepared plans):
-        y[t] += scale[s] * (x[t] A_s^T) B_s^T with the first `rank` rows of slot s = slots[t]."""
-        plan = KernelPlan([(a, bt, scale, 0)])
-        self.check_slots(slots, rank, plan)
-        if not self.try_run(y, x, slots, plan, rank):
-            raise ValueError(f"x and y must be fp32 CPU rows matching the stacks' widths, at least {len(slots)} "
-                             f"of them")
-        return y
-
-
-def _cache_dir() -> Path:
-    home = os.environ.get("LORASERVE_HOME", "")
-    return (Path(home).expanduser() if home else Path("~/.cache/loraserve").expanduser()) / "kernels"
 
 
 def _cpu_flags() -> str:
@@ -326,13 +299,11 @@ def _openmp_runtimes() -> set[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def load() -> Optional[CpuLoraKernel]:
-    """The compiled kernel, built on first use; None (logged once) when it cannot be had."""
-    if os.environ.get("LORASERVE_CPU_KERNEL", "1") == "0":
-        log.info("CPU LoRA kernel: off (LORASERVE_CPU_KERNEL=0)")
-        return None
+def load(cache_dir: Path) -> Optional[CpuLoraKernel]:
+    """The compiled kernel, built into `cache_dir` on first use (the engine passes `<home>/kernels`);
+    None (logged once) when it cannot be had."""
     digest = hashlib.sha256("\0".join([_SOURCE, *_FLAGS, _cpu_flags(), torch.__version__]).encode()).hexdigest()
-    target = _cache_dir() / f"lora_cpu_{digest[:16]}.so"
+    target = Path(cache_dir).expanduser() / f"lora_cpu_{digest[:16]}.so"
     try:
         if not target.exists():
             _build(target)
@@ -343,7 +314,7 @@ def load() -> Optional[CpuLoraKernel]:
         kernel = CpuLoraKernel(lib)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         detail = (getattr(e, "stderr", b"") or b"").decode(errors="replace")[-500:]
-        log.warning("CPU LoRA kernel unavailable (%s %s); the torch reference serves decode steps", e, detail)
+        log.warning("CPU LoRA kernel unavailable (%s %s)", e, detail)
         return None
     log.info("CPU LoRA kernel: %s", target)
     return kernel

@@ -11,9 +11,10 @@ Shapes, for one targeted linear with N_slots slots (slot 0 = no adapter, all zer
 shrink:  v[t] = x[t] @ a[s_t]^T
 expand:  y[t] += scale[s_t] * (v[t] @ b[s_t]^T)
 
-Two strategies, same result: a GEMM per segment when segments are long (prefill,
-SGMV), a batched gather-matvec when they are short (decode, BGMV). Neither loops
-over tokens in Python; the segment loop runs once per distinct adapter in the batch.
+Three paths, same result (`choose_path` picks one per step): one bmm over the slots' stacks
+when the segments are even enough ("grouped"), a batched gather-matvec when they are short on
+CUDA ("gather", BGMV), a GEMM per segment otherwise ("segments", SGMV). None loops over tokens
+in Python; the segment loop runs once per distinct adapter in the batch.
 """
 from __future__ import annotations
 
@@ -156,11 +157,18 @@ def _apply_grouped(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.T
     return y.add_(d)
 
 
-def shrink(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments) -> torch.Tensor:
+def choose_path(seg: LoraSegments) -> str:
+    """'grouped', 'gather' or 'segments': how `apply_lora` multiplies this step (decided once per step)."""
+    if _use_grouped(seg):
+        return "grouped"
+    return "gather" if _use_gather(seg) else "segments"
+
+
+def shrink(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments, gather: Optional[bool] = None) -> torch.Tensor:
     """v = x @ a[slot]^T per token; rows of slot-0 tokens are zero."""
     T = x.shape[0]
     R = a.shape[1]
-    if _use_gather(seg):
+    if _use_gather(seg) if gather is None else gather:
         ag = a.index_select(0, seg.token_slots)  # [T, R, in]
         return torch.bmm(ag, x.unsqueeze(-1)).squeeze(-1)
     v = x.new_zeros((T, R))
@@ -171,9 +179,9 @@ def shrink(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments) -> torch.Tensor:
 
 
 def expand(y: torch.Tensor, v: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
-           seg: LoraSegments) -> torch.Tensor:
+           seg: LoraSegments, gather: Optional[bool] = None) -> torch.Tensor:
     """y += scale[slot] * (v @ b[slot]^T) per token, in place; slot-0 tokens untouched."""
-    if _use_gather(seg):
+    if _use_gather(seg) if gather is None else gather:
         bg = b.index_select(0, seg.token_slots)  # [T, out, R]
         delta = torch.bmm(bg, v.unsqueeze(-1)).squeeze(-1)
         sc = scale.index_select(0, seg.token_slots).to(delta.dtype).unsqueeze(-1)
@@ -187,10 +195,12 @@ def expand(y: torch.Tensor, v: torch.Tensor, b: torch.Tensor, scale: torch.Tenso
 
 
 def apply_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-               scale: torch.Tensor, seg: LoraSegments) -> torch.Tensor:
-    """y += LoRA delta of each token's adapter; returns y."""
+               scale: torch.Tensor, seg: LoraSegments, path: Optional[str] = None) -> torch.Tensor:
+    """y += LoRA delta of each token's adapter; returns y. `path`: `choose_path(seg)` unless given."""
     if not seg.has_lora:
         return y
-    if _use_grouped(seg):
+    path = path or choose_path(seg)
+    if path == "grouped":
         return _apply_grouped(y, x, a, b, scale, seg)
-    return expand(y, shrink(x, a, seg), b, scale, seg)
+    gather = path == "gather"
+    return expand(y, shrink(x, a, seg, gather), b, scale, seg, gather)

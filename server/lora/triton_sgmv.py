@@ -1,8 +1,9 @@
 """Triton kernels for segmented (SGMV) and per-token gathered (BGMV) LoRA matmuls.
 
 Same signature and semantics as `server/lora/torch_ref.py`, which is the
-specification (shapes are documented there); `server/lora/ops.py` picks these on
-CUDA. Every kernel accumulates in fp32 and rounds once when it writes.
+specification (shapes are documented there); the Triton backend
+(`server/lora/triton_backend.py`) runs them on CUDA, one `apply_lora_fused` per base
+projection. Every kernel accumulates in fp32 and rounds once when it writes.
 
 Kernels
     shrink  v[T, R] = x[T, in] @ a[slot]^T       SGMV: a program per (segment, M tile,
@@ -24,23 +25,18 @@ fewer than `BGMV_MAX_AVG_SEGMENT` tokens (decode with distinct adapters), SGMV
 otherwise. BGMV's grid depends only on T, so it is the one to capture in a CUDA
 graph (pass `mode="bgmv"`); SGMV's grid depends on the segment count.
 
-Fused targets. Targets that read the same x (q/k/v, gate/up) share one shrink:
-concatenate their A along the rank axis, `a_cat = cat([a_q, a_k, a_v], dim=1)`
-([N_slots, n*R, in]), so x is read once and one kernel runs; `concat_targets`
-builds that together with b_cat ([N_slots, sum(out), R], targets stacked along
-out), the scales ([n, N_slots]) and the output offsets. `apply_lora_fused(y_cat,
-x, fused, seg)` then adds every target's delta into the fused base output
-y_cat ([T, sum(out)], for instance the output of one qkv matmul) in one shrink
-and one expand launch. The pool can keep `FusedLora` tensors per layer so the
-concatenation happens once per adapter load, not per step.
-
-torch._grouped_mm variant. `apply_lora_grouped_mm` gathers each segment's
-weights and runs two grouped GEMMs (CUDA: bf16 on sm90+; it also runs on CPU).
-It is here to be measured against the Triton kernels.
+Fused targets. Targets that read the same x (q/k/v, gate/up) share one shrink and
+one expand: the pool keeps a projection's targets in one tensor each
+(`server/lora/stacks.py`: A as [N_slots, G*R, in], B^T as [N_slots, R*sum(out)] in
+per-target [R, out] blocks, scales [G, N_slots]), and `apply_lora_fused(y_cat, x,
+FusedLora.of(stacks), seg, rank=r)` adds every target's delta, over its first r ranks,
+into the fused base output y_cat ([T, sum(out)], the output of one qkv matmul) in one
+shrink launch (x read once) and one expand launch. o and down are projections of one.
 
 Measurements: NOT YET MEASURED. No GPU was lent while this was written, so which
-of Triton SGMV/BGMV, the torch reference and grouped_mm is fastest is still open;
-`apply_lora` uses the Triton kernels until it is. Measure with
+of Triton SGMV/BGMV (per target or fused per projection), the torch reference and
+torch._grouped_mm (`benchmarks/lora_variants.py`) is fastest is still open; the
+Triton backend runs the fused kernels until it is. Measure with
     python -m benchmarks.gpu_kernels --shape 1b --out results/gpu_kernels_1b.json
     python -m benchmarks.gpu_kernels --shape 8b --out results/gpu_kernels_8b.json
 and put the table (us per call for B = 1..64, Distinct/Uniform/Identical) here.
@@ -56,6 +52,7 @@ import triton
 import triton.language as tl
 
 from server.lora.segments import LoraSegments
+from server.lora.stacks import ProjectionStacks
 
 # Below this average adapter-segment length, `auto` uses the per-token gather kernels.
 BGMV_MAX_AVG_SEGMENT = 2.0
@@ -72,12 +69,14 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 @triton.jit
 def _sgmv_shrink_kernel(
     x_ptr, a_ptr, out_ptr, seg_starts_ptr, seg_slots_ptr,
-    K, R,
-    sx_t, sx_k, sa_n, sa_r, sa_k, so_s, so_t, so_r,
+    K, R, R_PER,
+    sx_t, sx_k, sa_n, sa_g, sa_r, sa_k, so_s, so_t, so_r,
     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    """out[k_split, t, r] = sum over this split's K of x[t, k] * a[slot, r, k]."""
+    """out[k_split, t, r] = sum over this split's K of x[t, k] * a[slot, row r, k]; output column r reads
+    row r % R_PER of group r // R_PER (groups sa_g apart: the targets of a fused projection; one group
+    when R_PER == R)."""
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_rk = tl.program_id(2)
@@ -95,7 +94,8 @@ def _sgmv_shrink_kernel(
     mask_m = offs_m < end
     mask_r = offs_r < R
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * sx_t + offs_k[None, :] * sx_k
-    a_ptrs = a_ptr + slot * sa_n + offs_r[None, :] * sa_r + offs_k[:, None] * sa_k  # [K, R] view of a^T
+    a_rows = (offs_r // R_PER) * sa_g + (offs_r % R_PER) * sa_r
+    a_ptrs = a_ptr + slot * sa_n + a_rows[None, :] + offs_k[:, None] * sa_k  # [K, R] view of a^T
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for kk in range(0, tl.cdiv(K, BLOCK_K * SPLIT_K)):
         k0 = (kk * SPLIT_K + pid_k) * BLOCK_K
@@ -115,11 +115,12 @@ def _sgmv_shrink_kernel(
 @triton.jit
 def _bgmv_shrink_kernel(
     x_ptr, a_ptr, out_ptr, token_slots_ptr,
-    K, R,
-    sx_t, sx_k, sa_n, sa_r, sa_k, so_s, so_t, so_r,
+    K, R, R_PER,
+    sx_t, sx_k, sa_n, sa_g, sa_r, sa_k, so_s, so_t, so_r,
     SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Per-token gather-matvec: out[k_split, t, r] = sum_k x[t, k] * a[slot_t, r, k]."""
+    """Per-token gather-matvec: out[k_split, t, r] = sum_k x[t, k] * a[slot_t, row r, k], rows as in
+    `_sgmv_shrink_kernel`."""
     t = tl.program_id(0)
     pid_rk = tl.program_id(1)
     pid_r = pid_rk // SPLIT_K
@@ -131,7 +132,8 @@ def _bgmv_shrink_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_r = offs_r < R
     x_row = x_ptr + t.to(tl.int64) * sx_t
-    a_ptrs = a_ptr + slot * sa_n + offs_r[:, None] * sa_r + offs_k[None, :] * sa_k  # [R, K]
+    a_rows = (offs_r // R_PER) * sa_g + (offs_r % R_PER) * sa_r
+    a_ptrs = a_ptr + slot * sa_n + a_rows[:, None] + offs_k[None, :] * sa_k  # [R, K]
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for kk in range(0, tl.cdiv(K, BLOCK_K * SPLIT_K)):
         k0 = (kk * SPLIT_K + pid_k) * BLOCK_K
@@ -147,11 +149,14 @@ def _bgmv_shrink_kernel(
 def _sgmv_expand_kernel(
     v_ptr, b_ptr, y_ptr, scale_ptr, seg_starts_ptr, seg_slots_ptr, out_offsets_ptr,
     R, N_TILES,
-    sv_t, sv_r, sb_n, sb_o, sb_r, sy_t, sy_o, ss_g,
+    sv_t, sv_r, sb_n, sb_lo, sb_o, sb_r, sb_rw, sy_t, sy_o, ss_g,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
-    """y[t, o] += scale[g, slot] * sum_r v[t, g*R + r] * b[slot, o, r] for target g owning column o."""
+    """y[t, o] += scale[g, slot] * sum_r v[t, g*R + r] * B_g[slot, o, r] for target g owning column o.
+
+    B_g[slot, o, r] is at slot*sb_n + o_lo*sb_lo + (o - o_lo)*sb_o + r*(sb_r + (o_hi - o_lo)*sb_rw): one
+    [N, out, R] tensor (sb_lo = sb_o, sb_rw = 0) or the pool's per-target [R, out] blocks (`apply_lora_fused`)."""
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_gn = tl.program_id(2)
@@ -172,12 +177,14 @@ def _sgmv_expand_kernel(
     mask_m = offs_m < end
     mask_n = offs_n < o_hi
     v_ptrs = v_ptr + offs_m[:, None].to(tl.int64) * sv_t + (g * R + offs_r[None, :]) * sv_r
-    b_ptrs = b_ptr + slot * sb_n + offs_n[None, :].to(tl.int64) * sb_o + offs_r[:, None] * sb_r  # [R, N]
+    sbr = sb_r + (o_hi - o_lo) * sb_rw  # this target's rank stride
+    b_base = b_ptr + slot * sb_n + o_lo.to(tl.int64) * sb_lo
+    b_ptrs = b_base + (offs_n - o_lo)[None, :].to(tl.int64) * sb_o + offs_r[:, None] * sbr  # [R, N]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         mask_r = (r0 + offs_r) < R
         vt = tl.load(v_ptrs + r0 * sv_r, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        bt = tl.load(b_ptrs + r0 * sb_r, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        bt = tl.load(b_ptrs + r0 * sbr, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
         vt = vt.to(bt.dtype)
         if DOT_F32:
             acc += tl.dot(vt.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
@@ -196,7 +203,7 @@ def _sgmv_expand_kernel(
 def _bgmv_expand_kernel(
     v_ptr, b_ptr, y_ptr, scale_ptr, token_slots_ptr, out_offsets_ptr,
     R, N_TILES,
-    sv_t, sv_r, sb_n, sb_o, sb_r, sy_t, sy_o, ss_g,
+    sv_t, sv_r, sb_n, sb_lo, sb_o, sb_r, sb_rw, sy_t, sy_o, ss_g,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Per-token gather-matvec expand, same sum as `_sgmv_expand_kernel`."""
@@ -214,12 +221,14 @@ def _bgmv_expand_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     mask_n = offs_n < o_hi
     v_row = v_ptr + t.to(tl.int64) * sv_t + g * R * sv_r
-    b_ptrs = b_ptr + slot * sb_n + offs_n[:, None].to(tl.int64) * sb_o + offs_r[None, :] * sb_r  # [N, R]
+    sbr = sb_r + (o_hi - o_lo) * sb_rw  # this target's rank stride
+    b_base = b_ptr + slot * sb_n + o_lo.to(tl.int64) * sb_lo
+    b_ptrs = b_base + (offs_n - o_lo)[:, None].to(tl.int64) * sb_o + offs_r[None, :] * sbr  # [N, R]
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         mask_r = (r0 + offs_r) < R
         vv = tl.load(v_row + (r0 + offs_r) * sv_r, mask=mask_r, other=0.0).to(tl.float32)
-        bt = tl.load(b_ptrs + r0 * sb_r, mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+        bt = tl.load(b_ptrs + r0 * sbr, mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(bt * vv[None, :], axis=1)
     scale = tl.load(scale_ptr + g * ss_g + slot).to(tl.float32)
     y_ptrs = y_ptr + t.to(tl.int64) * sy_t + offs_n * sy_o
@@ -311,8 +320,15 @@ def shrink(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments, *, mode: str = "
     summed in a fixed order, so results are deterministic.
     """
     _check_shrink(x, a, seg)
+    return _shrink(x, a, seg, groups=1, rank=a.shape[1], group_rows=0, mode=mode, split_k=split_k,
+                   out_dtype=out_dtype)
+
+
+def _shrink(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments, *, groups: int, rank: int, group_rows: int,
+            mode: str, split_k: Optional[int], out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """v [T, groups * rank]: column g*rank + j is x . a[slot, g*group_rows + j] (groups: fused targets)."""
     T, K = x.shape
-    R = a.shape[1]
+    R = groups * rank
     out_dtype = out_dtype or x.dtype
     n_lora, _ = _lora_segments(seg)
     if T == 0 or n_lora == 0:
@@ -336,27 +352,29 @@ def shrink(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments, *, mode: str = "
     # One partial per K split, fp32, zero where no program writes (slot 0, padding).
     part_dtype = out_dtype if sk == 1 else torch.float32
     part = torch.zeros((sk, T, R), dtype=part_dtype, device=x.device)
-    strides = (*x.stride(), *a.stride(), *part.stride())
+    sa_n, sa_r, sa_k = a.stride()
+    strides = (*x.stride(), sa_n, group_rows * sa_r, sa_r, sa_k, *part.stride())
     if mode == "sgmv":
         grid = (len(seg.slots), m_tiles, r_tiles * sk)
         _sgmv_shrink_kernel[grid](
-            x, a, part, seg.seg_starts, seg.seg_slots, K, R, *strides,
+            x, a, part, seg.seg_starts, seg.seg_slots, K, R, rank, *strides,
             SPLIT_K=sk, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, IEEE=ieee,
             DOT_F32=_dot_in_f32(x.dtype))
     else:
         grid = (T, r_tiles * sk)
         _bgmv_shrink_kernel[grid](
-            x, a, part, seg.token_slots, K, R, *strides,
+            x, a, part, seg.token_slots, K, R, rank, *strides,
             SPLIT_K=sk, BLOCK_R=block_r, BLOCK_K=block_k)
     if sk == 1:
         return part[0]
     return part.sum(0).to(out_dtype)
 
 
-def _expand_launch(y: torch.Tensor, v: torch.Tensor, b: torch.Tensor, scales: torch.Tensor,
-                   out_offsets: torch.Tensor, out_sizes: Sequence[int], seg: LoraSegments,
+def _expand_launch(y: torch.Tensor, v: torch.Tensor, b: torch.Tensor, b_strides: tuple[int, int, int, int, int],
+                   scales: torch.Tensor, out_offsets: torch.Tensor, out_sizes: Sequence[int], seg: LoraSegments,
                    mode: str) -> torch.Tensor:
-    """Shared by expand and expand_fused: scales [G, N_slots], out_offsets [G + 1] int32."""
+    """Shared by expand and apply_lora_fused: b addressed by b_strides = (sb_n, sb_lo, sb_o, sb_r, sb_rw)
+    (see `_sgmv_expand_kernel`), scales [G, N_slots], out_offsets [G + 1] int32."""
     T = y.shape[0]
     n_lora, _ = _lora_segments(seg)
     if T == 0 or n_lora == 0:
@@ -365,7 +383,7 @@ def _expand_launch(y: torch.Tensor, v: torch.Tensor, b: torch.Tensor, scales: to
     R = v.shape[1] // G
     mode = pick_mode(seg) if mode == "auto" else mode
     max_out = max(out_sizes)
-    strides = (*v.stride(), *b.stride(), *y.stride(), scales.stride(0))
+    strides = (*v.stride(), *b_strides, *y.stride(), scales.stride(0))
     if mode == "sgmv":
         block_m = _block_m(seg.max_segment_len)
         block_n = 64 if max_out <= 2048 else 128
@@ -410,12 +428,13 @@ def expand(y: torch.Tensor, v: torch.Tensor, b: torch.Tensor, scale: torch.Tenso
         _check_dtype(t, what)
     scales = scale.reshape(1, -1)
     out_offsets = _out_offsets([y.shape[1]], y.device)
-    return _expand_launch(y, v, b, scales, out_offsets, [y.shape[1]], seg, mode)
+    b_strides = (b.stride(0), b.stride(1), b.stride(1), b.stride(2), 0)
+    return _expand_launch(y, v, b, b_strides, scales, out_offsets, [y.shape[1]], seg, mode)
 
 
 def apply_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                scale: torch.Tensor, seg: LoraSegments, *, mode: str = "auto") -> torch.Tensor:
-    """y += LoRA delta of each token's adapter; returns y."""
+    """y += LoRA delta of each token's adapter, one target; returns y."""
     if not seg.has_lora:
         return y
     mode = pick_mode(seg) if mode == "auto" else mode
@@ -427,108 +446,42 @@ def apply_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
 
 @dataclass(frozen=True)
 class FusedLora:
-    """Several targets that read one x (q/k/v or gate/up), stacked for one shrink and one expand.
+    """A base projection's slot stacks (the pool's `ProjectionStacks`) as `apply_lora_fused` reads them:
+    the stacks themselves, no copy, so adapters loaded later show through, plus the targets' output
+    column offsets on the device. Built once per projection and layer by the Triton backend."""
 
-    a_cat    [N_slots, G*R, in]     target g's A in rows g*R .. (g+1)*R
-    b_cat    [N_slots, sum(out), R] target g's B in rows out_offsets[g] .. out_offsets[g+1]
-    scales   [G, N_slots] float32
-    out_offsets [G + 1] int32 on the device; out_sizes the same on the host
-    """
+    stacks: ProjectionStacks
+    out_offsets: torch.Tensor  # [G + 1] int32
 
-    a_cat: torch.Tensor
-    b_cat: torch.Tensor
-    scales: torch.Tensor
-    out_offsets: torch.Tensor
-    out_sizes: tuple[int, ...]
-
-    @property
-    def rank(self) -> int:
-        return self.a_cat.shape[1] // len(self.out_sizes)
-
-
-def concat_targets(a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor],
-                   scale_list: Sequence[torch.Tensor]) -> FusedLora:
-    """Stack per-target slot tensors (all the same padded rank R) into one FusedLora."""
-    if not (len(a_list) == len(b_list) == len(scale_list)) or not a_list:
-        raise ValueError("need one a, b and scale per target, at least one target")
-    R = a_list[0].shape[1]
-    if any(a.shape[1] != R or b.shape[2] != R for a, b in zip(a_list, b_list)):
-        raise ValueError("every fused target must have the same padded rank")
-    out_sizes = tuple(int(b.shape[1]) for b in b_list)
-    return FusedLora(
-        a_cat=torch.cat(list(a_list), dim=1).contiguous(),
-        b_cat=torch.cat(list(b_list), dim=1).contiguous(),
-        scales=torch.stack([s.float() for s in scale_list]).contiguous(),
-        out_offsets=_out_offsets(out_sizes, a_list[0].device),
-        out_sizes=out_sizes,
-    )
+    @classmethod
+    def of(cls, stacks: ProjectionStacks) -> "FusedLora":
+        if stacks.bt.stride(1) != 1 or stacks.a.stride(2) != 1 or stacks.scale.stride(1) != 1:
+            raise ValueError("the fused kernels read the pool's row-major stacks")
+        return cls(stacks, _out_offsets(stacks.widths, stacks.a.device))
 
 
 def apply_lora_fused(y_cat: torch.Tensor, x: torch.Tensor, fused: FusedLora, seg: LoraSegments,
-                     *, mode: str = "auto") -> torch.Tensor:
-    """y_cat[:, target g's columns] += scale_g[slot] * (x A_g[slot]^T) B_g[slot]^T for every g; returns y_cat.
+                     *, rank: Optional[int] = None, mode: str = "auto") -> torch.Tensor:
+    """y_cat[:, target g's columns] += scale_g[slot] * (x A_g[slot]^T) B_g[slot]^T for every target g of
+    the projection, over the first `rank` ranks (default: all R); returns y_cat.
 
     One shrink (x read once for all targets) and one expand launch.
     """
-    if y_cat.shape[1] != sum(fused.out_sizes) or y_cat.shape[0] != x.shape[0]:
+    st = fused.stacks
+    if y_cat.dim() != 2 or y_cat.shape[1] != sum(st.widths) or y_cat.shape[0] != x.shape[0]:
         raise ValueError(f"y_cat {tuple(y_cat.shape)} does not match x rows {x.shape[0]} "
-                         f"and fused outputs {fused.out_sizes}")
+                         f"and fused outputs {st.widths}")
+    r = st.max_rank if rank is None else int(rank)
+    if not 1 <= r <= st.max_rank:
+        raise ValueError(f"rank {r} outside 1..{st.max_rank}")
+    _check_shrink(x, st.a, seg)
+    for t, what in ((y_cat, "y_cat"), (st.bt, "b")):
+        _check_dtype(t, what)
     if not seg.has_lora:
         return y_cat
     mode = pick_mode(seg) if mode == "auto" else mode
-    v = shrink(x, fused.a_cat, seg, mode=mode)
-    return _expand_launch(y_cat, v, fused.b_cat, fused.scales, fused.out_offsets, fused.out_sizes, seg, mode)
-
-
-def apply_lora_fused_reference(y_cat: torch.Tensor, x: torch.Tensor, fused: FusedLora,
-                               seg: LoraSegments) -> torch.Tensor:
-    """The torch reference applied target by target: what apply_lora_fused must equal."""
-    from server.lora import torch_ref
-
-    R = fused.rank
-    for g, lo in enumerate(fused.out_offsets.tolist()[:-1]):
-        hi = lo + fused.out_sizes[g]
-        a = fused.a_cat[:, g * R:(g + 1) * R]
-        b = fused.b_cat[:, lo:hi]
-        out = y_cat[:, lo:hi].clone()
-        torch_ref.apply_lora(out, x, a, b, fused.scales[g], seg)
-        y_cat[:, lo:hi] = out
-    return y_cat
-
-
-# ----------------------------------------------------------------------------- grouped_mm variant
-
-
-def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """torch._grouped_mm exists and supports this device/dtype (CUDA: bf16 on sm90+)."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    if device.type == "cuda":
-        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 9
-    return device.type == "cpu"
-
-
-def apply_lora_grouped_mm(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                          scale: torch.Tensor, seg: LoraSegments) -> torch.Tensor:
-    """Same result via two torch._grouped_mm calls over the segments (for measurement).
-
-    Each segment's A and B are gathered first (an extra copy of the adapters in
-    the batch); slot-0 segments multiply the zero slot and add zero.
-    """
-    if not seg.has_lora:
-        return y
-    if not hasattr(torch, "_grouped_mm"):
-        raise RuntimeError("this torch build has no torch._grouped_mm")
-    dims = {"in_features": x.shape[1], "rank": a.shape[1], "out_features": y.shape[1]}
-    bad = [f"{k}={n}" for k, n in dims.items() if (n * x.element_size()) % 16]
-    if bad:
-        raise ValueError(f"torch._grouped_mm needs 16-byte aligned rows; not met by {', '.join(bad)}")
-    slots = seg.seg_slots.long()
-    offs = seg.seg_starts[1:].contiguous()  # group g covers [offs[g-1], offs[g])
-    a_g = a.index_select(0, slots).to(x.dtype)  # [S, R, in]
-    b_g = b.index_select(0, slots).to(x.dtype)  # [S, out, R]
-    v = torch._grouped_mm(x.contiguous(), a_g.transpose(1, 2), offs=offs)  # [T, R]
-    d = torch._grouped_mm(v, b_g.transpose(1, 2), offs=offs)  # [T, out]
-    sc = scale.index_select(0, seg.token_slots).to(torch.float32).unsqueeze(-1)
-    y.add_((d.float() * sc).to(y.dtype))
-    return y
+    v = _shrink(x, st.a, seg, groups=len(st.widths), rank=r, group_rows=st.max_rank, mode=mode, split_k=None,
+                out_dtype=None)
+    # Target g's B^T is an [R, w_g] block at column R * o_g of each slot's row: rank stride w_g.
+    b_strides = (st.bt.stride(0), st.max_rank, 1, 0, 1)
+    return _expand_launch(y_cat, v, st.bt, b_strides, st.scale, fused.out_offsets, st.widths, seg, mode)

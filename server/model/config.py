@@ -13,6 +13,11 @@ TARGET_MODULES: dict[str, str] = {
     "gate": "gate_proj", "up": "up_proj", "down": "down_proj",
 }
 MODULE_TARGETS: dict[str, str] = {v: k for k, v in TARGET_MODULES.items()}
+# The base projections the model runs as one matmul each: targets that read the same input, their
+# outputs side by side in this order. LoRA is applied per projection, so a backend reads x once for them.
+PROJECTIONS: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+# A projection's targets with their output widths, in column order: (("q", 576), ("k", 192), ("v", 192)).
+Projection = tuple[tuple[str, int], ...]
 
 
 @dataclass(frozen=True)
@@ -79,3 +84,7 @@ class ModelConfig:
             "q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q),
             "gate": (i, h), "up": (i, h), "down": (h, i),
         }[target]
+
+    def projection(self, targets: tuple[str, ...]) -> Projection:
+        """The targets of one base projection with their output widths, in column order."""
+        return tuple((t, self.target_shape(t)[0]) for t in targets)

@@ -9,39 +9,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from server.attention.sdpa import AttentionMetadata, paged_attention
-from server.model.config import TARGETS, ModelConfig
+from server.model.config import ModelConfig, Projection
 from server.model.quant import make_linear, make_lm_head
 
 
-def target_columns(y: torch.Tensor, parts: tuple[tuple[str, int], ...]) -> list[tuple[str, torch.Tensor]]:
-    """(target, its column slice of y) for a fused projection's outputs, (target, width) in column order."""
-    out, lo = [], 0
-    for target, width in parts:
-        out.append((target, y[:, lo:lo + width]))
-        lo += width
-    return out
+class LoraDeltas(Protocol):
+    """One step's LoRA, prepared by a backend of server.lora (server/lora/backend.py): adds each row's
+    adapter delta to the outputs y of a base projection (its targets' outputs side by side, as
+    `projection` lists them), given the projection's input x; returns y."""
 
-
-class LoraHook:
-    """What a linear needs to add LoRA deltas; implemented by server.lora.pool.LoraBatch."""
-
-    def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, target: str) -> torch.Tensor:
-        raise NotImplementedError
-
-    def apply_group(self, y: torch.Tensor, x: torch.Tensor, layer: int,
-                    parts: tuple[tuple[str, int], ...]) -> torch.Tensor:
-        """The targets of a fused projection at once (y: their outputs side by side, (target, width) in
-        column order), so an implementation can read x once for all of them; by default one at a time."""
-        for target, cols in target_columns(y, parts):
-            self.apply(cols, x, layer, target)
-        return y
+    def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, projection: Projection) -> torch.Tensor: ...
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -108,32 +92,31 @@ class DecoderLayer(nn.Module):
         self.down = make_linear(w("mlp.down_proj"), weights.get(p + "mlp.down_proj.bias"), quantize, dtype, device)
         self.q_size, self.kv_size = self.nh * self.hd, self.nkv * self.hd
         self.inter = config.intermediate_size
+        self.qkv_parts, self.o_parts = config.projection(("q", "k", "v")), config.projection(("o",))
+        self.gate_up_parts, self.down_parts = config.projection(("gate", "up")), config.projection(("down",))
 
-    def _lora(self, y: torch.Tensor, x: torch.Tensor, lora: Optional[LoraHook], target: str) -> torch.Tensor:
-        return y if lora is None else lora.apply(y, x, self.index, target)
+    def _lora(self, y: torch.Tensor, x: torch.Tensor, lora: Optional[LoraDeltas], projection: Projection
+              ) -> torch.Tensor:
+        return y if lora is None else lora.apply(y, x, self.index, projection)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionMetadata,
-                kv: Optional[tuple[torch.Tensor, torch.Tensor]], lora: Optional[LoraHook]) -> torch.Tensor:
+                kv: Optional[tuple[torch.Tensor, torch.Tensor]], lora: Optional[LoraDeltas]) -> torch.Tensor:
         T = h.shape[0]
         qs, kvs = self.q_size, self.kv_size
         x = rms_norm(h, self.input_norm, self.eps)
-        qkv = self.qkv(x, attn.prompt_from)
-        if lora is not None:
-            lora.apply_group(qkv, x, self.index, (("q", qs), ("k", kvs), ("v", kvs)))
+        qkv = self._lora(self.qkv(x, attn.prompt_from), x, lora, self.qkv_parts)
         q, k, v = qkv[:, :qs], qkv[:, qs:qs + kvs], qkv[:, qs + kvs:]
         q, k, v = q.view(T, self.nh, self.hd), k.view(T, self.nkv, self.hd), v.view(T, self.nkv, self.hd)
         c, s = cos[:, None, :], sin[:, None, :]
         q = q * c + rotate_half(q) * s
         k = k * c + rotate_half(k) * s
         o = paged_attention(q, k, v, attn, kv).reshape(T, self.nh * self.hd)
-        h = h + self._lora(self.o(o, attn.prompt_from), o, lora, "o")
+        h = h + self._lora(self.o(o, attn.prompt_from), o, lora, self.o_parts)
         x = rms_norm(h, self.post_norm, self.eps)
-        gu = self.gate_up(x, attn.prompt_from)
-        if lora is not None:
-            lora.apply_group(gu, x, self.index, (("gate", self.inter), ("up", self.inter)))
+        gu = self._lora(self.gate_up(x, attn.prompt_from), x, lora, self.gate_up_parts)
         g, u = gu[:, :self.inter], gu[:, self.inter:]
         a = F.silu(g) * u
-        return h + self._lora(self.down(a, attn.prompt_from), a, lora, "down")
+        return h + self._lora(self.down(a, attn.prompt_from), a, lora, self.down_parts)
 
 
 @dataclass
@@ -192,7 +175,7 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
-                kv: Optional[KVCache] = None, lora: Optional[LoraHook] = None) -> torch.Tensor:
+                kv: Optional[KVCache] = None, lora: Optional[LoraDeltas] = None) -> torch.Tensor:
         """Hidden states after the final norm, [T, hidden], for a flat batch of T tokens."""
         h = F.embedding(input_ids, self.embed)
         cos = self.cos.index_select(0, positions).to(self.dtype)
@@ -211,14 +194,10 @@ class LlamaForCausalLM(nn.Module):
         return out.float()
 
     @torch.inference_mode()
-    def score(self, input_ids: torch.Tensor, lora: Optional[LoraHook] = None) -> torch.Tensor:
+    def score(self, input_ids: torch.Tensor, lora: Optional[LoraDeltas] = None) -> torch.Tensor:
         """Logits [L, vocab] for every position of one sequence (perplexity, tests); no KV cache."""
         L = input_ids.shape[0]
         ids = input_ids.to(self.device)
         attn = AttentionMetadata.prefill_only([L], self.device)
         hidden = self.forward(ids, torch.arange(L, device=self.device), attn, None, lora)
         return self.logits(hidden)
-
-    @property
-    def targets(self) -> tuple[str, ...]:
-        return TARGETS

@@ -28,14 +28,15 @@ from tests.registry.test_adapters_service import TENANTS, FakeEngine
 @pytest.fixture
 def target(tmp_path: Path) -> Iterator[str]:
     directory = TenantDirectory.from_dict(TENANTS)
-    reg = Registry(tmp_path / "reg", TINY, FINGERPRINT, 16, tenants=directory)
+    engine = FakeEngine()
+    reg = Registry(tmp_path / "reg", TINY, FINGERPRINT, 16, tenants=directory, is_pinned=engine.pool.is_pinned)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
 
     async def start() -> tuple[grpc.aio.Server, int]:
         server = grpc.aio.server(interceptors=[AuthInterceptor(directory, QuotaTracker())])
-        add_adapters_service(server, reg, FakeEngine(), tenant_resolver=TenantResolver(directory))
+        add_adapters_service(server, reg, engine, tenant_resolver=TenantResolver(directory))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         return server, port

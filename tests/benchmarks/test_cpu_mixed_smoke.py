@@ -4,7 +4,7 @@ Timing values themselves are not asserted (they depend on the machine); what is
 checked is that each system did the same work (token counts, finish on length),
 that the derived columns follow from the raw timings, and that our fp32 engine
 produces PEFT's tokens, so the benchmark compares like with like. Each group of
-systems runs in a child process of its own (libgomp: see server/engine/threads.py),
+systems runs in a child process of its own (libgomp: see server/core/threads.py),
 with the timed rounds interleaved across the children; the protocol between parent and
 children is also checked quickly with stand-in children that do not load torch.
 """
@@ -19,7 +19,9 @@ import pytest
 
 from benchmarks import cpu_mixed
 from benchmarks.common import median
-from benchmarks.cpu_mixed import ALL_SYSTEMS, BenchConfig
+from benchmarks.cpu_mixed.config import ALL_SYSTEMS, GOAL_LORA_OVERHEAD, GOAL_SPEEDUP, HF_SYSTEMS, BenchConfig
+from benchmarks.cpu_mixed.groups import isolation_note, system_groups
+from benchmarks.cpu_mixed.protocol import PROTOCOL_PREFIX, run_workers
 
 slow = pytest.mark.slow  # three child processes (each imports torch): two engines, transformers and PEFT, all tiny
 
@@ -73,8 +75,8 @@ def test_ratios_follow_from_the_timings(payload):
         want = median(per_round)
         assert rows[lora]["lora_overhead"] == pytest.approx(want)
         assert rows[lora]["lora_overhead_of_medians"] == pytest.approx(rows[base]["tok_s"] / rows[lora]["tok_s"] - 1)
-        assert data["goals"][lora]["overhead_met"] == (want <= cpu_mixed.GOAL_LORA_OVERHEAD)
-        assert data["goals"][lora]["speedup_met"] == (rows[lora]["x_peft_mixed"] >= cpu_mixed.GOAL_SPEEDUP)
+        assert data["goals"][lora]["overhead_met"] == (want <= GOAL_LORA_OVERHEAD)
+        assert data["goals"][lora]["speedup_met"] == (rows[lora]["x_peft_mixed"] >= GOAL_SPEEDUP)
 
 
 @slow
@@ -108,9 +110,9 @@ def test_json_and_table_describe_the_run(payload):
 @slow
 def test_each_group_ran_in_its_own_process(payload):
     data, cfg, _ = payload
-    groups = cpu_mixed.system_groups(cfg)
+    groups = system_groups(cfg)
     assert [g.name for g in groups] == ["loraserve", "loraserve-none", "hf"]
-    assert data["workload"]["isolation"] == cpu_mixed.isolation_note(groups)
+    assert data["workload"]["isolation"] == isolation_note(groups)
     assert data["workload"]["isolation"].startswith("one process per group, timed rounds interleaved across the "
                                                     "group processes")
     assert data["workload"]["isolation"].endswith("): loraserve (loraserve, loraserve-base); loraserve-none "
@@ -122,12 +124,12 @@ def test_each_group_ran_in_its_own_process(payload):
 
 
 def test_groups_follow_the_selected_systems():
-    picked = cpu_mixed.system_groups(BenchConfig(systems=("peft-single", "loraserve-base")))
+    picked = system_groups(BenchConfig(systems=("peft-single", "loraserve-base")))
     assert [(g.name, g.systems, g.quantize) for g in picked] == [("loraserve", ["loraserve-base"], "int8"),
                                                                  ("hf", ["peft-single"], "")]
-    only_none = cpu_mixed.system_groups(BenchConfig(quantize="none"))
+    only_none = system_groups(BenchConfig(quantize="none"))
     assert [(g.name, g.systems) for g in only_none] == [("loraserve", ["loraserve", "loraserve-base"]),
-                                                        ("hf", list(cpu_mixed.HF_SYSTEMS))]
+                                                        ("hf", list(HF_SYSTEMS))]
 
 
 @slow
@@ -187,7 +189,7 @@ sys.exit("stdin closed")
 def fake_workers(tmp_path, trouble=None):
     trouble = trouble or {}
     return {g: [sys.executable, "-c", FAKE_WORKER, g, str(tmp_path / f"{g}.pid"), trouble.get(g, ""),
-                cpu_mixed.PROTOCOL_PREFIX] for g in ("a", "b", "c")}
+                PROTOCOL_PREFIX] for g in ("a", "b", "c")}
 
 
 def started_and_alive(tmp_path):
@@ -204,7 +206,7 @@ def started_and_alive(tmp_path):
 
 
 def test_rounds_interleave_across_persistent_children(tmp_path, capfd):
-    outs, timeline = cpu_mixed.run_workers(fake_workers(tmp_path), repeats=3, timeout_s=60)
+    outs, timeline = run_workers(fake_workers(tmp_path), repeats=3, timeout_s=60)
     assert outs == {g: {"event": "results", "group": g, "model": None, "results": []} for g in "abc"}
     want = [(g, r) for r in (1, 2, 3) for g in "abc"]  # a1 b1 c1 a2 b2 c2 a3 b3 c3
     assert [(t["group"], t["round"]) for t in timeline] == want
@@ -220,10 +222,10 @@ def test_rounds_interleave_across_persistent_children(tmp_path, capfd):
 def test_a_failing_or_hanging_child_fails_the_run_with_its_output(tmp_path):
     with pytest.raises(RuntimeError, match=r"(?s)worker a failed with exit status 1 \(waiting for its set-up\)"
                                            r".*setting up a.*worker blew up"):
-        cpu_mixed.run_workers(fake_workers(tmp_path, {"a": "setup"}), 2, 60)
+        run_workers(fake_workers(tmp_path, {"a": "setup"}), 2, 60)
     with pytest.raises(RuntimeError, match=r"(?s)worker a ran past 1 s and was killed \(waiting for its set-up\)"
                                            r".*setting up a"):
-        cpu_mixed.run_workers(fake_workers(tmp_path, {"a": "hang-setup"}), 2, 1)
+        run_workers(fake_workers(tmp_path, {"a": "hang-setup"}), 2, 1)
     assert started_and_alive(tmp_path)[1] == []
 
 
@@ -234,7 +236,7 @@ def test_a_failing_or_hanging_child_fails_the_run_with_its_output(tmp_path):
 def test_a_child_failing_mid_run_fails_the_run_and_no_child_outlives_it(tmp_path, trouble, error):
     t0 = time.perf_counter()
     with pytest.raises(RuntimeError, match=error):
-        cpu_mixed.run_workers(fake_workers(tmp_path, {"b": trouble}), 3, 2)
+        run_workers(fake_workers(tmp_path, {"b": trouble}), 3, 2)
     assert time.perf_counter() - t0 < 30
     started, alive = started_and_alive(tmp_path)
     assert len(started) == 3 and alive == []  # a and c sat idle waiting for their next command: killed too

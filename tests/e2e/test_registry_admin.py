@@ -44,7 +44,7 @@ def test_admin_lifecycle_and_restart(tmp_path: Path):
     cb, wb = make_adapter(model=mc, seed=12)
     (boot / "adapter_config.json").write_bytes(cb)
     (boot / "adapter_model.safetensors").write_bytes(wb)
-    args = ("--model", str(model), "--quantize", "none", "--import-dir", str(imports), "--adapter", f"boot={boot}",
+    args = ("--model", str(model), "--quantize", "none", "--dtype", "float32", "--import-dir", str(imports), "--adapter", f"boot={boot}",
             "--max-adapters-on-device", "2")
     env = {"LORASERVE_HOME": str(tmp_path / "home")}
     sp = start_server(tmp_path, *args, env=env)

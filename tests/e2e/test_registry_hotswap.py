@@ -31,7 +31,7 @@ NEW_TOKENS = 4
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hotswap")
     model = make_tiny_model_dir(tmp / "model")
-    sp = start_server(tmp, "--model", str(model), "--quantize", "none", "--max-adapters-on-device", "4",
+    sp = start_server(tmp, "--model", str(model), "--quantize", "none", "--dtype", "float32", "--max-adapters-on-device", "4",
                       env={"LORASERVE_HOME": str(tmp / "home")})
     yield sp, ModelConfig.from_file(model / "config.json")
     assert sp.stop() == 0, sp.log_tail()

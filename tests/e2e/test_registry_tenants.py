@@ -50,7 +50,7 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tenants")
     model = make_tiny_model_dir(tmp / "model")
     (tmp / "tenants.toml").write_text(TENANTS_TOML)
-    sp = start_server(tmp, "--model", str(model), "--quantize", "none", "--tenants", str(tmp / "tenants.toml"),
+    sp = start_server(tmp, "--model", str(model), "--quantize", "none", "--dtype", "float32", "--tenants", str(tmp / "tenants.toml"),
                       "--max-batch-size", "4", env={"LORASERVE_HOME": str(tmp / "home")})
     yield sp, ModelConfig.from_file(model / "config.json")
     assert sp.stop() == 0, sp.log_tail()

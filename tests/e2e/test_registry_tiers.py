@@ -43,7 +43,7 @@ def test_many_adapters_few_slots(tmp_path: Path):
     one = adapters["ad00"]
     size = validate_adapter(*one, mc, 32, RegistryLimits()).weights.nbytes
     marks = [("begin", time.monotonic())]
-    sp = start_server(tmp_path, "--model", str(model), "--quantize", "none",
+    sp = start_server(tmp_path, "--model", str(model), "--quantize", "none", "--dtype", "float32",
                       "--max-adapters-on-device", str(SLOTS), "--host-cache-bytes", str(size * HOST_ENTRIES),
                       env={"LORASERVE_HOME": str(tmp_path / "home")})
     try:

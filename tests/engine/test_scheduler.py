@@ -92,7 +92,7 @@ def test_hundred_random_requests_finish_with_right_lengths(tiny_dir, tiny_adapte
             assert out.finish_reason == "length" and len(out.token_ids) == n_new == out.completion_tokens
         st = eng.stats()
         assert st.kv_blocks_used == 0 and st.running == 0 and st.waiting == 0
-        assert st.adapter_evictions > 0  # 4 adapters through 2 slots
+        assert st.pool.evictions > 0  # 4 adapters through 2 slots
     finally:
         eng.shutdown()
 

@@ -1,7 +1,12 @@
-"""Interpreter-only kernel cases run in a TRITON_INTERPRET=1 child process, not beside it."""
+"""Interpreter-only kernel cases run in a TRITON_INTERPRET=1 child process, not beside it; the C kernel,
+built once into a test home for the CPU kernel, backend and factory tests."""
 from __future__ import annotations
 
 import os
+
+import pytest
+
+from server.lora import cpu_kernel
 
 
 def pytest_collection_modifyitems(config, items):
@@ -12,3 +17,14 @@ def pytest_collection_modifyitems(config, items):
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep
+
+
+@pytest.fixture(scope="session")
+def kernel_home(tmp_path_factory):
+    """An engine home (`--home`) for the tests: the C kernel is built into its kernels/ once."""
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="session")
+def kernel(kernel_home):
+    return cpu_kernel.load(kernel_home / "kernels")

@@ -1,4 +1,4 @@
-"""Triton SGMV/BGMV kernels against the torch reference.
+"""Triton SGMV/BGMV kernels, and the Triton backend that runs them, against the torch reference.
 
 On CPU the kernels run under Triton's interpreter on small shapes. The
 interpreter must be chosen before triton is first imported (its own library
@@ -203,49 +203,61 @@ def test_non_contiguous_inputs(K, dtype):
 
 @interp
 @pytest.mark.parametrize("mode", ["sgmv", "bgmv"])
-def test_fused_qkv_and_gate_up(K, mode):
-    """One shrink over concatenated A, one expand into the fused output, per-target scales."""
+@pytest.mark.parametrize("rank", [16, 5])
+def test_fused_qkv_and_gate_up(K, mode, rank):
+    """One shrink and one expand over a projection as the pool lays it out (its targets in one tensor),
+    per-target scales, the step's rank below the stacks' R: each target's columns get its own reference."""
+    from server.lora.stacks import ProjectionStacks
+
     seg, x, _, _, _, _ = _case(5, [1, 0, 3, 2], [4, 2, 1, 6], 64, 8, 8, 4, torch.float32)
     g = torch.Generator().manual_seed(11)
     T, R, N = seg.num_tokens, 16, 4
-    for outs in ((64, 16, 16), (96, 96)):  # q/k/v with GQA widths; gate/up
-        a_l = [torch.randn(N, R, 64, generator=g) / 8 for _ in outs]
-        b_l = [torch.randn(N, o, R, generator=g) for o in outs]
-        s_l = [torch.rand(N, generator=g) + 0.5 for _ in outs]
-        for t in (*a_l, *b_l):
-            t[0] = 0
-        for s in s_l:
-            s[0] = 0
-        fused = K.concat_targets(a_l, b_l, s_l)
-        assert fused.rank == R and fused.out_offsets.tolist()[-1] == sum(outs)
+    for targets, outs in ((("q", "k", "v"), (64, 16, 16)), (("gate", "up"), (96, 96))):  # GQA widths; gate/up
+        st = ProjectionStacks.zeros(targets, outs, 64, N, R, torch.float32, "cpu")
+        for slot in range(1, N):  # slot 0 stays the bare base
+            for i, o in enumerate(outs):
+                st.write(slot, i, torch.randn(rank, 64, generator=g) / 8, torch.randn(o, rank, generator=g),
+                         float(torch.rand(1, generator=g)) + 0.5)
+        fused = K.FusedLora.of(st)
+        assert fused.out_offsets.tolist() == list(st.offsets)
         y = torch.randn(T, sum(outs), generator=g)
-        want = K.apply_lora_fused_reference(y.clone(), x, fused, seg)
-        # The reference of the fused layout equals the per-target reference.
-        lo = 0
-        for a_t, b_t, s_t, o in zip(a_l, b_l, s_l, outs):
-            per = torch_ref.apply_lora(y[:, lo:lo + o].clone(), x, a_t, b_t, s_t, seg)
-            assert torch.allclose(want[:, lo:lo + o], per, atol=1e-5)
-            lo += o
-        got = K.apply_lora_fused(y.clone(), x, fused, seg, mode=mode)
-        assert _rel_err(got, want) <= 1e-5
+        got = K.apply_lora_fused(y.clone(), x, fused, seg, rank=rank, mode=mode)
+        for i, lo in enumerate(st.offsets[:-1]):
+            hi = st.offsets[i + 1]
+            want = torch_ref.apply_lora(y[:, lo:hi].clone(), x, st.a_of(i)[:, :rank],
+                                        st.bt_of(i).transpose(1, 2)[:, :, :rank], st.scale[i], seg)
+            assert _rel_err(got[:, lo:hi], want) <= 1e-5, (targets[i], mode)
+        assert torch.equal(got[seg.token_slots == 0], y[seg.token_slots == 0])
 
 
 @interp
-def test_grouped_mm_variant_matches_reference(K):
-    if not K.grouped_mm_available(torch.device("cpu"), torch.float32):
-        pytest.skip("torch._grouped_mm not available on this build")
-    aligned = 0
-    for i, (slots, lens, in_f, out_f, rank) in enumerate(CASES):
-        seg, x, a, b, scale, y = _case(i, slots, lens, in_f, out_f, rank, 4, torch.float32)
-        if any(n % 4 for n in (in_f, out_f, rank)):  # fp32 rows must be 16-byte multiples
-            with pytest.raises(ValueError, match="16-byte"):
-                K.apply_lora_grouped_mm(y.clone(), x, a, b, scale, seg)
-            continue
-        aligned += 1
-        want = torch_ref.apply_lora(y.clone(), x, a, b, scale, seg)
-        got = K.apply_lora_grouped_mm(y.clone(), x, a, b, scale, seg)
-        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), i
-    assert aligned >= 3
+def test_the_backend_adds_each_rows_adapter_on_every_projection(K):
+    """The Triton backend over a real pool (on CPU, under the interpreter): decode and prompt rows, the
+    base among them, three adapters of ranks 3-16 and target subsets; each row gets exactly its own delta."""
+    from server.lora.triton_backend import TritonBackend
+    from server.model.config import PROJECTIONS
+    from tests.lora.backend_utils import TINY, expected_delta, pool_with, random_adapter
+
+    adapters = [random_adapter(TINY, 8, ("q", "k", "v", "o", "gate", "up", "down"), 1),
+                random_adapter(TINY, 3, ("q", "v"), 2), random_adapter(TINY, 16, ("gate", "up", "down"), 3)]
+    pool, slots = pool_with(adapters)
+    by_slot = dict(zip(slots, adapters))
+    backend = TritonBackend(pool)
+    torch.manual_seed(0)
+    for rows, num_decode in (([1, 2, 3], 3), ([0, 1, 3, 1, 1, 1, 0, 2, 2], 3)):  # BGMV, then SGMV
+        step = backend.prepare(rows, num_decode)
+        for targets in PROJECTIONS:
+            projection = TINY.projection(targets)
+            x = torch.randn(len(rows), TINY.target_shape(targets[0])[1])
+            y0 = torch.randn(len(rows), sum(w for _, w in projection))
+            got = step.apply(y0.clone(), x, 1, projection)
+            want = y0.double() + expected_delta(x, 1, projection, rows, by_slot)
+            assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4), (rows, targets, step.mode)
+        q_alone = (("q", TINY.target_shape("q")[0]),)  # not a projection of the model: per-target kernels
+        x, y0 = torch.randn(len(rows), TINY.hidden_size), torch.randn(len(rows), q_alone[0][1])
+        want = y0.double() + expected_delta(x, 0, q_alone, rows, by_slot)
+        assert torch.allclose(step.apply(y0.clone(), x, 0, q_alone).double(), want, rtol=1e-5, atol=1e-4)
+    pool.shutdown()
 
 
 @interp
@@ -261,8 +273,13 @@ def test_bad_shapes_and_dtypes_are_refused(K):
         K.shrink(x.double(), a, seg)
     with pytest.raises(ValueError, match="mode"):
         K.shrink(x, a, seg, mode="nope")
-    with pytest.raises(ValueError, match="same padded rank"):
-        K.concat_targets([a, a[:, :4]], [b, b[:, :, :4]], [scale, scale])
+    from server.lora.stacks import ProjectionStacks
+
+    fused = K.FusedLora.of(ProjectionStacks.zeros(("q", "k"), (8, 8), 16, 2, 8, torch.float32, "cpu"))
+    with pytest.raises(ValueError, match="rank"):
+        K.apply_lora_fused(torch.zeros(3, 16), x, fused, seg, rank=9)  # over the stacks' R
+    with pytest.raises(ValueError, match="does not match"):
+        K.apply_lora_fused(torch.zeros(3, 12), x, fused, seg)
 
 
 def test_pick_mode():
@@ -299,24 +316,34 @@ def test_gpu_model_sizes(dtype, rank):
 
 @pytest.mark.gpu
 @_cuda
-def test_gpu_dispatch_uses_triton():
-    from server.lora import ops
+def test_gpu_engine_backend_is_triton_and_matches_the_torch_backend():
+    """On CUDA auto picks triton; its fused projections add what the torch backend adds on the same stacks."""
+    from server.core.engine_config import EngineConfig
+    from server.lora.backend import StepRows
+    from server.lora.factory import build_lora_backend
+    from server.lora.torch_backend import TorchBackend
+    from server.model.config import PROJECTIONS, ModelConfig
 
-    assert ops.backend_for(torch.device("cuda")) == "triton"
-    seg, x, a, b, scale, y = _case(0, [1, 0, 2], [5, 2, 1], 256, 128, 16, 3, torch.bfloat16, "cuda")
-    got = ops.apply_lora(y.clone(), x, a, b, scale, seg)
-    want = torch_ref.apply_lora(y.clone(), x, a, b, scale, seg)
-    assert _rel_err(got, want) <= _TOL[torch.bfloat16]
-
-
-@pytest.mark.gpu
-@_cuda
-def test_gpu_grouped_mm_variant():
-    from server.lora import triton_sgmv as K
-
-    if not K.grouped_mm_available(torch.device("cuda"), torch.bfloat16):
-        pytest.skip("torch._grouped_mm needs bf16 on sm90+")
-    seg, x, a, b, scale, y = _case(0, [1, 0, 2, 3], [64, 8, 1, 200], 2048, 8192, 16, 4, torch.bfloat16, "cuda")
-    want = torch_ref.apply_lora(y.clone(), x, a, b, scale, seg)
-    got = K.apply_lora_grouped_mm(y.clone(), x, a, b, scale, seg)
-    assert _rel_err(got, want) <= _TOL[torch.bfloat16]
+    cfg = ModelConfig(vocab_size=300, hidden_size=2048, intermediate_size=8192, num_layers=1, num_heads=32,
+                      num_kv_heads=8, head_dim=64, max_position_embeddings=512)
+    backend = build_lora_backend(EngineConfig(max_adapters_on_device=3, max_rank=16), cfg, torch.device("cuda"),
+                                 torch.bfloat16)
+    assert backend.name == "triton"
+    pool, reference = backend.pool, TorchBackend(backend.pool)
+    g = torch.Generator().manual_seed(0)
+    for slot in (1, 2, 3):
+        for st in pool.stacks.projections[0].values():
+            for i, o in enumerate(st.widths):
+                st.write(slot, i, torch.randn(16, st.a.shape[2], generator=g) / 45, torch.randn(o, 16, generator=g),
+                         0.5)
+    for rows, num_decode in (([1, 2, 3, 0], 4), ([1] * 40 + [0] * 7 + [3] * 200, 0)):  # BGMV; SGMV
+        seg = LoraSegments.from_token_slots(rows, "cuda")
+        step, want_step = (b.prepare_rows(StepRows(rows, num_decode, seg, 16)) for b in (backend, reference))
+        for targets in PROJECTIONS:
+            projection = cfg.projection(targets)
+            x = torch.randn(len(rows), cfg.target_shape(targets[0])[1], device="cuda", dtype=torch.bfloat16)
+            y = torch.randn(len(rows), sum(w for _, w in projection), device="cuda", dtype=torch.bfloat16)
+            got = step.apply(y.clone(), x, 0, projection)
+            want = want_step.apply(y.clone(), x, 0, projection)
+            assert _rel_err(got.float() - y.float(), want.float() - y.float()) <= 3e-2, targets
+    pool.shutdown()

@@ -52,6 +52,9 @@ class FakePool:
         if key in self.slots:
             self.slots[key].pinned = False
 
+    def is_pinned(self, key):
+        return key in self.slots and self.slots[key].pinned
+
     def unload(self, key):
         slot = self.slots.get(key)
         if slot is None:
@@ -93,8 +96,10 @@ def env(tmp_path):
     directory = TenantDirectory.from_dict(TENANTS)
     imports = tmp_path / "imports"
     imports.mkdir()
-    reg = Registry(tmp_path / "reg", TINY, FINGERPRINT, 16, import_dirs=[imports], tenants=directory)
-    yield reg, directory, imports
+    engine = FakeEngine()
+    reg = Registry(tmp_path / "reg", TINY, FINGERPRINT, 16, import_dirs=[imports], tenants=directory,
+                   is_pinned=engine.pool.is_pinned)
+    yield reg, directory, imports, engine
     reg.close()
 
 
@@ -102,8 +107,7 @@ def run(coro):
     return asyncio.run(coro)
 
 
-async def start(reg, directory):
-    engine = FakeEngine()
+async def start(reg, directory, engine):
     resolver = TenantResolver(directory)
     server = grpc.aio.server(interceptors=[AuthInterceptor(directory, QuotaTracker())])
     add_adapters_service(server, reg, engine, tenant_resolver=resolver)
@@ -136,10 +140,10 @@ async def code_of(awaitable):
 
 
 def test_register_load_pin_delete_flow(env):
-    reg, directory, _ = env
+    reg, directory, _, engine = env
 
     async def main():
-        server, ch, engine, _ = await start(reg, directory)
+        server, ch, _, _ = await start(reg, directory, engine)
         stub = pb_grpc.AdaptersStub(ch)
         a = md("alice-key")
         c1, w1 = make_adapter(seed=1)
@@ -172,10 +176,10 @@ def test_register_load_pin_delete_flow(env):
 
 
 def test_authentication_and_isolation(env):
-    reg, directory, _ = env
+    reg, directory, _, engine = env
 
     async def main():
-        server, ch, _, infer = await start(reg, directory)
+        server, ch, _, infer = await start(reg, directory, engine)
         stub = pb_grpc.AdaptersStub(ch)
         istub = ipb_grpc.InferenceStub(ch)
         for bad in ([], md("wrong-key"), [("authorization", "Basic alice-key")], [("authorization", "Bearer ")]):
@@ -218,10 +222,10 @@ def test_authentication_and_isolation(env):
 
 
 def test_quotas(env):
-    reg, directory, _ = env
+    reg, directory, _, engine = env
 
     async def main():
-        server, ch, _, infer = await start(reg, directory)
+        server, ch, _, infer = await start(reg, directory, engine)
         stub = pb_grpc.AdaptersStub(ch)
         istub = ipb_grpc.InferenceStub(ch)
         a = md("alice-key")
@@ -264,10 +268,10 @@ async def _drain(call):
 
 
 def test_bad_uploads_are_invalid_argument(env):
-    reg, directory, imports = env
+    reg, directory, imports, engine = env
 
     async def main():
-        server, ch, _, _ = await start(reg, directory)
+        server, ch, _, _ = await start(reg, directory, engine)
         stub = pb_grpc.AdaptersStub(ch)
         a = md("bob-key")
         c, w = make_adapter()

@@ -11,6 +11,7 @@ from server.api.tenants import TenantDirectory
 from server.api.tenants import hash_key
 from server.core.errors import (AdapterInUseError, AdapterLoadError, AdapterNotFoundError, AdapterRejectedError,
                            InvalidRequestError, PermissionDeniedError, QuotaExceededError, UnavailableError)
+from server.lora.pool import AdapterPool
 from server.lora.weights import load_peft_adapter
 
 from .adapters import FINGERPRINT, TINY, make_adapter
@@ -103,7 +104,7 @@ def test_rejected_upload_leaves_nothing(registry, tmp_path):
     with pytest.raises(AdapterRejectedError):
         registry.register_bytes("t", "a", c, w[:-3])
     assert registry.list("t") == [] and list(registry.store.digests()) == []
-    assert registry.stats()["rejected_total"] == 1
+    assert registry.stats().rejected == 1
     with pytest.raises(InvalidRequestError, match="metadata"):
         registry.register_bytes("t", "a", c, w, {f"k{i}": "v" for i in range(100)})
 
@@ -134,16 +135,23 @@ def test_delete_semantics_and_in_flight_versions(registry):
         registry.delete("t", "ad")
 
 
-def test_delete_refused_while_pinned(registry):
+def test_delete_refused_while_pinned(tmp_path):
+    """Pins live in the device pool (by digest); the registry reports them and refuses the delete."""
+    pool = AdapterPool(TINY, num_slots=2, max_rank=16, device=torch.device("cpu"), dtype=torch.float32)
+    registry = Registry(tmp_path / "r", TINY, FINGERPRINT, 16, is_pinned=pool.is_pinned)
     c, w = make_adapter()
     registry.register_bytes("t", "ad", c, w)
-    assert registry.set_pinned("t", "ad", True).pinned
+    pool.load(registry.resolve("t", "ad"), pin=True)
+    assert registry.get("t", "ad").versions[0].pinned
     with pytest.raises(AdapterInUseError, match="pinned"):
         registry.delete("t", "ad@1")
     with pytest.raises(AdapterInUseError):
         registry.delete("t", "ad")
-    registry.set_pinned("t", "ad@1", False)
+    pool.unpin(registry.resolve("t", "ad@1").digest)
+    assert not registry.get("t", "ad@1").versions[0].pinned
     assert registry.delete("t", "ad") == [1]
+    pool.shutdown()
+    registry.close()
 
 
 def test_persistence_and_single_writer(tmp_path):
@@ -268,13 +276,13 @@ def test_host_tier_lru_and_counters(tmp_path):
         ci, wi = make_adapter(seed=i)
         reg.register_bytes("t", f"a{i}", ci, wi)
         specs.append(reg.resolve("t", f"a{i}"))
-    s = reg.stats()
-    assert s["host_entries"] == 2 and s["host_evictions_total"] == 2 and s["host_bytes"] <= size * 2.5
+    s = reg.stats().host
+    assert s.entries == 2 and s.evictions == 2 and s.bytes <= size * 2.5
     for i in (3, 2, 0, 0):    # a2, a3 were warmed at register (hits); a0 comes from disk once
         specs[i].load()
-    s = reg.stats()
-    assert (s["disk_loads_total"], s["host_misses_total"], s["host_hits_total"]) == (1, 1, 3)
-    assert s["host_hit_rate"] == 0.75 and s["disk_load_seconds_total"] > 0 and s["host_evictions_total"] == 3
+    s = reg.stats().host
+    assert (s.loads, s.misses, s.hits) == (1, 1, 3)
+    assert s.hit_rate == 0.75 and s.load_seconds > 0 and s.evictions == 3
     info = {a.name: a.versions[0].in_host_memory for a in reg.list("t")}
     assert info == {"a0": True, "a1": False, "a2": True, "a3": False}
     reg.close()
@@ -290,14 +298,14 @@ def test_concurrent_misses_load_once(registry):
     v = registry.register_bytes("t", "a", c, w)
     registry.cache.discard(v.digest)
     adapter = registry.resolve("t", "a")
-    before = registry.stats()["disk_loads_total"]
+    before = registry.stats().host.loads
     results = []
     threads = [threading.Thread(target=lambda: results.append(adapter.load())) for _ in range(6)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert registry.stats()["disk_loads_total"] == before + 1
+    assert registry.stats().host.loads == before + 1
     assert all(r is results[0] for r in results)
 
 

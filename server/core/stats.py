@@ -1,0 +1,78 @@
+"""Typed snapshots of serving state, for `server/metrics.py` and anyone else who reads them.
+
+Each layer produces its own: the adapter pool `PoolStats`, the engine `EngineStats` (which holds
+the pool's), the registry `RegistryStats` (which holds the host tier's `HostCacheStats`). They are
+frozen: a producer keeps its counters in one of these and swaps in an updated copy under its lock
+(`added`), so a snapshot is handed out as is and never changes under its reader.
+Counters are totals since the process started; the metrics module names them, nobody re-maps them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
+
+S = TypeVar("S")
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """The device tier: adapter slots (slot 0, the bare base, not counted) and their loads."""
+
+    slots_total: int = 0
+    slots_ready: int = 0           # slots holding a loaded adapter (a slot still loading is not counted)
+    loads: int = 0
+    load_failures: int = 0
+    load_seconds: float = 0.0
+    evictions: int = 0
+    hits: int = 0                  # a sequence found its adapter already in a slot
+    misses: int = 0                # a sequence had to wait for its adapter's load
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    last_batch_size: int = 0
+    steps: int = 0
+    preemptions: int = 0
+    pool: PoolStats = field(default_factory=PoolStats)
+
+
+@dataclass(frozen=True)
+class HostCacheStats:
+    """The host-memory tier; a miss loads from the disk tier (a `load`)."""
+
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    load_errors: int = 0
+    load_seconds: float = 0.0
+    evictions: int = 0
+    entries: int = 0
+    bytes: int = 0
+    budget_bytes: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+@dataclass(frozen=True)
+class RegistryStats:
+    versions_stored: int = 0
+    registered: int = 0
+    rejected: int = 0              # registrations validation refused
+    deleted_versions: int = 0
+    resolves: int = 0
+    objects_removed: int = 0
+    startup_temp_removed: int = 0  # unfinished publishes the start-up sweep removed
+    startup_orphans_removed: int = 0
+    host: HostCacheStats = field(default_factory=HostCacheStats)
+
+
+def added(stats: S, **increments: float) -> S:
+    """A copy of `stats` with each named counter increased; an unknown name raises AttributeError."""
+    return replace(stats, **{name: getattr(stats, name) + n for name, n in increments.items()})

@@ -1,0 +1,70 @@
+"""The CPU kernel backend: every row of every step through the bf16 C kernels (`cpu_kernel.py`).
+
+Decode rows (first in the step) go one token at a time, prompt rows in blocks of up to 4 tokens of
+one adapter; one call of each per base projection (q/k/v and gate/up read x once for their targets),
+on `KernelPlan`s packed here once at start-up over the pool's bf16 copies. A token's LoRA arithmetic
+depends on its kind (decode or prompt), never on the rest of its batch. A projection the plans do not
+cover, or activations the kernel cannot read, take the torch reference instead (on the fp32 stacks).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from server.lora.backend import LoraBackend, LoraStep, StepRows
+from server.lora.cpu_kernel import CpuLoraKernel, KernelPlan
+from server.lora.pool import AdapterPool
+from server.lora.torch_backend import TorchBackend, TorchStep
+from server.model.config import PROJECTIONS, Projection
+
+
+class CpuKernelBackend(LoraBackend):
+    name = "cpu"
+
+    def __init__(self, pool: AdapterPool, kernel: CpuLoraKernel):
+        super().__init__(pool)
+        copies = pool.bf16_stacks
+        if copies is None:
+            raise ValueError("the CPU kernel backend reads the pool's bf16 copies: AdapterPool(bf16_copies=True)")
+        self.kernel = kernel
+        self.reference = TorchBackend(pool)
+        # Each projection's plan, and each of its targets alone, per layer; keyed like the model's projections.
+        self.plans: list[dict[Projection, KernelPlan]] = []
+        config = pool.config
+        for layer in copies.projections:
+            plans = {}
+            for targets in PROJECTIONS:
+                st = layer[targets]
+                plans[config.projection(targets)] = KernelPlan(
+                    [(st.a_of(g), st.bt_of(g), st.scale[g], off) for g, off in enumerate(st.offsets[:-1])])
+                for g, t in enumerate(targets):
+                    plans.setdefault(config.projection((t,)), KernelPlan([(st.a_of(g), st.bt_of(g), st.scale[g], 0)]))
+            self.plans.append(plans)
+
+    def prepare_rows(self, rows: StepRows) -> "CpuKernelStep":
+        return CpuKernelStep(self, rows)
+
+
+class CpuKernelStep(LoraStep):
+    def __init__(self, backend: CpuKernelBackend, rows: StepRows):
+        self.backend, self.rows = backend, rows
+        kernel, any_plan = backend.kernel, next(iter(backend.plans[0].values()))
+        self.decode_slots = torch.tensor(rows.adapter_slots[:rows.num_decode], dtype=torch.int64)
+        kernel.check_slots(self.decode_slots, rows.rank, any_plan)
+        self.prompt_blocks = kernel.prompt_blocks(rows.segments, rows.num_decode)
+        kernel.check_slots(self.prompt_blocks[:, 2].contiguous(), rows.rank, any_plan)
+        self._reference: Optional[TorchStep] = None  # prepared only if a projection needs it
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, projection: Projection) -> torch.Tensor:
+        kernel = self.backend.kernel
+        plan = self.backend.plans[layer].get(projection)
+        if plan is not None and kernel.accepts(y, x, plan, self.rows.segments.num_tokens):  # once for both kinds
+            if self.decode_slots.shape[0]:
+                kernel.run(y, x, self.decode_slots, plan, self.rows.rank)
+            if self.prompt_blocks.shape[0]:
+                kernel.run_prompt(y, x, self.prompt_blocks, plan, self.rows.rank)
+            return y
+        if self._reference is None:
+            self._reference = self.backend.reference.prepare_rows(self.rows)
+        return self._reference.apply(y, x, layer, projection)

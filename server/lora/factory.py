@@ -1,0 +1,99 @@
+"""Choose an engine's LoRA backend, once, and build it over a new slot pool.
+
+`EngineConfig.lora_backend` (flag `--lora-backend`, env, TOML) asks for one of:
+    auto    triton on CUDA when it imports; on CPU the bf16 C kernel where the LoRA weights resolve
+            to bf16 (`EngineConfig.resolve_lora_decode_dtype`: a quantized base) and activations are
+            fp32, when the kernel builds; the torch reference otherwise (the log says why)
+    torch   the reference, any device
+    cpu     the C kernel; refused unless the device is CPU, activations fp32, the kernel builds and
+            `--lora-decode-dtype` is not float32
+    triton  the Triton kernels; refused unless the device is CUDA and triton imports
+The choice decides the pool's layout too (bf16 copies for the C kernel), so pool and backend are built
+together here. The C kernel is built into the engine's home (`EngineConfig.resolve_home()`).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from server.core.engine_config import EngineConfig
+from server.core.errors import InvalidRequestError
+from server.lora import cpu_kernel
+from server.lora.backend import LoraBackend
+from server.lora.cpu_backend import CpuKernelBackend
+from server.lora.pool import AdapterPool
+from server.lora.torch_backend import TorchBackend
+from server.model.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "cpu", "triton")
+
+
+def build_lora_backend(config: EngineConfig, model_config: ModelConfig, device: torch.device,
+                       dtype: torch.dtype) -> LoraBackend:
+    """The engine's backend, its pool (`backend.pool`) sized by `config`, for activations of `dtype` on `device`."""
+    name, why, kernel = _choose(config, device, dtype)
+    pool = AdapterPool(model_config, config.max_adapters_on_device, config.max_rank, device, dtype,
+                       bf16_copies=name == "cpu")
+    if name == "cpu":
+        assert kernel is not None
+        backend: LoraBackend = CpuKernelBackend(pool, kernel)
+    elif name == "triton":
+        from server.lora.triton_backend import TritonBackend
+
+        backend = TritonBackend(pool)
+    else:
+        backend = TorchBackend(pool)
+    log.info("LoRA backend: %s (%s)", backend.name, why)
+    return backend
+
+
+def _choose(config: EngineConfig, device: torch.device, dtype: torch.dtype
+            ) -> tuple[str, str, Optional[cpu_kernel.CpuLoraKernel]]:
+    """(backend name, why, the loaded C kernel when the name is 'cpu')."""
+    asked = config.lora_backend
+    if asked not in BACKENDS:
+        raise InvalidRequestError("lora_backend", f"{asked!r}: choose one of {', '.join(BACKENDS)}")
+    if asked == "torch":
+        return "torch", "--lora-backend torch", None
+    if asked == "triton" or (asked == "auto" and device.type == "cuda"):
+        problem = "the device is not CUDA" if device.type != "cuda" else _triton_problem()
+        if problem is None:
+            return "triton", f"--lora-backend {asked}, CUDA", None
+        if asked == "triton":
+            raise InvalidRequestError("lora_backend", f"triton cannot run: {problem}")
+        return "torch", f"triton cannot run: {problem}", None
+    problem = _cpu_kernel_problem(config, device, dtype, asked)
+    kernel = cpu_kernel.load(config.resolve_home() / "kernels") if problem is None else None
+    if problem is None and kernel is None:
+        problem = "the C kernel could not be built or loaded (see the warning above)"
+    if problem is None:
+        return "cpu", f"--lora-backend {asked}, bf16 C kernel", kernel
+    if asked == "cpu":
+        raise InvalidRequestError("lora_backend", f"the cpu backend cannot run: {problem}")
+    return "torch", problem, None
+
+
+def _cpu_kernel_problem(config: EngineConfig, device: torch.device, dtype: torch.dtype, asked: str) -> Optional[str]:
+    if device.type != "cpu":
+        return f"the C kernel runs on CPU, the device is {device.type}"
+    if dtype != torch.float32:
+        return f"the C kernel reads float32 activations, the dtype is {str(dtype).replace('torch.', '')}"
+    weights = config.resolve_lora_decode_dtype(device)
+    if asked == "cpu" and config.lora_decode_dtype == "float32":
+        return "--lora-decode-dtype float32 asks for fp32 LoRA weights; the C kernel reads bf16"
+    if asked == "auto" and weights != torch.bfloat16:
+        return "fp32 LoRA weights (--lora-decode-dtype auto with --quantize none, or float32)"
+    return None
+
+
+def _triton_problem() -> Optional[str]:
+    """None when the Triton kernels import; else why not (triton is an optional dependency)."""
+    try:
+        from server.lora import triton_sgmv  # noqa: F401
+    except Exception as e:  # noqa: BLE001 (missing or broken: the reference still serves)
+        return f"{type(e).__name__}: {e}"
+    return None

@@ -1,0 +1,55 @@
+"""A tiny model's shape, random adapters loaded into a real pool, and each row's LoRA delta computed
+straight from the adapters' own weights: what every backend's step must add."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from server.core.identity import AdapterVersion
+from server.lora.pool import AdapterPool
+from server.lora.weights import LoraModule, LoraWeights
+from server.model.config import ModelConfig, Projection
+
+TINY = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
+                   num_kv_heads=2, head_dim=16, max_position_embeddings=512)
+
+
+def random_adapter(config: ModelConfig, rank: int, targets: tuple[str, ...], seed: int,
+                   bf16_exact: bool = False) -> LoraWeights:
+    """Every layer's `targets` at `rank`; `bf16_exact`: values a bf16 copy holds exactly."""
+    g = torch.Generator().manual_seed(seed)
+    mods = {}
+    for layer in range(config.num_layers):
+        for t in targets:
+            out_f, in_f = config.target_shape(t)
+            a, b = torch.randn(rank, in_f, generator=g) / in_f ** 0.5, torch.randn(out_f, rank, generator=g)
+            if bf16_exact:
+                a, b = a.bfloat16().float(), b.bfloat16().float()
+            mods[(layer, t)] = LoraModule(a=a, b=b, scale=0.5 + seed / 4)
+    return LoraWeights(modules=mods)
+
+
+def pool_with(adapters: list[LoraWeights], config: ModelConfig = TINY, max_rank: int = 16,
+              device: str = "cpu", bf16_copies: bool = False) -> tuple[AdapterPool, list[int]]:
+    """A pool holding `adapters`, loaded the way the engine loads them; their slots in order."""
+    pool = AdapterPool(config, num_slots=len(adapters) + 1, max_rank=max_rank, device=torch.device(device),
+                       dtype=torch.float32, bf16_copies=bf16_copies)
+    slots = [pool.load(AdapterVersion("default", f"a{i}", 1, f"a{i}", lambda w=w: w)) for i, w in enumerate(adapters)]
+    return pool, slots
+
+
+def expected_delta(x: torch.Tensor, layer: int, projection: Projection, adapter_slots: list[int],
+                   by_slot: dict[int, LoraWeights]) -> torch.Tensor:
+    """[T, width] in float64: row i's scale * x_i A^T B^T for each target of its adapter (zero without one)."""
+    width = sum(w for _, w in projection)
+    out = torch.zeros(x.shape[0], width, dtype=torch.float64)
+    for i, slot in enumerate(adapter_slots):
+        w: Optional[LoraWeights] = by_slot.get(slot)
+        lo = 0
+        for t, width_t in projection:
+            m = w.modules.get((layer, t)) if w is not None else None
+            if m is not None:
+                out[i, lo:lo + width_t] = m.scale * (x[i].double() @ m.a.double().t()) @ m.b.double().t()
+            lo += width_t
+    return out

@@ -1,0 +1,73 @@
+"""The LoRA backend is chosen once per engine, from `lora_backend` with the device, dtype and quantization:
+auto takes the C kernel where the base is quantized on CPU, the torch reference where PEFT-exact fp32
+is wanted, and an explicit choice that cannot run is refused by name instead of quietly replaced."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from server.core.engine_config import EngineConfig
+from server.core.errors import InvalidRequestError
+from server.lora.factory import build_lora_backend
+from tests.lora.backend_utils import TINY
+
+CPU = torch.device("cpu")
+needs_cc = pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,
+                              reason="no C compiler: the torch reference serves (tested elsewhere)")
+
+
+def _backend(home, dtype=torch.float32, **fields):
+    backend = build_lora_backend(EngineConfig(home=str(home), max_adapters_on_device=2, max_rank=8, **fields),
+                                 TINY, CPU, dtype)
+    backend.pool.shutdown()
+    return backend
+
+
+@needs_cc
+def test_auto_takes_the_kernel_where_the_base_is_quantized(kernel_home, caplog):
+    caplog.set_level("INFO", logger="server.lora.factory")
+    quantized = _backend(kernel_home, quantize="int8")
+    assert quantized.name == "cpu" and quantized.pool.bf16_stacks is not None
+    assert "LoRA backend: cpu" in caplog.text
+    assert list((kernel_home / "kernels").glob("lora_cpu_*.so")), "built into the engine's home, not elsewhere"
+    exact = _backend(kernel_home, quantize="none")
+    assert exact.name == "torch" and exact.pool.bf16_stacks is None  # the PEFT-exact setting
+    assert _backend(kernel_home, quantize="none", lora_decode_dtype="bfloat16").name == "cpu"
+    assert _backend(kernel_home, quantize="int8", lora_decode_dtype="float32").name == "torch"
+    assert _backend(kernel_home, torch.bfloat16, quantize="int8").name == "torch"  # the kernel reads fp32 rows
+
+
+@needs_cc
+def test_an_explicit_choice_is_kept_or_refused(kernel_home):
+    off = _backend(kernel_home, quantize="int8", lora_backend="torch")  # the switch that keeps the kernel off
+    assert off.name == "torch" and off.pool.bf16_stacks is None
+    assert _backend(kernel_home, quantize="none", lora_backend="cpu").name == "cpu"
+    with pytest.raises(InvalidRequestError, match="lora_backend.*float32"):
+        _backend(kernel_home, quantize="int8", lora_backend="cpu", lora_decode_dtype="float32")
+    with pytest.raises(InvalidRequestError, match="lora_backend.*float32 activations"):
+        _backend(kernel_home, torch.bfloat16, lora_backend="cpu")
+    with pytest.raises(InvalidRequestError, match="lora_backend.*CUDA"):
+        _backend(kernel_home, lora_backend="triton")
+    with pytest.raises(InvalidRequestError, match="lora_backend"):
+        _backend(kernel_home, lora_backend="fast")
+
+
+def test_the_choice_is_a_config_field_like_every_other():
+    from server.core import config
+
+    assert config.load(env={"LORASERVE_LORA_BACKEND": "torch"}).engine.lora_backend == "torch"
+    with pytest.raises(InvalidRequestError, match="lora_backend"):
+        config.load(env={"LORASERVE_LORA_BACKEND": "fast"})
+
+
+def test_lora_decode_dtype_resolution():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert EngineConfig(quantize="int8").resolve_lora_decode_dtype(cpu) == torch.bfloat16
+    assert EngineConfig(quantize="none").resolve_lora_decode_dtype(cpu) == torch.float32  # the PEFT-exact setting
+    assert EngineConfig(quantize="none", lora_decode_dtype="bfloat16").resolve_lora_decode_dtype(cpu) == torch.bfloat16
+    assert EngineConfig(quantize="int8", lora_decode_dtype="float32").resolve_lora_decode_dtype(cpu) == torch.float32
+    assert EngineConfig(quantize="int8").resolve_lora_decode_dtype(cuda) == torch.float32
+    with pytest.raises(InvalidRequestError, match="lora_decode_dtype"):
+        EngineConfig(lora_decode_dtype="fp8").resolve_lora_decode_dtype(cpu)
