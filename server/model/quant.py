@@ -424,6 +424,22 @@ def make_lm_head(embed_weight: torch.Tensor, mode: str, dtype: torch.dtype, devi
     return make_linear(embed_weight, None, lm_head_mode(mode), dtype, device, **kw)  # type: ignore[arg-type]
 
 
+def kernel_description(model: nn.Module) -> str:
+    """In words, which kernels a model's base linears run (for the log and benchmark results)."""
+    kinds = sorted({(m.kernel, str(getattr(m, "kernel_dtype", "")).removeprefix("torch."))
+                    for m in model.modules() if isinstance(m, (DenseLinear, QuantLinear))})
+    words = []
+    for kernel, dtype in kinds:
+        if kernel == "dynamic":
+            kern = int8_dynamic.load()
+            words.append(kern.description if kern else "dynamic")
+        elif kernel == "dense":
+            words.append("dense (torch F.linear)")
+        else:
+            words.append(f"{kernel} ({dtype} activations)")
+    return "; ".join(words)
+
+
 def module_nbytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer in `model`, each storage counted once (tied weights)."""
     seen: set[tuple[int, int]] = set()
