@@ -2,8 +2,9 @@
 
 Prefilling sequences start at position 0 (preemption recomputes from scratch), so
 their attention needs only their own new tokens: one causal SDPA call each. Decoding
-sequences read their whole context from the paged cache: one batched, masked SDPA
-call for all of them. On CUDA, `server.attention.xformers_probe` may swap in xformers.
+sequences read their whole context from the paged cache: on CPU (fp32) in place, by
+`server.attention.decode_kernel`, elsewhere gathered and padded for one batched, masked
+SDPA call. On CUDA, `server.attention.xformers_probe` may swap in xformers.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+from server.attention import decode_kernel
 
 
 DECODE_KV_ALIGN = 64  # decode contexts are padded to a multiple of this (AttentionMetadata.padded_decode)
@@ -40,6 +43,15 @@ class AttentionMetadata:
     all_decode: bool = False
     prompt_from: Optional[int] = None
     _decode_padded: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False, compare=False)
+    _decode_lengths: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+
+    def decode_lengths(self) -> torch.Tensor:
+        """int32 [D]: each decoding sequence's context length (its mask's true prefix). Once a step."""
+        if self._decode_lengths is None:
+            assert self.decode_kv is not None and self.decode_mask is not None
+            D, L = self.decode_kv.shape
+            self._decode_lengths = self.decode_mask.reshape(D, L).sum(1, dtype=torch.int32)
+        return self._decode_lengths
 
     def padded_decode(self) -> tuple[torch.Tensor, torch.Tensor]:
         """decode_kv and decode_mask with the context padded (masked) to a multiple of DECODE_KV_ALIGN.
@@ -108,6 +120,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: Att
 def _decode(q: torch.Tensor, attn: AttentionMetadata,
             kv: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     assert kv is not None and attn.decode_kv is not None, "decoding needs the KV cache"
+    kern = decode_kernel.load() if q.device.type == "cpu" else None
+    if kern is not None and kern.accepts(q, kv[0]):
+        return kern(q, kv[0], kv[1], attn.decode_kv, attn.decode_lengths())
     decode_kv, mask = attn.padded_decode()
     D, L = decode_kv.shape
     rows = decode_kv.reshape(-1)

@@ -37,7 +37,7 @@ from typing import Optional
 
 import torch
 
-from server.model.native import NATIVE_FLAGS, NativeBuildError, build_and_load
+from server.core.native import NATIVE_FLAGS, NativeBuildError, build_and_load
 
 log = logging.getLogger(__name__)
 
@@ -282,27 +282,29 @@ int lsq_amx_init(void) {  /* Linux hands out AMX state only on request, once per
   return amx_ready;
 }
 
-static void amx_config(void) {
+/* Tiles 0-5 (C and A) hold `rows` token rows; the B tiles always 16 k-groups. */
+static void amx_config(int rows) {
   tile_config cfg;
   memset(&cfg, 0, sizeof cfg);
   cfg.palette = 1;
-  for (int t = 0; t < 8; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+  for (int t = 0; t < 8; t++) { cfg.rows[t] = t < 6 ? rows : 16; cfg.colsb[t] = 64; }
   _tile_loadconfig(&cfg);
 }
 
-static void amx_epilogue(const int32_t* acc, const int32_t* wsum, const float* ws, const float* xsc,
+static void amx_epilogue(int rows, const int32_t* acc, const int32_t* wsum, const float* ws, const float* xsc,
                          float* y, long ys, int cols) {
   const __m512i comp = _mm512_slli_epi32(_mm512_loadu_si512(wsum), 7);
   const __mmask16 mk = cols >= NB ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1);
   const __m512 vws = _mm512_loadu_ps(ws);
-  for (int i = 0; i < 16; i++) {
+  for (int i = 0; i < rows; i++) {
     const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512(acc + 16 * i), comp)), vws);
     _mm512_mask_storeu_ps(y + (long)i * ys, mk, _mm512_mul_ps(f, _mm512_set1_ps(xsc[i])));
   }
 }
 
-/* Rows r0 (and r1, 16 further on, or r0 again) against blocks c0 and c1 (or c0 again). */
-static void amx_2x2(int r0, int r1, int c0, int c1, int n, int kp, const uint8_t* xu, const int8_t* wp,
+/* Rows r0 (and r1, 16 further on, or r0 again) against blocks c0 and c1 (or c0 again); `rows` as
+   configured (16, or the last rows of the batch). */
+static void amx_2x2(int rows, int r0, int r1, int c0, int c1, int n, int kp, const uint8_t* xu, const int8_t* wp,
                     const int32_t* wsum, const float* ws, const float* xsc, float* y, long ys) {
   _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
   const int8_t* b0 = wp + (long)c0 * (kp / 4) * 64;
@@ -322,7 +324,7 @@ static void amx_2x2(int r0, int r1, int c0, int c1, int n, int kp, const uint8_t
     for (int b = 0; b < 2; b++) {
       if (b && c1 == c0) break;
       const int c = cs[b], cols = n - c * NB < NB ? n - c * NB : NB;
-      amx_epilogue(acc[2 * a + b], wsum + c * NB, ws + c * NB, xsc + rs[a], y + (long)rs[a] * ys + c * NB, ys, cols);
+      amx_epilogue(rows, acc[2 * a + b], wsum + c * NB, ws + c * NB, xsc + rs[a], y + (long)rs[a] * ys + c * NB, ys, cols);
     }
   }
 }
@@ -332,6 +334,9 @@ int lsq_amx_init(void) { return 0; }
 #define HAVE_AMX 0
 #endif
 
+static int amx_min_rows = 2;  /* a single row streams as fast through the vector kernel (tests set it) */
+void lsq_set_amx_min_rows(int r) { amx_min_rows = r; }
+
 int lsq_has_amx(void) { return HAVE_AMX; }
 
 /* y[i, :n] = ((float)(x_i . w_j) * ws[j]) * xsc[i] for m rows of quantized x (kp bytes each, zero
@@ -340,35 +345,53 @@ int lsq_has_amx(void) { return HAVE_AMX; }
    integer sums are exact and the float epilogue is the same, so the path never shows in the bits. */
 void lsq_gemm(int m, int n, int kp, const uint8_t* xu, const float* xsc, const int8_t* wp,
               const int32_t* wsum, const float* ws, float* y, long ys) {
-  const int nbk = (n + NB - 1) / NB;
+  const int nbk = (n + NB - 1) / NB, pairs = (nbk + 1) / 2;
 #if HAVE_AMX
-  const int full = amx_ready ? (m / 16) * 16 : 0;
+  const int amx = amx_ready && m >= amx_min_rows;
 #else
-  const int full = 0;
+  const int amx = 0;
 #endif
+  const int full = amx ? (m / 16) * 16 : 0, tail = m - full;
   #pragma omp parallel if(nbk > 1)
   {
 #if HAVE_AMX
-    if (full) amx_config();
+    if (full) {
+      amx_config(16);
+      #pragma omp for schedule(static) nowait
+      for (int p = 0; p < pairs; p++) {
+        const int c0 = 2 * p, c1 = c0 + 1 < nbk ? c0 + 1 : c0;
+        for (int r = 0; r < full; r += 32)
+          amx_2x2(16, r, r + 16 < full ? r + 16 : r, c0, c1, n, kp, xu, wp, wsum, ws, xsc, y, ys);
+      }
+    }
+    if (amx && tail) {
+      amx_config(tail);
+      #pragma omp for schedule(static) nowait
+      for (int p = 0; p < pairs; p++) {
+        const int c0 = 2 * p, c1 = c0 + 1 < nbk ? c0 + 1 : c0;
+        amx_2x2(tail, full, full, c0, c1, n, kp, xu, wp, wsum, ws, xsc, y, ys);
+      }
+    }
+    if (amx) _tile_release();
 #endif
-    #pragma omp for schedule(static)
-    for (int p = 0; p < (nbk + 1) / 2; p++) {
-      const int c0 = 2 * p, c1 = c0 + 1 < nbk ? c0 + 1 : c0;
-#if HAVE_AMX
-      for (int r = 0; r < full; r += 32)
-        amx_2x2(r, r + 16 < full ? r + 16 : r, c0, c1, n, kp, xu, wp, wsum, ws, xsc, y, ys);
-#endif
-      for (int c = c0; c <= c1; c++) {
+    if (!amx) {
+      #pragma omp for schedule(static)
+      for (int c = 0; c < nbk; c++) {
         const int cols = n - c * NB < NB ? n - c * NB : NB;
-        for (int r = full; r < m; r += RB)
+        for (int r = 0; r < m; r += RB)
           block_rows(m - r < RB ? m - r : RB, kp, xu + (long)r * kp, wp + (long)c * (kp / 4) * (NB * 4),
                      wsum + c * NB, ws + c * NB, xsc + r, y + (long)r * ys + c * NB, ys, cols);
       }
     }
-#if HAVE_AMX
-    if (full) _tile_release();
-#endif
   }
+}
+
+/* One call per linear: quantize m rows of x into the scratch q (m * kp bytes) and scales s, then
+   multiply. Saves the engine a second trip through Python per linear. */
+void lsq_linear(int m, int k, int kp, int b, const float* x, long xs, uint8_t* q, float* s, int n,
+                const int8_t* wp, const int32_t* wsum, const float* ws, float* y, long ys) {
+  lsq_quantize(m, k, kp, b, x, xs, q, s);
+  lsq_gemm(m, n, kp, q, s, wp, wsum, ws, y, ys);
 }
 """
 
@@ -423,6 +446,11 @@ class PackedWeight:
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.packed, self.wsum, self.scale
 
+    @functools.cached_property
+    def call_args(self) -> tuple[int, ...]:
+        """(n, packed, wsum, scale) as the C call takes them: computed once, not per call."""
+        return self.out_features, self.packed.data_ptr(), self.wsum.data_ptr(), self.scale.data_ptr()
+
 
 class DynamicInt8:
     """The compiled kernels behind `pack` (load time) and `linear` (per call)."""
@@ -433,7 +461,9 @@ class DynamicInt8:
         lib.lsq_rotate.argtypes = [i, i, i, p]
         lib.lsq_pack.argtypes = [i, i, p, p]
         lib.lsq_gemm.argtypes = [i, i, i, p, p, p, p, p, p, lg]
+        lib.lsq_linear.argtypes = [i, i, i, i, p, lg, p, p, i, p, p, p, p, lg]
         lib.lsq_isa.restype = ctypes.c_char_p
+        lib.lsq_set_amx_min_rows.argtypes = [i]
         self._lib = lib
         self.amx = bool(lib.lsq_has_amx()) and bool(lib.lsq_amx_init())
         self.isa = lib.lsq_isa().decode()
@@ -442,8 +472,11 @@ class DynamicInt8:
     @property
     def description(self) -> str:
         """Which kernel runs, for the log and the benchmark JSON."""
-        large = "amx" if self.amx else self.isa
-        return f"loraserve int8 dynamic (per-token, Hadamard): {self.isa} under 16 rows, {large} from 16"
+        return f"loraserve int8 dynamic (per-token, Hadamard): {'amx' if self.amx else self.isa}"
+
+    def set_amx_min_rows(self, rows: int) -> None:
+        """Batches of fewer rows take the vector kernel (the same bits; tests compare the two)."""
+        self._lib.lsq_set_amx_min_rows(rows)
 
     # -- load time
     def pack(self, weight: torch.Tensor) -> PackedWeight:
@@ -492,7 +525,7 @@ class DynamicInt8:
         m, k = x2.shape
         if x2.dtype != torch.float32 or x2.stride(1) != 1:
             x2 = x2.float().contiguous()
-        q = self._buffer(m * kp).view(m, kp)
+        q = torch.empty(m, kp, dtype=torch.uint8)
         s = torch.empty(m)
         self._lib.lsq_quantize(m, k, kp, rotation_block(kp), x2.data_ptr(), x2.stride(0), q.data_ptr(), s.data_ptr())
         return q, s
@@ -506,17 +539,32 @@ class DynamicInt8:
                                pw.wsum.data_ptr(), pw.scale.data_ptr(), y.data_ptr(), y.stride(0))
         return y
 
-    def linear(self, x2: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
-        """fp32 [m, in] -> fp32 [m, out]."""
-        q, s = self.quantize(x2, pw.kp)
-        return self.matmul(q, s, pw)
+    def linear(self, x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
+        """[..., in] -> fp32 [..., out] in one C call (the engine's path; `quantize` and `matmul` are
+        its two halves, for tests)."""
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]) if x.dim() != 2 else x
+        if x2.dtype is not torch.float32 or x2.stride(1) != 1:
+            x2 = x2.float().contiguous()
+        m = x2.shape[0]
+        y = torch.empty(m, pw.out_features)
+        if m:
+            q = self._scratch_ptr("q", m * pw.kp, torch.uint8)
+            s = self._scratch_ptr("s", m, torch.float32)
+            n, wp, wsum, ws = pw.call_args
+            self._lib.lsq_linear(m, pw.in_features, pw.kp, pw.block, x2.data_ptr(), x2.stride(0), q, s, n, wp,
+                                 wsum, ws, y.data_ptr(), n)
+        return y if x.dim() == 2 else y.view(*shape[:-1], pw.out_features)
 
-    def _buffer(self, n: int) -> torch.Tensor:
-        buf = getattr(self._scratch, "q", None)
-        if buf is None or buf.numel() < n:
+    def _scratch_ptr(self, name: str, n: int, dtype: torch.dtype) -> int:
+        """Address of this thread's buffer `name` of at least n elements (grown, never shrunk)."""
+        held = getattr(self._scratch, name, None)
+        if held is None or held[1] < n:
             with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
-                buf = self._scratch.q = torch.empty(max(n, 1 << 16), dtype=torch.uint8)
-        return buf[:n]
+                buf = torch.empty(max(n, 1 << 16), dtype=dtype)
+            held = (buf, buf.numel(), buf.data_ptr())
+            setattr(self._scratch, name, held)
+        return held[2]
 
 
 @functools.lru_cache(maxsize=None)

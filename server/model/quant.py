@@ -210,6 +210,7 @@ class QuantLinear(nn.Module):
         if self.kernel == "dequant":
             self.kernel_dtype = dtype
         self.group_size = group_size if mode == "int4" else 0
+        self._pw: Optional[int8_dynamic.PackedWeight] = None  # the dynamic kernel's weight, when it runs
         self.bias = None if bias is None else nn.Parameter(
             bias.detach().to(device=device, dtype=dtype), requires_grad=False)
         if self.kernel == "dynamic":
@@ -317,13 +318,16 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, prompt_from: Optional[int] = None) -> torch.Tensor:
         """x [..., in] -> [..., out]; rows of x from `prompt_from` on are prompt tokens (None: none are)."""
+        if self._pw is not None:
+            # dynamic: every row alike, prompt or decode. The product is exact in integers and its
+            # scaling a fixed per-element formula, so no row's numbers depend on the rest of the batch.
+            y = self._dyn.linear(x, self._pw)
+            if self.bias is not None:
+                y = y + self.bias.float()
+            return y if y.dtype == x.dtype else y.to(x.dtype)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.kernel == "dynamic":
-            # Every row alike, prompt or decode: the product is exact in integers and its scaling a
-            # fixed per-element formula, so no row's numbers depend on the rest of the batch.
-            y = self._dyn.linear(x2, self._pw).to(x.dtype)
-        elif (self.kernel != "dequant" and self.mode == "int8" and prompt_from is not None
+        if (self.kernel != "dequant" and self.mode == "int8" and prompt_from is not None
                 and x2.device.type == "cpu" and prompt_from < x2.shape[0]):
             if prompt_from == 0:
                 y = self._dequant_matmul(x2)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from server.model import int8_dynamic as D
-from server.model.native import NATIVE_FLAGS
+from server.core.native import NATIVE_FLAGS
 
 KERN = D.load()
 # The same source built for other machines: AVX2 without AVX-512 (the VNNI-less CPUs), and plain C.
@@ -101,4 +101,19 @@ def test_close_to_the_dense_product_despite_an_outlier_channel():
 
 
 def test_description_names_the_kernel():
-    assert KERN.isa in ("avx512_vnni", "avx2", "scalar") and KERN.isa in KERN.description
+    assert KERN.isa in ("avx512_vnni", "avx2", "scalar")
+    assert ("amx" if KERN.amx else KERN.isa) in KERN.description
+
+
+def test_amx_tiles_and_the_vector_kernel_give_the_same_bits():
+    """Where the CPU has AMX, batches from 2 rows take it; forcing the vector kernel changes no bit."""
+    pw = KERN.pack(torch.randn(200, 1000) * 0.05)
+    for m in (2, 8, 16, 40):
+        x = _rows(m, 1000, seed=m)
+        with_amx = KERN.linear(x, pw)
+        KERN.set_amx_min_rows(1 << 30)
+        try:
+            vector = KERN.linear(x, pw)
+        finally:
+            KERN.set_amx_min_rows(2)
+        assert torch.equal(with_amx, vector) and torch.equal(vector, _reference(x, pw)), m
