@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--quantize", nargs="+", default=["none", "int8"], choices=("none", "int8", "int4"))
     p.add_argument("--skip-peft", action="store_true")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode eagerly (to measure what graphs give)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per configuration (best is kept)")
     return p
 
@@ -65,7 +66,7 @@ def run_loraserve(args, model_dir: Path, adapters: list[Path], device: torch.dev
                        dtype="bfloat16" if device.type == "cuda" else "float32", quantize=quantize,
                        max_adapters_on_device=len(adapters), max_rank=args.rank, max_batch_size=max_b,
                        max_batch_tokens=max(max_b * args.prompt, 2048),
-                       kv_cache_tokens=max_b * (args.prompt + args.new + 16))
+                       kv_cache_tokens=max_b * (args.prompt + args.new + 16), cuda_graphs=not args.no_cuda_graphs)
     engine = Engine.from_config(cfg)
     engine.start()
     rows = []
@@ -144,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = common.resolve_args(args)
     if args.tiny:
-        args.batch, args.adapters, args.prompt, args.new, args.repeats = [2, 4], 2, 8, 4, 1
+        # Tiny batches: the ones asked for that are tiny already, else 2 and 4.
+        args.batch = [b for b in args.batch if b <= 4] or [2, 4]
+        args.adapters, args.prompt, args.new, args.repeats = 2, 8, 4, 1
     shape = SHAPES[args.shape]
     work = Path(args.workdir)
     print(f"preparing random {shape.name} model and {args.adapters} adapters under {work} ...", flush=True)
@@ -195,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"benchmark": "gpu_e2e", "machine": common.machine_info(device), "shape": shape.to_dict(),
                "workload": {"batch": args.batch, "adapters": args.adapters, "rank": args.rank,
                             "targets": list(common.ALL_TARGETS), "prompt": args.prompt, "new": args.new,
-                            "quantize": args.quantize, "repeats": args.repeats, "seed": args.seed},
+                            "quantize": args.quantize, "repeats": args.repeats, "seed": args.seed,
+                            "cuda_graphs": device.type == "cuda" and not args.no_cuda_graphs},
                "bandwidth_bytes_s": bandwidth, "bandwidth_source": bw_source, "results": rows, "derived": derived,
                "note": "CPU dry run on a tiny shape: numbers are meaningless" if device.type == "cpu" else ""}
     out = common.write_json(args.out, payload)

@@ -92,11 +92,14 @@ ENGINE_GAUGES: tuple[tuple[str, str, EngineRead], ...] = (
     ("loraserve_requests_running", "Requests in the running batch.", lambda s: s.running),
     ("loraserve_requests_waiting", "Requests queued for admission.", lambda s: s.waiting),
     ("loraserve_kv_blocks_used", "Paged KV-cache blocks in use.", lambda s: s.kv_blocks_used),
-    ("loraserve_kv_blocks_total", "Paged KV-cache blocks in all.", lambda s: s.kv_blocks_total),
+    # Was loraserve_kv_blocks_total: a gauge must not wear a counter's suffix (promtool).
+    ("loraserve_kv_blocks_capacity", "Paged KV-cache blocks in all.", lambda s: s.kv_blocks_total),
     ("loraserve_batch_size", "Sequences in the most recent engine step.", lambda s: s.last_batch_size),
     ("loraserve_adapters_on_device", "Adapters resident in device slots.", lambda s: s.pool.slots_ready),
     ("loraserve_adapter_slots", "Device LoRA slots (slot 0, the bare base, not counted).",
      lambda s: s.pool.slots_total),
+    ("loraserve_prefix_cache_blocks", "KV blocks held by the prefix cache (in use or idle, evictable when idle).",
+     lambda s: s.prefix.cached_blocks),
 )
 ENGINE_COUNTERS: tuple[tuple[str, str, EngineRead], ...] = (
     ("loraserve_adapter_loads", "Adapter loads into device slots.", lambda s: s.pool.loads),
@@ -111,6 +114,11 @@ ENGINE_COUNTERS: tuple[tuple[str, str, EngineRead], ...] = (
     ("loraserve_preemptions", "Sequences preempted (recomputed) when the KV cache ran out.",
      lambda s: s.preemptions),
     ("loraserve_engine_steps", "Engine steps run.", lambda s: s.steps),
+    ("loraserve_prefix_cache_hits", "Admitted requests that reused cached prompt blocks.", lambda s: s.prefix.hits),
+    ("loraserve_prefix_cache_misses", "Admitted requests that found no cached prompt block (cache on).",
+     lambda s: s.prefix.misses),
+    ("loraserve_prefix_cache_tokens_saved", "Prompt tokens whose KV was reused instead of computed.",
+     lambda s: s.prefix.tokens_saved),
 )
 REGISTRY_GAUGES: tuple[tuple[str, str, RegistryRead], ...] = (
     ("loraserve_adapter_host_cache_bytes", "Bytes of adapters held in host memory.", lambda s: s.host.bytes),

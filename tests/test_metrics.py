@@ -12,6 +12,7 @@ import pytest
 
 from adapter_registry import Registry, RegistryLimits
 from adapter_registry.validate import validate_adapter
+from server.api.router_metrics import RouterMetrics
 from server.engine.types import SamplingParams
 from server.metrics import ServerMetrics
 from tests.engine.engine_utils import make_engine
@@ -67,8 +68,9 @@ def test_every_documented_metric_is_exported_with_its_type(served):
     engine, registry = served
     metrics = ServerMetrics()
     metrics.attach(engine.stats, registry.stats)
+    metrics.registry.register(RouterMetrics(engine, qualify_tenants=True))  # as the server does
     documented = documented_metrics()
-    assert len(documented) == 32  # the table parsed (a reformatted table must not pass as empty)
+    assert len(documented) == 39  # the table parsed (a reformatted table must not pass as empty)
     assert exported(metrics) == documented
 
 
@@ -81,8 +83,11 @@ def test_scrape_reads_engine_and_registry_stats(served):
     expected = {
         # engine: idle again after two requests of 3 tokens (a prompt step and two decode steps each)
         "loraserve_requests_running": 0, "loraserve_requests_waiting": 0, "loraserve_kv_blocks_used": 0,
-        "loraserve_kv_blocks_total": engine.blocks.num_blocks, "loraserve_batch_size": 1,
+        "loraserve_kv_blocks_capacity": engine.blocks.num_blocks, "loraserve_batch_size": 1,
         "loraserve_preemptions_total": 0, "loraserve_engine_steps_total": 6,
+        # prefix cache: two 4-token prompts hold no full 16-token block, so nothing is cached or reused
+        "loraserve_prefix_cache_blocks": 0, "loraserve_prefix_cache_hits_total": 0,
+        "loraserve_prefix_cache_misses_total": 2, "loraserve_prefix_cache_tokens_saved_total": 0,
         # device tier: one slot; each adapter a miss, a load, then a hit once ready; b evicted a
         "loraserve_adapter_slots": 1, "loraserve_adapters_on_device": 1, "loraserve_adapter_loads_total": 2,
         "loraserve_adapter_evictions_total": 1, "loraserve_adapter_load_failures_total": 0,

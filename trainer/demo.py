@@ -126,7 +126,8 @@ class Server:
 
     def __init__(self, cfg: DemoConfig, work: Path):
         cmd = [sys.executable, "-m", "server.cli", "serve", "--model", cfg.model, "--host", "127.0.0.1",
-               "--port", "0", "--metrics-port", "-1", "--registry", str(work / "registry"), "--log-level", "info"]
+               "--port", "0", "--http-port", "-1", "--metrics-port", "-1", "--registry", str(work / "registry"),
+               "--log-level", "info"]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
         self.log_path = work / "server.log"
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -1,11 +1,12 @@
 """Server bootstrap: bind first, load the model second, drain on SIGTERM/SIGINT.
 
-Order matters to operators: the gRPC port and health service come up at once
-(NOT_SERVING), so orchestrators see a live process while the model loads; health
-turns SERVING only when the engine runs and start-up adapters are registered.
-On a signal, health goes NOT_SERVING, new calls get UNAVAILABLE, in-flight calls
-get `grace_period` seconds to finish, then the rest are cancelled (which aborts
-their engine requests) and the process exits 0. A second signal skips the wait.
+Order matters to operators: the gRPC port, the HTTP port and their health checks come
+up at once (NOT_SERVING; HTTP /health 503), so orchestrators see a live process while
+the model loads; health turns SERVING only when the engine runs and start-up adapters
+are registered. On a signal, health goes NOT_SERVING (/health 503), new calls on either
+protocol get UNAVAILABLE (HTTP 503), in-flight calls get `grace_period` seconds to
+finish, then the rest are cancelled (which aborts their engine requests) and the
+process exits 0. A second signal skips the wait.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from server.api.tenants import OPEN_TENANT, QuotaTracker, TenantDirectory
 from server.api.auth import TenantResolver
 from server.api.gen.loraserve.v1 import adapters_pb2, inference_pb2, inference_pb2_grpc
 from server.api.inference_service import InferenceServicer, ServingState
+from server.api.router_metrics import RouterMetrics
 from server.core.config import Config, parse_adapter_flags, startup_warnings
 from server.core.errors import UnavailableError
 from server.metrics import ServerMetrics
@@ -80,6 +82,8 @@ class LoraServer:
         self.state.tenant_of = self.tenant_resolver
         self.port = 0
         self.metrics_port = 0
+        self.http: Optional[Any] = None
+        self.http_port = 0
         self._stop = asyncio.Event()
         self._second = asyncio.Event()
         self._signals = 0
@@ -107,10 +111,16 @@ class LoraServer:
         if self.port == 0:
             raise OSError(f"cannot bind gRPC to {s.host}:{s.port}")
         await self.grpc.start()
+        if s.http_port >= 0:
+            self.http_port = await self._start_http()
         if s.metrics_port >= 0:
             self.metrics_port = self.metrics.serve_http(s.metrics_host or s.host, s.metrics_port)
+        host = _bracket(s.host)
         log.info(json.dumps({"event": "listening", "host": s.host, "grpc_port": self.port,
-                             "metrics_port": self.metrics_port if s.metrics_port >= 0 else None}))
+                             "http_port": self.http_port if s.http_port >= 0 else None,
+                             "metrics_port": self.metrics_port if s.metrics_port >= 0 else None,
+                             "grpc_target": f"{host}:{self.port}",
+                             "http_url": f"http://{host}:{self.http_port}/v1" if s.http_port >= 0 else None}))
 
     async def load(self) -> None:
         """Load the model off the event loop (health stays answerable), then go SERVING."""
@@ -130,6 +140,7 @@ class LoraServer:
         self.state.model_fingerprint = fingerprint
         self.state.engine = engine
         self.metrics.attach(engine.stats, registry.stats)
+        self.metrics.registry.register(RouterMetrics(engine, qualify_tenants=bool(self.cfg.server.tenants)))
         await self._set_health(SERVING)
         log.info(json.dumps({"event": "serving", "model": self.cfg.engine.model,
                              "fingerprint": self.state.model_fingerprint}))
@@ -147,8 +158,11 @@ class LoraServer:
             waiter.cancel()
             second.cancel()
         left = self.state.in_flight
+        # Cancels what is left on both protocols: their cleanups abort the engine requests.
+        stops = [self._stop_http()]
         if self.grpc is not None:
-            await self.grpc.stop(0)  # cancels what is left: their cleanups abort the engine requests
+            stops.append(self.grpc.stop(0))
+        await asyncio.gather(*stops)
         if self.engine is not None:
             await _in_thread(self.engine.shutdown, 10.0)
         if self.registry is not None:
@@ -170,6 +184,7 @@ class LoraServer:
             await self._set_health(NOT_SERVING)
             if self.grpc is not None:
                 await self.grpc.stop(0)
+            await self._stop_http()
             return 1
         await stopper
         if not loader.done():
@@ -187,6 +202,22 @@ class LoraServer:
 
     async def _second_signal(self) -> None:
         await self._second.wait()
+
+    async def _start_http(self) -> int:
+        """The OpenAI-compatible API on --http-port: same state, generate path, tenants and metrics as gRPC."""
+        from server.api.http.app import HttpContext, create_app
+        from server.api.http.convert import ModelNames, base_model_id
+        from server.api.http.server import HttpServer
+
+        s, model = self.cfg.server, self.cfg.engine.model
+        names = ModelNames(base_model_id(model), frozenset({model}))
+        ctx = HttpContext(self.state, self.metrics, self.tenants, names, max_request_bytes=s.max_request_bytes)
+        self.http = HttpServer(create_app(ctx))
+        return await self.http.start(s.host, s.http_port)
+
+    async def _stop_http(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
 
     def _admit(self, tenant_name: str, prompt_tokens: int, max_new_tokens: int) -> Any:
         """Hold a concurrent-request quota slot; the returned release charges the tokens actually used."""

@@ -1,10 +1,13 @@
 """Attention over a flat mixed batch with a paged KV cache, on torch SDPA.
 
-Prefilling sequences start at position 0 (preemption recomputes from scratch), so
-their attention needs only their own new tokens: one causal SDPA call each. Decoding
-sequences read their whole context from the paged cache: on CPU (fp32) in place, by
-`server.attention.decode_kernel`, elsewhere gathered and padded for one batched, masked
-SDPA call. On CUDA, `server.attention.xformers_probe` may swap in xformers.
+A prefilling sequence that starts at position 0 needs only its own new tokens: one
+causal SDPA call each. One that starts after a cached prefix (the prefix cache) reads
+its whole context, cached rows and its own just-written rows, from the paged cache: one
+SDPA call with a bottom-right causal mask (query i, at position c + i, sees keys 0..c + i).
+Decoding sequences read their whole context from the paged cache: on CPU (fp32) in place,
+by `server.attention.decode_kernel`, elsewhere gathered and padded for one batched, masked
+SDPA call. On CUDA, `server.attention.xformers_probe` may swap in xformers for the
+from-scratch prefills.
 """
 from __future__ import annotations
 
@@ -26,17 +29,21 @@ class AttentionMetadata:
 
     slot_mapping: [T] flat cache row of each new token (None: no cache, e.g. scoring).
     prefill: (start, length) of every prefilling sequence's token run in the batch.
+    prefill_context: per prefill run (empty: none has any), None when the run starts at position 0,
+        else [c + length] flat cache rows of its whole context, the c cached tokens first.
     decode_rows: [D] batch rows of decoding tokens (None when there are none).
     decode_kv: [D, L] flat cache rows of each decoding sequence's context, padded.
     decode_mask: [D, 1, 1, L] True where a cache row is real context.
     all_decode: every token is a decode token, in row order (no gather/scatter needed).
     prompt_from: rows from here on are prompt tokens, the rows before it decode tokens (the
-        runner orders them so); None when the step has no prompt tokens. Quantized linears
-        multiply prompt rows and decode rows by different kernels (server/model/quant.py).
+        runner orders them so); None when the step has no prompt tokens. torch's weight-only int8
+        kernels multiply prompt rows and decode rows differently (server/model/quant.py); the
+        dynamic int8 kernel, the CPU default, treats every row alike.
     """
 
     slot_mapping: Optional[torch.Tensor]
     prefill: tuple[tuple[int, int], ...]
+    prefill_context: tuple[Optional[torch.Tensor], ...] = ()
     decode_rows: Optional[torch.Tensor] = None
     decode_kv: Optional[torch.Tensor] = None
     decode_mask: Optional[torch.Tensor] = None
@@ -110,11 +117,28 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: Att
     if attn.all_decode:
         return _decode(q, attn, kv)
     out = torch.empty_like(q)
-    for start, n in attn.prefill:
-        out[start:start + n] = _prefill_fn(q[start:start + n], k[start:start + n], v[start:start + n])
+    for i, (start, n) in enumerate(attn.prefill):
+        context = attn.prefill_context[i] if attn.prefill_context else None
+        if context is None:
+            out[start:start + n] = _prefill_fn(q[start:start + n], k[start:start + n], v[start:start + n])
+        else:
+            assert kv is not None, "a prefill after a cached prefix needs the KV cache"
+            out[start:start + n] = _prefill_after_prefix(q[start:start + n], kv, context)
     if attn.decode_rows is not None:
         out.index_copy_(0, attn.decode_rows, _decode(q.index_select(0, attn.decode_rows), attn, kv))
     return out
+
+
+def _prefill_after_prefix(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor
+                          ) -> torch.Tensor:
+    """q [n, nh, hd] of the last n of L context tokens whose K/V are at cache `rows` [L]."""
+    n, L = q.shape[0], rows.shape[0]
+    kc = kv[0].index_select(0, rows).transpose(0, 1)[None]  # [1, nkv, L, hd]
+    vc = kv[1].index_select(0, rows).transpose(0, 1)[None]
+    mask = torch.ones(n, L, dtype=torch.bool, device=q.device).tril(diagonal=L - n)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kc, vc, attn_mask=mask,
+                                         enable_gqa=q.shape[1] != kc.shape[1])
+    return out[0].transpose(0, 1)
 
 
 def _decode(q: torch.Tensor, attn: AttentionMetadata,

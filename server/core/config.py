@@ -38,9 +38,12 @@ ENV_PREFIX = "LORASERVE_"
 
 @dataclass
 class ServerConfig:
-    host: str = knob("127.0.0.1", help="address to bind the gRPC server to")
+    host: str = knob("127.0.0.1", help="address to bind the gRPC and HTTP servers to")
     port: int = knob(50051, help="gRPC port (0 = pick a free one and log it)", lo=0, hi=65535)
-    metrics_port: int = knob(9090, help="Prometheus /metrics port (0 = pick a free one, -1 = off)", lo=-1, hi=65535)
+    http_port: int = knob(50080, help="OpenAI-compatible HTTP API port on --host, also serving /health and /metrics "
+                                      "(0 = pick a free one and log it, -1 = off)", lo=-1, hi=65535)
+    metrics_port: int = knob(50091, help="Prometheus /metrics port (0 = pick a free one, -1 = off); not 9090, "
+                                         "Prometheus's own port", lo=-1, hi=65535)
     metrics_host: str = knob("", help="address for /metrics (default: same as --host)")
     grace_period: float = knob(30.0, help="seconds in-flight calls get to finish after SIGTERM/SIGINT", lo=0)
     max_request_bytes: int = knob(4 << 20, help="largest inference request message accepted, in bytes", lo=1)

@@ -30,6 +30,9 @@ class EngineConfig:
     max_adapters_on_device: int = knob(8, help="LoRA slots on the device (besides slot 0, the bare base)", lo=1)
     max_rank: int = knob(32, help="largest LoRA rank served (smaller ranks are zero-padded)", lo=1)
     kv_block_size: int = knob(16, help="tokens per paged KV block", lo=1)
+    prefix_cache: bool = knob(True, help="keep full KV blocks of prompts after their requests end and reuse them "
+                                         "for prompts that start the same way, on the same base and adapter "
+                                         "version (keyed by the adapter's content digest)")
     kv_cache_tokens: int = knob(0, help="KV cache capacity in tokens (0 = sized automatically)", lo=0)
     max_model_len: int = knob(0, help="context length served (0 = the model's, capped at 8192)", lo=0)
     max_batch_size: int = knob(32, help="sequences decoded per step", lo=1)
@@ -51,6 +54,9 @@ class EngineConfig:
                                           "CUDA when it imports; on CPU the bf16 C kernel where --lora-decode-dtype "
                                           "resolves to bf16 and dtype is float32; the torch reference otherwise)",
                              choices=("auto", "torch", "cpu", "triton"))
+    cuda_graphs: bool = knob(True, help="replay captured CUDA graphs for decode-only steps, one per batch and "
+                                        "context bucket (CUDA with the triton LoRA backend; ignored on CPU; "
+                                        "--no-cuda-graphs runs every step eagerly)")
 
     def __post_init__(self) -> None:
         knobs.check(self, "engine")

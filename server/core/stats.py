@@ -29,6 +29,17 @@ class PoolStats:
 
 
 @dataclass(frozen=True)
+class PrefixCacheStats:
+    """The prefix cache of the paged KV cache (server/engine/prefix_cache.py)."""
+
+    enabled: bool = False
+    cached_blocks: int = 0         # KV blocks held under a prefix name (in use or idle)
+    hits: int = 0                  # admitted requests that reused at least one cached block
+    misses: int = 0                # admitted requests that reused none
+    tokens_saved: int = 0          # prompt tokens whose KV was reused instead of computed
+
+
+@dataclass(frozen=True)
 class EngineStats:
     running: int = 0
     waiting: int = 0
@@ -38,6 +49,7 @@ class EngineStats:
     steps: int = 0
     preemptions: int = 0
     pool: PoolStats = field(default_factory=PoolStats)
+    prefix: PrefixCacheStats = field(default_factory=PrefixCacheStats)
 
 
 @dataclass(frozen=True)

@@ -20,15 +20,18 @@ from typing import Any, Optional
 import torch
 
 from server.core.engine_config import EngineConfig
+from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_cache import BlockAllocator
+from server.engine.prefix_cache import PrefixCache
 from server.engine.runner import ModelRunner
-from server.engine.sampler import make_generator, sample
+from server.engine.sampler import make_generator, sample, token_logprobs
 from server.engine.scheduler import FINISHED, Scheduler, Sequence
-from server.core.stats import EngineStats
+from server.core.stats import EngineStats, PrefixCacheStats
 from server.core.threads import run_in_fresh_thread, use_compute_threads
 from server.core.identity import AdapterVersion
-from server.engine.types import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Delta, Request, RequestStream, SamplingParams
+from server.engine.types import (FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Delta, LoraActivity, Request,
+                                 RequestStream, SamplingParams, TokenLogprob)
 from server.core.errors import CapacityError, InvalidRequestError, LoraServeError, UnavailableError
 from server.core.limits import check_request_id
 from server.lora.factory import build_lora_backend
@@ -54,11 +57,15 @@ class Engine:
                                                               MAX_DEFAULT_CONTEXT),
                                  model.max_len, kv_tokens)
         self.blocks = BlockAllocator(-(-kv_tokens // bs), bs)
-        self.kv = KVCache.allocate(self.model_config, self.blocks.num_blocks, bs, self.dtype, self.device)
+        # One spare block past the allocator's range: padded decode rows write there (cuda_graphs.py).
+        self.kv = KVCache.allocate(self.model_config, self.blocks.num_blocks + 1, bs, self.dtype, self.device)
         self.lora_backend = build_lora_backend(config, self.model_config, self.device, self.dtype)
         self.pool = self.lora_backend.pool
-        self.scheduler = Scheduler(self.blocks, self.pool, config.max_batch_size, config.max_batch_tokens)
+        self.prefix_cache = PrefixCache(self.blocks, self._base_identity()) if config.prefix_cache else None
+        self.scheduler = Scheduler(self.blocks, self.pool, config.max_batch_size, config.max_batch_tokens,
+                                   self.prefix_cache)
         self.runner = ModelRunner(model, self.kv, self.blocks, self.lora_backend)
+        self.runner.decode_graphs = self._decode_graphs()
         self.eos_ids = self._eos_ids()
         if self.device.type == "cuda":
             from server.attention.sdpa import set_prefill_backend
@@ -99,6 +106,24 @@ class Engine:
         # Built (weights, KV cache, slot stacks) in a thread that then exits: no OpenMP pool may
         # outlive it beside the engine loop's (server.core.threads).
         return run_in_fresh_thread(build, threads=cfg.cpu_threads, name="loraserve-model-load")
+
+    def _decode_graphs(self) -> Optional[DecodeGraphs]:
+        """CUDA graphs for decode steps where asked for and possible (ignored on CPU)."""
+        if not self.config.cuda_graphs or self.device.type != "cuda":
+            return None
+        if self.lora_backend.name != "triton":
+            log.warning("CUDA graphs off: they need the triton LoRA backend, not %s", self.lora_backend.name)
+            return None
+        graphs = DecodeGraphs(self.model, self.kv, self.blocks, self.lora_backend, self.config.max_batch_size,
+                              self.max_model_len, scratch_kv_row=self.blocks.num_blocks * self.blocks.block_size,
+                              capture=True)
+        graphs.capture_all()  # before the loop and any adapter load: nothing else may use CUDA meanwhile
+        return graphs
+
+    def _base_identity(self) -> str:
+        """What the KV of a prompt depends on besides the adapter: the base weights as loaded and computed.
+        The cache lives only as long as this process, so the model's path stands in for its weights."""
+        return f"{self.model_dir}|{self.model.quantize}|{self.dtype}|{self.device.type}"
 
     def _auto_kv_tokens(self) -> int:
         if self.device.type != "cuda":
@@ -183,7 +208,39 @@ class Engine:
             running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
             kv_blocks_used=self.blocks.num_used, kv_blocks_total=self.blocks.num_blocks,
             last_batch_size=self._last_batch, steps=self._steps,
-            preemptions=self.scheduler.preemptions, pool=self.pool.stats())
+            preemptions=self.scheduler.preemptions, pool=self.pool.stats(), prefix=self._prefix_stats())
+
+    def _prefix_stats(self) -> PrefixCacheStats:
+        pc = self.prefix_cache
+        if pc is None:
+            return PrefixCacheStats()
+        return PrefixCacheStats(enabled=True, cached_blocks=pc.num_cached_blocks, hits=pc.hits, misses=pc.misses,
+                                tokens_saved=pc.tokens_saved)
+
+    def lora_activity(self) -> LoraActivity:
+        """Adapters of running and waiting requests, read from another thread (scrape time).
+
+        The lists belong to the loop thread; copying them is atomic under the GIL, and a queue
+        that changed shape mid-copy is simply read again.
+        """
+        def pairs(seqs: Any) -> tuple[tuple[str, str], ...]:
+            seen: dict[tuple[str, str], None] = {}
+            for s in seqs:
+                a = s.request.adapter
+                if a is not None:
+                    seen.setdefault((s.request.tenant, a.name), None)
+            return tuple(seen)
+
+        running: tuple[tuple[str, str], ...] = ()
+        waiting: tuple[tuple[str, str], ...] = ()
+        for _ in range(5):
+            try:
+                running = pairs(list(self.scheduler.running))
+                waiting = pairs(self.scheduler.waiting.in_order())
+                break
+            except RuntimeError:  # a queue changed size while copied
+                continue
+        return LoraActivity(running, waiting, self.pool.num_slots)
 
     @property
     def accepting(self) -> bool:
@@ -232,8 +289,10 @@ class Engine:
         batch = plan.prefill + plan.decode
         try:
             result = self.runner.execute(plan.prefill, plan.decode)
-            tokens = sample(result.logits, [s.request.params for s in result.seqs],
-                            [s.generator for s in result.seqs])
+            self.scheduler.prefilled(plan.prefill)
+            params = [s.request.params for s in result.seqs]
+            tokens = sample(result.logits, params, [s.generator for s in result.seqs])
+            logprobs = token_logprobs(result.logits, params, tokens)
         except Exception as e:  # noqa: BLE001
             log.exception("model step failed for %d sequences", len(batch))
             for seq in batch:
@@ -242,11 +301,11 @@ class Engine:
         self._last_batch = len(batch)
         self._steps += 1
         now = time.monotonic()
-        for seq, tok in zip(result.seqs, tokens):
+        for seq, tok, lp in zip(result.seqs, tokens, logprobs):
             if seq.status != FINISHED:
-                self._append(seq, tok, now)
+                self._append(seq, tok, now, lp)
 
-    def _append(self, seq: Sequence, tok: int, now: float) -> None:
+    def _append(self, seq: Sequence, tok: int, now: float, logprob: Optional[TokenLogprob] = None) -> None:
         seq.token_ids.append(tok)
         if seq.first_token_time is None:
             seq.first_token_time = now
@@ -257,24 +316,27 @@ class Engine:
             reason = FINISH_STOP
         elif seq.num_generated >= p.max_new_tokens or len(seq.token_ids) >= self.max_model_len:
             reason = FINISH_LENGTH
+        lps = [logprob] if logprob is not None else None
         if reason is None:
-            seq.stream.put(self._delta(seq, [tok], text, None))
+            seq.stream.put(self._delta(seq, [tok], text, None, logprobs=lps))
         else:
             if not stop_hit:
                 text += seq.detok.finish()
-            self._finish(seq, reason, text, [tok])
+            self._finish(seq, reason, text, [tok], logprobs=lps)
 
     def _delta(self, seq: Sequence, ids: list[int], text: str, reason: Optional[str],
-               error: Optional[BaseException] = None) -> Delta:
+               error: Optional[BaseException] = None, logprobs: Optional[list[TokenLogprob]] = None) -> Delta:
+        if logprobs is None and seq.request.params.logprobs is not None:
+            logprobs = []  # asked for: every delta carries a list (empty when it has no tokens)
         return Delta(seq.request_id, ids, text, reason, seq.num_prompt, seq.num_generated,
-                     seq.request.adapter, error)
+                     seq.request.adapter, error, logprobs)
 
     def _finish(self, seq: Sequence, reason: str, text: str, ids: Optional[list[int]] = None,
-                error: Optional[BaseException] = None) -> None:
+                error: Optional[BaseException] = None, logprobs: Optional[list[TokenLogprob]] = None) -> None:
         self.scheduler.finish(seq)
         with self._lock:
             self._live.discard(seq.request_id)
-        seq.stream.put(self._delta(seq, ids or [], text, reason, error))
+        seq.stream.put(self._delta(seq, ids or [], text, reason, error, logprobs))
 
     def _fail(self, seq: Sequence, err: BaseException) -> None:
         if not isinstance(err, LoraServeError):

@@ -2,7 +2,9 @@
 
 Decode rows come first, then prompt rows; within each kind sequences are ordered by
 adapter slot so that each adapter's tokens are contiguous (one LoRA segment per adapter
-and kind). Prefill runs and decode rows are described to attention by index.
+and kind). Prefill runs and decode rows are described to attention by index. A prefill
+that starts from a cached prefix runs only its uncached tokens, and attention reads the
+cached ones from the KV cache (`AttentionMetadata.prefill_context`).
 
 Two kinds of index meet here: an *adapter slot* (which slot of the LoRA pool a sequence's
 adapter sits in, 0 for none) and a *KV row* (a flat row of the paged KV cache, which
@@ -11,10 +13,12 @@ attention calls its slot mapping).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from server.attention.sdpa import AttentionMetadata
+from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_cache import BlockAllocator
 from server.engine.scheduler import Sequence
 from server.lora.backend import LoraBackend
@@ -31,8 +35,16 @@ class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv: KVCache, blocks: BlockAllocator, lora: LoraBackend):
         self.model, self.kv, self.blocks, self.lora = model, kv, blocks, lora
         self.device = model.device
+        # Set by the engine when decode steps replay CUDA graphs (server/engine/cuda_graphs.py).
+        self.decode_graphs: Optional[DecodeGraphs] = None
 
     def execute(self, prefill: list[Sequence], decode: list[Sequence]) -> StepResult:
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.covers(prefill, decode):
+            seqs, logits = graphs.run(decode)
+            for s in seqs:
+                s.num_cached = len(s.token_ids)
+            return StepResult(seqs, logits)
         # Decode rows first, then prompt rows (quantized linears treat the two kinds differently,
         # so each kind must be one contiguous block); by adapter slot within each kind.
         seqs = sorted(prefill + decode, key=lambda s: (s.is_prefill, s.adapter_slot or 0, s.order))
@@ -41,16 +53,19 @@ class ModelRunner:
         new_kv_rows: list[torch.Tensor] = []  # per sequence, the KV rows its new tokens are written to
         adapter_slots: list[int] = []  # per row (token), its adapter's slot
         prefill_runs: list[tuple[int, int]] = []
+        prefill_context: list[torch.Tensor | None] = []  # per run: KV rows of its whole context, if cached
         decode_rows: list[int] = []  # the batch rows of decode tokens
         decode_seqs: list[Sequence] = []
         last_rows: list[int] = []
         for s in seqs:
             start = len(ids)
             if s.is_prefill:
-                n = len(s.token_ids)
-                ids.extend(s.token_ids)
-                pos.extend(range(n))
+                c, total = s.num_cached, len(s.token_ids)
+                n = total - c
+                ids.extend(s.token_ids[c:])
+                pos.extend(range(c, total))
                 prefill_runs.append((start, n))
+                prefill_context.append(self.blocks.rows(s.blocks, 0, total).to(self.device) if c else None)
             else:
                 n = 1
                 p = len(s.token_ids) - 1
@@ -67,6 +82,7 @@ class ModelRunner:
         attn = AttentionMetadata(
             slot_mapping=torch.cat(new_kv_rows).to(dev),
             prefill=tuple(prefill_runs),
+            prefill_context=tuple(prefill_context),
             all_decode=not prefill_runs,
             prompt_from=num_decode if prefill_runs else None,
         )

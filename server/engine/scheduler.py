@@ -7,6 +7,11 @@ an adapter slot allow. Waiting order is fair across tenants (S-LoRA's virtual
 token counter): the tenant that has been served the fewest weighted tokens goes
 first, and within a tenant, first come first served. A lone request always fits
 (submit refuses anything larger than the whole cache), so nothing deadlocks.
+
+With a prefix cache (server/engine/prefix_cache.py), an admitted sequence starts from its
+longest cached prefix: it shares those blocks and its prefill computes only the rest (and
+is charged, in budget and fairness, only for that rest). A sequence whose next block another
+sequence admitted in the same step is about to compute waits one step and reuses it.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import torch
 
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_cache import BlockAllocator
+from server.engine.prefix_cache import PrefixCache
 from server.engine.types import Request, RequestStream
 from server.core.errors import LoraServeError
 from server.lora.pool import AdapterPool
@@ -39,7 +45,9 @@ class Sequence:
     token_ids: list[int]
     num_prompt: int
     blocks: list[int] = field(default_factory=list)
-    num_cached: int = 0  # tokens whose K/V are in the cache
+    num_cached: int = 0  # tokens whose K/V are in the cache (a cached prefix counts before its prefill)
+    prefilled: bool = False  # its prompt (and, after a preemption, its output so far) has been run
+    prefix_chain: Optional[list[bytes]] = None  # names of its full prompt blocks (prefix cache on)
     adapter_slot: Optional[int] = None  # its adapter's slot in the pool while running (0: no adapter)
     status: str = WAITING
     order: int = field(default_factory=lambda: next(_order))
@@ -56,7 +64,7 @@ class Sequence:
 
     @property
     def is_prefill(self) -> bool:
-        return self.num_cached == 0
+        return not self.prefilled
 
 
 @dataclass
@@ -124,8 +132,9 @@ class FairWaitQueue:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockAllocator, pool: AdapterPool, max_batch_size: int, max_batch_tokens: int):
-        self.blocks, self.pool = blocks, pool
+    def __init__(self, blocks: BlockAllocator, pool: AdapterPool, max_batch_size: int, max_batch_tokens: int,
+                 prefix: Optional[PrefixCache] = None):
+        self.blocks, self.pool, self.prefix = blocks, pool, prefix
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.waiting = FairWaitQueue()
         self.running: list[Sequence] = []
@@ -164,6 +173,7 @@ class Scheduler:
         self.running.remove(seq)
         self._release(seq)
         seq.num_cached = 0
+        seq.prefilled = False
         seq.status = WAITING
         seq.preemptions += 1
         self.preemptions += 1
@@ -188,14 +198,20 @@ class Scheduler:
                 plan.decode.append(seq)
         # 2. Admit waiting sequences while blocks, batch slots, token budget and adapter slots allow.
         budget = self.max_batch_tokens - len(plan.decode)
+        computing: set[bytes] = set()  # prompt blocks this step's admitted prefills will compute
         for seq in self.waiting.in_order():
             if len(self.running) >= self.max_batch_size:
                 break
+            hit = self._cached_prefix(seq)
+            if seq.prefix_chain is not None and len(hit) < len(seq.prefix_chain) \
+                    and seq.prefix_chain[len(hit)] in computing:
+                continue  # its next block is being computed now: reuse it next step
             n = len(seq.token_ids)
-            if n > budget and (plan.prefill or plan.decode):
+            new_tokens = n - len(hit) * self.blocks.block_size
+            if new_tokens > budget and (plan.prefill or plan.decode):
                 break  # keep order: this one goes first next step
-            need = self.blocks.blocks_for(n)
-            if need > self.blocks.num_free:
+            need = self.blocks.blocks_for(n) - len(hit)
+            if need > self.blocks.num_free - sum(self.blocks.is_idle(b) for b in hit):
                 break
             adapter_slot = 0
             if seq.request.adapter is not None:
@@ -210,12 +226,34 @@ class Scheduler:
                 adapter_slot = got
             self.waiting.remove(seq)
             seq.adapter_slot = adapter_slot
-            seq.blocks = self.blocks.allocate(need)
+            self.blocks.share(hit)
+            seq.blocks = hit + self.blocks.allocate(need)
+            seq.num_cached = len(hit) * self.blocks.block_size
+            if self.prefix is not None and seq.prefix_chain is not None:
+                self.prefix.record(len(hit))
+                computing.update(seq.prefix_chain[len(hit):])
             seq.status = RUNNING
             self.running.append(seq)
             plan.prefill.append(seq)
-            budget -= n
-            self.waiting.charge(seq.request.tenant, PROMPT_TOKEN_COST * n)
+            budget -= new_tokens
+            self.waiting.charge(seq.request.tenant, PROMPT_TOKEN_COST * new_tokens)
         for seq in plan.decode:
             self.waiting.charge(seq.request.tenant, OUTPUT_TOKEN_COST)
         return plan
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks a waiting sequence may start from (none without a prefix cache)."""
+        if self.prefix is None:
+            return []
+        if seq.prefix_chain is None:
+            adapter = seq.request.adapter
+            seq.prefix_chain = self.prefix.chain(seq.token_ids, seq.num_prompt,
+                                                 adapter.digest if adapter is not None else None)
+        return self.prefix.match(seq.prefix_chain, len(seq.token_ids))
+
+    def prefilled(self, seqs: list[Sequence]) -> None:
+        """After a step ran them: their prompts' full blocks go into the prefix cache."""
+        for seq in seqs:
+            seq.prefilled = True
+            if self.prefix is not None and seq.prefix_chain is not None and seq.status == RUNNING:
+                self.prefix.insert(seq.prefix_chain, seq.blocks)

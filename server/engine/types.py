@@ -20,6 +20,7 @@ FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_ABORT = "abort"
 FINISH_ERROR = "error"
+MAX_LOGPROBS = 20  # most alternatives a request may ask for per generated token (OpenAI's bound)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # None = no log-probabilities; k >= 0 = each generated token's own plus the k most likely alternatives.
+    logprobs: Optional[int] = None
 
     def validate(self, prompt_len: int, max_context: int) -> None:
         """Raise InvalidRequestError naming the first field out of its range."""
@@ -60,6 +63,31 @@ class SamplingParams:
             raise InvalidRequestError("stop", "at most 16 non-empty strings of at most 256 characters")
         if len(self.stop_token_ids) > 64:
             raise InvalidRequestError("stop_token_ids", "at most 64 ids")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequestError("logprobs", f"is {self.logprobs}; allowed range is [0, {MAX_LOGPROBS}]")
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the most likely alternatives at its position.
+
+    Taken from the model's raw next-token distribution, log_softmax of the logits before
+    temperature, top-k and top-p shape them for sampling, so the numbers are the same whatever
+    sampling settings a request uses (and, for a greedy request, the chosen token is the top one).
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log-probability), most likely first
+
+
+@dataclass(frozen=True)
+class LoraActivity:
+    """The adapters of the running batch and of the waiting queue: what routers read for LoRA affinity."""
+
+    running: tuple[tuple[str, str], ...]  # (tenant, adapter name), each pair once, in batch order
+    waiting: tuple[tuple[str, str], ...]  # the same for queued requests, in admission order
+    max_lora: int                         # device LoRA slots (adapters a batch can hold at once)
 
 
 @dataclass
@@ -84,6 +112,7 @@ class Delta:
     completion_tokens: int = 0
     adapter: Optional[AdapterVersion] = None  # the version that served the request (None: the base)
     error: Optional[BaseException] = None
+    logprobs: Optional[list[TokenLogprob]] = None  # one per entry of token_ids, when the request asked
 
     @property
     def finished(self) -> bool:
@@ -145,11 +174,14 @@ class RequestStream:
         """Block until finished and merge all deltas into one (for unary calls and tests)."""
         ids: list[int] = []
         texts: list[str] = []
+        logprobs: Optional[list[TokenLogprob]] = None
         last: Optional[Delta] = None
         for d in self:
             ids.extend(d.token_ids)
             texts.append(d.text)
+            if d.logprobs is not None:
+                logprobs = (logprobs or []) + d.logprobs
             last = d
         assert last is not None
         return Delta(last.request_id, ids, "".join(texts), last.finish_reason, last.prompt_tokens,
-                     last.completion_tokens, last.adapter)
+                     last.completion_tokens, last.adapter, logprobs=logprobs)

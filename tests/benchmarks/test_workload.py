@@ -143,6 +143,7 @@ def test_engine_scripts_dry_run(tmp_path, capsys):
     assert gpu_coldload.main(["--dry-run", "--out", str(tmp_path / "cold.json"), "--workdir", work]) == 0
     cold = _check_outputs(tmp_path / "cold.json", "gpu_coldload")["results"][0]
     assert len(cold["cold_loads"]) == 2 and all(x["seconds"] > 0 for x in cold["cold_loads"])
+    assert len(cold["host_loads"]) == 2 and cold["itl_host_p99_ratio"] > 0
     assert "loraserve_identical" in capsys.readouterr().out
 
 

@@ -20,7 +20,8 @@ def parse(*argv: str) -> argparse.Namespace:
 
 def test_defaults() -> None:
     cfg = config.load(parse(), env={})
-    assert (cfg.server.host, cfg.server.port, cfg.server.metrics_port) == ("127.0.0.1", 50051, 9090)
+    assert (cfg.server.host, cfg.server.port, cfg.server.metrics_port) == ("127.0.0.1", 50051, 50091)
+    assert cfg.server.http_port == 50080  # neither Prometheus's 9090 nor the 8000/8080 of common tools
     assert cfg.engine.quantize == "int8" and cfg.engine.model == "default" and cfg.server.adapters == []
 
 

@@ -1,7 +1,7 @@
 """Fixtures that start the real `loraserve serve` process on loopback and talk gRPC to it.
 
 `start_server(...)` is the one way tests launch a server (the registry tests reuse it):
-port 0 for gRPC and /metrics, the ports read back from the server's JSON "listening"
+port 0 for gRPC, HTTP and /metrics, the ports read back from the server's JSON "listening"
 log line, readiness from its "serving" line, stderr kept for assertions and failures.
 """
 from __future__ import annotations
@@ -33,11 +33,17 @@ class ServerProcess:
     raw: list[str] = field(default_factory=list)
     port: int = 0
     metrics_port: int = 0
+    http_port: int = 0
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI-compatible API's root (`/v1` appended for clients)."""
+        return f"http://127.0.0.1:{self.http_port}"
 
     def _pump(self) -> None:
         assert self.proc.stderr is not None
@@ -53,6 +59,7 @@ class ServerProcess:
                     if rec.get("event") == "listening":
                         self.port = int(rec["grpc_port"])
                         self.metrics_port = int(rec.get("metrics_port") or 0)
+                        self.http_port = int(rec.get("http_port") or 0)
                 self._cond.notify_all()
         with self._cond:
             self._cond.notify_all()
@@ -138,7 +145,7 @@ def start_server(tmp_dir: Path, *args: str, env: Optional[dict[str, str]] = None
     """Start `python -m server.cli serve` on free loopback ports with its own registry dir."""
     registry = Path(tmp_dir) / "registry"
     cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-           "--metrics-port", "0", "--registry", str(registry), *args]
+           "--http-port", "0", "--metrics-port", "0", "--registry", str(registry), *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=server_env(env), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, bufsize=1)
     sp = ServerProcess(proc, registry)

@@ -58,7 +58,7 @@ def wait_idle(server: ServerProcess, timeout: float = 30) -> None:
         vals = [parse_metric(text, n) for n in
                 ("loraserve_requests_running", "loraserve_requests_waiting", "loraserve_kv_blocks_used")]
         if vals == [0.0, 0.0, 0.0]:
-            assert parse_metric(text, "loraserve_kv_blocks_total") > 0
+            assert parse_metric(text, "loraserve_kv_blocks_capacity") > 0
             return
         if time.monotonic() > deadline:
             raise AssertionError(f"engine not idle: running, waiting, kv_used = {vals}")
@@ -102,6 +102,7 @@ def test_tokenize_model_info_and_chat(stub: pb_grpc.InferenceStub, default_model
     assert info.model_name == "default" and len(info.model_fingerprint) == 64
     assert info.context_length == 512 and info.quantization == "none" and info.dtype == "float32"
     assert info.device == "cpu" and info.adapter_slots == 8 and info.max_batch_size == MAX_BATCH
+    assert info.prefix_cache  # on by default
     assert info.vocab_size == tok.vocab_size or info.vocab_size >= len(tok)
 
 
@@ -265,7 +266,7 @@ def test_metrics_move_by_the_right_amounts(stub: pb_grpc.InferenceStub, server: 
     assert delta(after, "loraserve_request_duration_seconds_count") == 4
     assert delta(after, "loraserve_inter_token_latency_seconds_count") == completion - 4
     assert delta(after, "loraserve_request_duration_seconds_sum") > 0
-    for name in ("loraserve_kv_blocks_total", "loraserve_adapter_slots", "loraserve_adapters_on_device",
+    for name in ("loraserve_kv_blocks_capacity", "loraserve_adapter_slots", "loraserve_adapters_on_device",
                  "loraserve_adapter_loads_total"):
         assert parse_metric(after, name) >= 1, name
     assert "loraserve_adapters_in_host_memory" in after and "loraserve_adapter_evictions_total" in after

@@ -17,8 +17,9 @@ def make_engine(model_dir: Path, **overrides) -> Engine:
 
     cfg = EngineConfig(**{"quantize": "none", "dtype": "float32", "device": "cpu", "max_rank": 16,
                           "max_adapters_on_device": 4, "kv_cache_tokens": 4096, **overrides})
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=cfg.resolve_dtype(torch.device("cpu")),
-                                             device="cpu", quantize=cfg.quantize)
+    device = cfg.resolve_device()
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=cfg.resolve_dtype(device), device=device,
+                                             quantize=cfg.quantize)
     eng = Engine(model, load_tokenizer(model_dir), cfg, model_dir)
     eng.start()
     return eng

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraserve/v1/inference.proto\x12\x0cloraserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.loraserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xd8\x01\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x07\n\x05_seed\"\xe6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12.\n\x08messages\x18\x04 \x01(\x0b\x32\x1a.loraserve.v1.ChatMessagesH\x00\x12\x32\n\x10prompt_token_ids\x18\x06 \x01(\x0b\x32\x16.loraserve.v1.TokenIdsH\x00\x12,\n\x06params\x18\x05 \x01(\x0b\x32\x1c.loraserve.v1.SamplingParamsB\x07\n\x05input\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xcb\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12\x12\n\nadapter_id\x18\x06 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x07 \x01(\x05\"\xd1\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12\x12\n\nadapter_id\x18\x06 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x07 \x01(\x05\"\\\n\x0fTokenizeRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12.\n\x08messages\x18\x02 \x01(\x0b\x32\x1a.loraserve.v1.ChatMessagesH\x00\x42\x07\n\x05input\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x12\n\x10ModelInfoRequest\"\x92\x02\n\x11ModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x14\n\x0cquantization\x18\x07 \x01(\t\x12\x10\n\x08max_rank\x18\x08 \x01(\x05\x12\x15\n\radapter_slots\x18\t \x01(\x05\x12\x16\n\x0emax_batch_size\x18\n \x01(\x05\x12\x16\n\x0eserver_version\x18\x0b \x01(\t\x12\x14\n\x0clora_targets\x18\x0c \x03(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xc8\x02\n\tInference\x12I\n\x08Generate\x12\x1d.loraserve.v1.GenerateRequest\x1a\x1e.loraserve.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.loraserve.v1.GenerateRequest\x1a$.loraserve.v1.GenerateStreamResponse0\x01\x12I\n\x08Tokenize\x12\x1d.loraserve.v1.TokenizeRequest\x1a\x1e.loraserve.v1.TokenizeResponse\x12L\n\tModelInfo\x12\x1e.loraserve.v1.ModelInfoRequest\x1a\x1f.loraserve.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraserve/v1/inference.proto\x12\x0cloraserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.loraserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x80\x02\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\x05\x42\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x07\n\x05_seed\"\xe6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12.\n\x08messages\x18\x04 \x01(\x0b\x32\x1a.loraserve.v1.ChatMessagesH\x00\x12\x32\n\x10prompt_token_ids\x18\x06 \x01(\x0b\x32\x16.loraserve.v1.TokenIdsH\x00\x12,\n\x06params\x18\x05 \x01(\x0b\x32\x1c.loraserve.v1.SamplingParamsB\x07\n\x05input\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"a\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12.\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x18.loraserve.v1.TopLogprob\"\xf9\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12\x12\n\nadapter_id\x18\x06 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x07 \x01(\x05\x12,\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1a.loraserve.v1.TokenLogprob\"\xff\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12\x12\n\nadapter_id\x18\x06 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x07 \x01(\x05\x12,\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1a.loraserve.v1.TokenLogprob\"\\\n\x0fTokenizeRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12.\n\x08messages\x18\x02 \x01(\x0b\x32\x1a.loraserve.v1.ChatMessagesH\x00\x42\x07\n\x05input\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x12\n\x10ModelInfoRequest\"\xa8\x02\n\x11ModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x14\n\x0cquantization\x18\x07 \x01(\t\x12\x10\n\x08max_rank\x18\x08 \x01(\x05\x12\x15\n\radapter_slots\x18\t \x01(\x05\x12\x16\n\x0emax_batch_size\x18\n \x01(\x05\x12\x16\n\x0eserver_version\x18\x0b \x01(\t\x12\x14\n\x0clora_targets\x18\x0c \x03(\t\x12\x14\n\x0cprefix_cache\x18\r \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xc8\x02\n\tInference\x12I\n\x08Generate\x12\x1d.loraserve.v1.GenerateRequest\x1a\x1e.loraserve.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.loraserve.v1.GenerateRequest\x1a$.loraserve.v1.GenerateStreamResponse0\x01\x12I\n\x08Tokenize\x12\x1d.loraserve.v1.TokenizeRequest\x1a\x1e.loraserve.v1.TokenizeResponse\x12L\n\tModelInfo\x12\x1e.loraserve.v1.ModelInfoRequest\x1a\x1f.loraserve.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraserve.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1537
-  _globals['_FINISHREASON']._serialized_end=1657
+  _globals['_FINISHREASON']._serialized_start=1839
+  _globals['_FINISHREASON']._serialized_end=1959
   _globals['_CHATMESSAGE']._serialized_start=46
   _globals['_CHATMESSAGE']._serialized_end=90
   _globals['_CHATMESSAGES']._serialized_start=92
@@ -40,23 +40,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=153
   _globals['_TOKENIDS']._serialized_end=176
   _globals['_SAMPLINGPARAMS']._serialized_start=179
-  _globals['_SAMPLINGPARAMS']._serialized_end=395
-  _globals['_GENERATEREQUEST']._serialized_start=398
-  _globals['_GENERATEREQUEST']._serialized_end=628
-  _globals['_USAGE']._serialized_start=630
-  _globals['_USAGE']._serialized_end=687
-  _globals['_GENERATERESPONSE']._serialized_start=690
-  _globals['_GENERATERESPONSE']._serialized_end=893
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=896
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1105
-  _globals['_TOKENIZEREQUEST']._serialized_start=1107
-  _globals['_TOKENIZEREQUEST']._serialized_end=1199
-  _globals['_TOKENIZERESPONSE']._serialized_start=1201
-  _globals['_TOKENIZERESPONSE']._serialized_end=1238
-  _globals['_MODELINFOREQUEST']._serialized_start=1240
-  _globals['_MODELINFOREQUEST']._serialized_end=1258
-  _globals['_MODELINFORESPONSE']._serialized_start=1261
-  _globals['_MODELINFORESPONSE']._serialized_end=1535
-  _globals['_INFERENCE']._serialized_start=1660
-  _globals['_INFERENCE']._serialized_end=1988
+  _globals['_SAMPLINGPARAMS']._serialized_end=435
+  _globals['_GENERATEREQUEST']._serialized_start=438
+  _globals['_GENERATEREQUEST']._serialized_end=668
+  _globals['_USAGE']._serialized_start=670
+  _globals['_USAGE']._serialized_end=727
+  _globals['_TOPLOGPROB']._serialized_start=729
+  _globals['_TOPLOGPROB']._serialized_end=776
+  _globals['_TOKENLOGPROB']._serialized_start=778
+  _globals['_TOKENLOGPROB']._serialized_end=875
+  _globals['_GENERATERESPONSE']._serialized_start=878
+  _globals['_GENERATERESPONSE']._serialized_end=1127
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1130
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1385
+  _globals['_TOKENIZEREQUEST']._serialized_start=1387
+  _globals['_TOKENIZEREQUEST']._serialized_end=1479
+  _globals['_TOKENIZERESPONSE']._serialized_start=1481
+  _globals['_TOKENIZERESPONSE']._serialized_end=1518
+  _globals['_MODELINFOREQUEST']._serialized_start=1520
+  _globals['_MODELINFOREQUEST']._serialized_end=1538
+  _globals['_MODELINFORESPONSE']._serialized_start=1541
+  _globals['_MODELINFORESPONSE']._serialized_end=1837
+  _globals['_INFERENCE']._serialized_start=1962
+  _globals['_INFERENCE']._serialized_end=2290
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,151 @@
+"""The adapter-exact prefix cache: reused prompt blocks change no output, and never cross adapters or versions.
+
+Every engine here is fp32 with `--quantize none`, so each output must equal PEFT's for its request alone.
+"""
+from __future__ import annotations
+
+import pytest
+
+from server.engine.kv_cache import BlockAllocator
+from server.engine.prefix_cache import PrefixCache
+from server.engine.types import Request, SamplingParams
+from tests.engine.engine_utils import local_adapter, make_engine
+from tests.helpers import peft_greedy
+
+SYSTEM = [(7 * i + 3) % 250 + 2 for i in range(37)]  # 4 full blocks of 8 and a bit
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    eng = make_engine(tiny_dir, kv_block_size=8)
+    yield eng
+    eng.shutdown()
+
+
+def _ask(eng, prompt, adapter, n_new):
+    return eng.submit(Request(list(prompt), SamplingParams(max_new_tokens=n_new, ignore_eos=True), adapter))
+
+
+def test_shared_prefixes_across_adapters_and_base_match_peft(engine, tiny_dir, tiny_adapters):
+    """One system prompt under the base and three adapters, questions one after another and in one batch:
+    later requests reuse cached blocks, and every output is PEFT's."""
+    names = [None, "all_r8", "qv_r4", "mlp_rs"]
+    questions = [[11, 12, 13], list(range(40, 52)), [99] * 5]
+    before = engine.stats().prefix
+    jobs = []
+    for q in questions[:2]:  # one after another: the second finds the first's blocks
+        for name in names:
+            adapter = local_adapter(engine, name, tiny_adapters.get(name)) if name else None
+            out = _ask(engine, SYSTEM + q, adapter, 7).collect()
+            jobs.append((name, SYSTEM + q, out.token_ids))
+    streams = [(name, SYSTEM + questions[2], _ask(engine, SYSTEM + questions[2],
+                                                   local_adapter(engine, name, tiny_adapters.get(name))
+                                                   if name else None, 7)) for name in names]
+    jobs += [(name, p, s.collect().token_ids) for name, p, s in streams]
+    for name, prompt, got in jobs:
+        assert got == peft_greedy(tiny_dir, tiny_adapters.get(name), prompt, 7), (name, len(prompt))
+    after = engine.stats().prefix
+    assert after.enabled
+    assert after.hits - before.hits >= 8  # every request after the first of each adapter (or base)
+    assert after.tokens_saved - before.tokens_saved >= 8 * 32
+    assert after.cached_blocks >= 4 * 4
+    assert engine.stats().kv_blocks_used == 0
+
+
+def test_outputs_identical_with_cache_on_and_off(tiny_dir, tiny_adapters):
+    """Same requests, mixed batch, cache on and off: token-identical (and a repeat is a full-prefix hit)."""
+    names = [None, "all_r8", "pattern"]
+    prompts = [SYSTEM + [5, 6], SYSTEM[:32], SYSTEM[:32] + [9], SYSTEM[:17]]
+    results = {}
+    for on in (True, False):
+        eng = make_engine(tiny_dir, kv_block_size=8, prefix_cache=on)
+        try:
+            outs = []
+            for _ in range(2):  # the second round runs against a warm cache
+                streams = [_ask(eng, p, local_adapter(eng, n, tiny_adapters.get(n)) if n else None, 9)
+                           for p in prompts for n in names]
+                outs.append([s.collect().token_ids for s in streams])
+            assert outs[0] == outs[1]
+            results[on] = outs[0]
+            assert eng.stats().prefix.enabled == on
+            assert (eng.stats().prefix.hits > 0) == on
+        finally:
+            eng.shutdown()
+    assert results[True] == results[False]
+
+
+def test_hot_swap_of_a_name_never_serves_the_old_versions_blocks(engine, tiny_dir, tiny_adapters):
+    """Same prompt, same adapter name: v1, then v2 (other weights), then v1 again, each equal to its version alone."""
+    v1 = local_adapter(engine, "swap", tiny_adapters["all_r8"], version=1)
+    v2 = local_adapter(engine, "swap", tiny_adapters["qv_r4"], version=2)
+    prompt = SYSTEM + [21, 22, 23]
+    want = {1: peft_greedy(tiny_dir, tiny_adapters["all_r8"], prompt, 10),
+            2: peft_greedy(tiny_dir, tiny_adapters["qv_r4"], prompt, 10)}
+    assert want[1] != want[2]
+    for version, adapter in ((1, v1), (2, v2), (1, v1)):
+        out = _ask(engine, prompt, adapter, 10).collect()
+        assert out.token_ids == want[version], f"v{version}"
+        assert out.adapter.version == version
+
+
+def test_eviction_under_a_small_cache_keeps_outputs_exact(tiny_dir, tiny_adapters):
+    """10 blocks of 8: cached blocks are evicted to make room (and preemption still works); outputs stay PEFT's."""
+    eng = make_engine(tiny_dir, kv_cache_tokens=80, kv_block_size=8)
+    try:
+        names = [None, "all_r8", "mlp_rs"]
+        jobs = []
+        for round_ in range(2):
+            streams = [(n, p, _ask(eng, p, local_adapter(eng, n, tiny_adapters.get(n)) if n else None, 20))
+                       for i, n in enumerate(names) for p in [SYSTEM[:24 + 4 * i] + [round_ + 1]]]
+            jobs += [(n, p, s.collect().token_ids) for n, p, s in streams]
+        for n, p, got in jobs:
+            assert got == peft_greedy(tiny_dir, tiny_adapters.get(n), p, 20), n
+        st = eng.stats()
+        assert st.kv_blocks_used == 0 and st.prefix.cached_blocks <= 10
+    finally:
+        eng.shutdown()
+
+
+def test_allocator_evicts_idle_cached_blocks_least_recent_first_and_never_shared_ones():
+    blocks = BlockAllocator(4, 2)
+    cache = PrefixCache(blocks, "base")
+    a = cache.chain([1, 2, 3, 4, 5], 5, "digest-a")
+    b = cache.chain([1, 2, 3, 4, 5], 5, "digest-b")
+    assert len(a) == 2 and not set(a) & set(b)  # one prompt, two adapters: two chains
+    assert cache.chain([1, 2, 3, 4, 5], 5, None) != a
+    t1 = blocks.allocate(3)
+    cache.insert(a, t1)
+    assert cache.match(a, 5) == t1[:2]
+    assert cache.match(a, 4) == t1[:1]  # the last token is always computed
+    assert cache.match(b, 5) == []
+    blocks.free(t1)
+    assert blocks.num_free == 4 and blocks.num_used == 0 and cache.num_cached_blocks == 2
+    held = cache.match(a, 5)[:1]
+    blocks.share(held)  # a running sequence uses the first block
+    got = blocks.allocate(3)  # the two empty blocks, then the idle second block of the chain
+    assert cache.num_cached_blocks == 1 and cache.match(a, 5) == held
+    with pytest.raises(MemoryError):
+        blocks.allocate(1)  # the shared block is never evicted
+    blocks.free(got)
+    blocks.free(held)
+    cache.clear()
+    assert blocks.num_free == 4 and cache.num_cached_blocks == 0
+
+
+def test_prefix_cache_knob_from_flag_env_and_toml(tmp_path):
+    import argparse
+
+    from server.core import config
+
+    def load(*argv, env=None):
+        p = argparse.ArgumentParser()
+        config.add_flags(p)
+        return config.load(p.parse_args(list(argv)), env=env or {}).engine.prefix_cache
+
+    toml = tmp_path / "c.toml"
+    toml.write_text("[engine]\nprefix_cache = false\n")
+    assert load() is True
+    assert load("--no-prefix-cache") is False
+    assert load("--config", str(toml)) is False
+    assert load("--config", str(toml), "--prefix-cache") is True
+    assert load(env={"LORASERVE_PREFIX_CACHE": "false"}) is False
