@@ -83,7 +83,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     load_before = _loadavg()
     probe = EngineConfig(model=cfg.model, quantize=cfg.quantize, home=cfg.home)
     model_dir = resolve_model(cfg.model, probe.resolve_home())
-    dtype = probe.resolve_dtype(probe.resolve_device())
+    # transformers and PEFT run in the dtype a user would pick on this CPU: bf16 where it is native.
+    dtype = EngineConfig(quantize="none").resolve_dtype(probe.resolve_device())
     mc = ModelConfig.from_file(model_dir / "config.json")
     tok = load_tokenizer(model_dir)
     specials = set(getattr(tok, "all_special_ids", []) or []) | set(mc.eos_token_ids)
