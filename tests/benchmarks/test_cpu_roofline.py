@@ -47,6 +47,7 @@ def test_roofline_reads_the_steps_off_the_runs_and_compares_with_the_floors():
     assert dec["measured_s"] == pytest.approx(1.1 / 31)
     assert dec["floor_s"] == max(dec["bytes"] / 25e9, dec["flops"] / 200e9)
     assert dec["of_floor"] == pytest.approx(dec["floor_s"] / dec["measured_s"])
+    assert r["decode_goal"]["met"] == (dec["of_floor"] >= 0.5)
     share = r["lora_share"]
     assert share["extra_decode_s"] == pytest.approx(0.2 / 31) and share["byte_floor_s"] == pytest.approx(78.1e6 / 25e9, rel=0.01)
     text = format_roofline(r)
