@@ -93,7 +93,10 @@ def engine_systems(cfg: BenchConfig, quantize: str, prompts: list[list[int]], ad
     # `none` is the PEFT-exact setting: fp32 like PEFT, also on CPUs where `auto` would pick native bf16.
     ecfg = EngineConfig(model=cfg.model, quantize=quantize, home=cfg.home, max_rank=max(cfg.rank, 16),
                         max_adapters_on_device=max(cfg.adapters, 1),
-                        dtype="float32" if quantize == "none" else "auto")
+                        dtype="float32" if quantize == "none" else "auto",
+                        # Every round repeats the same prompts: with the prefix cache on, rounds after the
+                        # warm-up would time cache hits instead of the engine (PEFT has no such cache).
+                        prefix_cache=False)
     t0 = time.perf_counter()
     engine = Engine.from_config(ecfg)
     load_s = time.perf_counter() - t0
