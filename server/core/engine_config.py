@@ -24,8 +24,8 @@ class EngineConfig:
     model: str = knob("default", help="'default' (SmolLM2-135M-Instruct, bundled) or a path to an HF directory "
                                       "or .gguf file")
     device: str = knob("auto", help="auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
-    dtype: str = knob("auto", help="auto | float32 | bfloat16 | float16 (auto: bf16 on CUDA and on CPUs with "
-                                   "native bf16)", choices=("auto", *_DTYPES))
+    dtype: str = knob("auto", help="auto | float32 | bfloat16 | float16 (auto: bf16 on CUDA; on CPU fp32 with "
+                                   "--quantize int8, else bf16 where native)", choices=("auto", *_DTYPES))
     quantize: str = knob("int8", help="base weights: none | int8 | int4", choices=("none", "int8", "int4"))
     max_adapters_on_device: int = knob(8, help="LoRA slots on the device (besides slot 0, the bare base)", lo=1)
     max_rank: int = knob(32, help="largest LoRA rank served (smaller ranks are zero-padded)", lo=1)
@@ -73,6 +73,11 @@ class EngineConfig:
             return _DTYPES[self.dtype]
         if device.type == "cuda":
             return torch.bfloat16
+        if self.quantize == "int8":
+            # The CPU int8 base multiplies in integers between fp32 activations (server/model/int8_dynamic.py),
+            # and the CPU LoRA and decode-attention kernels read fp32: bf16 activations would only add casts
+            # and send LoRA to the torch reference.
+            return torch.float32
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
     def resolve_lora_decode_dtype(self, device: torch.device) -> torch.dtype:

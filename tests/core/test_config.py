@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from server.core import config
+from server.core.engine_config import cpu_has_native_bf16
 from server.core.errors import InvalidRequestError
 
 
@@ -147,5 +148,9 @@ def test_values_are_checked_once_when_a_section_is_built() -> None:
 def test_resolve_only_derives() -> None:
     cpu = torch.device("cpu")
     assert config.EngineConfig(dtype="bfloat16").resolve_dtype(cpu) == torch.bfloat16
+    # The CPU int8 path computes between fp32 activations whatever the CPU; `none` keeps bf16 where it is native.
+    assert config.EngineConfig(quantize="int8").resolve_dtype(cpu) == torch.float32
+    assert config.EngineConfig(quantize="none").resolve_dtype(cpu) == (
+        torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
     assert config.EngineConfig(dtype="float16").resolve_dtype(torch.device("cuda")) == torch.float16
     assert config.EngineConfig(device="cpu").resolve_device() == cpu
