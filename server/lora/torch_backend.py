@@ -11,6 +11,7 @@ found through a page table (`server/lora/stacks.py`), so a step either views the
   - gather: otherwise each target's rows of the step's adapters are gathered once per step and
     projection use into small stacks ([adapters + 1, R, in], slot 0 zero), zero past each adapter's rank
     as the page table says, and `torch_ref` runs on those with the step's slots renumbered 1..m.
+A step's decode rows and prompt rows are taken apart, each choosing its way and its `torch_ref` path.
 """
 from __future__ import annotations
 
@@ -68,26 +69,49 @@ class TorchBackend(LoraBackend):
 
 
 class TorchStep(LoraStep):
+    """Decode rows and prompt rows (each kind sorted by slot, `StepRows`) are two parts, each taking its own
+    path: a mixed step's decode rows still form one run or one padded bmm beside a prompt's long segment."""
+
     def __init__(self, backend: TorchBackend, rows: StepRows):
-        pool = backend.pool
-        self.stacks, self.rank = pool.stacks, rows.rank
-        self.run = torch_ref.contiguous_run(rows.segments)
-        self.views: Optional[_Views] = None
-        if self.run is not None:
-            lo, m = self.run[1], self.run[2]
-            row0 = backend.adjacent_rows(lo, m, rows.rank)
-            if row0 is not None:
-                self.views = backend.run_views(lo, m, row0, rows.rank)
-        if self.views is None:  # gather: the step's slots renumbered 1..m, slot 0 stays the bare base
-            slots = sorted({s for s in rows.adapter_slots if s})
-            local = {s: i + 1 for i, s in enumerate(slots)}
-            self.segments = LoraSegments.from_token_slots([local.get(s, 0) for s in rows.adapter_slots],
-                                                          pool.device)
-            self.path = torch_ref.choose_path(self.segments)
-            self.slots = torch.tensor([0, *slots], dtype=torch.long, device=pool.device)
-            self.rows = pool.pages.index_select(0, self.slots)[:, :rows.rank].reshape(-1).long()
+        self.rank = rows.rank
+        slots, nd = rows.adapter_slots, rows.num_decode
+        bounds = [(0, nd), (nd, len(slots))] if 0 < nd < len(slots) else [(0, len(slots))]
+        self.parts = [_Part(backend, slots[lo:hi], lo, rows.rank) for lo, hi in bounds if any(slots[lo:hi])]
+
+    @property
+    def views(self) -> Optional[_Views]:
+        """The weight views of a step of one part read in place (None when its rows are gathered)."""
+        return self.parts[0].views if len(self.parts) == 1 else None
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, projection: Projection) -> torch.Tensor:
+        for part in self.parts:
+            part.apply(y[part.lo:part.hi], x[part.lo:part.hi], layer, projection)
+        return y
+
+
+class _Part:
+    """Rows lo..hi of a step: viewed in place when they form a run of slots over adjacent rows, else gathered."""
+
+    def __init__(self, backend: TorchBackend, slots: list[int], lo: int, rank: int):
+        pool = backend.pool
+        self.lo, self.hi, self.stacks, self.rank = lo, lo + len(slots), pool.stacks, rank
+        segments = LoraSegments.from_token_slots(slots, pool.device)
+        self.run = torch_ref.contiguous_run(segments)
+        self.views: Optional[_Views] = None
+        if self.run is not None:
+            first, m = self.run[1], self.run[2]
+            row0 = backend.adjacent_rows(first, m, rank)
+            if row0 is not None:
+                self.views = backend.run_views(first, m, row0, rank)
+        if self.views is None:  # gather: the part's slots renumbered 1..m, slot 0 stays the bare base
+            used = sorted({s for s in slots if s})
+            local = {s: i + 1 for i, s in enumerate(used)}
+            self.segments = LoraSegments.from_token_slots([local.get(s, 0) for s in slots], pool.device)
+            self.path = torch_ref.choose_path(self.segments)
+            self.slots = torch.tensor([0, *used], dtype=torch.long, device=pool.device)
+            self.rows = pool.pages.index_select(0, self.slots)[:, :rank].reshape(-1).long()
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, projection: Projection) -> None:
         for target, cols in target_columns(y, projection):
             if self.views is not None:
                 assert self.run is not None
@@ -98,4 +122,3 @@ class TorchStep(LoraStep):
             b = st.bt[layer][target].index_select(0, self.rows).view(n, r, -1).transpose(1, 2)
             torch_ref.apply_lora(cols, x, a, b, st.scale[layer][target].index_select(0, self.slots),
                                  self.segments, self.path)
-        return y

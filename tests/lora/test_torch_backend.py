@@ -64,3 +64,22 @@ def test_adjacent_rows_of_one_rank_are_read_in_place_and_scattered_ones_gathered
             want = y0.double() + expected_delta(x, 1, projection, rows, by_slot)
             assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4), (targets, in_place)
         pool.shutdown()
+
+
+def test_a_mixed_steps_decode_and_prompt_rows_each_take_their_own_way():
+    """Decode rows of distinct adapters and a prompt's long segment: each part is a run read in place."""
+    same = [random_adapter(TINY, 8, ("q", "v", "down"), s) for s in (7, 8, 9)]
+    pool, slots = pool_with(same)
+    rows = [1, 2, 3] + [0] * 2 + [2] * 6  # the runner's order: each kind by slot, the base first
+    step = TorchBackend(pool).prepare(rows, 3)
+    assert len(step.parts) == 2 and all(p.views is not None for p in step.parts)
+    by_slot = dict(zip(slots, same))
+    torch.manual_seed(2)
+    for targets in PROJECTIONS:
+        projection = TINY.projection(targets)
+        x = torch.randn(len(rows), TINY.target_shape(targets[0])[1])
+        y0 = torch.randn(len(rows), sum(w for _, w in projection))
+        got = step.apply(y0.clone(), x, 0, projection)
+        want = y0.double() + expected_delta(x, 0, projection, rows, by_slot)
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4), targets
+    pool.shutdown()
