@@ -240,7 +240,7 @@ class Engine:
                 break
             except RuntimeError:  # a queue changed size while copied
                 continue
-        return LoraActivity(running, waiting, self.pool.num_slots)
+        return LoraActivity(running, waiting, self.pool.sure_capacity)
 
     @property
     def accepting(self) -> bool:

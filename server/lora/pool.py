@@ -117,6 +117,11 @@ class AdapterPool:
     def nbytes(self) -> int:
         return self.stacks.nbytes + (self.bf16_stacks.nbytes if self.bf16_stacks is not None else 0)
 
+    @property
+    def sure_capacity(self) -> int:
+        """Adapters the pool holds at once whatever their ranks (all at --max-rank); smaller ranks fit more."""
+        return min(self.num_slots, self.num_rows // self.max_rank)
+
     # ---- used by the engine thread -------------------------------------------------------------
     def acquire(self, spec: AdapterVersion) -> Optional[int]:
         """Reference a READY slot holding `spec` for one sequence, starting a load if needed.

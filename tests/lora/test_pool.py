@@ -149,6 +149,7 @@ def test_memory_is_shared_out_by_rank(mcfg):
     evicts the two least recently used rank-8 ones, and then the freed rows serve again."""
     pool = AdapterPool(mcfg, num_slots=32, max_rank=16, device=torch.device("cpu"), dtype=torch.float32,
                        num_rows=32)
+    assert pool.sure_capacity == 2  # what routers are told: adapters of any rank up to 16
     small = [_version(f"s{i}", _weights(mcfg, 8, i)) for i in range(4)]
     slots = [pool.load(v) for v in small]
     assert len(set(slots)) == 4 and pool.stats().rows_used == 32 and pool.stats().slots_ready == 4
