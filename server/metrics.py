@@ -142,10 +142,13 @@ ENGINE_GAUGES: tuple[tuple[str, str, EngineRead], ...] = (
     ("loraserve_kv_blocks_capacity", "Paged KV-cache blocks in all.", lambda s: s.kv_blocks_total),
     ("loraserve_batch_size", "Sequences in the most recent engine step.", lambda s: s.last_batch_size),
     ("loraserve_adapters_on_device", "Adapters resident in device slots.", lambda s: s.pool.slots_ready),
-    ("loraserve_adapter_slots", "Device LoRA slots (slot 0, the bare base, not counted).",
+    ("loraserve_adapter_slots", "Adapters the device may hold at once (slot 0, the bare base, not counted).",
      lambda s: s.pool.slots_total),
     ("loraserve_adapter_slots_in_use", "Device slots held by running requests (0 when idle: a leaked reference "
      "shows here).", lambda s: s.pool.slots_in_use),
+    ("loraserve_adapter_rows", "Rank rows of device adapter memory (an adapter of rank r holds r).",
+     lambda s: s.pool.rows_total),
+    ("loraserve_adapter_rows_used", "Rank rows held by resident (or loading) adapters.", lambda s: s.pool.rows_used),
     ("loraserve_prefix_cache_blocks", "KV blocks held by the prefix cache (in use or idle, evictable when idle).",
      lambda s: s.prefix.cached_blocks),
 )
@@ -157,8 +160,8 @@ ENGINE_COUNTERS: tuple[tuple[str, str, EngineRead], ...] = (
     ("loraserve_adapter_load_failures", "Adapter loads that failed (the request got an error).",
      lambda s: s.pool.load_failures),
     ("loraserve_adapter_slot_hits", "Requests whose adapter was already in a device slot.", lambda s: s.pool.hits),
-    ("loraserve_adapter_slot_misses", "Requests whose adapter had to be loaded into a slot.",
-     lambda s: s.pool.misses),
+    ("loraserve_adapter_slot_misses", "Adapter loads requests waited for (one per load, however many requests "
+     "and steps waited).", lambda s: s.pool.misses),
     ("loraserve_preemptions", "Sequences preempted (recomputed) when the KV cache ran out.",
      lambda s: s.preemptions),
     ("loraserve_engine_steps", "Engine steps run.", lambda s: s.steps),

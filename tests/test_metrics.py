@@ -73,7 +73,7 @@ def test_every_documented_metric_is_exported_with_its_type(served):
     metrics.attach(engine.stats, registry.stats)
     metrics.registry.register(RouterMetrics(engine, qualify_tenants=True))  # as the server does
     documented = documented_metrics()
-    assert len(documented) == 42 + len(SHARED_INDEX_METRICS)  # the table parsed (not empty when reformatted)
+    assert len(documented) == 44 + len(SHARED_INDEX_METRICS)  # the table parsed (not empty when reformatted)
     assert SHARED_INDEX_METRICS <= set(documented)
     assert exported(metrics) == {n: t for n, t in documented.items() if n not in SHARED_INDEX_METRICS}
 
@@ -97,6 +97,8 @@ def test_scrape_reads_engine_and_registry_stats(served):
         "loraserve_adapter_slots_in_use": 0,  # no request runs: no slot is held
         "loraserve_adapter_evictions_total": 1, "loraserve_adapter_load_failures_total": 0,
         "loraserve_adapter_slot_misses_total": 2, "loraserve_adapter_slot_hits_total": 2,
+        # adapter memory: auto = one adapter of --max-rank 16; b (rank 4) holds 4 of its rows
+        "loraserve_adapter_rows": 16, "loraserve_adapter_rows_used": 4,
         # host tier: holds one adapter; both device loads missed it and read disk; three evictions
         "loraserve_adapters_in_host_memory": 1, "loraserve_adapter_host_cache_bytes": host.bytes,
         "loraserve_adapter_host_cache_hits_total": 0, "loraserve_adapter_host_cache_misses_total": 2,

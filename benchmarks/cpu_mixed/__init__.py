@@ -55,6 +55,7 @@ from benchmarks.cpu_mixed.config import ALL_SYSTEMS, PEFT_TARGETS, BenchConfig  
 from benchmarks.cpu_mixed.groups import isolation_note, measure_in_children, system_groups, worker_main  # noqa: E402
 from benchmarks.cpu_mixed.inputs import make_adapters, make_prompts  # noqa: E402
 from benchmarks.cpu_mixed.report import print_report  # noqa: E402
+from benchmarks.cpu_mixed.roofline import best_limits, format_roofline, measure_limits, roofline  # noqa: E402
 from benchmarks.cpu_mixed.stats import goals, summarize  # noqa: E402
 from benchmarks.cpu_mixed.systems import model_shape  # noqa: E402
 
@@ -82,13 +83,15 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     load_before = _loadavg()
     probe = EngineConfig(model=cfg.model, quantize=cfg.quantize, home=cfg.home)
     model_dir = resolve_model(cfg.model, probe.resolve_home())
-    dtype = probe.resolve_dtype(probe.resolve_device())
+    # transformers and PEFT run in the dtype a user would pick on this CPU: bf16 where it is native.
+    dtype = EngineConfig(quantize="none").resolve_dtype(probe.resolve_device())
     mc = ModelConfig.from_file(model_dir / "config.json")
     tok = load_tokenizer(model_dir)
     specials = set(getattr(tok, "all_special_ids", []) or []) | set(mc.eos_token_ids)
     prompts = make_prompts(cfg, mc.vocab_size, sorted(specials))
 
     groups = system_groups(cfg)
+    limit_samples = [measure_limits()]  # the machine's limits, before and after the children run
     with tempfile.TemporaryDirectory(prefix="loraserve-bench-") as tmp:
         root = Path(cfg.workdir) if cfg.workdir else Path(tmp)
         t0 = time.perf_counter()
@@ -99,6 +102,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         log.info("prompts and adapters ready in %.0f s; measuring %s", time.perf_counter() - t_start,
                  isolation_note(groups))
         results, engine_model, _timeline = measure_in_children(cfg, groups, shared, Path(tmp))
+    limit_samples.append(measure_limits())
     order = {s: i for i, s in enumerate(ALL_SYSTEMS)}
     results.sort(key=lambda r: order.get(r.system, 99))
     model_info: dict[str, Any] = engine_model or {"path": str(model_dir), **model_shape(mc)}
@@ -125,8 +129,13 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         "total_s": None,
     }
     payload["goals"] = goals(rows)
+    payload["roofline"] = roofline(results, model_info, cfg, best_limits(limit_samples))
     payload["total_s"] = time.perf_counter() - t_start
     payload["table"] = print_report(payload)
+    if payload["roofline"]:
+        text = format_roofline(payload["roofline"])
+        print(text)
+        payload["table"] += "\n" + text
     if cfg.out:
         write_json(cfg.out, payload)
         print(f"wrote {cfg.out} ({payload['total_s']:.0f} s in all)")

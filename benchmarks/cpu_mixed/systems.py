@@ -70,12 +70,14 @@ def _engine_run(engine, requests_fn: Callable[[], list]) -> tuple[RunTiming, lis
 
 
 def _model_facts(engine) -> dict[str, Any]:
-    """What the engine really runs: base linear classes and kernels of layer 0, memory."""
+    """What the engine really runs: base linear classes and kernels of layer 0, in words, memory."""
+    from server.model.quant import kernel_description
+
     m = engine.model
     linears = {name: f"{type(mod).__name__}({getattr(mod, 'kernel', '?')})"
                for name, mod in m.layers[0].named_children()}
     nbytes = sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
-    return {"base_linears": linears, "model_bytes": nbytes, "lora_pool_bytes": engine.pool.nbytes,
+    return {"base_linears": linears, "base_kernel": kernel_description(m), "model_bytes": nbytes, "lora_pool_bytes": engine.pool.nbytes,
             "lora_backend": engine.lora_backend.name}
 
 

@@ -156,5 +156,6 @@ def model_info(engine: Any, state: ServingState) -> pb.ModelInfoResponse:
         model_name=state.model_name or cfg.model, model_fingerprint=state.model_fingerprint,
         context_length=int(context_len), vocab_size=mc.vocab_size, device=str(getattr(device, "type", device)),
         dtype=str(dtype).removeprefix("torch."), quantization=cfg.quantize, max_rank=cfg.max_rank,
-        adapter_slots=cfg.max_adapters_on_device, max_batch_size=cfg.max_batch_size, server_version=server_version(),
+        adapter_slots=getattr(getattr(engine, "pool", None), "sure_capacity", cfg.max_adapters_on_device),
+        max_batch_size=cfg.max_batch_size, server_version=server_version(),
         lora_targets=list(TARGET_MODULES.values()), prefix_cache=cfg.prefix_cache)

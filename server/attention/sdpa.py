@@ -4,17 +4,23 @@ A prefilling sequence that starts at position 0 needs only its own new tokens: o
 causal SDPA call each. One that starts after a cached prefix (the prefix cache) reads
 its whole context, cached rows and its own just-written rows, from the paged cache: one
 SDPA call with a bottom-right causal mask (query i, at position c + i, sees keys 0..c + i).
-Decoding sequences read their whole context from the paged cache: one batched, masked
-SDPA call for all of them. On CUDA, `server.attention.xformers_probe` may swap in xformers
-for the from-scratch prefills.
+Decoding sequences read their whole context from the paged cache: on CPU (fp32) in place,
+by `server.attention.decode_kernel`, elsewhere gathered and padded for one batched, masked
+SDPA call. On CUDA, `server.attention.xformers_probe` may swap in xformers for the
+from-scratch prefills.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+from server.attention import decode_kernel
+
+
+DECODE_KV_ALIGN = 64  # decode contexts are padded to a multiple of this (AttentionMetadata.padded_decode)
 
 
 @dataclass
@@ -30,8 +36,9 @@ class AttentionMetadata:
     decode_mask: [D, 1, 1, L] True where a cache row is real context.
     all_decode: every token is a decode token, in row order (no gather/scatter needed).
     prompt_from: rows from here on are prompt tokens, the rows before it decode tokens (the
-        runner orders them so); None when the step has no prompt tokens. Quantized linears
-        multiply prompt rows and decode rows by different kernels (server/model/quant.py).
+        runner orders them so); None when the step has no prompt tokens. torch's weight-only int8
+        kernels multiply prompt rows and decode rows differently (server/model/quant.py); the
+        dynamic int8 kernel, the CPU default, treats every row alike.
     """
 
     slot_mapping: Optional[torch.Tensor]
@@ -42,6 +49,35 @@ class AttentionMetadata:
     decode_mask: Optional[torch.Tensor] = None
     all_decode: bool = False
     prompt_from: Optional[int] = None
+    _decode_padded: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False, compare=False)
+    _decode_lengths: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+
+    def decode_lengths(self) -> torch.Tensor:
+        """int32 [D]: each decoding sequence's context length (its mask's true prefix). Once a step."""
+        if self._decode_lengths is None:
+            assert self.decode_kv is not None and self.decode_mask is not None
+            D, L = self.decode_kv.shape
+            self._decode_lengths = self.decode_mask.reshape(D, L).sum(1, dtype=torch.int32)
+        return self._decode_lengths
+
+    def padded_decode(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """decode_kv and decode_mask with the context padded (masked) to a multiple of DECODE_KV_ALIGN.
+
+        The padded length is the longest context in the batch, and torch's CPU attention sums a row's
+        softmax in whole vectors plus a scalar tail: a position inside the tail for one batch and inside
+        a vector for another gets different bits (measured: a decode token's hidden state changed with
+        the other sequences' lengths). With the length a multiple of the widest vector, every real
+        position is always in a whole vector and the padding adds exact zeros. Computed once a step.
+        """
+        if self._decode_padded is None:
+            assert self.decode_kv is not None and self.decode_mask is not None
+            pad = -self.decode_kv.shape[1] % DECODE_KV_ALIGN
+            kv, mask = self.decode_kv, self.decode_mask
+            if pad:
+                kv = F.pad(kv, (0, pad))  # row 0 of the cache, masked out
+                mask = F.pad(mask, (0, pad), value=False)
+            self._decode_padded = (kv, mask)
+        return self._decode_padded
 
     @classmethod
     def prefill_only(cls, lengths: list[int], device: torch.device,
@@ -108,11 +144,15 @@ def _prefill_after_prefix(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]
 def _decode(q: torch.Tensor, attn: AttentionMetadata,
             kv: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     assert kv is not None and attn.decode_kv is not None, "decoding needs the KV cache"
-    D, L = attn.decode_kv.shape
-    rows = attn.decode_kv.view(-1)
+    kern = decode_kernel.load() if q.device.type == "cpu" else None
+    if kern is not None and kern.accepts(q, kv[0]):
+        return kern(q, kv[0], kv[1], attn.decode_kv, attn.decode_lengths())
+    decode_kv, mask = attn.padded_decode()
+    D, L = decode_kv.shape
+    rows = decode_kv.reshape(-1)
     # index_select copies whole cache rows (3-6x faster than 2-D advanced indexing on CPU).
     kc = kv[0].index_select(0, rows).view(D, L, *kv[0].shape[1:]).permute(0, 2, 1, 3)  # [D, nkv, L, hd]
     vc = kv[1].index_select(0, rows).view(D, L, *kv[1].shape[1:]).permute(0, 2, 1, 3)
-    out = F.scaled_dot_product_attention(q[:, :, None, :], kc, vc, attn_mask=attn.decode_mask,
+    out = F.scaled_dot_product_attention(q[:, :, None, :], kc, vc, attn_mask=mask,
                                          enable_gqa=q.shape[1] != kc.shape[1])
     return out[:, :, 0, :]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -15,6 +16,10 @@ from server.core import knobs
 from server.core.errors import InvalidRequestError
 from server.core.knobs import knob
 from server.core.paths import resolve_home
+from server.core.sizes import parse_budget
+
+# Adapters of --max-rank that `--adapter-memory auto` holds when --max-adapters-on-device does not say.
+DEFAULT_ADAPTERS = 8
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,11 +29,17 @@ class EngineConfig:
     model: str = knob("default", help="'default' (SmolLM2-135M-Instruct, bundled) or a path to an HF directory "
                                       "or .gguf file")
     device: str = knob("auto", help="auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
-    dtype: str = knob("auto", help="auto | float32 | bfloat16 | float16 (auto: bf16 on CUDA and on CPUs with "
-                                   "native bf16)", choices=("auto", *_DTYPES))
+    dtype: str = knob("auto", help="auto | float32 | bfloat16 | float16 (auto: bf16 on CUDA; on CPU fp32 with "
+                                   "--quantize int8, else bf16 where native)", choices=("auto", *_DTYPES))
     quantize: str = knob("int8", help="base weights: none | int8 | int4", choices=("none", "int8", "int4"))
-    max_adapters_on_device: int = knob(8, help="LoRA slots on the device (besides slot 0, the bare base)", lo=1)
-    max_rank: int = knob(32, help="largest LoRA rank served (smaller ranks are zero-padded)", lo=1)
+    adapter_memory: str = knob("auto", help="device memory for LoRA adapters, shared out by rank (an adapter of "
+                                            "rank r takes r rank rows): auto (room for --max-adapters-on-device "
+                                            "adapters of --max-rank, 8 when that is 0), a size (256MiB, 2GB) or a "
+                                            "fraction of the memory free once the model and KV cache are in place "
+                                            "(a decimal such as 0.25, or a percentage)")
+    max_adapters_on_device: int = knob(0, help="most adapters resident at once (0 = as many as --adapter-memory "
+                                               "holds)", lo=0)
+    max_rank: int = knob(32, help="largest LoRA rank served", lo=1)
     kv_block_size: int = knob(16, help="tokens per paged KV block", lo=1)
     prefix_cache: bool = knob(True, help="keep full KV blocks of prompts after their requests end and reuse them "
                                          "for prompts that start the same way, on the same base and adapter "
@@ -60,6 +71,10 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         knobs.check(self, "engine")
+        try:
+            self._adapter_budget = None if self.adapter_memory == "auto" else parse_budget(self.adapter_memory)
+        except ValueError as e:
+            raise InvalidRequestError("engine.adapter_memory", str(e)) from None
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -73,6 +88,11 @@ class EngineConfig:
             return _DTYPES[self.dtype]
         if device.type == "cuda":
             return torch.bfloat16
+        if self.quantize == "int8":
+            # The CPU int8 base multiplies in integers between fp32 activations (server/model/int8_dynamic.py),
+            # and the CPU LoRA and decode-attention kernels read fp32: bf16 activations would only add casts
+            # and send LoRA to the torch reference.
+            return torch.float32
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
     def resolve_lora_decode_dtype(self, device: torch.device) -> torch.dtype:
@@ -83,6 +103,23 @@ class EngineConfig:
         if self.lora_decode_dtype == "bfloat16" or self.quantize != "none":
             return torch.bfloat16
         return torch.float32
+
+    def resolve_adapter_rows(self, row_bytes: int, free_bytes: Callable[[], int]) -> int:
+        """Rank rows of adapter memory (the zero row aside) for rows of `row_bytes` bytes; `free_bytes()` is asked
+        only for a fraction. Refuses a budget that cannot hold one adapter of --max-rank."""
+        if self._adapter_budget is None:
+            return (self.max_adapters_on_device or DEFAULT_ADAPTERS) * self.max_rank
+        budget = self._adapter_budget.resolve(0 if self._adapter_budget.nbytes is not None else free_bytes())
+        rows = budget // row_bytes - 1
+        if rows < self.max_rank:
+            raise InvalidRequestError("engine.adapter_memory", f"{self.adapter_memory} ({budget} bytes) holds "
+                                      f"{max(rows, 0)} rank rows of {row_bytes} bytes for this model; an adapter "
+                                      f"of --max-rank {self.max_rank} needs {self.max_rank} (+1 zero row)")
+        return rows
+
+    def resolve_adapter_slots(self, rows: int) -> int:
+        """Adapters resident at most: --max-adapters-on-device, or as many as `rows` could hold (rank 1 each)."""
+        return self.max_adapters_on_device or rows
 
     def resolve_home(self) -> Path:
         """The cache root (`server.core.paths.resolve_home`): `home`, else $LORASERVE_HOME, else ~/.cache/loraserve."""

@@ -17,17 +17,20 @@ S = TypeVar("S")
 
 @dataclass(frozen=True)
 class PoolStats:
-    """The device tier: adapter slots (slot 0, the bare base, not counted) and their loads."""
+    """The device tier: adapter slots (slot 0, the bare base, not counted), the rank rows of adapter memory
+    they share, and their loads."""
 
     slots_total: int = 0
     slots_ready: int = 0           # slots holding a loaded adapter (a slot still loading is not counted)
     slots_in_use: int = 0          # slots running sequences hold (0 when idle: a leaked reference shows here)
+    rows_total: int = 0            # rank rows of adapter memory (an adapter of rank r holds r of them)
+    rows_used: int = 0             # rows held by resident adapters, loading ones included
     loads: int = 0
     load_failures: int = 0
     load_seconds: float = 0.0
     evictions: int = 0
     hits: int = 0                  # a sequence found its adapter already in a slot
-    misses: int = 0                # a sequence had to wait for its adapter's load
+    misses: int = 0                # an adapter load a sequence waited for (once per load, not per step waited)
 
 
 @dataclass(frozen=True)

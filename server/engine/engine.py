@@ -82,9 +82,9 @@ class Engine:
         self._last_batch = 0
         self._steps = 0
         log.info("engine: device=%s dtype=%s quantize=%s kv=%d tokens (%d blocks of %d) context=%d "
-                 "slots=%d max_rank=%d", self.device, str(self.dtype).replace("torch.", ""), model.quantize,
-                 self.blocks.num_blocks * bs, self.blocks.num_blocks, bs, self.max_model_len,
-                 config.max_adapters_on_device, config.max_rank)
+                 "adapter rows=%d slots=%d max_rank=%d", self.device, str(self.dtype).replace("torch.", ""),
+                 model.quantize, self.blocks.num_blocks * bs, self.blocks.num_blocks, bs, self.max_model_len,
+                 self.pool.num_rows, self.pool.num_slots, config.max_rank)
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
@@ -240,7 +240,7 @@ class Engine:
                 break
             except RuntimeError:  # a queue changed size while copied
                 continue
-        return LoraActivity(running, waiting, self.pool.num_slots)
+        return LoraActivity(running, waiting, self.pool.sure_capacity)
 
     @property
     def accepting(self) -> bool:

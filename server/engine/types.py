@@ -87,7 +87,7 @@ class LoraActivity:
 
     running: tuple[tuple[str, str], ...]  # (tenant, adapter name), each pair once, in batch order
     waiting: tuple[tuple[str, str], ...]  # the same for queued requests, in admission order
-    max_lora: int                         # device LoRA slots (adapters a batch can hold at once)
+    max_lora: int                         # adapters the device holds at once whatever their ranks
 
 
 @dataclass

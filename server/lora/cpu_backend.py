@@ -2,9 +2,10 @@
 
 Decode rows (first in the step) go one token at a time, prompt rows in blocks of up to 4 tokens of
 one adapter; one call of each per base projection (q/k/v and gate/up read x once for their targets),
-on `KernelPlan`s packed here once at start-up over the pool's bf16 copies. A token's LoRA arithmetic
-depends on its kind (decode or prompt), never on the rest of its batch. A projection the plans do not
-cover, or activations the kernel cannot read, take the torch reference instead (on the fp32 stacks).
+on `KernelPlan`s packed here once at start-up over the pool's bf16 copies of the rank rows and its page
+table. A token's LoRA arithmetic depends on its kind (decode or prompt), never on the rest of its batch.
+A projection the plans do not cover, or activations the kernel cannot read, take the torch reference
+instead (on the fp32 rows).
 """
 from __future__ import annotations
 
@@ -37,9 +38,10 @@ class CpuKernelBackend(LoraBackend):
             for targets in PROJECTIONS:
                 st = layer[targets]
                 plans[config.projection(targets)] = KernelPlan(
-                    [(st.a_of(g), st.bt_of(g), st.scale[g], off) for g, off in enumerate(st.offsets[:-1])])
+                    [(st.a_of(g), st.bt_of(g), st.scale[g], off) for g, off in enumerate(st.offsets[:-1])], st.pages)
                 for g, t in enumerate(targets):
-                    plans.setdefault(config.projection((t,)), KernelPlan([(st.a_of(g), st.bt_of(g), st.scale[g], 0)]))
+                    plans.setdefault(config.projection((t,)),
+                                     KernelPlan([(st.a_of(g), st.bt_of(g), st.scale[g], 0)], st.pages))
             self.plans.append(plans)
 
     def prepare_rows(self, rows: StepRows) -> "CpuKernelStep":

@@ -1,4 +1,4 @@
-"""Small C kernels for CPU LoRA where the base is quantized, reading bf16 copies of the slot stacks.
+"""Small C kernels for CPU LoRA where the base is quantized, reading bf16 copies of the adapters' rank rows.
 
 A decode step of distinct adapters reads every adapter in the batch: 157 MB of fp32 LoRA
 weights per step for 8 rank-16 adapters on SmolLM2, more than the int8 base itself. The
@@ -17,6 +17,11 @@ ranks): the LoRA of a prefill of 8 x 64 tokens 89-103 ms against 121-125 ms on t
 torch path, in the model (73 ms against 95-121 ms isolated). Every row of every step takes
 one of the two, by kind, and a token's arithmetic never depends on the rest of its batch
 (tested: the same numbers alone and batched).
+
+Both read an adapter's ranks through the pool's page table (`server/lora/stacks.py`): rank j of slot
+s is row pages[s, j], one pointer per row of in or out values, so an adapter's rows may lie anywhere in
+adapter memory; entries past a slot's own rank (row 0, zeros) are skipped, so a rank-8 adapter costs
+rank-8 reads in a step whose largest rank is 32.
 
 Rounding adapter weights to bf16 (8 mantissa bits) is what GPU servers do when the model
 runs in bf16; here it is used only where the base is already quantized
@@ -52,22 +57,26 @@ _SOURCE = r"""
 #include <string.h>
 static inline float bf(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 
-/* One targeted linear of a group that reads the same x (q/k/v, gate/up, or one alone):
-   A: [slots, R, in] bf16, B^T: [slots, R, out] bf16, scale: [slots] fp32; its output
-   columns are y[:, y_off : y_off + out]. */
+/* One targeted linear of a group that reads the same x (q/k/v, gate/up, or one alone): its rank rows
+   A: row p at a + p * a_row (in values), B^T: row p at bt + p * bt_row (out values), bf16; scale: [slots]
+   fp32; its output columns are y[:, y_off : y_off + out]. Slot s's rank j is row pages[s * R + j]. */
 typedef struct {
-  const uint16_t* a; long a_stride;
-  const uint16_t* bt; long bt_stride;
+  const uint16_t* a; long a_row;
+  const uint16_t* bt; long bt_row;
   const float* scale;
   long out; long y_off;
 } lora_target;
 
-/* v[j] = sc * x . A_s[j] and y[o] += sum_j v[j] * B^T_s[j][o], a row at a time. Blocking four
+/* A slot's rank in this step: r, less the page-table entries past its own rank (row 0, the zero row,
+   which adds nothing; only a slot's last entries are 0). */
+static inline int slot_rank(const int32_t* pg, int r) { while (r > 0 && pg[r - 1] == 0) r--; return r; }
+
+/* v[j] = sc * x . A[pg[j]] and y[o] += sum_j v[j] * B^T[pg[j]][o], a row at a time. Blocking four
    rows per pass (four accumulator chains, one pass over y) measured slower here: 4.6 ms a
    SmolLM2 step against 3.7 ms, the loop is bound by streaming the bf16 rows, not by FMA latency. */
-static void shrink(const float* x, const uint16_t* a, int r, int in, float sc, float* v) {
+static void shrink(const float* x, const lora_target* T, const int32_t* pg, int r, int in, float sc, float* v) {
   for (int j = 0; j < r; j++) {
-    const uint16_t* row = a + (long)j * in;
+    const uint16_t* row = T->a + (long)pg[j] * T->a_row;
     float acc = 0.f;
     #pragma omp simd reduction(+:acc)
     for (int i = 0; i < in; i++) acc += x[i] * bf(row[i]);
@@ -75,9 +84,10 @@ static void shrink(const float* x, const uint16_t* a, int r, int in, float sc, f
   }
 }
 
-static void expand(const float* v, const uint16_t* bt, int r, int out, float* y) {
+static void expand(const float* v, const lora_target* T, const int32_t* pg, int r, float* y) {
+  const int out = (int)T->out;
   for (int j = 0; j < r; j++) {
-    const uint16_t* row = bt + (long)j * out;
+    const uint16_t* row = T->bt + (long)pg[j] * T->bt_row;
     const float vj = v[j];
     #pragma omp simd
     for (int o = 0; o < out; o++) y[o] += vj * bf(row[o]);
@@ -86,19 +96,21 @@ static void expand(const float* v, const uint16_t* bt, int r, int out, float* y)
 
 /* For each of n decode tokens t with slot s = slots[t] != 0 and each target g:
    y[t, g.y_off:][:g.out] += scale_g[s] * (x[t] . A_g,s^T) . B_g,s^T over the first r ranks. */
-void loraserve_decode_bf16(int n, const int64_t* slots, int r, int in, const float* x, long x_stride,
-                           float* y, long y_stride, int nt, const lora_target* tg) {
+void loraserve_decode_bf16(int n, const int64_t* slots, const int32_t* pages, int pages_stride, int r, int in,
+                           const float* x, long x_stride, float* y, long y_stride, int nt, const lora_target* tg) {
   #pragma omp parallel for schedule(static) if(n > 1)
   for (int t = 0; t < n; t++) {
     const long s = slots[t];
     if (s == 0) continue;
+    const int32_t* pg = pages + s * pages_stride;
+    const int rs = slot_rank(pg, r);
     float v[1024];
     const float* xs = x + t * x_stride;
     float* ys = y + t * y_stride;
     for (int g = 0; g < nt; g++) {
       const lora_target* T = tg + g;
-      shrink(xs, T->a + s * T->a_stride, r, in, T->scale[s], v);
-      expand(v, T->bt + s * T->bt_stride, r, (int)T->out, ys + T->y_off);
+      shrink(xs, T, pg, rs, in, T->scale[s], v);
+      expand(v, T, pg, rs, ys + T->y_off);
     }
   }
 }
@@ -110,9 +122,7 @@ void loraserve_decode_bf16(int n, const int64_t* slots, int r, int in, const flo
 typedef float v8f __attribute__((vector_size(32)));
 
 static void prompt_block(int m, const float* x, long xs, float* y, long ys, int r, int in,
-                         const lora_target* T, long s) {
-  const uint16_t* a = T->a + s * T->a_stride;
-  const uint16_t* bt = T->bt + s * T->bt_stride;
+                         const lora_target* T, long s, const int32_t* pg) {
   const float sc = T->scale[s];
   const long out = T->out;
   const float* xr[4];
@@ -123,7 +133,7 @@ static void prompt_block(int m, const float* x, long xs, float* y, long ys, int 
   }
   float v[4][1024];
   for (int j = 0; j < r; j++) {
-    const uint16_t* row = a + (long)j * in;
+    const uint16_t* row = T->a + (long)pg[j] * T->a_row;
     const float *x0 = xr[0], *x1 = xr[1], *x2 = xr[2], *x3 = xr[3];
     float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
     #pragma omp simd reduction(+:s0, s1, s2, s3)
@@ -138,7 +148,7 @@ static void prompt_block(int m, const float* x, long xs, float* y, long ys, int 
     v8f c[4];
     for (int k = 0; k < 4; k++) memcpy(&c[k], yr[k] + o, sizeof(v8f));
     for (int j = 0; j < r; j++) {
-      const uint16_t* w16 = bt + (long)j * out + o;
+      const uint16_t* w16 = T->bt + (long)pg[j] * T->bt_row + o;
       v8f w;
       for (int e = 0; e < 8; e++) w[e] = bf(w16[e]);
       c[0] += v[0][j] * w; c[1] += v[1][j] * w; c[2] += v[2][j] * w; c[3] += v[3][j] * w;
@@ -148,20 +158,22 @@ static void prompt_block(int m, const float* x, long xs, float* y, long ys, int 
   for (; o < out; o++)
     for (int k = 0; k < m; k++) {
       float acc = yr[k][o];
-      for (int j = 0; j < r; j++) acc += v[k][j] * bf(bt[(long)j * out + o]);
+      for (int j = 0; j < r; j++) acc += v[k][j] * bf(T->bt[(long)pg[j] * T->bt_row + o]);
       yr[k][o] = acc;
     }
 }
 
 /* blocks[b] = (first row, rows m in 1..4, slot), rows of one slot each; slot 0 blocks are skipped. */
-void loraserve_prompt_bf16(int nb, const int64_t* blocks, int r, int in, const float* x, long x_stride,
-                           float* y, long y_stride, int nt, const lora_target* tg) {
+void loraserve_prompt_bf16(int nb, const int64_t* blocks, const int32_t* pages, int pages_stride, int r, int in,
+                           const float* x, long x_stride, float* y, long y_stride, int nt, const lora_target* tg) {
   #pragma omp parallel for schedule(static)
   for (int b = 0; b < nb; b++) {
     const long row = blocks[3 * b], m = blocks[3 * b + 1], s = blocks[3 * b + 2];
     if (s == 0) continue;
+    const int32_t* pg = pages + s * pages_stride;
+    const int rs = slot_rank(pg, r);
     for (int g = 0; g < nt; g++)
-      prompt_block((int)m, x + row * x_stride, x_stride, y + row * y_stride, y_stride, r, in, tg + g, s);
+      prompt_block((int)m, x + row * x_stride, x_stride, y + row * y_stride, y_stride, rs, in, tg + g, s, pg);
   }
 }
 """
@@ -171,44 +183,52 @@ _F32 = torch.float32
 
 
 class _Target(ctypes.Structure):
-    _fields_ = [("a", ctypes.c_void_p), ("a_stride", ctypes.c_long), ("bt", ctypes.c_void_p),
-                ("bt_stride", ctypes.c_long), ("scale", ctypes.c_void_p), ("out", ctypes.c_long),
+    _fields_ = [("a", ctypes.c_void_p), ("a_row", ctypes.c_long), ("bt", ctypes.c_void_p),
+                ("bt_row", ctypes.c_long), ("scale", ctypes.c_void_p), ("out", ctypes.c_long),
                 ("y_off", ctypes.c_long)]
 
 
-def _slot_blocks_contiguous(t: torch.Tensor) -> bool:
-    """[slots, R, n] whose every slot is one row-major [R, n] block (the slots themselves may be apart)."""
-    return t.dim() == 3 and t.stride(2) == 1 and t.stride(1) == t.shape[2]
+def _rows_contiguous(t: torch.Tensor) -> bool:
+    """[rows, n] whose every row is contiguous (the rows themselves may be apart)."""
+    return t.dim() == 2 and t.stride(1) == 1
 
 
 class KernelPlan:
     """The kernels' view of one group of targets that read the same x (q/k/v, gate/up, or one
-    linear alone): their stacks' pointers and output columns, checked and packed once (at backend
-    start-up) so that a step pays one ctypes call per group and kind of row, and no per-call checks
-    on them. It keeps its tensors alive; they must stay in place (the pool writes adapters into them)."""
+    linear alone): their rank rows' pointers, the page table and output columns, checked and packed
+    once (at backend start-up) so that a step pays one ctypes call per group and kind of row, and no
+    per-call checks on them. It keeps its tensors alive; they must stay in place (the pool writes
+    adapters into them and their rows into the page table)."""
 
-    def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]):
+    def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]], pages: torch.Tensor):
+        """parts: per target (A rows [P, K] bf16, B^T rows [P, w] bf16, scale [N] fp32, first output column);
+        pages: [N, R] int32, slot s's rank j at row pages[s, j] (`server/lora/stacks.py`)."""
         if not parts:
             raise ValueError("a plan needs at least one target")
+        if not (pages.dtype == torch.int32 and pages.device.type == "cpu" and pages.dim() == 2
+                and pages.is_contiguous()):
+            raise ValueError("the page table must be a contiguous [slots, R] int32 CPU tensor")
+        self.slots, self.max_rank = pages.shape
         a0 = parts[0][0]
-        self.slots, self.max_rank, self.in_features = a0.shape
+        self.in_features = a0.shape[1] if a0.dim() == 2 else 0
         self.width = 0  # columns of y the group spans
         for a, bt, scale, y_off in parts:
             if not (a.dtype == bt.dtype == torch.bfloat16 and scale.dtype == torch.float32
                     and a.device.type == bt.device.type == scale.device.type == "cpu"
-                    and _slot_blocks_contiguous(a) and _slot_blocks_contiguous(bt) and scale.is_contiguous()):
-                raise ValueError("the kernel reads bf16 CPU stacks, each slot's block contiguous, and fp32 scales")
-            if a.shape != a0.shape or bt.shape[:2] != a0.shape[:2] or scale.shape != (a0.shape[0],):
-                raise ValueError(f"stacks disagree: a {tuple(a.shape)}, bt {tuple(bt.shape)}, "
-                                 f"scale {tuple(scale.shape)} for {tuple(a0.shape)}")
+                    and _rows_contiguous(a) and _rows_contiguous(bt) and scale.is_contiguous()):
+                raise ValueError("the kernel reads bf16 CPU rank rows, each row contiguous, and fp32 scales")
+            if a.shape != a0.shape or bt.shape[0] != a0.shape[0] or scale.shape != (self.slots,):
+                raise ValueError(f"rows disagree: a {tuple(a.shape)}, bt {tuple(bt.shape)}, "
+                                 f"scale {tuple(scale.shape)} for {tuple(a0.shape)} and {self.slots} slots")
             if y_off < 0:
                 raise ValueError("negative output offset")
-            self.width = max(self.width, y_off + bt.shape[2])
+            self.width = max(self.width, y_off + bt.shape[1])
         if self.max_rank > MAX_RANK:
             raise ValueError(f"rank {self.max_rank} over the kernel's {MAX_RANK}")
-        self._keep = parts
+        self._keep = (parts, pages)
+        self.pages = pages
         self._targets = (_Target * len(parts))(*[
-            _Target(a.data_ptr(), a.stride(0), bt.data_ptr(), bt.stride(0), scale.data_ptr(), bt.shape[2], y_off)
+            _Target(a.data_ptr(), a.stride(0), bt.data_ptr(), bt.stride(0), scale.data_ptr(), bt.shape[1], y_off)
             for a, bt, scale, y_off in parts])
         self.count = len(parts)
         self.address = ctypes.addressof(self._targets)
@@ -216,13 +236,13 @@ class KernelPlan:
 
 class CpuLoraKernel:
     def __init__(self, lib: ctypes.CDLL):
-        fn = lib.loraserve_decode_bf16
         i, lg, p = ctypes.c_int, ctypes.c_long, ctypes.c_void_p
-        fn.argtypes = [i, p, i, i, p, lg, p, lg, i, p]
+        fn = lib.loraserve_decode_bf16
+        fn.argtypes = [i, p, p, i, i, i, p, lg, p, lg, i, p]
         fn.restype = None
         self._fn = fn
         fp = lib.loraserve_prompt_bf16
-        fp.argtypes = [i, p, i, i, p, lg, p, lg, i, p]
+        fp.argtypes = [i, p, p, i, i, i, p, lg, p, lg, i, p]
         fp.restype = None
         self._prompt_fn = fp
 
@@ -246,7 +266,7 @@ class CpuLoraKernel:
 
     @staticmethod
     def check_slots(slots: torch.Tensor, rank: int, plan: KernelPlan) -> None:
-        """Once per step, not per call: the kernel indexes the stacks with these unchecked."""
+        """Once per step, not per call: the kernel indexes the page table with these unchecked."""
         if slots.dtype != torch.int64 or slots.device.type != "cpu" or not slots.is_contiguous() or slots.dim() != 1:
             raise ValueError("decode slots must be a contiguous 1-D int64 CPU tensor")
         if not 0 < rank <= plan.max_rank:
@@ -258,14 +278,15 @@ class CpuLoraKernel:
         """y[t] += LoRA delta of every target in `plan` for the first len(slots) rows (slot 0 rows
         untouched). Unchecked: slots and rank passed `check_slots` (once per step), and y, x passed
         `accepts` for at least len(slots) rows; the backend checks once per group for both kinds of row."""
-        self._fn(slots.shape[0], slots.data_ptr(), rank, plan.in_features, x.data_ptr(), x.stride(0),
-                 y.data_ptr(), y.stride(0), plan.count, plan.address)
+        self._fn(slots.shape[0], slots.data_ptr(), plan.pages.data_ptr(), plan.max_rank, rank, plan.in_features,
+                 x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), plan.count, plan.address)
 
     def run_prompt(self, y: torch.Tensor, x: torch.Tensor, blocks: torch.Tensor, plan: KernelPlan, rank: int) -> None:
         """Like `run`, for the prompt rows of `blocks` (from `prompt_blocks`); y, x must have passed
         `accepts` for every row the blocks reach."""
-        self._prompt_fn(blocks.shape[0], blocks.data_ptr(), rank, plan.in_features, x.data_ptr(), x.stride(0),
-                        y.data_ptr(), y.stride(0), plan.count, plan.address)
+        self._prompt_fn(blocks.shape[0], blocks.data_ptr(), plan.pages.data_ptr(), plan.max_rank, rank,
+                        plan.in_features, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), plan.count,
+                        plan.address)
 
 
 def _cpu_flags() -> str:

@@ -9,7 +9,8 @@
             `--lora-decode-dtype` is not float32
     triton  the Triton kernels; refused unless the device is CUDA and triton imports
 The choice decides the pool's layout too (bf16 copies for the C kernel), so pool and backend are built
-together here. The C kernel is built into the engine's home (`EngineConfig.resolve_home()`).
+together here, and so does the cost of a rank row, which `--adapter-memory` is shared out in. The C kernel
+is built into the engine's home (`EngineConfig.resolve_home()`).
 """
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ import torch
 
 from server.core.engine_config import EngineConfig
 from server.core.errors import InvalidRequestError
+from server.core.sizes import available_host_memory
 from server.lora import cpu_kernel
 from server.lora.backend import LoraBackend
 from server.lora.cpu_backend import CpuKernelBackend
 from server.lora.pool import AdapterPool
+from server.lora.stacks import RowStacks
 from server.lora.torch_backend import TorchBackend
 from server.model.config import ModelConfig
 
@@ -36,8 +39,14 @@ def build_lora_backend(config: EngineConfig, model_config: ModelConfig, device: 
                        dtype: torch.dtype) -> LoraBackend:
     """The engine's backend, its pool (`backend.pool`) sized by `config`, for activations of `dtype` on `device`."""
     name, why, kernel = _choose(config, device, dtype)
-    pool = AdapterPool(model_config, config.max_adapters_on_device, config.max_rank, device, dtype,
-                       bf16_copies=name == "cpu")
+    row_bytes = RowStacks.bytes_per_row(model_config, dtype)
+    if name == "cpu":
+        row_bytes += RowStacks.bytes_per_row(model_config, torch.bfloat16)  # the kernel's bf16 copies
+    rows = config.resolve_adapter_rows(row_bytes, lambda: _free_memory(device))
+    pool = AdapterPool(model_config, config.resolve_adapter_slots(rows), config.max_rank, device, dtype,
+                       bf16_copies=name == "cpu", num_rows=rows)
+    log.info("adapter memory: %d rank rows of %.2f MB (%.0f MB, %d slots at most)", rows, row_bytes / 1e6,
+             (rows + 1) * row_bytes / 1e6, pool.num_slots)
     if name == "cpu":
         assert kernel is not None
         backend: LoraBackend = CpuKernelBackend(pool, kernel)
@@ -88,6 +97,13 @@ def _cpu_kernel_problem(config: EngineConfig, device: torch.device, dtype: torch
     if asked == "auto" and weights != torch.bfloat16:
         return "fp32 LoRA weights (--lora-decode-dtype auto with --quantize none, or float32)"
     return None
+
+
+def _free_memory(device: torch.device) -> int:
+    """Bytes free on the device now (what a fractional --adapter-memory is a fraction of)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return available_host_memory()
 
 
 def _triton_problem() -> Optional[str]:

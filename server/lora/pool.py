@@ -1,16 +1,22 @@
-"""Adapter slots on the compute device: which adapter is in which slot, and its weights in the slot stacks.
+"""Adapters on the compute device: which adapter is in which slot, and which rank rows of adapter memory hold it.
 
-The pool allocates, loads, pins and evicts slots and owns the stacked weight tensors
+The pool allocates, loads, pins and evicts adapters and owns the rank rows and their page table
 (`server/lora/stacks.py`); how a step multiplies by them is its LoRA backend's business
-(`server/lora/backend.py`). Slot 0 is the bare base (all zeros, scale 0). Slots 1..N hold
-adapters keyed by `AdapterVersion.digest` (a content digest). Lifetimes:
-  - a slot is *referenced* by every running sequence that uses it (refcount) and
-    by an operator's pin; a referenced slot is never evicted or overwritten.
-    The pool is the one owner of pins (keyed by digest, like the slots): the
-    registry asks `is_pinned` when it reports or deletes a version;
-  - a slot is LOADING while a worker thread reads the adapter and copies it in;
-    no sequence can reference it until it is READY, so the copy never races the batch;
-  - eviction is LRU over unreferenced READY slots.
+(`server/lora/backend.py`). Adapter memory is a budget of rank rows (`--adapter-memory`): an adapter of
+rank r takes r rows, so eight rank-8 adapters fit where two rank-32 ones do. A slot is only a name for a
+resident adapter (its page-table row and scales); there are as many slots as rows can be shared out, or
+`--max-adapters-on-device` when that caps them. Slot 0 is the bare base (no rows, scale 0). Slots 1..N
+hold adapters keyed by `AdapterVersion.digest` (a content digest). Lifetimes:
+  - a request for an adapter that is not resident is a *miss*, counted once per load it waits for: the
+    adapter is read (`AdapterVersion.load`, on a worker thread) and, once its rank is known, given a slot
+    and rows, evicting least-recently-used adapters as needed; while none can be freed (every candidate
+    is referenced) it waits with its weights read, and the next acquire tries again;
+  - a slot is *referenced* by every running sequence that uses it (refcount) and by an operator's pin; a
+    referenced adapter is never evicted or overwritten. The pool is the one owner of pins (keyed by
+    digest, like the slots): the registry asks `is_pinned` when it reports or deletes a version;
+  - a slot is LOADING while a worker thread copies its rows in; no sequence can reference it until it is
+    READY, so the copy never races the batch;
+  - eviction is LRU over unreferenced READY adapters and frees their rows.
 """
 from __future__ import annotations
 
@@ -28,7 +34,8 @@ from server.core.stats import PoolStats, added
 from server.core.threads import ShortLivedThreads
 from server.core.identity import AdapterVersion
 from server.core.errors import AdapterInUseError, AdapterLoadError, AdapterRejectedError, CapacityError
-from server.lora.stacks import SlotStacks
+from server.lora.rows import RowAllocator
+from server.lora.stacks import RowStacks
 from server.lora.weights import LoraWeights
 from server.model.config import TARGETS, ModelConfig
 
@@ -38,12 +45,23 @@ LOADING, READY = "loading", "ready"
 
 
 @dataclass
+class _Pending:
+    """An adapter asked for but not placed yet: being read, or read (`weights`) and waiting for rows."""
+
+    spec: AdapterVersion
+    future: Optional[Future] = None
+    weights: Optional[LoraWeights] = None
+    read_seconds: float = 0.0
+
+
+@dataclass
 class _Slot:
     key: str
     adapter_id: str
     version: int
     state: str
     rank: int = 0
+    rows: list[int] = field(default_factory=list)
     refcount: int = 0
     pinned: bool = False
     last_used: float = field(default_factory=time.monotonic)
@@ -64,38 +82,53 @@ class SlotInfo:
     last_used: float
 
 
-
-
 class AdapterPool:
     def __init__(self, config: ModelConfig, num_slots: int, max_rank: int, device: torch.device,
-                 dtype: torch.dtype, loader_threads: int = 1, bf16_copies: bool = False):
-        """`bf16_copies`: keep a bf16 CPU copy of the stacks beside them, for the CPU kernel backend
-        (server/lora/cpu_backend.py), which asks for it; every load writes both."""
+                 dtype: torch.dtype, loader_threads: int = 1, bf16_copies: bool = False,
+                 num_rows: Optional[int] = None):
+        """`num_slots` adapters at most, in `num_rows` rank rows (default: room for `num_slots` adapters of
+        `max_rank`, the fixed slots of old). `bf16_copies`: keep bf16 CPU copies of the rows beside them, for
+        the CPU kernel backend (server/lora/cpu_backend.py), which asks for it; every load writes both."""
+        num_rows = num_slots * max_rank if num_rows is None else num_rows
         if num_slots < 1:
             raise ValueError("need at least one adapter slot")
-        self.config, self.num_slots, self.max_rank = config, num_slots, max_rank
+        if num_rows < max_rank:
+            raise ValueError(f"{num_rows} rank rows cannot hold an adapter of the max rank {max_rank}")
+        self.config, self.num_slots, self.max_rank, self.num_rows = config, num_slots, max_rank, num_rows
         self.device, self.dtype = device, dtype
         n = num_slots + 1
-        self.stacks = SlotStacks(config, n, max_rank, dtype, device)
-        self.bf16_stacks = SlotStacks(config, n, max_rank, torch.bfloat16, "cpu") if bf16_copies else None
+        self.pages = torch.zeros((n, max_rank), dtype=torch.int32, device=device)
+        self.stacks = RowStacks(config, num_rows + 1, self.pages, dtype, device)
+        self.bf16_stacks = (RowStacks(config, num_rows + 1, self.pages, torch.bfloat16, "cpu")
+                            if bf16_copies else None)
+        if bf16_copies and device.type != "cpu":
+            raise ValueError("bf16 copies are for the CPU kernel: the pool must be on the CPU")
+        self._rows = RowAllocator(num_rows)
         self._slots: list[Optional[_Slot]] = [None] * n
         self._by_key: dict[str, int] = {}
+        self._pending: dict[str, _Pending] = {}
         self._failed: dict[str, BaseException] = {}
         self._lock = threading.RLock()
         self._executor = ShortLivedThreads(loader_threads, "lora-load")
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._stats = PoolStats(slots_total=num_slots)  # counters; slots_ready is filled in by stats()
+        self._stats = PoolStats(slots_total=num_slots, rows_total=num_rows)  # slots_ready, rows_used: stats()
 
     @property
     def nbytes(self) -> int:
         return self.stacks.nbytes + (self.bf16_stacks.nbytes if self.bf16_stacks is not None else 0)
 
+    @property
+    def sure_capacity(self) -> int:
+        """Adapters the pool holds at once whatever their ranks (all at --max-rank); smaller ranks fit more."""
+        return min(self.num_slots, self.num_rows // self.max_rank)
+
     # ---- used by the engine thread -------------------------------------------------------------
     def acquire(self, spec: AdapterVersion) -> Optional[int]:
         """Reference a READY slot holding `spec` for one sequence, starting a load if needed.
 
-        Returns None while the adapter is loading or no slot can be freed yet; raises
-        AdapterLoadError if its load failed (once per failure, to every caller that asks).
+        Returns None while the adapter is being read or copied or waits for rows; raises
+        AdapterLoadError if its load failed (once per failure, to every caller that asks), and
+        CapacityError when adapters pinned by an operator leave too little memory for it.
         """
         with self._lock:
             err = self._failed.get(spec.digest)
@@ -112,8 +145,12 @@ class AdapterPool:
                 slot.last_used = time.monotonic()
                 self._stats = added(self._stats, hits=1)
                 return idx
-            self._stats = added(self._stats, misses=1)
-            self._start_load(spec)
+            pending = self._pending.get(spec.digest)
+            if pending is None:
+                self._stats = added(self._stats, misses=1)  # once per load waited for, not per step
+                self._read(spec)
+            elif pending.weights is not None:
+                self._place_and_copy(pending)
             return None
 
     def release(self, idx: int) -> None:
@@ -138,29 +175,46 @@ class AdapterPool:
         """The largest adapter rank among these slots (0 when none holds an adapter): a step's rank."""
         return max((self.rank_of(s) for s in set(slots) if s), default=0)
 
+    def rows_of(self, idx: int) -> list[int]:
+        """The rank rows of the adapter in slot `idx`, rank 0 first (what its page-table row names)."""
+        slot = self._slots[idx]
+        return [] if slot is None else slot.rows
+
     # ---- used by operators (admin API) ---------------------------------------------------------
     def load(self, spec: AdapterVersion, pin: bool = False, timeout: Optional[float] = None) -> int:
         """Bring an adapter onto the device now (blocking) and optionally pin it there."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             self._failed.pop(spec.digest, None)
-            if spec.digest not in self._by_key:
-                self._start_load(spec)
-            idx = self._by_key.get(spec.digest)
-            fut = self._slots[idx].future if idx is not None and self._slots[idx] else None
-        if idx is None:
-            raise CapacityError("every adapter slot is in use or pinned; unpin or unload one first")
-        if fut is not None:
-            fut.result(timeout=timeout)
-        with self._lock:
-            err = self._failed.pop(spec.digest, None)
-            if err is not None:
-                raise AdapterLoadError(f"adapter {spec.name!r} could not be loaded: {err}") from err
-            slot = self._slots[idx]
-            assert slot is not None and slot.key == spec.digest
-            if pin:
-                slot.pinned = True
-            slot.last_used = time.monotonic()
-            return idx
+            if spec.digest not in self._by_key and spec.digest not in self._pending:
+                self._read(spec)
+        while True:
+            with self._lock:
+                idx = self._by_key.get(spec.digest)
+                pending = self._pending.get(spec.digest)
+                if idx is not None:
+                    slot = self._slots[idx]
+                    assert slot is not None
+                    fut = slot.future if slot.state != READY else None
+                    if fut is None:
+                        if pin:
+                            slot.pinned = True
+                        slot.last_used = time.monotonic()
+                        return idx
+                elif pending is not None and pending.weights is not None:
+                    if self._place_and_copy(pending) is None:
+                        raise CapacityError("adapter memory is held by running requests or pinned adapters; "
+                                            "unpin or unload one first")
+                    continue
+                elif pending is not None:
+                    fut = pending.future
+                else:
+                    err = self._failed.pop(spec.digest, None)
+                    if err is not None:
+                        raise AdapterLoadError(f"adapter {spec.name!r} could not be loaded: {err}") from err
+                    raise AdapterLoadError(f"adapter {spec.name!r} was unloaded while it loaded")
+            assert fut is not None
+            fut.result(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def unpin(self, key: str) -> None:
         with self._lock:
@@ -176,10 +230,12 @@ class AdapterPool:
             return slot is not None and slot.pinned
 
     def unload(self, key: str) -> bool:
-        """Free the slot holding `key`; refuses while running sequences use it."""
+        """Free the slot and rows holding `key`; refuses while running sequences use it or it loads."""
         with self._lock:
             idx = self._by_key.get(key)
             if idx is None:
+                if key in self._pending:
+                    raise AdapterInUseError("the adapter is loading for waiting requests; retry when they run")
                 return False
             slot = self._slots[idx]
             assert slot is not None
@@ -198,75 +254,144 @@ class AdapterPool:
         with self._lock:
             ready = sum(1 for s in self._slots[1:] if s is not None and s.state == READY)
             in_use = sum(1 for s in self._slots[1:] if s is not None and s.refcount)
-            return replace(self._stats, slots_ready=ready, slots_in_use=in_use)
+            return replace(self._stats, slots_ready=ready, slots_in_use=in_use, rows_used=self._rows.num_used)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    # ---- internals -----------------------------------------------------------------------------
-    def _start_load(self, spec: AdapterVersion) -> None:
-        idx = self._free_slot()
-        if idx is None:
-            if all(s is not None and s.pinned for s in self._slots[1:]):
-                raise CapacityError("every adapter slot is pinned by an operator; unpin one to serve "
-                                    f"adapter {spec.name!r}")
-            return  # all slots referenced by running sequences: retry next step
-        slot = _Slot(spec.digest, spec.name, spec.version, LOADING)
-        self._slots[idx] = slot
-        self._by_key[spec.digest] = idx
-        slot.future = self._executor.submit(self._load_into, idx, spec)
+    # ---- internals (under self._lock unless said otherwise) -----------------------------------
+    def _read(self, spec: AdapterVersion) -> None:
+        pending = _Pending(spec)
+        self._pending[spec.digest] = pending
+        pending.future = self._executor.submit(self._read_and_copy, pending)
 
-    def _free_slot(self) -> Optional[int]:
-        for i in range(1, len(self._slots)):
-            if self._slots[i] is None:
-                return i
-        victims = [(s.last_used, i) for i, s in enumerate(self._slots)
-                   if i and s is not None and s.state == READY and s.refcount == 0 and not s.pinned]
-        if not victims:
+    def _place_and_copy(self, pending: _Pending) -> Optional[int]:
+        """Place a read adapter and start copying it in (on a worker); None while no room can be made."""
+        idx = self._place(pending, strict=True)
+        if idx is not None:
+            slot = self._slots[idx]
+            assert slot is not None and pending.weights is not None
+            slot.future = self._executor.submit(self._copy_in, idx, pending.weights, pending.read_seconds)
+        return idx
+
+    def _place(self, pending: _Pending, strict: bool) -> Optional[int]:
+        """Give a read adapter a slot and its rows, evicting LRU adapters if that makes room; None when it cannot
+        yet (referenced adapters hold the memory). `strict`: raise CapacityError, and forget the adapter, when
+        only an operator's unpin could make room."""
+        weights, spec = pending.weights, pending.spec
+        assert weights is not None
+        need = max(weights.rank, 1)
+        victims = self._victims(need)
+        if victims is None:
+            if strict and self._blocked_by_pins(need):
+                del self._pending[spec.digest]
+                raise CapacityError(f"adapters pinned by an operator leave no room for adapter {spec.name!r} "
+                                    f"(rank {weights.rank}); unpin one to serve it")
             return None
-        _, i = min(victims)
-        self._free(i)
-        self._stats = added(self._stats, evictions=1)
-        return i
+        for v in victims:
+            self._free(v)
+        self._stats = added(self._stats, evictions=len(victims))
+        idx = next(i for i in range(1, len(self._slots)) if self._slots[i] is None)
+        rows = self._rows.allocate(need)
+        assert rows is not None
+        self._slots[idx] = _Slot(spec.digest, spec.name, spec.version, LOADING, rank=weights.rank, rows=rows,
+                                 nbytes=weights.nbytes, future=pending.future)
+        self._by_key[spec.digest] = idx
+        del self._pending[spec.digest]
+        return idx
+
+    def _victims(self, need: int) -> Optional[list[int]]:
+        """The fewest least-recently-used evictable slots that leave a free slot and `need` free rows; None if
+        even evicting every unreferenced adapter would not."""
+        has_slot = any(s is None for s in self._slots[1:])
+        free = self._rows.num_free
+        if has_slot and free >= need:
+            return []
+        chosen = []
+        for _, i in sorted((s.last_used, i) for i, s in enumerate(self._slots)
+                           if i and s is not None and s.state == READY and s.refcount == 0 and not s.pinned):
+            slot = self._slots[i]
+            assert slot is not None
+            chosen.append(i)
+            has_slot, free = True, free + len(slot.rows)
+            if free >= need:
+                return chosen
+        return None
+
+    def _blocked_by_pins(self, need: int) -> bool:
+        pinned = [s for s in self._slots[1:] if s is not None and s.pinned]
+        return len(pinned) == self.num_slots or self.num_rows - sum(len(s.rows) for s in pinned) < need
 
     def _free(self, idx: int) -> None:
         slot = self._slots[idx]
         if slot is not None:
             self._by_key.pop(slot.key, None)
+            self._rows.free(slot.rows)
         self._slots[idx] = None
+        self.pages[idx] = 0  # nothing reads an unreferenced slot; this keeps its page-table row honest
 
-    def _load_into(self, idx: int, spec: AdapterVersion) -> None:
-        t0 = time.perf_counter()
+    def _fail(self, digest: str, err: BaseException) -> None:
+        self._failed[digest] = err
+        self._stats = added(self._stats, load_failures=1)
+
+    # ---- worker threads --------------------------------------------------------------------------
+    def _read_and_copy(self, pending: _Pending) -> None:
+        """Read the adapter; place it and copy it in at once when there is room, else leave it waiting for rows."""
+        spec, t0 = pending.spec, time.perf_counter()
         try:
             weights = spec.load()
             if weights.rank > self.max_rank:
                 raise AdapterRejectedError(f"rank {weights.rank} exceeds the server's max rank {self.max_rank}")
-            self._copy(idx, weights)
         except BaseException as e:  # noqa: BLE001 (every failure must reach the waiting requests)
             log.warning("loading adapter %s (version %s) failed: %s", spec.name, spec.version, e)
             with self._lock:
-                self._failed[spec.digest] = e
-                self._stats = added(self._stats, load_failures=1)
-                if self._by_key.get(spec.digest) == idx:
-                    self._free(idx)
+                if self._pending.get(spec.digest) is pending:
+                    del self._pending[spec.digest]
+                    self._fail(spec.digest, e)
             return
         with self._lock:
-            slot = self._slots[idx]
-            if slot is not None and slot.key == spec.digest:
-                slot.state, slot.rank, slot.nbytes = READY, weights.rank, weights.nbytes
-                slot.last_used = time.monotonic()
-            self._stats = added(self._stats, loads=1, load_seconds=time.perf_counter() - t0)
-        log.info("adapter %s v%s loaded into slot %d in %.3fs", spec.name, spec.version, idx,
-                 time.perf_counter() - t0)
+            if self._pending.get(spec.digest) is not pending:
+                return
+            pending.weights, pending.read_seconds = weights, time.perf_counter() - t0
+            idx = self._place(pending, strict=False)
+        if idx is not None:
+            self._copy_in(idx, weights, pending.read_seconds)
 
-    def _copy(self, idx: int, w: LoraWeights) -> None:
-        """Write one adapter into slot `idx` of every stack: zero it, then copy each module's A/B, zero-padded.
-        On CUDA the copies run on a side stream from pinned memory, so they never wait behind a step."""
+    def _copy_in(self, idx: int, weights: LoraWeights, read_seconds: float) -> None:
+        t0 = time.perf_counter()
+        with self._lock:
+            slot = self._slots[idx]
+            assert slot is not None
+            key, rows = slot.key, slot.rows
+        try:
+            self._copy(idx, rows, weights)
+        except BaseException as e:  # noqa: BLE001
+            log.warning("copying adapter %s into slot %d failed: %s", slot.adapter_id, idx, e)
+            with self._lock:
+                if self._by_key.get(key) == idx:
+                    self._free(idx)
+                self._fail(key, e)
+            return
+        with self._lock:
+            if self._by_key.get(key) == idx:
+                slot.state = READY
+                slot.last_used = time.monotonic()
+            seconds = read_seconds + time.perf_counter() - t0
+            self._stats = added(self._stats, loads=1, load_seconds=seconds)
+        log.info("adapter %s v%s (rank %d) loaded into slot %d in %.3fs", slot.adapter_id, slot.version,
+                 weights.rank, idx, seconds)
+
+    def _copy(self, idx: int, rows: list[int], w: LoraWeights) -> None:
+        """Write one adapter into its rows of every stack and its page-table row: zero the rows, then copy each
+        module's A/B and scale. On CUDA the copies run on a side stream from pinned memory, so they never wait
+        behind a step."""
         copies = [s for s in (self.stacks, self.bf16_stacks) if s is not None]
         pinned = self._copy_stream is not None
+        page_row = torch.zeros(self.max_rank, dtype=torch.int32)
+        page_row[:len(rows)] = torch.tensor(rows, dtype=torch.int32)
         with torch.cuda.stream(self._copy_stream) if pinned else contextlib.nullcontext():
             for stacks in copies:
-                stacks.clear(idx)
+                stacks.clear(idx, rows)
             for layer in range(self.config.num_layers):
                 for t in TARGETS:
                     m = w.modules.get((layer, t))
@@ -274,6 +399,7 @@ class AdapterPool:
                         continue
                     a, b = (m.a.pin_memory(), m.b.pin_memory()) if pinned else (m.a, m.b)
                     for stacks in copies:
-                        stacks.write(idx, layer, t, a, b, m.scale, non_blocking=pinned)
+                        stacks.write(idx, rows, layer, t, a, b, m.scale, non_blocking=pinned)
+            self.pages[idx].copy_(page_row)
         if self._copy_stream is not None:
             self._copy_stream.synchronize()

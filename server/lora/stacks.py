@@ -1,16 +1,23 @@
-"""The slot stacks: every adapter slot's LoRA weights side by side, laid out per fused base projection.
+"""Adapter memory: every resident adapter's LoRA weights as rank rows, found through one page table.
 
-For one projection of one layer (q/k/v, o, gate/up or down: `server.model.config.PROJECTIONS`), G targets
-of output widths w_g (W in all) reading in_features K, N slots and storage rank R:
-    a      [N, G*R, K]   target g's A in rows g*R .. g*R+R
-    bt     [N, R*W]      target g's B^T as one [R, w_g] block at columns R*o_g (o_g = w_0 + .. + w_{g-1})
-    scale  [G, N] fp32   alpha / r (or alpha / sqrt(r)), 0 for slot 0 and untargeted modules
-Each target's view is `[N, R, K]` (A), `[N, R, w_g]` (B^T) and `[N, w_g, R]` (B, what the torch reference
-and the per-target kernels take), and within a slot each of them is one contiguous block: the per-slot
-bmm of a decode step streams it (measured on CPU: 10 ms for a SmolLM2 step over 8 rank-16 slots, against
-27 ms with rank-major stacks and their gathers). A projection's targets sharing one tensor is what lets
-the Triton backend run a whole projection as one shrink and one expand (`triton_sgmv.apply_lora_fused`).
-Ranks below R are zero-padded; slot 0 is all zeros, the bare base.
+A *rank row* holds one rank of one adapter for every targeted linear of every layer. For one projection of
+one layer (q/k/v, o, gate/up or down: `server.model.config.PROJECTIONS`): G targets of output widths w_g
+(W in all) reading in_features K, P rows (row 0 the zero row) and N slots:
+    a      [G, P, K]     target g's A, one row per rank: a[g, p]
+    bt     [P * W]       target g's B^T as one [P, w_g] block at P * o_g (o_g = w_0 + .. + w_{g-1})
+    scale  [G, N] fp32   alpha / r (or alpha / sqrt(r)) per slot; 0 for slot 0 and untargeted modules
+and, shared by every projection of every layer,
+    pages  [N, R] int32  rank j of the adapter in slot s is row pages[s, j]; past its rank, and for slot 0,
+                         row 0 (all zeros), so a step at rank R reads zeros there as it read zero padding
+An adapter of rank r holds r rows, not R (S-LoRA's unified paging, at rank-row granularity); which rows are
+free is `server/lora/rows.py`'s business. When an adapter's rows are adjacent (the allocator prefers it) each
+target's A rows are one contiguous [r, K] block and its B^T rows one [r, w_g] block, the blocks the C kernel
+streams. A projection's targets sharing one tensor is what lets the Triton backend run a whole projection as
+one shrink and one expand (`triton_sgmv.apply_lora_fused`); the page table is what lets every backend read
+any adapter in one call per projection wherever its rows are.
+
+`ProjectionStacks.zeros` builds the plain per-slot layout too (N slots of R adjacent rows, slot s at rows
+s*R .. s*R+R-1): what the kernel tests and benchmarks use without a pool.
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from server.lora.rows import runs
 from server.model.config import PROJECTIONS, ModelConfig
 
 
@@ -25,20 +33,41 @@ from server.model.config import PROJECTIONS, ModelConfig
 class ProjectionStacks:
     targets: tuple[str, ...]
     widths: tuple[int, ...]
-    a: torch.Tensor      # [N, G*R, K]
-    bt: torch.Tensor     # [N, R*W]
+    a: torch.Tensor      # [G, P, K]
+    bt: torch.Tensor     # [P * W]
     scale: torch.Tensor  # [G, N] float32
-    max_rank: int
+    pages: torch.Tensor  # [N, R] int32, shared with every other projection of the pool
+
+    @classmethod
+    def empty(cls, targets: tuple[str, ...], widths: tuple[int, ...], in_features: int, num_rows: int,
+              pages: torch.Tensor, dtype: torch.dtype, device: torch.device | str) -> "ProjectionStacks":
+        """All-zero rows 0..num_rows-1 (row 0 included) read through `pages`."""
+        g = len(targets)
+        return cls(tuple(targets), tuple(widths),
+                   torch.zeros((g, num_rows, in_features), dtype=dtype, device=device),
+                   torch.zeros((num_rows * sum(widths),), dtype=dtype, device=device),
+                   torch.zeros((g, pages.shape[0]), dtype=torch.float32, device=device), pages)
 
     @classmethod
     def zeros(cls, targets: tuple[str, ...], widths: tuple[int, ...], in_features: int, num_slots: int,
               max_rank: int, dtype: torch.dtype, device: torch.device | str) -> "ProjectionStacks":
-        """Empty stacks for `num_slots` slots, slot 0 included."""
-        g, r = len(targets), max_rank
-        return cls(tuple(targets), tuple(widths),
-                   torch.zeros((num_slots, g * r, in_features), dtype=dtype, device=device),
-                   torch.zeros((num_slots, r * sum(widths)), dtype=dtype, device=device),
-                   torch.zeros((g, num_slots), dtype=torch.float32, device=device), max_rank)
+        """The per-slot layout: `num_slots` slots (slot 0 included, all zero) of `max_rank` adjacent rows each."""
+        pages = torch.arange(num_slots * max_rank, dtype=torch.int32).view(num_slots, max_rank)
+        pages[0] = 0
+        return cls.empty(targets, widths, in_features, num_slots * max_rank, pages.to(device), dtype, device)
+
+    @property
+    def max_rank(self) -> int:
+        return int(self.pages.shape[1])
+
+    @property
+    def num_rows(self) -> int:
+        """Rows in all, the zero row included."""
+        return int(self.a.shape[1])
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.pages.shape[0])
 
     @property
     def offsets(self) -> tuple[int, ...]:
@@ -49,26 +78,48 @@ class ProjectionStacks:
         return tuple(out)
 
     def a_of(self, g: int) -> torch.Tensor:
-        """Target g's A, [N, R, K] (a view)."""
-        r = self.max_rank
-        return self.a[:, g * r:(g + 1) * r]
+        """Target g's A rows, [P, K] (a view)."""
+        return self.a[g]
 
     def bt_of(self, g: int) -> torch.Tensor:
-        """Target g's B^T, [N, R, w_g] (a view)."""
-        r, lo = self.max_rank, self.offsets[g]
-        return self.bt[:, r * lo:r * (lo + self.widths[g])].view(-1, r, self.widths[g])
+        """Target g's B^T rows, [P, w_g] (a view)."""
+        p, lo = self.num_rows, self.offsets[g]
+        return self.bt[p * lo:p * (lo + self.widths[g])].view(p, self.widths[g])
 
-    def clear(self, slot: int) -> None:
-        self.a[slot].zero_()
-        self.bt[slot].zero_()
-        self.scale[:, slot] = 0.0
+    def select(self, g: int) -> "ProjectionStacks":
+        """Target g alone, as a projection of one target (views of the same rows, scales and page table)."""
+        return ProjectionStacks((self.targets[g],), (self.widths[g],), self.a[g:g + 1],
+                                self.bt_of(g).reshape(-1), self.scale[g:g + 1], self.pages)
+
+    def slot_a(self, g: int) -> torch.Tensor:
+        """Target g's A of every slot, [N, R, K], zero past each adapter's rank (a gathered copy)."""
+        n, r = self.pages.shape
+        return self.a_of(g).index_select(0, self.pages.reshape(-1)).view(n, r, -1)
+
+    def slot_bt(self, g: int) -> torch.Tensor:
+        """Target g's B^T of every slot, [N, R, w_g] (a gathered copy)."""
+        n, r = self.pages.shape
+        return self.bt_of(g).index_select(0, self.pages.reshape(-1)).view(n, r, -1)
+
+    def write_rows(self, rows: list[int], g: int, a: torch.Tensor, b: torch.Tensor,
+                   non_blocking: bool = False) -> None:
+        """Target g's A [r, K] and B [w_g, r] into the first r of `rows` (r <= len(rows))."""
+        r = a.shape[0]
+        a_rows, bt_rows, b_t = self.a_of(g), self.bt_of(g), b.t()
+        for first, at, n in runs(rows[:r]):
+            a_rows[first:first + n].copy_(a[at:at + n], non_blocking=non_blocking)
+            bt_rows[first:first + n].copy_(b_t[at:at + n], non_blocking=non_blocking)
+
+    def clear_rows(self, rows: list[int]) -> None:
+        for first, _, n in runs(rows):
+            self.a[:, first:first + n].zero_()
+            for g in range(len(self.targets)):
+                self.bt_of(g)[first:first + n].zero_()
 
     def write(self, slot: int, g: int, a: torch.Tensor, b: torch.Tensor, scale: float,
               non_blocking: bool = False) -> None:
-        """Target g of `slot` := A [r, K], B [w_g, r] (r <= R) and its scale; ranks past r keep their zeros."""
-        r = a.shape[0]
-        self.a_of(g)[slot, :r].copy_(a, non_blocking=non_blocking)
-        self.bt_of(g)[slot, :r].copy_(b.t(), non_blocking=non_blocking)
+        """Target g of `slot` := A [r, K], B [w_g, r] (r <= R) and its scale, into the rows its page table names."""
+        self.write_rows(self.pages[slot, :a.shape[0]].tolist(), g, a, b, non_blocking)
         self.scale[g, slot] = scale
 
     @property
@@ -76,50 +127,68 @@ class ProjectionStacks:
         return self.a.numel() * self.a.element_size() + self.bt.numel() * self.bt.element_size()
 
 
-class SlotStacks:
-    """Every layer's projection stacks in one dtype on one device, with each target's views by name.
+class RowStacks:
+    """Every layer's projection rows in one dtype on one device, read through one page table.
 
     projections[layer][targets]  the ProjectionStacks of one projection (keyed by its target names)
-    a, bt, b, scale[layer][t]    views of target t: [N, R, K], [N, R, w], [N, w, R], [N]
+    a, bt, scale[layer][t]       views of target t: rows [P, K], rows [P, w], per slot [N]
     """
 
-    def __init__(self, config: ModelConfig, num_slots: int, max_rank: int, dtype: torch.dtype,
+    def __init__(self, config: ModelConfig, num_rows: int, pages: torch.Tensor, dtype: torch.dtype,
                  device: torch.device | str):
-        self.dtype, self.max_rank = dtype, max_rank
+        """`num_rows` rows in all (row 0, the zero row, included); `pages` [N, R] int32 on `device`."""
+        self.dtype, self.pages = dtype, pages
+        self.max_rank = int(pages.shape[1])
         self.projections: list[dict[tuple[str, ...], ProjectionStacks]] = []
         self.a: list[dict[str, torch.Tensor]] = []
         self.bt: list[dict[str, torch.Tensor]] = []
-        self.b: list[dict[str, torch.Tensor]] = []
         self.scale: list[dict[str, torch.Tensor]] = []
         self._where: dict[str, tuple[tuple[str, ...], int]] = {}  # target -> (its projection, index in it)
         for _ in range(config.num_layers):
-            projections, a, bt, b, scale = {}, {}, {}, {}, {}
+            projections, a, bt, scale = {}, {}, {}, {}
             for targets in PROJECTIONS:
                 widths = tuple(config.target_shape(t)[0] for t in targets)
-                stacks = ProjectionStacks.zeros(targets, widths, config.target_shape(targets[0])[1], num_slots,
-                                                max_rank, dtype, device)
+                stacks = ProjectionStacks.empty(targets, widths, config.target_shape(targets[0])[1], num_rows,
+                                                pages, dtype, device)
                 projections[targets] = stacks
                 for g, t in enumerate(targets):
                     a[t], bt[t], scale[t] = stacks.a_of(g), stacks.bt_of(g), stacks.scale[g]
-                    b[t] = bt[t].transpose(1, 2)
                     self._where[t] = (targets, g)
             self.projections.append(projections)
             self.a.append(a)
             self.bt.append(bt)
-            self.b.append(b)
             self.scale.append(scale)
 
-    def clear(self, slot: int) -> None:
+    @staticmethod
+    def bytes_per_row(config: ModelConfig, dtype: torch.dtype) -> int:
+        """What one rank row costs: A and B^T of every target of every layer."""
+        per_layer = sum(config.target_shape(t)[1] + config.target_shape(t)[0] for targets in PROJECTIONS
+                        for t in targets)
+        return per_layer * config.num_layers * torch.empty((), dtype=dtype).element_size()
+
+    def clear(self, slot: int, rows: list[int]) -> None:
+        """Zero `rows` of every target and the slot's scales (before an adapter is written there)."""
         for layer in self.projections:
             for stacks in layer.values():
-                stacks.clear(slot)
+                stacks.clear_rows(rows)
+                stacks.scale[:, slot] = 0.0
 
-    def write(self, slot: int, layer: int, target: str, a: torch.Tensor, b: torch.Tensor, scale: float,
-              non_blocking: bool = False) -> None:
+    def write(self, slot: int, rows: list[int], layer: int, target: str, a: torch.Tensor, b: torch.Tensor,
+              scale: float, non_blocking: bool = False) -> None:
         targets, g = self._where[target]
-        self.projections[layer][targets].write(slot, g, a, b, scale, non_blocking)
+        stacks = self.projections[layer][targets]
+        stacks.write_rows(rows, g, a, b, non_blocking)
+        stacks.scale[g, slot] = scale
+
+    def slot_a(self, layer: int, target: str, slot: int) -> torch.Tensor:
+        """The A of target t in `slot`, [R, K], zero past its rank (a gathered copy)."""
+        return self.a[layer][target].index_select(0, self.pages[slot])
+
+    def slot_bt(self, layer: int, target: str, slot: int) -> torch.Tensor:
+        """The B^T of target t in `slot`, [R, w] (a gathered copy)."""
+        return self.bt[layer][target].index_select(0, self.pages[slot])
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the A and B stacks (the scales are a few floats)."""
+        """Bytes of the A and B rows (page table and scales are a few KB)."""
         return sum(s.nbytes for layer in self.projections for s in layer.values())

@@ -35,6 +35,11 @@ GATHER_MAX_AVG_SEGMENT = 4
 # even enough that padding stays small (decode; prefills of similar lengths); otherwise
 # each segment takes one GEMM.
 GROUPED_MAX_PADDING = 1.5  # padded rows (slots x L) at most this many times the real tokens
+# ... or, when every slot of the span is in the batch, at most this many tokens per slot: decode-like batches
+# (a few sequences per adapter) whose padding rows cost little next to reading the weights, while a GEMM per
+# segment costs a call each. Measured on the 2-core CPU, a SmolLM2 decode step of 16 sequences over 12 rank-8
+# adapters (1-3 each): LoRA 168 -> 41 ms (bf16), 71 -> 34 ms (fp32).
+GROUPED_MAX_ROWS_PER_SLOT = 8
 
 
 def _slot_counts(seg: LoraSegments) -> dict[int, int]:
@@ -55,8 +60,10 @@ def _use_grouped(seg: LoraSegments) -> bool:
         return False
     if contiguous_run(seg) is not None:
         return True
-    span = max(counts) - min(counts) + 1
-    return span * max(counts.values()) <= GROUPED_MAX_PADDING * seg.num_tokens
+    span, rows = max(counts) - min(counts) + 1, max(counts.values())
+    if span * rows <= GROUPED_MAX_PADDING * seg.num_tokens:
+        return True
+    return rows <= GROUPED_MAX_ROWS_PER_SLOT and span == len(counts)
 
 
 def _use_gather(seg: LoraSegments) -> bool:

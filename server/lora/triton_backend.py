@@ -1,9 +1,9 @@
 """The Triton backend (CUDA): one fused shrink and one expand launch per base projection.
 
-Each projection (q/k/v, o, gate/up, down) runs `triton_sgmv.apply_lora_fused` on the pool's stacks at
-the step's rank, x read once for all its targets; the kernel mode (SGMV for long adapter segments,
-BGMV for decode-like ones, `triton_sgmv.pick_mode`) is chosen once per step. A projection the pool
-has no stacks for (not one the model runs) takes the per-target kernels on its targets' views.
+Each projection (q/k/v, o, gate/up, down) runs `triton_sgmv.apply_lora_fused` on the pool's rank rows
+and page table at the step's rank, x read once for all its targets; the kernel mode (SGMV for long
+adapter segments, BGMV for decode-like ones, `triton_sgmv.pick_mode`) is chosen once per step. A
+grouping of targets the model does not run takes the same kernels one target at a time.
 Importing this module imports triton: `server/lora/factory.py` does so only when triton is wanted.
 """
 from __future__ import annotations
@@ -22,9 +22,13 @@ class TritonBackend(LoraBackend):
     def __init__(self, pool: AdapterPool):
         super().__init__(pool)
         config = pool.config
-        self.fused: list[dict[Projection, triton_sgmv.FusedLora]] = [
-            {config.projection(targets): triton_sgmv.FusedLora.of(stacks) for targets, stacks in layer.items()}
-            for layer in pool.stacks.projections]
+        self.fused: list[dict[Projection, triton_sgmv.FusedLora]] = []
+        for layer in pool.stacks.projections:
+            fused = {config.projection(targets): triton_sgmv.FusedLora.of(stacks) for targets, stacks in layer.items()}
+            for targets, stacks in layer.items():  # each target alone, for groupings the model does not run
+                for g, t in enumerate(targets):
+                    fused.setdefault(config.projection((t,)), triton_sgmv.FusedLora.of(stacks.select(g)))
+            self.fused.append(fused)
 
     def prepare_rows(self, rows: StepRows) -> "TritonStep":
         return TritonStep(self, rows)
@@ -36,11 +40,11 @@ class TritonStep(LoraStep):
         self.mode = triton_sgmv.pick_mode(rows.segments)
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, projection: Projection) -> torch.Tensor:
-        fused = self.backend.fused[layer].get(projection)
-        if fused is not None:
-            return triton_sgmv.apply_lora_fused(y, x, fused, self.segments, rank=self.rank, mode=self.mode)
-        st, r = self.backend.pool.stacks, self.rank
+        fused = self.backend.fused[layer]
+        whole = fused.get(projection)
+        if whole is not None:
+            return triton_sgmv.apply_lora_fused(y, x, whole, self.segments, rank=self.rank, mode=self.mode)
         for target, cols in target_columns(y, projection):
-            triton_sgmv.apply_lora(cols, x, st.a[layer][target][:, :r], st.b[layer][target][:, :, :r],
-                                   st.scale[layer][target], self.segments, mode=self.mode)
+            one = fused[self.backend.pool.config.projection((target,))]
+            triton_sgmv.apply_lora_fused(cols, x, one, self.segments, rank=self.rank, mode=self.mode)
         return y

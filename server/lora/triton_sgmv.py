@@ -25,13 +25,16 @@ fewer than `BGMV_MAX_AVG_SEGMENT` tokens (decode with distinct adapters), SGMV
 otherwise. BGMV's grid depends only on T, so it is the one to capture in a CUDA
 graph (pass `mode="bgmv"`); SGMV's grid depends on the segment count.
 
-Fused targets. Targets that read the same x (q/k/v, gate/up) share one shrink and
-one expand: the pool keeps a projection's targets in one tensor each
-(`server/lora/stacks.py`: A as [N_slots, G*R, in], B^T as [N_slots, R*sum(out)] in
-per-target [R, out] blocks, scales [G, N_slots]), and `apply_lora_fused(y_cat, x,
-FusedLora.of(stacks), seg, rank=r)` adds every target's delta, over its first r ranks,
-into the fused base output y_cat ([T, sum(out)], the output of one qkv matmul) in one
-shrink launch (x read once) and one expand launch. o and down are projections of one.
+Fused targets, paged rows. Targets that read the same x (q/k/v, gate/up) share one
+shrink and one expand: the pool keeps a projection's targets in one tensor each, as rank
+rows (`server/lora/stacks.py`: A as [G, P, in], B^T as per-target [P, out] blocks, scales
+[G, N_slots]) that a page table [N_slots, R] maps each slot's ranks to, and
+`apply_lora_fused(y_cat, x, FusedLora.of(stacks), seg, rank=r)` adds every target's delta,
+over its first r ranks, into the fused base output y_cat ([T, sum(out)], the output of one
+qkv matmul) in one shrink launch (x read once) and one expand launch; each program reads
+its slot's row numbers from the page table (the PAGED variants of the kernels) and gathers
+those rows. o and down are projections of one. The per-target `shrink`/`expand`/`apply_lora`
+take plain per-slot stacks ([N, R, in], [N, out, R]), the reference's layout.
 
 Measurements: NOT YET MEASURED. No GPU was lent while this was written, so which
 of Triton SGMV/BGMV (per target or fused per projection), the torch reference and
@@ -67,16 +70,27 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 
 
 @triton.jit
+def _a_rows(pages_ptr, sp_n, slot, offs_r, mask_r, R_PER, sa_n, sa_g, sa_r, PAGED: tl.constexpr):
+    """Offsets of the A rows output columns offs_r read: rank offs_r % R_PER of group offs_r // R_PER (groups
+    sa_g apart), at row pages[slot, rank] of the pool's rows (PAGED) or of slot `slot`'s own block."""
+    rank = offs_r % R_PER
+    if PAGED:
+        row = tl.load(pages_ptr + slot * sp_n + rank, mask=mask_r, other=0).to(tl.int64)
+        return (offs_r // R_PER) * sa_g + row * sa_r
+    return slot * sa_n + (offs_r // R_PER) * sa_g + rank * sa_r
+
+
+@triton.jit
 def _sgmv_shrink_kernel(
-    x_ptr, a_ptr, out_ptr, seg_starts_ptr, seg_slots_ptr,
+    x_ptr, a_ptr, out_ptr, seg_starts_ptr, seg_slots_ptr, pages_ptr,
     K, R, R_PER,
-    sx_t, sx_k, sa_n, sa_g, sa_r, sa_k, so_s, so_t, so_r,
+    sx_t, sx_k, sa_n, sa_g, sa_r, sa_k, so_s, so_t, so_r, sp_n,
     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_K: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr, PAGED: tl.constexpr,
 ):
-    """out[k_split, t, r] = sum over this split's K of x[t, k] * a[slot, row r, k]; output column r reads
-    row r % R_PER of group r // R_PER (groups sa_g apart: the targets of a fused projection; one group
-    when R_PER == R)."""
+    """out[k_split, t, r] = sum over this split's K of x[t, k] * (A row of column r of slot)[k]; output column r
+    reads rank r % R_PER of group r // R_PER (groups sa_g apart: the targets of a fused projection; one group
+    when R_PER == R), found through the page table when PAGED (`_a_rows`)."""
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_rk = tl.program_id(2)
@@ -94,8 +108,8 @@ def _sgmv_shrink_kernel(
     mask_m = offs_m < end
     mask_r = offs_r < R
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * sx_t + offs_k[None, :] * sx_k
-    a_rows = (offs_r // R_PER) * sa_g + (offs_r % R_PER) * sa_r
-    a_ptrs = a_ptr + slot * sa_n + a_rows[None, :] + offs_k[:, None] * sa_k  # [K, R] view of a^T
+    a_rows = _a_rows(pages_ptr, sp_n, slot, offs_r, mask_r, R_PER, sa_n, sa_g, sa_r, PAGED)
+    a_ptrs = a_ptr + a_rows[None, :] + offs_k[:, None] * sa_k  # [K, R] view of a^T
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for kk in range(0, tl.cdiv(K, BLOCK_K * SPLIT_K)):
         k0 = (kk * SPLIT_K + pid_k) * BLOCK_K
@@ -114,10 +128,10 @@ def _sgmv_shrink_kernel(
 
 @triton.jit
 def _bgmv_shrink_kernel(
-    x_ptr, a_ptr, out_ptr, token_slots_ptr,
+    x_ptr, a_ptr, out_ptr, token_slots_ptr, pages_ptr,
     K, R, R_PER,
-    sx_t, sx_k, sa_n, sa_g, sa_r, sa_k, so_s, so_t, so_r,
-    SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    sx_t, sx_k, sa_n, sa_g, sa_r, sa_k, so_s, so_t, so_r, sp_n,
+    SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PAGED: tl.constexpr,
 ):
     """Per-token gather-matvec: out[k_split, t, r] = sum_k x[t, k] * a[slot_t, row r, k], rows as in
     `_sgmv_shrink_kernel`."""
@@ -132,8 +146,8 @@ def _bgmv_shrink_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_r = offs_r < R
     x_row = x_ptr + t.to(tl.int64) * sx_t
-    a_rows = (offs_r // R_PER) * sa_g + (offs_r % R_PER) * sa_r
-    a_ptrs = a_ptr + slot * sa_n + a_rows[:, None] + offs_k[None, :] * sa_k  # [R, K]
+    a_rows = _a_rows(pages_ptr, sp_n, slot, offs_r, mask_r, R_PER, sa_n, sa_g, sa_r, PAGED)
+    a_ptrs = a_ptr + a_rows[:, None] + offs_k[None, :] * sa_k  # [R, K]
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for kk in range(0, tl.cdiv(K, BLOCK_K * SPLIT_K)):
         k0 = (kk * SPLIT_K + pid_k) * BLOCK_K
@@ -147,16 +161,17 @@ def _bgmv_shrink_kernel(
 
 @triton.jit
 def _sgmv_expand_kernel(
-    v_ptr, b_ptr, y_ptr, scale_ptr, seg_starts_ptr, seg_slots_ptr, out_offsets_ptr,
+    v_ptr, b_ptr, y_ptr, scale_ptr, seg_starts_ptr, seg_slots_ptr, out_offsets_ptr, pages_ptr,
     R, N_TILES,
-    sv_t, sv_r, sb_n, sb_lo, sb_o, sb_r, sb_rw, sy_t, sy_o, ss_g,
+    sv_t, sv_r, sb_n, sb_lo, sb_o, sb_r, sb_rw, sy_t, sy_o, ss_g, sp_n,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, PAGED: tl.constexpr,
 ):
     """y[t, o] += scale[g, slot] * sum_r v[t, g*R + r] * B_g[slot, o, r] for target g owning column o.
 
-    B_g[slot, o, r] is at slot*sb_n + o_lo*sb_lo + (o - o_lo)*sb_o + r*(sb_r + (o_hi - o_lo)*sb_rw): one
-    [N, out, R] tensor (sb_lo = sb_o, sb_rw = 0) or the pool's per-target [R, out] blocks (`apply_lora_fused`)."""
+    B_g[slot, o, r] is at slot*sb_n + o_lo*sb_lo + (o - o_lo)*sb_o + q*(sb_r + (o_hi - o_lo)*sb_rw) with
+    q = r, or q = pages[slot, r] when PAGED (then sb_n = 0): one [N, out, R] tensor (sb_lo = sb_o, sb_rw = 0),
+    or a projection's per-target blocks of B^T rows (`apply_lora_fused`)."""
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_gn = tl.program_id(2)
@@ -179,12 +194,16 @@ def _sgmv_expand_kernel(
     v_ptrs = v_ptr + offs_m[:, None].to(tl.int64) * sv_t + (g * R + offs_r[None, :]) * sv_r
     sbr = sb_r + (o_hi - o_lo) * sb_rw  # this target's rank stride
     b_base = b_ptr + slot * sb_n + o_lo.to(tl.int64) * sb_lo
-    b_ptrs = b_base + (offs_n - o_lo)[None, :].to(tl.int64) * sb_o + offs_r[:, None] * sbr  # [R, N]
+    b_cols = b_base + (offs_n - o_lo)[None, :].to(tl.int64) * sb_o  # [1, N]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         mask_r = (r0 + offs_r) < R
+        if PAGED:
+            q = tl.load(pages_ptr + slot * sp_n + r0 + offs_r, mask=mask_r, other=0).to(tl.int64)
+        else:
+            q = (r0 + offs_r).to(tl.int64)
         vt = tl.load(v_ptrs + r0 * sv_r, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        bt = tl.load(b_ptrs + r0 * sbr, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        bt = tl.load(b_cols + q[:, None] * sbr, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
         vt = vt.to(bt.dtype)
         if DOT_F32:
             acc += tl.dot(vt.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
@@ -201,10 +220,10 @@ def _sgmv_expand_kernel(
 
 @triton.jit
 def _bgmv_expand_kernel(
-    v_ptr, b_ptr, y_ptr, scale_ptr, token_slots_ptr, out_offsets_ptr,
+    v_ptr, b_ptr, y_ptr, scale_ptr, token_slots_ptr, out_offsets_ptr, pages_ptr,
     R, N_TILES,
-    sv_t, sv_r, sb_n, sb_lo, sb_o, sb_r, sb_rw, sy_t, sy_o, ss_g,
-    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    sv_t, sv_r, sb_n, sb_lo, sb_o, sb_r, sb_rw, sy_t, sy_o, ss_g, sp_n,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PAGED: tl.constexpr,
 ):
     """Per-token gather-matvec expand, same sum as `_sgmv_expand_kernel`."""
     t = tl.program_id(0)
@@ -223,12 +242,16 @@ def _bgmv_expand_kernel(
     v_row = v_ptr + t.to(tl.int64) * sv_t + g * R * sv_r
     sbr = sb_r + (o_hi - o_lo) * sb_rw  # this target's rank stride
     b_base = b_ptr + slot * sb_n + o_lo.to(tl.int64) * sb_lo
-    b_ptrs = b_base + (offs_n - o_lo)[:, None].to(tl.int64) * sb_o + offs_r[None, :] * sbr  # [N, R]
+    b_cols = b_base + (offs_n - o_lo)[:, None].to(tl.int64) * sb_o  # [N, 1]
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         mask_r = (r0 + offs_r) < R
+        if PAGED:
+            q = tl.load(pages_ptr + slot * sp_n + r0 + offs_r, mask=mask_r, other=0).to(tl.int64)
+        else:
+            q = (r0 + offs_r).to(tl.int64)
         vv = tl.load(v_row + (r0 + offs_r) * sv_r, mask=mask_r, other=0.0).to(tl.float32)
-        bt = tl.load(b_ptrs + r0 * sbr, mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+        bt = tl.load(b_cols + q[None, :] * sbr, mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(bt * vv[None, :], axis=1)
     scale = tl.load(scale_ptr + g * ss_g + slot).to(tl.float32)
     y_ptrs = y_ptr + t.to(tl.int64) * sy_t + offs_n * sy_o
@@ -320,13 +343,17 @@ def shrink(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments, *, mode: str = "
     summed in a fixed order, so results are deterministic.
     """
     _check_shrink(x, a, seg)
-    return _shrink(x, a, seg, groups=1, rank=a.shape[1], group_rows=0, mode=mode, split_k=split_k,
-                   out_dtype=out_dtype)
+    sa_n, sa_r, sa_k = a.stride()
+    return _shrink(x, a, (sa_n, 0, sa_r, sa_k), seg, groups=1, rank=a.shape[1], pages=None, mode=mode,
+                   split_k=split_k, out_dtype=out_dtype)
 
 
-def _shrink(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments, *, groups: int, rank: int, group_rows: int,
-            mode: str, split_k: Optional[int], out_dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """v [T, groups * rank]: column g*rank + j is x . a[slot, g*group_rows + j] (groups: fused targets)."""
+def _shrink(x: torch.Tensor, a: torch.Tensor, a_strides: tuple[int, int, int, int], seg: LoraSegments, *,
+            groups: int, rank: int, pages: Optional[torch.Tensor], mode: str, split_k: Optional[int],
+            out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """v [T, groups * rank]: column g*rank + j is x . (rank j of group g's A for the token's slot), with
+    a_strides = (slot, group, rank row, k) strides of a; with `pages` [N, R] the rank row is pages[slot, j]
+    and the slot stride is not used (groups: fused targets)."""
     T, K = x.shape
     R = groups * rank
     out_dtype = out_dtype or x.dtype
@@ -352,19 +379,20 @@ def _shrink(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments, *, groups: int,
     # One partial per K split, fp32, zero where no program writes (slot 0, padding).
     part_dtype = out_dtype if sk == 1 else torch.float32
     part = torch.zeros((sk, T, R), dtype=part_dtype, device=x.device)
-    sa_n, sa_r, sa_k = a.stride()
-    strides = (*x.stride(), sa_n, group_rows * sa_r, sa_r, sa_k, *part.stride())
+    paged = pages is not None
+    page_table = pages if paged else seg.seg_slots  # an unread stand-in when not paged
+    strides = (*x.stride(), *a_strides, *part.stride(), page_table.stride(0) if paged else 0)
     if mode == "sgmv":
         grid = (len(seg.slots), m_tiles, r_tiles * sk)
         _sgmv_shrink_kernel[grid](
-            x, a, part, seg.seg_starts, seg.seg_slots, K, R, rank, *strides,
+            x, a, part, seg.seg_starts, seg.seg_slots, page_table, K, R, rank, *strides,
             SPLIT_K=sk, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, IEEE=ieee,
-            DOT_F32=_dot_in_f32(x.dtype))
+            DOT_F32=_dot_in_f32(x.dtype), PAGED=paged)
     else:
         grid = (T, r_tiles * sk)
         _bgmv_shrink_kernel[grid](
-            x, a, part, seg.token_slots, K, R, rank, *strides,
-            SPLIT_K=sk, BLOCK_R=block_r, BLOCK_K=block_k)
+            x, a, part, seg.token_slots, page_table, K, R, rank, *strides,
+            SPLIT_K=sk, BLOCK_R=block_r, BLOCK_K=block_k, PAGED=paged)
     if sk == 1:
         return part[0]
     return part.sum(0).to(out_dtype)
@@ -372,9 +400,9 @@ def _shrink(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments, *, groups: int,
 
 def _expand_launch(y: torch.Tensor, v: torch.Tensor, b: torch.Tensor, b_strides: tuple[int, int, int, int, int],
                    scales: torch.Tensor, out_offsets: torch.Tensor, out_sizes: Sequence[int], seg: LoraSegments,
-                   mode: str) -> torch.Tensor:
+                   mode: str, pages: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Shared by expand and apply_lora_fused: b addressed by b_strides = (sb_n, sb_lo, sb_o, sb_r, sb_rw)
-    (see `_sgmv_expand_kernel`), scales [G, N_slots], out_offsets [G + 1] int32."""
+    (see `_sgmv_expand_kernel`), scales [G, N_slots], out_offsets [G + 1] int32; ranks through `pages`."""
     T = y.shape[0]
     n_lora, _ = _lora_segments(seg)
     if T == 0 or n_lora == 0:
@@ -383,7 +411,9 @@ def _expand_launch(y: torch.Tensor, v: torch.Tensor, b: torch.Tensor, b_strides:
     R = v.shape[1] // G
     mode = pick_mode(seg) if mode == "auto" else mode
     max_out = max(out_sizes)
-    strides = (*v.stride(), *b_strides, *y.stride(), scales.stride(0))
+    paged = pages is not None
+    page_table = pages if paged else seg.seg_slots  # an unread stand-in when not paged
+    strides = (*v.stride(), *b_strides, *y.stride(), scales.stride(0), page_table.stride(0) if paged else 0)
     if mode == "sgmv":
         block_m = _block_m(seg.max_segment_len)
         block_n = 64 if max_out <= 2048 else 128
@@ -391,17 +421,17 @@ def _expand_launch(y: torch.Tensor, v: torch.Tensor, b: torch.Tensor, b_strides:
         n_tiles = triton.cdiv(max_out, block_n)
         grid = (len(seg.slots), triton.cdiv(seg.max_segment_len, block_m), G * n_tiles)
         _sgmv_expand_kernel[grid](
-            v, b, y, scales, seg.seg_starts, seg.seg_slots, out_offsets, R, n_tiles, *strides,
+            v, b, y, scales, seg.seg_starts, seg.seg_slots, out_offsets, page_table, R, n_tiles, *strides,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, IEEE=b.dtype == torch.float32,
-            DOT_F32=_dot_in_f32(b.dtype))
+            DOT_F32=_dot_in_f32(b.dtype), PAGED=paged)
     elif mode == "bgmv":
         block_r = min(_pow2(R), 64)
         block_n = max(32, min(256, 8192 // block_r))
         n_tiles = triton.cdiv(max_out, block_n)
         grid = (T, G * n_tiles)
         _bgmv_expand_kernel[grid](
-            v, b, y, scales, seg.token_slots, out_offsets, R, n_tiles, *strides,
-            BLOCK_N=block_n, BLOCK_R=block_r)
+            v, b, y, scales, seg.token_slots, out_offsets, page_table, R, n_tiles, *strides,
+            BLOCK_N=block_n, BLOCK_R=block_r, PAGED=paged)
     else:
         raise ValueError(f"mode must be auto, sgmv or bgmv, not {mode!r}")
     return y
@@ -446,24 +476,28 @@ def apply_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
 
 @dataclass(frozen=True)
 class FusedLora:
-    """A base projection's slot stacks (the pool's `ProjectionStacks`) as `apply_lora_fused` reads them:
-    the stacks themselves, no copy, so adapters loaded later show through, plus the targets' output
-    column offsets on the device. Built once per projection and layer by the Triton backend."""
+    """A base projection's rank rows (the pool's `ProjectionStacks`: A [G, P, in], B^T per-target [P, w_g]
+    blocks, scales [G, N], the page table [N, R]) as `apply_lora_fused` reads them: the tensors themselves, no
+    copy, so adapters loaded later show through, plus the targets' output column offsets on the device. Built
+    once per projection and layer by the Triton backend."""
 
     stacks: ProjectionStacks
     out_offsets: torch.Tensor  # [G + 1] int32
 
     @classmethod
     def of(cls, stacks: ProjectionStacks) -> "FusedLora":
-        if stacks.bt.stride(1) != 1 or stacks.a.stride(2) != 1 or stacks.scale.stride(1) != 1:
-            raise ValueError("the fused kernels read the pool's row-major stacks")
+        if stacks.a.stride(2) != 1 or stacks.scale.stride(1) != 1 or not stacks.bt.is_contiguous():
+            raise ValueError("the fused kernels read the pool's row-major rank rows")
+        if stacks.pages.dtype != torch.int32 or not stacks.pages.is_contiguous():
+            raise ValueError("the page table must be contiguous int32")
         return cls(stacks, _out_offsets(stacks.widths, stacks.a.device))
 
 
 def apply_lora_fused(y_cat: torch.Tensor, x: torch.Tensor, fused: FusedLora, seg: LoraSegments,
                      *, rank: Optional[int] = None, mode: str = "auto") -> torch.Tensor:
     """y_cat[:, target g's columns] += scale_g[slot] * (x A_g[slot]^T) B_g[slot]^T for every target g of
-    the projection, over the first `rank` ranks (default: all R); returns y_cat.
+    the projection, over the first `rank` ranks (default: all R), each slot's ranks found through the page
+    table; returns y_cat.
 
     One shrink (x read once for all targets) and one expand launch.
     """
@@ -480,8 +514,10 @@ def apply_lora_fused(y_cat: torch.Tensor, x: torch.Tensor, fused: FusedLora, seg
     if not seg.has_lora:
         return y_cat
     mode = pick_mode(seg) if mode == "auto" else mode
-    v = _shrink(x, st.a, seg, groups=len(st.widths), rank=r, group_rows=st.max_rank, mode=mode, split_k=None,
+    a_strides = (0, st.a.stride(0), st.a.stride(1), st.a.stride(2))
+    v = _shrink(x, st.a, a_strides, seg, groups=len(st.widths), rank=r, pages=st.pages, mode=mode, split_k=None,
                 out_dtype=None)
-    # Target g's B^T is an [R, w_g] block at column R * o_g of each slot's row: rank stride w_g.
-    b_strides = (st.bt.stride(0), st.max_rank, 1, 0, 1)
-    return _expand_launch(y_cat, v, st.bt, b_strides, st.scale, fused.out_offsets, st.widths, seg, mode)
+    # Target g's B^T rows are a [P, w_g] block at P * o_g: row q of target g at P * o_g + q * w_g.
+    b_strides = (0, st.num_rows, 1, 0, 1)
+    return _expand_launch(y_cat, v, st.bt, b_strides, st.scale, fused.out_offsets, st.widths, seg, mode,
+                          pages=st.pages)

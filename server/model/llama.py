@@ -105,11 +105,11 @@ class DecoderLayer(nn.Module):
         qs, kvs = self.q_size, self.kv_size
         x = rms_norm(h, self.input_norm, self.eps)
         qkv = self._lora(self.qkv(x, attn.prompt_from), x, lora, self.qkv_parts)
-        q, k, v = qkv[:, :qs], qkv[:, qs:qs + kvs], qkv[:, qs + kvs:]
-        q, k, v = q.view(T, self.nh, self.hd), k.view(T, self.nkv, self.hd), v.view(T, self.nkv, self.hd)
+        # RoPE on q and k together (the same per-element formula, half the ops of rotating each).
+        qk = qkv[:, :qs + kvs].view(T, self.nh + self.nkv, self.hd)
         c, s = cos[:, None, :], sin[:, None, :]
-        q = q * c + rotate_half(q) * s
-        k = k * c + rotate_half(k) * s
+        qk = qk * c + rotate_half(qk) * s
+        q, k, v = qk[:, :self.nh], qk[:, self.nh:], qkv[:, qs + kvs:].view(T, self.nkv, self.hd)
         o = paged_attention(q, k, v, attn, kv).reshape(T, self.nh * self.hd)
         h = h + self._lora(self.o(o, attn.prompt_from), o, lora, self.o_parts)
         x = rms_norm(h, self.post_norm, self.eps)

@@ -1,27 +1,37 @@
-"""Weight-only quantized linears for the shared base model.
+"""Quantized linears for the shared base model.
 
 Modes: `none` (dense), `int8` (symmetric, one scale per output channel) and `int4`
 (asymmetric groups of 32/64/128 input channels, two values per byte). Weights stay
-quantized in memory and are dequantized inside the matmul: by torch's fused kernels
-where they exist (`_weight_int8pack_mm`, `_weight_int4pack_mm[_for_cpu]`), otherwise
-by dequantizing in row chunks right before `F.linear`.
+quantized in memory.
+
+int8 on CPU runs the `dynamic` kernel (server/model/int8_dynamic.py): activations are
+quantized too, per token after a block Hadamard rotation, and multiplied in integers
+(AVX-512 VNNI / AMX / AVX2), so a decode step streams int8 weights near memory speed and a
+prefill runs on the integer units (measured single threaded on this repo's AMX Xeon: a
+512-token SmolLM2 prefill 2.0 s -> 0.41 s of CPU time, an 8-token decode step 107-170 ->
+53 ms). Perplexity on the default model: +0.53% against `none` (benchmarks/perplexity.py).
+Every row takes the same formula whatever its batch (integer sums are exact), so no token's
+numbers depend on what else was in its batch.
+
+Elsewhere, and with LORASERVE_INT8_DYNAMIC=0, weights are dequantized inside the matmul:
+by torch's fused kernels where they exist (`_weight_int8pack_mm`, `_weight_int4pack_mm[_for_cpu]`),
+otherwise by dequantizing in row chunks right before `F.linear`.
 
 The kernel is chosen once per module from a fixed table keyed by (device, compute
 dtype, mode), never by a run-time timing probe: two processes serving the same model
-must compute the same numbers. The table comes from measurements on our CPU machines
-(AMD EPYC, AVX2, no avx512_bf16; see `python -m server.model.quant --bench`): torch's
-int8/int4 weight kernels are fast with bf16 activations and 5-50x slower with fp32 ones,
+must compute the same numbers. torch's int8/int4 weight kernels are fast with bf16
+activations and 5-50x slower with fp32 ones on CPUs without native bf16 (AMD EPYC, AVX2),
 so fp32 activations are rounded to bf16 for the weight kernel and the result cast
 back. That rounding (2^-9 relative) is far below the weight quantization error itself
 (about 1% for int8, several % for int4); `kernel="dequant"` keeps full fp32 math.
 
-On CPU the int8 weight kernel costs time linear in the rows (about 35 us per row for a
-576x1728 weight here), while dequantizing once and running the fp32 GEMM costs a fixed
-~0.25 ms plus ~16 us per row: 512 rows 18.0 -> 8.8 ms, 8 rows 0.32 -> 0.88 ms. So prompt
-tokens (prefill) multiply int8 weights dequantized into a reused per-thread scratch, in
-fp32, and decode tokens go through the weight kernel, which halves the int8 model's
-prefill. The split is by token kind, not by batch size, so the kernel a token takes never
-depends on what else was in its batch: the caller says where the prompt rows start (`prompt_from`).
+With the weight kernels on CPU, int8 prompt tokens (prefill) multiply int8 weights dequantized
+into a reused per-thread scratch, in fp32 (dequantizing once costs a fixed ~0.25 ms plus ~16 us
+a row against ~35 us a row in the weight kernel), and decode tokens go through the weight
+kernel. The split is by token kind, not by batch size: the caller says where the prompt rows
+start (`prompt_from`). But torch's fp32 GEMM itself splits its work over the threads by the
+row count, so on that path a prompt's bits still depended on its batch (down_proj, 2 threads:
+a 64-row prompt alone and inside a 512-row step differ); the dynamic kernel has no such split.
 """
 from __future__ import annotations
 
@@ -34,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.model import int8_dynamic
+
 log = logging.getLogger(__name__)
 
 QUANT_MODES = ("none", "int8", "int4")
@@ -42,7 +54,7 @@ INT4_GROUP_SIZES = (32, 64, 128)
 # G=32 +0.07%, G=64 +36%, G=128 +92% (int8 lm_head in each). SmolLM2's GGUF is Q4_1, already on a
 # 4-bit min/scale grid in blocks of 32, which G=32 reproduces exactly and wider groups smear.
 DEFAULT_INT4_GROUP = 32
-KERNELS = ("auto", "fused", "fused_bf16", "dequant")
+KERNELS = ("auto", "dynamic", "fused", "fused_bf16", "dequant")
 _DEQUANT_CHUNK_ELEMS = 1 << 22  # rows dequantized at once: bounds the temporary to ~16 MB in fp32
 
 
@@ -52,8 +64,9 @@ class QuantConfig:
 
     mode: str = "int8"
     int4_group_size: int = DEFAULT_INT4_GROUP
-    # auto: the table below; fused: the weight kernel in x's dtype; fused_bf16: the
-    # weight kernel with bf16 activations; dequant: dequantize then F.linear in x's dtype.
+    # auto: the table below; dynamic: int8 activations too, per token (server/model/int8_dynamic.py,
+    # CPU int8 only); fused: the weight kernel in x's dtype; fused_bf16: the weight kernel with bf16
+    # activations; dequant: dequantize then F.linear in x's dtype.
     kernel: str = "auto"
 
     def __post_init__(self) -> None:
@@ -129,9 +142,14 @@ def _has_op(name: str) -> bool:
 
 def _choose(mode: str, device: torch.device, dtype: torch.dtype, kernel: str) -> str:
     """The kernel path for (mode, device, compute dtype): 'fused', 'fused_bf16' or 'dequant'."""
+    if kernel == "dynamic" and not (mode == "int8" and device.type == "cpu"):
+        raise ValueError(f"the dynamic int8 kernel runs int8 on CPU, not {mode} on {device.type}")
     if kernel != "auto":
         return kernel
     if device.type == "cpu":
+        if mode == "int8" and int8_dynamic.load() is not None:
+            # int8 x int8 products, per-token activation scales (measured: module docstring).
+            return "dynamic"
         op = "_weight_int8pack_mm" if mode == "int8" else "_weight_int4pack_mm_for_cpu"
         if not _has_op(op):
             return "dequant"
@@ -192,6 +210,12 @@ class QuantLinear(nn.Module):
         if self.kernel == "dequant":
             self.kernel_dtype = dtype
         self.group_size = group_size if mode == "int4" else 0
+        self._pw: Optional[int8_dynamic.PackedWeight] = None  # the dynamic kernel's weight, when it runs
+        self.bias = None if bias is None else nn.Parameter(
+            bias.detach().to(device=device, dtype=dtype), requires_grad=False)
+        if self.kernel == "dynamic":
+            self._init_dynamic(weight)
+            return
         w = weight.detach().to(device=device, dtype=torch.float32)
         # The fused kernels read K in whole vectors (torch 2.13's CPU int8 kernel crashes the process
         # on K % 16 != 0; int4 needs whole groups): pad with zero columns, matched by zero-padded x.
@@ -219,8 +243,19 @@ class QuantLinear(nn.Module):
                 self.register_buffer("qweight", packed)
                 # Kernel layout: [K/G, N, 2] holding (scale, zero).
                 self.register_buffer("scale_zero", torch.stack([scale.t(), zero.t()], dim=-1).contiguous())
-        self.bias = None if bias is None else nn.Parameter(
-            bias.detach().to(device=device, dtype=dtype), requires_grad=False)
+
+    def _init_dynamic(self, weight: torch.Tensor) -> None:
+        kern = int8_dynamic.load()
+        if kern is None:
+            raise RuntimeError("the dynamic int8 kernel is unavailable on this machine (see the log)")
+        self._dyn = kern
+        self.kernel_dtype = torch.int8  # activations reach the kernel as int8
+        pw = kern.pack(weight.detach().float().cpu())
+        self.padded_in, self.rotation = pw.kp, pw.block
+        self.register_buffer("qweight", pw.packed)
+        self.register_buffer("wsum", pw.wsum)
+        self.register_buffer("scale", pw.scale)
+        self._pw = pw  # the same tensors, as the kernel takes them
 
     def _pack_for_kernel(self, q: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
         try:
@@ -239,7 +274,10 @@ class QuantLinear(nn.Module):
         return _tensor_bytes(*self.buffers(recurse=False), self.bias)
 
     def dequantize(self) -> torch.Tensor:
-        """The fp32 [out, in] weight this module multiplies by."""
+        """The fp32 [out, in] weight this module multiplies by (`dynamic`: by which int8
+        activations are multiplied, the rotation undone)."""
+        if self.kernel == "dynamic":
+            return self._dyn.dequantize(self._pw)
         if self.mode == "int8":
             return dequantize_int8(self.qweight, self.scale)[:, :self.in_features]
         if self.kernel == "dequant":
@@ -280,6 +318,13 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, prompt_from: Optional[int] = None) -> torch.Tensor:
         """x [..., in] -> [..., out]; rows of x from `prompt_from` on are prompt tokens (None: none are)."""
+        if self._pw is not None:
+            # dynamic: every row alike, prompt or decode. The product is exact in integers and its
+            # scaling a fixed per-element formula, so no row's numbers depend on the rest of the batch.
+            y = self._dyn.linear(x, self._pw)
+            if self.bias is not None:
+                y = y + self.bias.float()
+            return y if y.dtype == x.dtype else y.to(x.dtype)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if (self.kernel != "dequant" and self.mode == "int8" and prompt_from is not None
@@ -381,6 +426,22 @@ def make_lm_head(embed_weight: torch.Tensor, mode: str, dtype: torch.dtype, devi
             w = w.to(device=device, dtype=dtype)
         return DenseLinear(w, None)
     return make_linear(embed_weight, None, lm_head_mode(mode), dtype, device, **kw)  # type: ignore[arg-type]
+
+
+def kernel_description(model: nn.Module) -> str:
+    """In words, which kernels a model's base linears run (for the log and benchmark results)."""
+    kinds = sorted({(m.kernel, str(getattr(m, "kernel_dtype", "")).removeprefix("torch."))
+                    for m in model.modules() if isinstance(m, (DenseLinear, QuantLinear))})
+    words = []
+    for kernel, dtype in kinds:
+        if kernel == "dynamic":
+            kern = int8_dynamic.load()
+            words.append(kern.description if kern else "dynamic")
+        elif kernel == "dense":
+            words.append("dense (torch F.linear)")
+        else:
+            words.append(f"{kernel} ({dtype} activations)")
+    return "; ".join(words)
 
 
 def module_nbytes(model: nn.Module) -> int:

@@ -108,6 +108,20 @@ def test_json_and_table_describe_the_run(payload):
 
 
 @slow
+def test_roofline_and_kernel_are_reported(payload):
+    """The machine's limits measured in the run, each step against its floors, and the kernel that ran."""
+    data, cfg, _ = payload
+    r = data["roofline"]
+    assert r["limits"]["read_bytes_per_s"] > 0 and r["limits"]["fp32_flops_per_s"] > 0
+    assert len(r["limits"]["samples"]) == 2  # before and after the children ran
+    assert [s["step"] for s in r["steps"]] == ["decode, no adapters", "decode, 3 adapters", "prefill, 3 adapters"]
+    assert all(s["measured_s"] > 0 and s["of_floor"] > 0 for s in r["steps"])
+    assert r["lora_share"]["lora_bytes"] > 0 and "roofline" in data["table"]
+    rows = {x["system"]: x for x in data["results"]}
+    assert "int8 dynamic" in rows["loraserve"]["base_kernel"] and rows["loraserve-none"]["base_kernel"].startswith("dense")
+
+
+@slow
 def test_each_group_ran_in_its_own_process(payload):
     data, cfg, _ = payload
     groups = system_groups(cfg)

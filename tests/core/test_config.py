@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from server.core import config
+from server.core.engine_config import cpu_has_native_bf16
 from server.core.errors import InvalidRequestError
 
 
@@ -136,6 +137,11 @@ def test_values_are_checked_once_when_a_section_is_built() -> None:
         config.EngineConfig(lora_decode_dtype="fp8")
     with pytest.raises(InvalidRequestError, match="engine.max_rank: is 0; must be >= 1"):
         config.EngineConfig(max_rank=0)
+    with pytest.raises(InvalidRequestError, match="engine.adapter_memory: 'lots': expected a size"):
+        config.EngineConfig(adapter_memory="lots")
+    with pytest.raises(InvalidRequestError, match=r"^LORASERVE_ADAPTER_MEMORY: engine.adapter_memory: '150%'"):
+        config.load(parse(), env={"LORASERVE_ADAPTER_MEMORY": "150%"})
+    assert config.load(parse("--adapter-memory", "256MiB"), env={}).engine.adapter_memory == "256MiB"
     with pytest.raises(InvalidRequestError, match=r"server.metrics_port: is -2; allowed range is \[-1, 65535\]"):
         config.ServerConfig(metrics_port=-2)
     with pytest.raises(InvalidRequestError, match=r"^--max-batch-size: engine.max_batch_size: is 0"):
@@ -147,5 +153,9 @@ def test_values_are_checked_once_when_a_section_is_built() -> None:
 def test_resolve_only_derives() -> None:
     cpu = torch.device("cpu")
     assert config.EngineConfig(dtype="bfloat16").resolve_dtype(cpu) == torch.bfloat16
+    # The CPU int8 path computes between fp32 activations whatever the CPU; `none` keeps bf16 where it is native.
+    assert config.EngineConfig(quantize="int8").resolve_dtype(cpu) == torch.float32
+    assert config.EngineConfig(quantize="none").resolve_dtype(cpu) == (
+        torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
     assert config.EngineConfig(dtype="float16").resolve_dtype(torch.device("cuda")) == torch.float16
     assert config.EngineConfig(device="cpu").resolve_device() == cpu

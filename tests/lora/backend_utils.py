@@ -39,6 +39,28 @@ def pool_with(adapters: list[LoraWeights], config: ModelConfig = TINY, max_rank:
     return pool, slots
 
 
+def scattered_pool_with(adapters: list[LoraWeights], config: ModelConfig = TINY, max_rank: int = 16,
+                        device: str = "cpu", bf16_copies: bool = False) -> tuple[AdapterPool, list[int]]:
+    """Like `pool_with`, but each adapter's rank rows lie apart (every other row of adapter memory), as after
+    evictions: rank-1 fillers fill the memory, every other one is unloaded, the adapters load into the gaps."""
+    need = sum(max(w.rank, 1) for w in adapters)
+    pool = AdapterPool(config, num_slots=2 * need + len(adapters), max_rank=max_rank, device=torch.device(device),
+                       dtype=torch.float32, bf16_copies=bf16_copies, num_rows=2 * need)
+    filler = random_adapter(config, 1, ("q",), 99)
+    fillers = [AdapterVersion("default", f"f{i}", 1, f"f{i}", lambda: filler) for i in range(2 * need)]
+    for f in fillers:
+        pool.load(f)
+    for f in fillers[::2]:
+        pool.unload(f.digest)
+    slots = [pool.load(AdapterVersion("default", f"a{i}", 1, f"a{i}", lambda w=w: w)) for i, w in enumerate(adapters)]
+    for f in fillers[1::2]:
+        pool.unload(f.digest)
+    for s, w in zip(slots, adapters):
+        rows = pool.rows_of(s)
+        assert len(rows) == w.rank and (w.rank < 2 or rows[1] - rows[0] == 2), "rows were meant to lie apart"
+    return pool, slots
+
+
 def expected_delta(x: torch.Tensor, layer: int, projection: Projection, adapter_slots: list[int],
                    by_slot: dict[int, LoraWeights]) -> torch.Tensor:
     """[T, width] in float64: row i's scale * x_i A^T B^T for each target of its adapter (zero without one)."""

@@ -13,7 +13,7 @@ from server.lora.backend import StepRows
 from server.lora.cpu_backend import CpuKernelBackend
 from server.lora.segments import LoraSegments
 from server.model.config import PROJECTIONS
-from tests.lora.backend_utils import TINY, expected_delta, pool_with, random_adapter
+from tests.lora.backend_utils import TINY, expected_delta, pool_with, random_adapter, scattered_pool_with
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,
                                 reason="no C compiler: the torch reference serves (tested elsewhere)")
@@ -23,12 +23,13 @@ ADAPTERS = [random_adapter(TINY, 8, ("q", "k", "v", "o", "gate", "up", "down"), 
             random_adapter(TINY, 16, ("gate", "up", "down"), 3, bf16_exact=True)]
 
 
-@pytest.fixture(scope="module")
-def backend(kernel):
+@pytest.fixture(scope="module", params=[False, True], ids=["adjacent-rows", "scattered-rows"])
+def backend(kernel, request):
     assert kernel is not None, "a C compiler is present, so the kernel must build and load"
-    pool, slots = pool_with(ADAPTERS, bf16_copies=True)
-    assert slots == [1, 2, 3]
-    yield CpuKernelBackend(pool, kernel)
+    pool, slots = (scattered_pool_with if request.param else pool_with)(ADAPTERS, bf16_copies=True)
+    backend = CpuKernelBackend(pool, kernel)
+    backend.test_slots = slots
+    yield backend
     pool.shutdown()
 
 
@@ -37,8 +38,10 @@ def test_each_row_gets_its_own_adapters_delta_whatever_its_batch(backend, monkey
     real = cpu_kernel.CpuLoraKernel.run_prompt
     monkeypatch.setattr(cpu_kernel.CpuLoraKernel, "run_prompt",
                         lambda self, *a: calls.append(a[3].count) or real(self, *a))
-    by_slot = dict(zip([1, 2, 3], ADAPTERS))
+    slots = backend.test_slots
+    by_slot = dict(zip(slots, ADAPTERS))
     rows, num_decode = [0, 1, 2, 3, 1, 1, 1, 1, 1, 0, 0, 2, 3, 3], 4  # decode rows, then prompt rows
+    rows = [slots[r - 1] if r else 0 for r in rows]
     step = backend.prepare(rows, num_decode)
     torch.manual_seed(0)
     for layer in range(TINY.num_layers):
@@ -61,7 +64,7 @@ def test_fused_projection_equals_its_targets_one_by_one(backend):
     alone, and a grouping the backend has no plan for still gets the right delta (from the fp32 torch path)."""
     parts = TINY.projection(("q", "k", "v"))
     width = sum(w for _, w in parts)
-    slots = [2, 1, 0, 1]
+    slots = [backend.test_slots[i - 1] if i else 0 for i in (2, 1, 0, 1)]
     step = backend.prepare_rows(StepRows(slots, len(slots), LoraSegments.from_token_slots(slots), 8))
     torch.manual_seed(2)
     x = torch.randn(len(slots), TINY.hidden_size)

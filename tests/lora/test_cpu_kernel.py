@@ -14,6 +14,15 @@ needs_cc = pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc")
                               reason="no C compiler: the torch reference serves (tested elsewhere)")
 
 
+def per_slot_plan(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]) -> cpu_kernel.KernelPlan:
+    """A plan over per-slot stacks (A [n, R, k], B^T [n, R, out] per target): their rows, slot s's ranks at
+    rows s*R.., named by a page table as the pool's would name them."""
+    n, r = parts[0][0].shape[:2]
+    pages = torch.arange(n * r, dtype=torch.int32).view(n, r)
+    return cpu_kernel.KernelPlan([(a.reshape(n * r, -1), bt.reshape(n * r, -1), sc, off) for a, bt, sc, off in parts],
+                                 pages)
+
+
 @needs_cc
 @pytest.mark.parametrize("shape,rank", [((576, 192), 16), ((100, 37), 13), ((64, 64), 1)])
 def test_decode_matches_reference_on_bf16_weights(kernel, shape, rank):
@@ -33,7 +42,7 @@ def test_decode_matches_reference_on_bf16_weights(kernel, shape, rank):
     want = torch_ref.apply_lora(y[:len(slots)].clone(), x[:len(slots)], a.float()[:, :rank],
                                 bt.float().transpose(1, 2)[:, :, :rank], scale, seg)
     before = y_wide.clone()
-    plan = cpu_kernel.KernelPlan([(a, bt, scale, 0)])
+    plan = per_slot_plan([(a, bt, scale, 0)])
     kernel.check_slots(slots, rank, plan)
     assert kernel.accepts(y, x, plan, len(slots))
     kernel.run(y, x, slots, plan, rank)
@@ -51,7 +60,7 @@ def test_one_call_for_a_fused_projection_equals_each_target_alone(kernel, rank):
     n, R, k, outs = 6, 16, 96, (96, 32, 32)
     stacks = [(torch.randn(n, R, k).bfloat16(), torch.randn(n, R, o).bfloat16(), torch.rand(n)) for o in outs]
     offs = [0, outs[0], outs[0] + outs[1]]
-    plan = cpu_kernel.KernelPlan([(a, bt, sc, off) for (a, bt, sc), off in zip(stacks, offs)])
+    plan = per_slot_plan([(a, bt, sc, off) for (a, bt, sc), off in zip(stacks, offs)])
     assert plan.width == sum(outs) and plan.count == 3
     slots = torch.tensor([2, 0, 5, 2, 1], dtype=torch.int64)
     x = torch.randn(len(slots) + 1, k)
@@ -77,7 +86,7 @@ def test_prompt_rows_match_the_reference_whatever_their_blocks(kernel, rank):
     torch.manual_seed(3)
     n, R, k, outs = 6, 16, 72, (40, 21)
     stacks = [(torch.randn(n, R, k).bfloat16(), torch.randn(n, R, o).bfloat16(), torch.rand(n)) for o in outs]
-    plan = cpu_kernel.KernelPlan([(a, bt, sc, off) for (a, bt, sc), off in zip(stacks, (0, outs[0]))])
+    plan = per_slot_plan([(a, bt, sc, off) for (a, bt, sc), off in zip(stacks, (0, outs[0]))])
     decode_rows = 2  # before the prompt rows: the prompt kernel must leave them alone
     prompt = [1] * 9 + [0] * 3 + [4] * 5 + [2] + [5] * 4
     x = torch.randn(decode_rows + len(prompt), k)
@@ -110,15 +119,20 @@ def test_prompt_rows_match_the_reference_whatever_their_blocks(kernel, rank):
 
 @needs_cc
 def test_refuses_layouts_it_cannot_read(kernel):
-    a = torch.zeros(3, 4, 8, dtype=torch.bfloat16)
-    bt = torch.zeros(3, 4, 6, dtype=torch.bfloat16)
+    a = torch.zeros(12, 8, dtype=torch.bfloat16)  # 3 slots of rank 4, as rows
+    bt = torch.zeros(12, 6, dtype=torch.bfloat16)
+    pages = torch.arange(12, dtype=torch.int32).view(3, 4)
     x, y, s = torch.zeros(2, 8), torch.zeros(2, 6), torch.zeros(3)
-    plan = cpu_kernel.KernelPlan([(a, bt, s, 0)])
+    plan = cpu_kernel.KernelPlan([(a, bt, s, 0)], pages)
     assert kernel.accepts(y, x, plan)
     with pytest.raises(ValueError, match="bf16"):
-        cpu_kernel.KernelPlan([(a.float(), bt, s, 0)])  # fp32 stacks: the torch path's job
+        cpu_kernel.KernelPlan([(a.float(), bt, s, 0)], pages)  # fp32 rows: the torch path's job
     with pytest.raises(ValueError, match="disagree"):
-        cpu_kernel.KernelPlan([(a, bt[:, :2].contiguous(), s, 0)])  # ranks differ
+        cpu_kernel.KernelPlan([(a, bt[:6].contiguous(), s, 0)], pages)  # row counts differ
+    with pytest.raises(ValueError, match="disagree"):
+        cpu_kernel.KernelPlan([(a, bt, torch.zeros(4), 0)], pages)  # scales for another slot count
+    with pytest.raises(ValueError, match="page table"):
+        cpu_kernel.KernelPlan([(a, bt, s, 0)], pages.long())
     assert not kernel.accepts(y, x.t().contiguous().t(), plan)  # column-major x
     assert not kernel.accepts(y, torch.zeros(2, 9), plan)  # width mismatch
     assert not kernel.accepts(y.double(), x, plan)
@@ -136,12 +150,13 @@ def test_refuses_layouts_it_cannot_read(kernel):
 
 @needs_cc
 def test_plans_read_the_pools_projection_layout(kernel):
-    """A target's stack inside its projection's tensor (slots apart, each slot's block contiguous) is a
-    valid plan part; a block that is not row-major inside its slot is not."""
+    """A target's rows inside its projection's tensor (rows of one target contiguous, targets apart) are a
+    valid plan part; rows that are not row-major are not."""
     from server.lora.stacks import ProjectionStacks
 
     st = ProjectionStacks.zeros(("q", "k"), (12, 4), 8, 3, 4, torch.bfloat16, "cpu")
-    plan = cpu_kernel.KernelPlan([(st.a_of(g), st.bt_of(g), st.scale[g], off) for g, off in ((0, 0), (1, 12))])
+    plan = cpu_kernel.KernelPlan([(st.a_of(g), st.bt_of(g), st.scale[g], off) for g, off in ((0, 0), (1, 12))],
+                                 st.pages)
     assert plan.width == 16 and plan.count == 2
     with pytest.raises(ValueError, match="bf16"):
-        cpu_kernel.KernelPlan([(st.a_of(0).transpose(1, 2), st.bt_of(0), st.scale[0], 0)])
+        cpu_kernel.KernelPlan([(st.a_of(0).t(), st.bt_of(0), st.scale[0], 0)], st.pages)

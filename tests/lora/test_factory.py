@@ -71,3 +71,39 @@ def test_lora_decode_dtype_resolution():
     assert EngineConfig(quantize="int8").resolve_lora_decode_dtype(cuda) == torch.float32
     with pytest.raises(InvalidRequestError, match="lora_decode_dtype"):
         EngineConfig(lora_decode_dtype="fp8").resolve_lora_decode_dtype(cpu)
+
+
+def test_adapter_memory_is_a_budget_of_rank_rows(kernel_home):
+    """auto keeps the old footprint (--max-adapters-on-device adapters of --max-rank); a size is shared out in
+    rank rows, as many adapters as fit unless capped; the C kernel's bf16 copies count; too small is refused."""
+    from server.lora.stacks import RowStacks
+
+    row = RowStacks.bytes_per_row(TINY, torch.float32)
+
+    def pool(**fields):
+        fields = {"home": str(kernel_home), "quantize": "none", "max_rank": 8, **fields}
+        p = build_lora_backend(EngineConfig(**fields), TINY, CPU, torch.float32).pool
+        p.shutdown()
+        return p
+
+    auto = pool(max_adapters_on_device=2)
+    assert (auto.num_rows, auto.num_slots) == (16, 2)
+    assert (pool().num_rows, pool().num_slots) == (64, 64)  # 8 adapters of rank 8; up to 64 of rank 1
+    sized = pool(adapter_memory=str(41 * row))
+    assert (sized.num_rows, sized.num_slots) == (40, 40)  # one row is the zero row
+    assert sized.nbytes == 41 * row
+    assert pool(adapter_memory=str(41 * row), max_adapters_on_device=3).num_slots == 3
+    if shutil.which("gcc") or shutil.which("cc"):
+        both = pool(adapter_memory=str(41 * row), quantize="int8")  # fp32 rows + their bf16 copies
+        assert both.bf16_stacks is not None and both.num_rows == 41 * row * 2 // (3 * row) - 1
+    with pytest.raises(InvalidRequestError, match="adapter_memory.*holds 7 rank rows.*needs 8"):
+        pool(adapter_memory=str(9 * row - 1))
+
+
+def test_a_fraction_of_free_memory_is_resolved_when_the_engine_sizes_it():
+    cfg = EngineConfig(adapter_memory="25%", max_rank=4)
+    assert cfg.resolve_adapter_rows(100, lambda: 10_000) == 24
+    assert EngineConfig(adapter_memory="0.5", max_rank=4).resolve_adapter_rows(100, lambda: 10_000) == 49
+    assert EngineConfig(adapter_memory="1KiB", max_rank=4).resolve_adapter_rows(100, lambda: 1 / 0) == 9
+    with pytest.raises(InvalidRequestError, match="adapter_memory"):
+        EngineConfig(adapter_memory="1%", max_rank=4).resolve_adapter_rows(100, lambda: 10_000)

@@ -1,4 +1,5 @@
-"""Adapter slots: LRU eviction, pins, and loads that never stall the running batch."""
+"""Adapter slots and rank rows: LRU eviction, pins, memory shared out by rank, misses counted once per load,
+and loads that never stall the running batch."""
 from __future__ import annotations
 
 import threading
@@ -61,13 +62,14 @@ def test_slot_contents_are_exactly_the_adapter_zero_padded(mcfg, tiny_adapters):
     w = load_peft_adapter(tiny_adapters["pattern"], mcfg, 16)
     idx = pool.load(_adapter(mcfg, "pattern", tiny_adapters["pattern"]))
     m = w.modules[(1, "down")]
-    assert torch.equal(pool.stacks.a[1]["down"][idx, :m.rank], m.a)
-    assert torch.all(pool.stacks.a[1]["down"][idx, m.rank:] == 0)
-    assert torch.equal(pool.stacks.b[1]["down"][idx, :, :m.rank], m.b)
-    assert pool.stacks.scale[1]["down"][idx].item() == pytest.approx(m.scale)
     st = pool.stacks
-    assert torch.all(st.a[0]["q"][idx] == 0) and st.scale[0]["q"][idx].item() == 0  # untargeted module
-    assert torch.all(st.a[0]["q"][0] == 0) and torch.all(st.b[1]["down"][0] == 0)  # slot 0 stays empty
+    assert torch.equal(st.slot_a(1, "down", idx)[:m.rank], m.a)
+    assert torch.all(st.slot_a(1, "down", idx)[m.rank:] == 0)
+    assert torch.equal(st.slot_bt(1, "down", idx).t()[:, :m.rank], m.b)
+    assert pool.stacks.scale[1]["down"][idx].item() == pytest.approx(m.scale)
+    assert torch.all(st.slot_a(0, "q", idx) == 0) and st.scale[0]["q"][idx].item() == 0  # untargeted module
+    assert torch.all(st.slot_a(0, "q", 0) == 0) and torch.all(st.slot_bt(1, "down", 0) == 0)  # slot 0 stays empty
+    assert len(pool.rows_of(idx)) == w.rank == 6 and pool.stats().rows_used == 6  # rows by rank, not max rank
     pool.shutdown()
 
 
@@ -109,11 +111,111 @@ def test_pool_keeps_bf16_decode_copies_in_step_with_the_fp32_stacks(mcfg):
             out_f, in_f = mcfg.target_shape(t)
             mods[(layer, t)] = LoraModule(a=torch.randn(4, in_f), b=torch.randn(out_f, 4), scale=0.5)
     w = LoraWeights(modules=mods)
-    pool._copy(2, w)
+    idx = pool.load(AdapterVersion("default", "w", 1, "w", lambda: w))
+    other = 3 - idx
     copies = pool.bf16_stacks
     for (layer, t), mod in mods.items():
-        assert torch.equal(copies.a[layer][t][2, :4], mod.a.bfloat16())
-        assert torch.equal(copies.bt[layer][t][2, :4], mod.b.t().bfloat16())
-        assert not copies.a[layer][t][2, 4:].any() and not copies.a[layer][t][1].any()
+        assert torch.equal(copies.slot_a(layer, t, idx)[:4], mod.a.bfloat16())
+        assert torch.equal(copies.slot_bt(layer, t, idx)[:4], mod.b.t().bfloat16())
+        assert not copies.slot_a(layer, t, idx)[4:].any() and not copies.slot_a(layer, t, other).any()
     plain = AdapterPool(mcfg, num_slots=2, max_rank=8, device=torch.device("cpu"), dtype=torch.float32)
     assert plain.bf16_stacks is None and pool.nbytes == plain.nbytes * 3 // 2
+    pool.shutdown()
+    plain.shutdown()
+
+
+def _weights(mcfg, rank: int, seed: int, targets=TARGETS) -> LoraWeights:
+    g = torch.Generator().manual_seed(seed)
+    mods = {}
+    for layer in range(mcfg.num_layers):
+        for t in targets:
+            out_f, in_f = mcfg.target_shape(t)
+            mods[(layer, t)] = LoraModule(a=torch.randn(rank, in_f, generator=g), b=torch.randn(out_f, rank, generator=g),
+                                          scale=0.5)
+    return LoraWeights(modules=mods)
+
+
+def _version(name: str, w: LoraWeights) -> AdapterVersion:
+    return AdapterVersion("default", name, 1, name, lambda: w)
+
+
+def _wait_until(cond, timeout: float = 10.0) -> None:
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, "timed out"
+        time.sleep(0.005)
+
+
+def test_memory_is_shared_out_by_rank(mcfg):
+    """32 rows: four rank-8 adapters resident at once where fixed rank-16 slots held two; a rank-16 adapter
+    evicts the two least recently used rank-8 ones, and then the freed rows serve again."""
+    pool = AdapterPool(mcfg, num_slots=32, max_rank=16, device=torch.device("cpu"), dtype=torch.float32,
+                       num_rows=32)
+    assert pool.sure_capacity == 2  # what routers are told: adapters of any rank up to 16
+    small = [_version(f"s{i}", _weights(mcfg, 8, i)) for i in range(4)]
+    slots = [pool.load(v) for v in small]
+    assert len(set(slots)) == 4 and pool.stats().rows_used == 32 and pool.stats().slots_ready == 4
+    assert sorted(r for s in slots for r in pool.rows_of(s)) == list(range(1, 33))  # every row once, none twice
+    for s in slots[2:]:
+        pool.release(pool.acquire(small[slots.index(s)]))  # s2, s3 used last: s0, s1 are the LRU ones
+    big = pool.load(_version("big", _weights(mcfg, 16, 9)))
+    assert {s.key for s in pool.resident()} == {"s2", "s3", "big"}
+    assert pool.stats().evictions == 2 and pool.stats().rows_used == 32 and pool.rank_of(big) == 16
+    pool.shutdown()
+
+
+def test_rows_freed_anywhere_serve_the_next_adapter_exactly(mcfg):
+    """Evicting every other adapter leaves free rows that are not adjacent; a new adapter takes them and reads
+    back exactly (its page table names them), and the rank rows past it read zero."""
+    pool = AdapterPool(mcfg, num_slots=8, max_rank=8, device=torch.device("cpu"), dtype=torch.float32, num_rows=16)
+    four = [_version(f"q{i}", _weights(mcfg, 4, i)) for i in range(4)]
+    slots = [pool.load(v) for v in four]
+    freed = pool.rows_of(slots[0]) + pool.rows_of(slots[2])
+    for i in (0, 2):
+        assert pool.unload(f"q{i}")
+    w = _weights(mcfg, 8, 7)
+    idx = pool.load(_version("w", w))
+    rows = pool.rows_of(idx)
+    assert sorted(rows) == sorted(freed) and rows[-1] - rows[0] > 7  # not one run of 8
+    assert pool.pages[idx].tolist() == rows
+    for (layer, t), m in w.modules.items():
+        assert torch.equal(pool.stacks.slot_a(layer, t, idx), m.a)
+        assert torch.equal(pool.stacks.slot_bt(layer, t, idx), m.b.t())
+    kept = _weights(mcfg, 4, 1)  # q1 is untouched by all this
+    for (layer, t), m in kept.modules.items():
+        assert torch.equal(pool.stacks.slot_a(layer, t, slots[1])[:4], m.a)
+        assert not pool.stacks.slot_a(layer, t, slots[1])[4:].any()
+    pool.shutdown()
+
+
+def test_a_miss_is_counted_once_per_load_not_per_waiting_step(mcfg):
+    """Sequences ask for an adapter every step while it loads or waits for room: one miss, one load."""
+    pool = AdapterPool(mcfg, num_slots=1, max_rank=8, device=torch.device("cpu"), dtype=torch.float32)
+    a, b = _version("a", _weights(mcfg, 8, 1)), _version("b", _weights(mcfg, 8, 2))
+    sa = pool.load(a)
+    assert pool.acquire(a) == sa  # a running sequence holds a, the only slot
+    for _ in range(50):  # b waits for room, step after step
+        assert pool.acquire(b) is None
+    _wait_until(lambda: pool._pending["b"].weights is not None)
+    for _ in range(50):
+        assert pool.acquire(b) is None
+    assert pool.stats().misses == 1 and pool.stats().loads == 1 and pool.stats().evictions == 0
+    pool.release(sa)
+    _wait_until(lambda: pool.acquire(b) is not None)  # now a is evicted and b copied in
+    st = pool.stats()
+    assert st.misses == 1 and st.loads == 2 and st.evictions == 1 and st.hits == 2
+    pool.shutdown()
+
+
+def test_pins_that_leave_no_room_refuse_at_once(mcfg):
+    pool = AdapterPool(mcfg, num_slots=4, max_rank=16, device=torch.device("cpu"), dtype=torch.float32, num_rows=24)
+    pool.load(_version("p", _weights(mcfg, 16, 1)), pin=True)
+    pool.load(_version("small", _weights(mcfg, 8, 2)))  # fits beside the pin
+    with pytest.raises(CapacityError, match="pinned"):
+        pool.load(_version("big", _weights(mcfg, 16, 3)))  # 24 - 16 pinned rows < 16
+    big = _version("big2", _weights(mcfg, 16, 4))
+    assert pool.acquire(big) is None
+    _wait_until(lambda: pool._pending["big2"].weights is not None)
+    with pytest.raises(CapacityError, match="pinned"):
+        pool.acquire(big)  # a request gets the same answer instead of waiting forever
+    pool.shutdown()

@@ -110,9 +110,14 @@ def test_grouped_path_on_the_pools_rank_major_views_matches_naive(seed):
 
 
 def test_path_choice_follows_padding():
-    """Even segments (decode, equal prefills) take the grouped bmm; ragged ones one GEMM per segment."""
+    """Even segments (decode, equal prefills) and decode-like ones take the grouped bmm; ragged ones one GEMM per
+    segment."""
     assert torch_ref._use_grouped(LoraSegments.from_token_slots(list(range(1, 9))))
     assert torch_ref._use_grouped(LoraSegments.from_sequences([1, 2, 3, 4], [64, 64, 60, 64]))
     assert not torch_ref._use_grouped(LoraSegments.from_sequences([1, 2], [500, 3]))
     assert not torch_ref._use_grouped(LoraSegments.from_token_slots([1, 30]))
     assert torch_ref._use_grouped(LoraSegments.from_token_slots([3, 4, 0, 5]))
+    # Decode-like: a few rows per slot, every slot of the span in the batch: one bmm despite the padding.
+    assert torch_ref._use_grouped(LoraSegments.from_token_slots([1, 1, 1, 1, 2, 3]))
+    assert not torch_ref._use_grouped(LoraSegments.from_token_slots([1] * 9 + [2, 3]))  # 9 rows of one slot
+    assert not torch_ref._use_grouped(LoraSegments.from_token_slots([1, 1, 1, 1, 3]))  # slot 2 would be read for nothing

@@ -224,27 +224,30 @@ def test_fused_qkv_and_gate_up(K, mode, rank):
         got = K.apply_lora_fused(y.clone(), x, fused, seg, rank=rank, mode=mode)
         for i, lo in enumerate(st.offsets[:-1]):
             hi = st.offsets[i + 1]
-            want = torch_ref.apply_lora(y[:, lo:hi].clone(), x, st.a_of(i)[:, :rank],
-                                        st.bt_of(i).transpose(1, 2)[:, :, :rank], st.scale[i], seg)
+            want = torch_ref.apply_lora(y[:, lo:hi].clone(), x, st.slot_a(i)[:, :rank],
+                                        st.slot_bt(i).transpose(1, 2)[:, :, :rank], st.scale[i], seg)
             assert _rel_err(got[:, lo:hi], want) <= 1e-5, (targets[i], mode)
         assert torch.equal(got[seg.token_slots == 0], y[seg.token_slots == 0])
 
 
 @interp
-def test_the_backend_adds_each_rows_adapter_on_every_projection(K):
+@pytest.mark.parametrize("scattered", [False, True], ids=["adjacent-rows", "scattered-rows"])
+def test_the_backend_adds_each_rows_adapter_on_every_projection(K, scattered):
     """The Triton backend over a real pool (on CPU, under the interpreter): decode and prompt rows, the
-    base among them, three adapters of ranks 3-16 and target subsets; each row gets exactly its own delta."""
+    base among them, three adapters of ranks 3-16 and target subsets, their rank rows adjacent or apart;
+    each row gets exactly its own delta."""
     from server.lora.triton_backend import TritonBackend
     from server.model.config import PROJECTIONS
-    from tests.lora.backend_utils import TINY, expected_delta, pool_with, random_adapter
+    from tests.lora.backend_utils import TINY, expected_delta, pool_with, random_adapter, scattered_pool_with
 
     adapters = [random_adapter(TINY, 8, ("q", "k", "v", "o", "gate", "up", "down"), 1),
                 random_adapter(TINY, 3, ("q", "v"), 2), random_adapter(TINY, 16, ("gate", "up", "down"), 3)]
-    pool, slots = pool_with(adapters)
+    pool, slots = (scattered_pool_with if scattered else pool_with)(adapters)
     by_slot = dict(zip(slots, adapters))
     backend = TritonBackend(pool)
     torch.manual_seed(0)
     for rows, num_decode in (([1, 2, 3], 3), ([0, 1, 3, 1, 1, 1, 0, 2, 2], 3)):  # BGMV, then SGMV
+        rows = [slots[r - 1] if r else 0 for r in rows]
         step = backend.prepare(rows, num_decode)
         for targets in PROJECTIONS:
             projection = TINY.projection(targets)
@@ -319,10 +322,12 @@ def test_gpu_model_sizes(dtype, rank):
 def test_gpu_engine_backend_is_triton_and_matches_the_torch_backend():
     """On CUDA auto picks triton; its fused projections add what the torch backend adds on the same stacks."""
     from server.core.engine_config import EngineConfig
+    from server.core.identity import AdapterVersion
     from server.lora.backend import StepRows
     from server.lora.factory import build_lora_backend
     from server.lora.torch_backend import TorchBackend
-    from server.model.config import PROJECTIONS, ModelConfig
+    from server.lora.weights import LoraModule, LoraWeights
+    from server.model.config import PROJECTIONS, TARGETS, ModelConfig
 
     cfg = ModelConfig(vocab_size=300, hidden_size=2048, intermediate_size=8192, num_layers=1, num_heads=32,
                       num_kv_heads=8, head_dim=64, max_position_embeddings=512)
@@ -332,10 +337,10 @@ def test_gpu_engine_backend_is_triton_and_matches_the_torch_backend():
     pool, reference = backend.pool, TorchBackend(backend.pool)
     g = torch.Generator().manual_seed(0)
     for slot in (1, 2, 3):
-        for st in pool.stacks.projections[0].values():
-            for i, o in enumerate(st.widths):
-                st.write(slot, i, torch.randn(16, st.a.shape[2], generator=g) / 45, torch.randn(o, 16, generator=g),
-                         0.5)
+        mods = {(0, t): LoraModule(torch.randn(16, cfg.target_shape(t)[1], generator=g) / 45,
+                                   torch.randn(cfg.target_shape(t)[0], 16, generator=g), 0.5) for t in TARGETS}
+        assert pool.load(AdapterVersion("default", f"a{slot}", 1, f"a{slot}",
+                                        lambda m=mods: LoraWeights(modules=m))) == slot
     for rows, num_decode in (([1, 2, 3, 0], 4), ([1] * 40 + [0] * 7 + [3] * 200, 0)):  # BGMV; SGMV
         seg = LoraSegments.from_token_slots(rows, "cuda")
         step, want_step = (b.prepare_rows(StepRows(rows, num_decode, seg, 16)) for b in (backend, reference))

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from server.model.int8_dynamic import hadamard_reference
 from server.model.quant import (
     DenseLinear, lm_head_mode, QuantConfig, QuantLinear, dequantize_int4, dequantize_int8, make_linear, make_lm_head,
     module_nbytes, pack_int4, quantize_int4, quantize_int8, unpack_int4,
@@ -14,10 +15,12 @@ from server.model.quant import (
 # directly (K not a multiple of 8 or of the group, N not a multiple of the int4 tile).
 SHAPES = [(192, 576), (64, 96), (37, 100), (5, 33), (1, 64), (48, 130)]
 DTYPES = [torch.float32, torch.bfloat16]
-PATHS = ["auto", "fused", "fused_bf16", "dequant"]
+PATHS = ["auto", "dynamic", "fused", "fused_bf16", "dequant"]
 # Relative error of the kernel against x @ dequantize().T: fp32 paths are exact up to
-# summation order; bf16 activations round each input to 8 bits of mantissa.
+# summation order; bf16 activations round each input to 8 bits of mantissa; the dynamic
+# kernel rounds each (rotated) token to int8 on its own scale (about 0.75% measured).
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.2e-2}
+INT8_ACTIVATIONS_TOL = 1.5e-2
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -70,6 +73,10 @@ def test_int4_reproduces_an_existing_4bit_grid_exactly():
 def test_kernel_matches_dequantized_reference(shape, mode, dtype, path):
     n, k = shape
     w, b = torch.randn(n, k) * 0.05, torch.randn(n) * 0.1
+    if path == "dynamic" and mode != "int8":
+        with pytest.raises(ValueError, match="dynamic int8 kernel runs int8"):
+            make_linear(w, b, mode, dtype, torch.device("cpu"), kernel=path)
+        return
     mod = make_linear(w, b, mode, dtype, torch.device("cpu"), kernel=path)
     assert isinstance(mod, QuantLinear)
     x = torch.randn(2, 3, k).to(dtype)
@@ -77,11 +84,16 @@ def test_kernel_matches_dequantized_reference(shape, mode, dtype, path):
     assert y.dtype == dtype and y.shape == (2, 3, n)
     ref = x.float() @ mod.dequantize().t() + mod.bias.float()
     tol = TOL[torch.bfloat16] if mod.kernel_dtype == torch.bfloat16 or dtype == torch.bfloat16 else TOL[dtype]
+    if mod.kernel == "dynamic":  # int8 activations, plus the bf16 output's rounding where it has one
+        tol = INT8_ACTIVATIONS_TOL + (TOL[torch.bfloat16] if dtype == torch.bfloat16 else 0.0)
     assert _rel(y, ref) < tol, (mod.kernel, _rel(y, ref))
     # Independent reference from the pure quantizer (for the same scale dtype): the module
     # stores exactly what the quantizer produced, whatever the kernel's layout.
     wp = torch.nn.functional.pad(w, (0, mod.padded_in - k))
-    if mode == "int8":
+    if mod.kernel == "dynamic":  # quantized after the rotation, which the reference undoes
+        q, s = quantize_int8(hadamard_reference(wp, mod.rotation))
+        want = hadamard_reference(dequantize_int8(q, s) / mod.rotation, mod.rotation)[:, :k]
+    elif mode == "int8":
         q, s = quantize_int8(wp, mod.kernel_dtype)
         want = dequantize_int8(q, s)[:, :k]
     else:
@@ -169,11 +181,11 @@ def test_bad_config():
 
 
 def test_prompt_rows_are_exact_fp32_and_decode_rows_take_the_kernel():
-    """int8 on CPU: prompt rows multiply the dequantized weight in fp32, decode rows the weight
+    """int8 on CPU with torch's weight kernel: prompt rows multiply the dequantized weight in fp32, decode rows the weight
     kernel; a row's result depends on its kind only, never on the rows beside it."""
     w = torch.randn(192, 576) * 0.05
     x = torch.randn(70, 576)
-    mod = make_linear(w, None, "int8", torch.float32, "cpu")
+    mod = make_linear(w, None, "int8", torch.float32, "cpu", kernel="fused_bf16")
     ref = x @ mod.dequantize().t()
     mixed = mod(x, prompt_from=6)
     assert _rel(mixed[6:], ref[6:]) < TOL[torch.float32]

@@ -1,0 +1,130 @@
+"""Streaming against unary on one server: what a streamed token costs (issue 16, "base, streamed").
+
+`python -m benchmarks.stream_vs_unary` starts the real server on the default model (default
+settings, prefix cache off) and sends the same batch of requests (8 at once, 64-token prompts, 32 new tokens,
+greedy, EOS ignored, base model unless --adapters) by gRPC `Generate` (one response a request)
+and by `GenerateStream` (one message a token), in alternating rounds (unary then stream, stream
+then unary, ...). Throughput is generated tokens over the wall time of a round, and the headline
+is the median of per-round ratios stream / unary, with its range. The client runs on the same
+machine, as a user's would in the issue's measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from benchmarks.common import cpu_machine_info, machine_line, median, write_json
+from benchmarks.http_vs_grpc import Server
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "stream_vs_unary.json"
+
+
+async def _round(target: str, stream: bool, prompts: list[list[int]], new_tokens: int,
+                 adapters: list[str]) -> dict[str, Any]:
+    import grpc
+
+    from server.api.gen.loraserve.v1 import inference_pb2 as pb
+    from server.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+
+        async def one(i: int, ids: list[int]) -> int:
+            req = pb.GenerateRequest(request_id=f"b{i}", adapter_id=adapters[i % len(adapters)] if adapters else "",
+                                     prompt_token_ids=pb.TokenIds(ids=ids),
+                                     params=pb.SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+            if not stream:
+                return len((await stub.Generate(req)).token_ids)
+            n = 0
+            async for chunk in stub.GenerateStream(req):
+                n += len(chunk.token_ids)
+            return n
+
+        t0 = time.perf_counter()
+        got = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        wall = time.perf_counter() - t0
+    if any(n != new_tokens for n in got):
+        raise RuntimeError(f"requests ended early: {got}")
+    return {"mode": "stream" if stream else "unary", "wall_s": wall, "tokens": sum(got), "tok_s": sum(got) / wall}
+
+
+def run(ns: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.cpu_mixed.inputs import make_adapters
+    from server.core.paths import resolve_home
+    from server.model.loader import resolve_model
+
+    model_dir = resolve_model("default", resolve_home())
+    rng = random.Random(ns.seed)
+    prompts = [[rng.randrange(100, 40000) for _ in range(ns.prompt_len)] for _ in range(ns.requests)]
+    root = Path(tempfile.mkdtemp(prefix="stream-vs-unary-"))
+    # Every round repeats the same prompts: with the prefix cache on, rounds after the warm-up would time
+    # cache hits instead of prefills (as in `make bench`, the cache is off).
+    serve_args = ["--model", "default", "--registry", str(root / "registry"), "--no-prefix-cache", *ns.serve_args]
+    names: list[str] = []
+    if ns.adapters:
+        for i, d in enumerate(make_adapters(model_dir, root / "adapters", ns.adapters, 16, 7)):
+            names.append(f"a{i}")
+            serve_args += ["--adapter", f"a{i}={d}"]
+    server = Server(serve_args)
+    target = f"127.0.0.1:{server.ports['grpc']}"
+    load_before = os.getloadavg()[0]
+    rounds: list[dict[str, Any]] = []
+    try:
+        for stream in (False, True):  # warm-up
+            asyncio.run(_round(target, stream, prompts, ns.new_tokens, names))
+        for r in range(ns.rounds):
+            order = (False, True) if r % 2 == 0 else (True, False)
+            got = {("stream" if s else "unary"): asyncio.run(_round(target, s, prompts, ns.new_tokens, names))
+                   for s in order}
+            rounds.append({"round": r, **got, "ratio": got["stream"]["tok_s"] / got["unary"]["tok_s"]})
+            print(f"round {r}: unary {got['unary']['tok_s']:.1f} tok/s, stream {got['stream']['tok_s']:.1f} tok/s, "
+                  f"stream/unary {rounds[-1]['ratio']:.3f}", flush=True)
+    finally:
+        server.stop()
+    ratios = [r["ratio"] for r in rounds]
+    machine = cpu_machine_info()
+    machine["load_average_1m"] = {"before": load_before, "after": os.getloadavg()[0]}
+    payload = {
+        "benchmark": "stream_vs_unary", "machine": machine, "machine_line": machine_line(machine),
+        "workload": {"requests": ns.requests, "prompt_len": ns.prompt_len, "new_tokens": ns.new_tokens,
+                     "adapters": ns.adapters, "rounds": ns.rounds, "serve_args": ns.serve_args},
+        "unary_tok_s": median([r["unary"]["tok_s"] for r in rounds]),
+        "stream_tok_s": median([r["stream"]["tok_s"] for r in rounds]),
+        "stream_over_unary": median(ratios), "stream_over_unary_range": [min(ratios), max(ratios)],
+        "rounds": rounds,
+    }
+    print(f"stream / unary: {payload['stream_over_unary']:.3f} ({min(ratios):.3f}..{max(ratios):.3f}); "
+          f"unary {payload['unary_tok_s']:.1f} tok/s, stream {payload['stream_tok_s']:.1f} tok/s; "
+          f"{payload['machine_line']}")
+    return payload
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.stream_vs_unary", description=__doc__.split("\n")[0])
+    p.add_argument("--requests", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--adapters", type=int, default=0, help="distinct random rank-16 adapters (0: the base model)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--serve-arg", dest="serve_args", action="append", default=[],
+                   help="extra `loraserve serve` argument (repeatable)")
+    p.add_argument("--out", default=str(RESULTS))
+    ns = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    payload = run(ns)
+    if ns.out:
+        write_json(ns.out, payload)
+        print(f"wrote {ns.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

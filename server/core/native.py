@@ -1,0 +1,84 @@
+"""Build a small C library once per machine and load it with ctypes, beside torch.
+
+The build is `cc -O3 -march=native -fopenmp` into `$LORASERVE_HOME/kernels/` (or
+~/.cache/loraserve/kernels), under a name hashed from the source, the flags, this CPU's
+flags and the torch version: `-march=native` code is valid only on the CPU it was built
+for. Loaded after torch, its OpenMP calls bind to torch's own libgomp; a library that
+brings a second OpenMP runtime is refused (two runtimes would fight over the cores).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+NATIVE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+
+
+class NativeBuildError(RuntimeError):
+    """The library could not be built or loaded; the message says why (compiler output included)."""
+
+
+def cache_dir() -> Path:
+    home = os.environ.get("LORASERVE_HOME", "")
+    return (Path(home).expanduser() if home else Path("~/.cache/loraserve").expanduser()) / "kernels"
+
+
+def cpu_flags() -> str:
+    """This CPU's feature flags (/proc/cpuinfo), part of every cache key."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def _openmp_runtimes() -> set[str]:
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="ignore") as f:
+            return {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line}
+    except OSError:
+        return set()
+
+
+def _build(source: str, flags: Sequence[str], target: Path) -> None:
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        raise NativeBuildError("no C compiler (gcc or cc) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src = Path(tmp) / (target.stem + ".c")
+        src.write_text(source)
+        so = Path(tmp) / target.name
+        try:
+            subprocess.run([cc, *flags, "-o", str(so), str(src)], check=True, capture_output=True, timeout=300)
+        except subprocess.CalledProcessError as e:
+            raise NativeBuildError(f"{cc} failed: {e.stderr.decode(errors='replace')[-800:]}") from e
+        except subprocess.SubprocessError as e:
+            raise NativeBuildError(f"{cc} failed: {e}") from e
+        os.replace(so, target)  # atomic: a concurrent builder sees the whole file or none
+
+
+def build_and_load(name: str, source: str, flags: Sequence[str] = NATIVE_FLAGS) -> ctypes.CDLL:
+    """The compiled `source` as a loaded library, built on first use (cached per machine)."""
+    flags = tuple(flags)
+    digest = hashlib.sha256("\0".join([source, *flags, cpu_flags(), torch.__version__]).encode()).hexdigest()
+    target = cache_dir() / f"{name}_{digest[:16]}.so"
+    try:
+        if not target.exists():
+            _build(source, flags, target)
+        before = _openmp_runtimes()
+        lib = ctypes.CDLL(str(target))
+    except OSError as e:
+        raise NativeBuildError(f"cannot load {target}: {e}") from e
+    if before and _openmp_runtimes() - before:
+        raise NativeBuildError(f"{target.name} loaded a second OpenMP runtime beside torch's "
+                               f"({sorted(_openmp_runtimes())})")
+    return lib
