@@ -186,7 +186,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
 
     from benchmarks.common import cpu_machine_info
     from benchmarks.server_process import ServerProcess
-    from benchmarks.soak_traffic import TENANT_ADAPTERS, Traffic, tenants_toml
+    from benchmarks.soak_traffic import TENANT_ADAPTERS, Traffic, make_lora, tenants_toml
     from server.api.gen.loraserve.v1 import adapters_pb2 as apb
     from server.api.gen.loraserve.v1 import inference_pb2 as ipb
     from server.api.gen.loraserve.v1 import inference_pb2_grpc as ipb_grpc
@@ -202,13 +202,14 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     (work / "tenants.toml").write_text(tenants_toml(keys))
     model_dir = resolve_model(args.model, resolve_home(args.home or None))
     mc = ModelConfig.from_file(Path(model_dir) / "config.json")
+    host_cache_bytes = args.host_cache_bytes or 10 * len(make_lora(mc, 4, ("q", "v"), seed=0)[1])
     server_args = ["--model", args.model, "--quantize", args.quantize, "--dtype", args.dtype,
                    "--tenants", str(work / "tenants.toml"), "--registry", str(work / "registry"),
-                   "--max-adapters-on-device", "8", "--host-cache-bytes", str(args.host_cache_mb << 20),
+                   "--max-adapters-on-device", "8", "--host-cache-bytes", str(host_cache_bytes),
                    "--max-batch-size", str(args.max_batch_size), "--cpu-threads", str(args.cpu_threads)]
     server = ServerProcess(work, server_args, env={"LORASERVE_HOME": args.home} if args.home else None)
-    report: dict[str, Any] = {"config": {k: v for k, v in vars(args).items()}, "machine": cpu_machine_info(),
-                              "workdir": str(work)}
+    report: dict[str, Any] = {"config": {**vars(args), "host_cache_bytes": host_cache_bytes},
+                              "machine": cpu_machine_info(), "workdir": str(work)}
     try:
         server.wait_serving()
         async with grpc.aio.insecure_channel(server.target) as channel:
@@ -271,6 +272,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         "server_counters": {k: v for k, v in metrics.items() if any(s in k for s in (
             "auth_failures_total", "stalled_streams_total", "preemptions_total", "adapter_loads_total",
             "adapter_evictions_total", "adapter_host_evictions_total", "adapter_host_cache_misses_total",
+            "adapter_disk_loads_total",
             "adapter_registrations_total", "adapter_rejections_total"))},
         "server_exit_code": code,
     })
@@ -300,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-threads", type=int, default=0, help="engine threads (0 = the server's default)")
     p.add_argument("--concurrency", type=int, default=6, help="closed-loop workers")
     p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--host-cache-mb", type=int, default=8, help="host-memory adapter tier (small: it churns)")
+    p.add_argument("--host-cache-bytes", type=int, default=0,
+                   help="host-memory adapter tier (0: room for about 10 of the 40 adapters, so it churns for any model)")
     p.add_argument("--hot-swap-every", type=float, default=2.0, help="seconds between new hot-adapter versions")
     p.add_argument("--warmup", type=float, default=None, help="seconds before memory is baselined "
                                                               "(default: a quarter of --duration, at most 120)")

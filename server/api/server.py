@@ -27,6 +27,7 @@ from server.api.tenants import OPEN_TENANT, QuotaTracker, TenantDirectory
 from server.api.audit import AuditRecord, audited
 from server.api.auth import TenantResolver
 from server.api.gen.loraserve.v1 import adapters_pb2, inference_pb2
+from server.api.grpc_log import quiet_client_gone_writes
 from server.api.handlers import HEADROOM, RpcLimiter, add_service
 from server.api.inference_service import InferenceServicer, ServingState
 from server.api.router_metrics import RouterMetrics
@@ -100,6 +101,7 @@ class LoraServer:
         s = self.cfg.server
         for w in startup_warnings(self.cfg):
             log.warning(w)
+        quiet_client_gone_writes()
         options = [("grpc.max_receive_message_length", s.max_request_bytes),
                    ("grpc.max_send_message_length", s.max_response_bytes),
                    ("grpc.so_reuseport", 0)]
