@@ -6,7 +6,9 @@ in the batch: measured single threaded on SmolLM2's shapes (8 sequences, 80 toke
 context), 131 us of gathering plus 194 us of SDPA a layer, a third of a decode step. This
 kernel reads each sequence's own cache rows in place and computes softmax(q K^T / sqrt(d)) V
 for the query heads that share a KV head together (each K and V row read once), so a token's
-numbers depend only on its own context, never on the other sequences' lengths.
+numbers depend only on its own context, never on the other sequences' lengths. Compiled for
+SmolLM2's shape (3 query heads a KV head, head width 64) as constants, it runs the 30 layers of
+such a step in 2.8-3.6 ms single threaded, where runtime-sized arrays took 8.3-9.6 ms.
 
 fp32 throughout; exp is a fixed polynomial (Cephes' expf, relative error below 2e-7), so a
 build computes the same bits for the same inputs on every call. Built like the int8 kernels
@@ -73,57 +75,72 @@ static inline float hsum(v16 v) {  /* halves added in a fixed order */
 static inline v16 load16(const float* p) { v16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store16(float* p, v16 v) { memcpy(p, &v, sizeof v); }
 
-/* out[d, h] = softmax(scale * q[d, h] . K[rows[d, j]]) . V[rows[d, j]] over j < len[d], for the
-   query heads h of each KV head g together. q, out: [D, nh, hd]; caches: [rows, nkv, hd]; hd a
-   multiple of 16 and at most 256. */
+/* One sequence d and one KV head g: out[d, h] = softmax(scale * q[d, h] . K[rows[j]]) . V[rows[j]] over
+   j < n for the G query heads h of g together (each K and V row read once). Inlined with G and C
+   (= hd / 16) as constants for the common shapes, so q and the accumulators stay in registers (3x
+   faster than runtime-sized arrays on SmolLM2's shapes). The instance is chosen by the model's shape
+   alone, so a token's bits still depend only on its own context. */
+static inline __attribute__((always_inline)) void head_group(const int G, const int C, int d, int g, int nh,
+    int nkv, int hd, const float* q, const float* kc, const float* vc, const int64_t* rw, int n, float scale,
+    float* out) {
+  const int nv = (n + 15) / 16;
+  float s[G][nv * 16];
+  v16 qv[G][C];
+  for (int h = 0; h < G; h++)
+    for (int c = 0; c < C; c++) qv[h][c] = load16(q + ((long)d * nh + g * G + h) * hd + 16 * c);
+  for (int j = 0; j < n; j++) {
+    const float* kr = kc + (rw[j] * nkv + g) * hd;
+    v16 kv[C];
+    for (int c = 0; c < C; c++) kv[c] = load16(kr + 16 * c);
+    for (int h = 0; h < G; h++) {
+      v16 a = qv[h][0] * kv[0];
+      for (int c = 1; c < C; c++) a += qv[h][c] * kv[c];
+      s[h][j] = hsum(a) * scale;
+    }
+  }
+  float inv[MAXG];
+  for (int h = 0; h < G; h++) {
+    float m = s[h][0];
+    for (int j = 1; j < n; j++) m = s[h][j] > m ? s[h][j] : m;
+    for (int j = n; j < nv * 16; j++) s[h][j] = -INFINITY;
+    v16 sum = {0};
+    for (int b = 0; b < nv; b++) {
+      const v16 e = vexp(load16(s[h] + 16 * b) - m);
+      store16(s[h] + 16 * b, e);
+      sum += e;
+    }
+    inv[h] = hsum(sum);
+  }
+  v16 acc[G][C];
+  for (int h = 0; h < G; h++)
+    for (int c = 0; c < C; c++) acc[h][c] = (v16){0};
+  for (int j = 0; j < n; j++) {
+    const float* vr = vc + (rw[j] * nkv + g) * hd;
+    v16 vv[C];
+    for (int c = 0; c < C; c++) vv[c] = load16(vr + 16 * c);
+    for (int h = 0; h < G; h++) {
+      const float p = s[h][j];
+      for (int c = 0; c < C; c++) acc[h][c] += p * vv[c];
+    }
+  }
+  for (int h = 0; h < G; h++)
+    for (int c = 0; c < C; c++) store16(out + ((long)d * nh + g * G + h) * hd + 16 * c, acc[h][c] / inv[h]);
+}
+
+/* out[d, h] for every decoding sequence d and query head h. q, out: [D, nh, hd]; caches: [rows, nkv,
+   hd]; hd a multiple of 16 and at most 256. */
 void lsq_decode_attention(int D, int nh, int nkv, int hd, const float* q, const float* kc, const float* vc,
                           const int64_t* rows, long row_stride, const int32_t* len, float scale, float* out) {
   const int G = nh / nkv, C = hd / 16;
   #pragma omp parallel for schedule(static) collapse(2) if(D * nkv > 1)
   for (int d = 0; d < D; d++)
     for (int g = 0; g < nkv; g++) {
-      const int n = len[d], nv = (n + 15) / 16;
       const int64_t* rw = rows + (long)d * row_stride;
-      float s[G][nv * 16];
-      v16 qv[G][C];
-      for (int h = 0; h < G; h++)
-        for (int c = 0; c < C; c++) qv[h][c] = load16(q + ((long)d * nh + g * G + h) * hd + 16 * c);
-      for (int j = 0; j < n; j++) {
-        const float* kr = kc + (rw[j] * nkv + g) * hd;
-        v16 kv[C];
-        for (int c = 0; c < C; c++) kv[c] = load16(kr + 16 * c);
-        for (int h = 0; h < G; h++) {
-          v16 a = qv[h][0] * kv[0];
-          for (int c = 1; c < C; c++) a += qv[h][c] * kv[c];
-          s[h][j] = hsum(a) * scale;
-        }
-      }
-      float inv[MAXG];
-      for (int h = 0; h < G; h++) {
-        float m = s[h][0];
-        for (int j = 1; j < n; j++) m = s[h][j] > m ? s[h][j] : m;
-        for (int j = n; j < nv * 16; j++) s[h][j] = -INFINITY;
-        v16 sum = {0};
-        for (int b = 0; b < nv; b++) {
-          const v16 e = vexp(load16(s[h] + 16 * b) - m);
-          store16(s[h] + 16 * b, e);
-          sum += e;
-        }
-        inv[h] = hsum(sum);
-      }
-      v16 acc[G][C];
-      memset(acc, 0, sizeof(v16) * G * C);
-      for (int j = 0; j < n; j++) {
-        const float* vr = vc + (rw[j] * nkv + g) * hd;
-        v16 vv[C];
-        for (int c = 0; c < C; c++) vv[c] = load16(vr + 16 * c);
-        for (int h = 0; h < G; h++) {
-          const float p = s[h][j];
-          for (int c = 0; c < C; c++) acc[h][c] += p * vv[c];
-        }
-      }
-      for (int h = 0; h < G; h++)
-        for (int c = 0; c < C; c++) store16(out + ((long)d * nh + g * G + h) * hd + 16 * c, acc[h][c] / inv[h]);
+      if (G == 3 && C == 4) head_group(3, 4, d, g, nh, nkv, hd, q, kc, vc, rw, len[d], scale, out);
+      else if (G == 4 && C == 4) head_group(4, 4, d, g, nh, nkv, hd, q, kc, vc, rw, len[d], scale, out);
+      else if (G == 8 && C == 4) head_group(8, 4, d, g, nh, nkv, hd, q, kc, vc, rw, len[d], scale, out);
+      else if (G == 4 && C == 8) head_group(4, 8, d, g, nh, nkv, hd, q, kc, vc, rw, len[d], scale, out);
+      else head_group(G, C, d, g, nh, nkv, hd, q, kc, vc, rw, len[d], scale, out);
     }
 }
 """

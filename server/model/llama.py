@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.attention.sdpa import AttentionMetadata, paged_attention
+from server.model import cpu_glue
 from server.model.config import ModelConfig, Projection
 from server.model.quant import make_linear, make_lm_head
 
@@ -29,6 +30,9 @@ class LoraDeltas(Protocol):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype is torch.float32 and weight.dtype is torch.float32:
+        # One op instead of seven; torch computes it with the same ops, so the same bits (tested).
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     # Statistics in fp32, as transformers' LlamaRMSNorm does, whatever the activation dtype.
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
@@ -94,6 +98,8 @@ class DecoderLayer(nn.Module):
         self.inter = config.intermediate_size
         self.qkv_parts, self.o_parts = config.projection(("q", "k", "v")), config.projection(("o",))
         self.gate_up_parts, self.down_parts = config.projection(("gate", "up")), config.projection(("down",))
+        # RoPE as one C call where the base runs the dynamic int8 kernel (server/model/cpu_glue.py).
+        self.glue = cpu_glue.load() if self.qkv.kernel == "dynamic" and dtype == torch.float32 else None
 
     def _lora(self, y: torch.Tensor, x: torch.Tensor, lora: Optional[LoraDeltas], projection: Projection
               ) -> torch.Tensor:
@@ -105,11 +111,16 @@ class DecoderLayer(nn.Module):
         qs, kvs = self.q_size, self.kv_size
         x = rms_norm(h, self.input_norm, self.eps)
         qkv = self._lora(self.qkv(x, attn.prompt_from), x, lora, self.qkv_parts)
-        # RoPE on q and k together (the same per-element formula, half the ops of rotating each).
-        qk = qkv[:, :qs + kvs].view(T, self.nh + self.nkv, self.hd)
-        c, s = cos[:, None, :], sin[:, None, :]
-        qk = qk * c + rotate_half(qk) * s
-        q, k, v = qk[:, :self.nh], qk[:, self.nh:], qkv[:, qs + kvs:].view(T, self.nkv, self.hd)
+        if self.glue is not None and self.glue.accepts(qkv):
+            self.glue.rope_(qkv, self.nh + self.nkv, self.hd, cos, sin)  # q and k in place (qkv is ours)
+            q, k = qkv[:, :qs].view(T, self.nh, self.hd), qkv[:, qs:qs + kvs].view(T, self.nkv, self.hd)
+        else:
+            # RoPE on q and k together (the same per-element formula, half the ops of rotating each).
+            qk = qkv[:, :qs + kvs].view(T, self.nh + self.nkv, self.hd)
+            c, s = cos[:, None, :], sin[:, None, :]
+            qk = qk * c + rotate_half(qk) * s
+            q, k = qk[:, :self.nh], qk[:, self.nh:]
+        v = qkv[:, qs + kvs:].view(T, self.nkv, self.hd)
         o = paged_attention(q, k, v, attn, kv).reshape(T, self.nh * self.hd)
         h = h + self._lora(self.o(o, attn.prompt_from), o, lora, self.o_parts)
         x = rms_norm(h, self.post_norm, self.eps)

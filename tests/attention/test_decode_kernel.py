@@ -28,7 +28,7 @@ def _sdpa(q, k, v, rows, lengths):
     return F.scaled_dot_product_attention(q[:, :, None, :], kc, vc, attn_mask=mask, enable_gqa=True)[:, :, 0]
 
 
-@pytest.mark.parametrize("nh,nkv,hd", [(9, 3, 64), (4, 4, 32), (8, 2, 128), (16, 1, 16)])
+@pytest.mark.parametrize("nh,nkv,hd", [(9, 3, 64), (32, 8, 64), (64, 8, 64), (4, 4, 32), (8, 2, 128), (16, 1, 16)])
 def test_matches_sdpa(nh, nkv, hd):
     k, v = _cache(nkv=nkv, hd=hd)
     lengths = torch.tensor([1, 15, 16, 17, 100, 64], dtype=torch.int32)
