@@ -16,7 +16,7 @@ import torch
 
 from benchmarks.gpu_common import machine_info, print_table, write_json
 
-__all__ = ["cpu_machine_info", "machine_line", "median", "print_table", "write_json"]
+__all__ = ["cpu_machine_info", "machine_line", "median", "percentile", "print_table", "write_json"]
 
 # Flags that change which CPU kernels torch picks (and how fast they are).
 INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
@@ -69,3 +69,11 @@ def median(values: Sequence[float]) -> float:
     if not values:
         raise ValueError("median of no values")
     return float(statistics.median(values))
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The nearest-rank q-th percentile (what `loraserve bench` reports), q in [0, 100]."""
+    if not values:
+        raise ValueError("percentile of no values")
+    xs = sorted(values)
+    return float(xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))])

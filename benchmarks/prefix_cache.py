@@ -5,13 +5,16 @@ add a distinct 32-token question; 32 new tokens each, greedy, EOS ignored, all s
 mode: TTFT p50 of the requests that can hit (all but the first of each adapter), TTFT p50 of a request sent
 alone after the batch (a new question on a warm cache), and total throughput (generated tokens / wall time).
 No-shared workload: the same shape with every prompt distinct, to show what the cache costs when it never hits.
-Each mode runs in a fresh engine; the modes alternate (off, on) so drift on a shared machine hits both.
-Writes benchmarks/results/prefix_cache.json.
+Each mode runs in a fresh engine; the modes alternate (off, on) so drift on a shared machine hits both. Each
+batch also records the process's CPU seconds (steadier than wall time on a shared machine), and the results file
+the load average before and after. Writes benchmarks/results/prefix_cache.json (after each mode, so a run cut
+short keeps what it measured).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import tempfile
 import threading
@@ -56,16 +59,16 @@ def run_batch(engine: Any, versions: list[Any], jobs: list[tuple[int, list[int]]
                 ttft[i] = time.perf_counter() - t0
             counts[i] += len(d.token_ids)
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     readers = [threading.Thread(target=consume, args=(i, engine.submit(Request(p, params, versions[a]))))
                for i, (a, p) in enumerate(jobs)]
     for r in readers:
         r.start()
     for r in readers:
         r.join()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     tokens = sum(counts)
-    return {"wall_s": wall, "tokens": tokens, "tok_per_s": tokens / wall, "ttft_s": ttft}
+    return {"wall_s": wall, "tokens": tokens, "tok_per_s": tokens / wall, "cpu_s": cpu, "ttft_s": ttft}
 
 
 def run_mode(args: argparse.Namespace, on: bool, adapter_dirs: list[Path],
@@ -131,24 +134,32 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = resolve_model(args.model, resolve_home())
     vocab = ModelConfig.from_file(model_dir / "config.json").vocab_size
     loads = workloads(args, vocab)
+    load_before = os.getloadavg()
+    result: dict[str, Any] = {"benchmark": "prefix_cache", "workload": vars(args) | {"out": str(args.out)},
+                              "load_average": {"before": load_before}}
     with tempfile.TemporaryDirectory() as tmp:
         dirs = make_adapters(model_dir, Path(tmp), args.adapters, args.rank, args.seed)
-        modes = {False: run_mode(args, False, dirs, loads), True: run_mode(args, True, dirs, loads)}
-    off, on = modes[False], modes[True]
+        for on_, name in ((False, "off"), (True, "on")):
+            m = result[name] = run_mode(args, on_, dirs, loads)
+            s, d = m["shared"], m["distinct"]
+            print(f"cache {name:3}: shared {s['tok_per_s']:.1f} tok/s, TTFT p50 hit {s['ttft_hit_p50_s']:.2f} s, "
+                  f"alone {s['ttft_alone_p50_s']:.3f} s; distinct {d['tok_per_s']:.1f} tok/s "
+                  f"(load average now {os.getloadavg()[0]:.1f})", flush=True)
+            write_json(args.out, {"machine": cpu_machine_info(), **result})
+    off, on = result["off"], result["on"]
     summary = {
         "ttft_hit_p50_speedup": off["shared"]["ttft_hit_p50_s"] / on["shared"]["ttft_hit_p50_s"],
         "ttft_alone_p50_speedup": off["shared"]["ttft_alone_p50_s"] / on["shared"]["ttft_alone_p50_s"],
         "shared_throughput_ratio": on["shared"]["tok_per_s"] / off["shared"]["tok_per_s"],
         "distinct_throughput_change": on["distinct"]["tok_per_s"] / off["distinct"]["tok_per_s"] - 1.0,
     }
+    summary["shared_cpu_ratio"] = off["shared"]["cpu_s"] / on["shared"]["cpu_s"]
+    summary["distinct_cpu_change"] = on["distinct"]["cpu_s"] / off["distinct"]["cpu_s"] - 1.0
     info = cpu_machine_info()
-    write_json(args.out, {"machine": info, "workload": vars(args) | {"out": str(args.out)},
-                          "off": off, "on": on, "summary": summary})
+    result["load_average"]["after"] = os.getloadavg()
+    write_json(args.out, {"machine": info, "machine_line": machine_line(info), **result, "summary": summary})
     print(machine_line(info))
-    for name, m in (("off", off), ("on", on)):
-        s, d = m["shared"], m["distinct"]
-        print(f"cache {name:3}: shared {s['tok_per_s']:.1f} tok/s, TTFT p50 hit {s['ttft_hit_p50_s']:.2f} s, "
-              f"alone {s['ttft_alone_p50_s']:.3f} s; distinct {d['tok_per_s']:.1f} tok/s")
+    print(f"load average before {load_before[0]:.1f}, after {result['load_average']['after'][0]:.1f}")
     print({k: round(v, 3) for k, v in summary.items()})
     return 0
 

@@ -94,6 +94,8 @@ class AdapterPool:
             raise ValueError("need at least one adapter slot")
         if num_rows < max_rank:
             raise ValueError(f"{num_rows} rank rows cannot hold an adapter of the max rank {max_rank}")
+        if bf16_copies and device.type != "cpu":
+            raise ValueError("bf16 copies are for the CPU kernel: the pool must be on the CPU")
         self.config, self.num_slots, self.max_rank, self.num_rows = config, num_slots, max_rank, num_rows
         self.device, self.dtype = device, dtype
         n = num_slots + 1
@@ -101,8 +103,6 @@ class AdapterPool:
         self.stacks = RowStacks(config, num_rows + 1, self.pages, dtype, device)
         self.bf16_stacks = (RowStacks(config, num_rows + 1, self.pages, torch.bfloat16, "cpu")
                             if bf16_copies else None)
-        if bf16_copies and device.type != "cpu":
-            raise ValueError("bf16 copies are for the CPU kernel: the pool must be on the CPU")
         self._rows = RowAllocator(num_rows)
         self._slots: list[Optional[_Slot]] = [None] * n
         self._by_key: dict[str, int] = {}
