@@ -57,9 +57,10 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.cpu_mixed
 
+# The 20-minute soak on the default model (SOAK_ARGS="--model DIR --cpu-threads 1" for another one).
 SOAK_S ?= 1200
 soak: $(STAMP)
-	$(PY) -m benchmarks.soak --duration $(SOAK_S) --output benchmarks/results/soak.json
+	$(PY) -m benchmarks.soak --duration $(SOAK_S) --output benchmarks/results/soak.json $(SOAK_ARGS)
 
 # On the GPU machine (no registry, so no venv install): its own python, wheels from .whl/ (docs/benchmarks.md).
 GPU_PYTHON ?= python3
