@@ -1,7 +1,7 @@
 """The soak, 60 s of it, against the real server on the tiny random Llama: every check it makes must pass
 (no unexpected status, greedy answers equal to the same request served alone, a clean engine at the end,
 bounded memory, no internal error). About 75-150 s in all; CI runs it in `make test`, and `make reliability`
-prints its figures. docs/reliability.md quotes a 20-minute run on SmolLM2."""
+prints its figures. docs/reliability.md quotes a 20-minute run (benchmarks/results/soak.json)."""
 from __future__ import annotations
 
 import json
