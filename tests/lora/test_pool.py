@@ -219,3 +219,21 @@ def test_pins_that_leave_no_room_refuse_at_once(mcfg):
     with pytest.raises(CapacityError, match="pinned"):
         pool.acquire(big)  # a request gets the same answer instead of waiting forever
     pool.shutdown()
+
+
+def test_an_adapter_loaded_for_waiting_requests_is_not_evicted_before_they_take_it(mcfg):
+    """The loader is faster than the engine's steps: a second adapter must not undo the first one's load before
+    the requests that missed it had their turn (they take it at their next step), or nobody would be served."""
+    pool = AdapterPool(mcfg, num_slots=1, max_rank=8, device=torch.device("cpu"), dtype=torch.float32)
+    x, y = _version("x", _weights(mcfg, 8, 1)), _version("y", _weights(mcfg, 8, 2))
+    assert pool.acquire(x) is None
+    _wait_until(lambda: [s.state for s in pool.resident()] == ["ready"])
+    assert pool.acquire(y) is None  # y is read and waits: x's requests have not taken it yet
+    _wait_until(lambda: pool._pending["y"].weights is not None)
+    assert pool.acquire(y) is None
+    sx = pool.acquire(x)
+    assert sx is not None and pool.stats().loads == 1 and pool.stats().evictions == 0
+    pool.release(sx)  # used and released: now it may go
+    _wait_until(lambda: pool.acquire(y) is not None)
+    assert pool.stats().loads == 2 and pool.stats().evictions == 1 and pool.stats().misses == 2
+    pool.shutdown()
