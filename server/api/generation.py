@@ -163,10 +163,11 @@ class Generation:
         self._engine = engine
         self._stream = engine.submit(self.request, loop=asyncio.get_running_loop())
 
-    async def deltas(self) -> AsyncIterator[Delta]:
-        """The engine's deltas; an engine error is raised (after it is counted) as its typed error."""
+    async def deltas(self, coalesce: bool = False) -> AsyncIterator[Delta]:
+        """The engine's deltas; an engine error is raised (after it is counted) as its typed error.
+        `coalesce`: deltas waiting when the consumer looks come merged (RequestStream.coalesced)."""
         try:
-            async for delta in self._stream:
+            async for delta in (self._stream.coalesced() if coalesce else self._stream):
                 self.record.on_delta(delta)
                 if delta.finished:
                     self._finished = True

@@ -48,7 +48,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         except (AttributeError, NotImplementedError):  # test doubles without callbacks
             pass
         try:
-            async for delta in gen.deltas():
+            # gRPC takes several tokens a message: a consumer behind the engine catches up in one.
+            async for delta in gen.deltas(coalesce=True):
                 yield gen, delta
         except (asyncio.CancelledError, GeneratorExit):
             raise

@@ -30,8 +30,8 @@ from server.engine.scheduler import FINISHED, Scheduler, Sequence
 from server.core.stats import EngineStats, PrefixCacheStats
 from server.core.threads import run_in_fresh_thread, use_compute_threads
 from server.core.identity import AdapterVersion
-from server.engine.types import (FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Delta, LoraActivity, Request,
-                                 RequestStream, SamplingParams, TokenLogprob)
+from server.engine.types import (FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Delta, DeltaBatch, LoraActivity,
+                                 Request, RequestStream, SamplingParams, TokenLogprob)
 from server.core.errors import CapacityError, InvalidRequestError, LoraServeError, UnavailableError
 from server.core.limits import check_request_id
 from server.lora.factory import build_lora_backend
@@ -81,6 +81,7 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
         self._last_batch = 0
         self._steps = 0
+        self._deltas: Optional[DeltaBatch] = None  # set while a step hands out its tokens
         log.info("engine: device=%s dtype=%s quantize=%s kv=%d tokens (%d blocks of %d) context=%d "
                  "adapter rows=%d slots=%d max_rank=%d", self.device, str(self.dtype).replace("torch.", ""),
                  model.quantize, self.blocks.num_blocks * bs, self.blocks.num_blocks, bs, self.max_model_len,
@@ -301,9 +302,15 @@ class Engine:
         self._last_batch = len(batch)
         self._steps += 1
         now = time.monotonic()
-        for seq, tok, lp in zip(result.seqs, tokens, logprobs):
-            if seq.status != FINISHED:
-                self._append(seq, tok, now, lp)
+        # One wake-up per consumer loop for the whole step's tokens, not one per sequence.
+        self._deltas = DeltaBatch()
+        try:
+            for seq, tok, lp in zip(result.seqs, tokens, logprobs):
+                if seq.status != FINISHED:
+                    self._append(seq, tok, now, lp)
+        finally:
+            self._deltas.flush()
+            self._deltas = None
 
     def _append(self, seq: Sequence, tok: int, now: float, logprob: Optional[TokenLogprob] = None) -> None:
         seq.token_ids.append(tok)
@@ -318,7 +325,7 @@ class Engine:
             reason = FINISH_LENGTH
         lps = [logprob] if logprob is not None else None
         if reason is None:
-            seq.stream.put(self._delta(seq, [tok], text, None, logprobs=lps))
+            seq.stream.put(self._delta(seq, [tok], text, None, logprobs=lps), self._deltas)
         else:
             if not stop_hit:
                 text += seq.detok.finish()
@@ -336,7 +343,7 @@ class Engine:
         self.scheduler.finish(seq)
         with self._lock:
             self._live.discard(seq.request_id)
-        seq.stream.put(self._delta(seq, ids or [], text, reason, error, logprobs))
+        seq.stream.put(self._delta(seq, ids or [], text, reason, error, logprobs), self._deltas)
 
     def _fail(self, seq: Sequence, err: BaseException) -> None:
         if not isinstance(err, LoraServeError):

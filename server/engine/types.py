@@ -132,6 +132,31 @@ def merge_deltas(first: Delta, then: Delta) -> Delta:
                  logprobs)
 
 
+def _deliver(items: list[tuple[asyncio.Queue, Delta]]) -> None:
+    for aq, delta in items:
+        aq.put_nowait(delta)
+
+
+class DeltaBatch:
+    """The deltas one engine step puts for consumers on event loops, handed over with one wake-up per
+    loop at `flush` instead of one per delta (8 streams: 8 cross-thread calls and self-pipe writes a
+    step become 1)."""
+
+    def __init__(self) -> None:
+        self._by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Delta]]] = {}
+
+    def add(self, loop: asyncio.AbstractEventLoop, aq: asyncio.Queue, delta: Delta) -> None:
+        self._by_loop.setdefault(loop, []).append((aq, delta))
+
+    def flush(self) -> None:
+        by_loop, self._by_loop = self._by_loop, {}
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # loop closed: its consumers are gone
+                pass
+
+
 class RequestStream:
     """The per-request channel from the engine thread to one consumer.
 
@@ -143,6 +168,8 @@ class RequestStream:
     engine merges what it produces into one pending delta, which the consumer takes after the
     queued ones. A consumer that falls behind (a client that reads slowly or not at all) thus gets
     bigger chunks, never an unbounded number of objects, and the engine thread never waits for it.
+    `coalesced()` is the async iteration for consumers that can take several tokens at once: the
+    deltas waiting when it looks come merged into one, so one behind catches up in one message.
     """
 
     def __init__(self, request_id: str, loop: Optional[asyncio.AbstractEventLoop] = None,
@@ -159,7 +186,8 @@ class RequestStream:
         self._final: Optional[Delta] = None    # the last delta, kept apart so an error follows the tokens
         self.merged = 0                       # deltas folded into a pending one (how far behind it fell)
 
-    def put(self, delta: Delta) -> None:
+    def put(self, delta: Delta, batch: Optional[DeltaBatch] = None) -> None:
+        """Hand `delta` to the consumer; with `batch`, at the batch's flush (async consumers only)."""
         if self._done.is_set():
             return
         if delta.finished:
@@ -174,6 +202,9 @@ class RequestStream:
                         self.merged += 1
                     return
                 self._queued += 1
+            if batch is not None:
+                batch.add(self._loop, self._aq, delta)
+                return
             try:
                 self._loop.call_soon_threadsafe(self._aq.put_nowait, delta)
             except RuntimeError:  # loop closed: the consumer is gone
@@ -223,6 +254,45 @@ class RequestStream:
             yield d
             if d.finished:
                 return
+
+    def _next_nowait(self) -> Optional[Delta]:
+        """The next delta if one is already here, else None (the same order as `_next`)."""
+        assert self._aq is not None
+        with self._lock:
+            if self._queued > 0:
+                if self._aq.empty():  # handed to the loop, not yet delivered
+                    return None
+                self._queued -= 1
+                return self._aq.get_nowait()
+            if self._pending is not None:
+                d, self._pending = self._pending, None
+                return d
+            if self._final is not None:
+                d, self._final = self._final, None
+                return d
+        return None
+
+    async def coalesced(self) -> AsyncIterator[Delta]:
+        """Like `async for`, with the deltas already waiting merged into the one yielded."""
+        assert self._aq is not None, "stream was created without an event loop"
+        while True:
+            d = await self._next()
+            failed: Optional[Delta] = None
+            while d.error is None and not d.finished:
+                nxt = self._next_nowait()
+                if nxt is None:
+                    break
+                if nxt.error is not None:
+                    failed = nxt
+                    break
+                d = merge_deltas(d, nxt)
+            if d.error is not None:
+                raise d.error
+            yield d
+            if d.finished:
+                return
+            if failed is not None:
+                raise failed.error  # type: ignore[misc]
 
     def collect(self) -> Delta:
         """Block until finished and merge all deltas into one (for unary calls and tests)."""
