@@ -16,14 +16,15 @@ Numerics, the same on every path:
 * A row's scale is its own absmax / 127 (per token, never per batch), q = rint(x * 127/absmax).
 * The integer dot products are exact (int32), and the result is ((float)acc * w_scale[n]) *
   x_scale[m]: one fixed formula per output element. A row's numbers therefore never depend on
-  the other rows of its batch or on which kernel ran: the C kernel below and oneDNN's give the
-  same bits (checked at load; `load()` drops oneDNN if they ever differ).
+  the other rows of its batch or on which path ran: whole groups of 16 rows go through AMX where
+  the CPU has it, the rest through the vector kernel, and both give the same bits (tested).
 
-Kernels: small batches (decode steps) take the C kernel below (one pass over the weights, VNNI
-or AVX2 by the machine it was built on); more rows than `SMALL_ROWS` take oneDNN's int8 GEMM
-through torch (`torch.ops.onednn.qlinear_pointwise`, AMX where the CPU has it). Measured single
-threaded (CPU time, SmolLM2 shapes, this repo's AMX Xeon): 8 rows of 3072x576 in 99 us against
-190 us for oneDNN and 917 us for fp32; 512 rows in 2.0 ms for oneDNN against 15.3 ms fp32.
+Kernels: every batch takes the C kernel below, one pass over the weights: AMX tiles for groups of
+16 rows (and for the last rows of a batch of 2 or more), VNNI or AVX2 vectors otherwise, by the
+machine it was built on. oneDNN's int8 GEMM (`torch.ops.onednn.qlinear_pointwise`) was measured
+beside it and replaced by AMX tiles of our own: single threaded on SmolLM2's shapes (this repo's
+AMX Xeon), 8 rows of 3072x576 took 99 us in the C kernel against 190 us in oneDNN and 917 us in
+fp32.
 """
 from __future__ import annotations
 
