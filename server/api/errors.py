@@ -33,7 +33,6 @@ _CODES: tuple[tuple[type[E.LoraServeError], grpc.StatusCode], ...] = (
     (E.UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (E.AdapterLoadError, grpc.StatusCode.UNAVAILABLE),
     (E.AdapterInUseError, grpc.StatusCode.FAILED_PRECONDITION),
-    (E.AdapterExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (E.AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
     (E.PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
 )
@@ -105,7 +104,6 @@ _HTTP_CODES: tuple[tuple[type[BaseException], str], ...] = (
     (E.UnavailableError, "unavailable"),
     (E.AdapterLoadError, "adapter_unavailable"),
     (E.AdapterInUseError, "adapter_in_use"),
-    (E.AdapterExistsError, "already_exists"),
     (E.AuthenticationError, "invalid_api_key"),
     (E.PermissionDeniedError, "permission_denied"),
 )

@@ -34,10 +34,6 @@ class AdapterRejectedError(LoraServeError):
     """An adapter that cannot be served exactly (unsupported feature, bad file, wrong base)."""
 
 
-class AdapterExistsError(LoraServeError):
-    """Registering something whose identity is already taken."""
-
-
 class AdapterInUseError(LoraServeError):
     """An operation that would pull an adapter from under pinned or running work."""
 

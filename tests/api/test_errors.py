@@ -19,7 +19,6 @@ CASES = [
     (E.UnavailableError("draining"), grpc.StatusCode.UNAVAILABLE),
     (E.AdapterLoadError("disk read failed"), grpc.StatusCode.UNAVAILABLE),
     (E.AdapterInUseError("pinned"), grpc.StatusCode.FAILED_PRECONDITION),
-    (E.AdapterExistsError("taken"), grpc.StatusCode.ALREADY_EXISTS),
     (E.AuthenticationError("missing API key"), grpc.StatusCode.UNAUTHENTICATED),
     (E.PermissionDeniedError("admin only"), grpc.StatusCode.PERMISSION_DENIED),
 ]
