@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
+import grpc
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -30,7 +31,8 @@ from server.api.http import convert
 from server.api.http.errors import error_response, respond, validation_error
 from server.api.http.limits import BodyLimit
 from server.api.http.schemas import ChatCompletionRequest, CompletionRequest
-from server.api.http.streaming import DONE, merged, sse, until_disconnected
+from server.api.http.streaming import DONE, abandon_response, merged, sse, until_disconnected, watched
+from server.api.stalls import StallMonitor
 from server.api.tenants import TenantDirectory
 from server.core.errors import AdapterNotFoundError, InvalidRequestError, LoraServeError
 from server.engine.types import Delta
@@ -69,18 +71,50 @@ class _Choice:
 
 
 class GenerationResponse(StreamingResponse):
-    """A server-sent event stream that closes its generations however it ends (disconnect included)."""
+    """A server-sent event stream that closes its generations however it ends (disconnect included).
 
-    def __init__(self, content: AsyncIterator[bytes], gens: Sequence[Generation]):
+    With a stall monitor (--stalled-stream-timeout), every write is watched: uvicorn's write waits while the
+    connection's buffers are full, i.e. while the client reads nothing, and one that waits past the timeout
+    ends the response the way gRPC's does (docs/reliability.md): the generations are aborted (KV blocks and
+    the slot pin freed at the engine's next turn), the request is logged RESOURCE_EXHAUSTED, and the
+    connection is closed (no status can follow a 200 already sent).
+    """
+
+    def __init__(self, content: AsyncIterator[bytes], gens: Sequence[Generation],
+                 stalls: Optional[StallMonitor] = None):
         super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
         self._gens = gens
+        self._stalls = stalls if stalls is not None and stalls.enabled else None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        watch = None
+        if self._stalls is not None:
+            watch = self._stalls.watch(self._on_stall(asyncio.current_task(), self._stalls.timeout_s))
+            send = watched(send, watch)
         try:
             await super().__call__(scope, receive, send)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if watch is None or not watch.stalled or task is None:
+                raise
+            task.uncancel()  # ours, not the server's: end this response quietly
+            abandon_response()
         finally:
+            if watch is not None and self._stalls is not None:
+                self._stalls.forget(watch)
             for g in self._gens:
                 g.close()
+
+    def _on_stall(self, task: Optional["asyncio.Task[Any]"], timeout: float) -> Callable[[], None]:
+        def on_stall() -> None:
+            message = (f"stream stalled: the client read nothing for {timeout:g}s, so the request was "
+                       "aborted (--stalled-stream-timeout)")
+            for g in self._gens:
+                g.record.done(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+            if task is not None:
+                task.cancel()
+
+        return on_stall
 
 
 class OpenAIApi:
@@ -188,7 +222,7 @@ class OpenAIApi:
             async for item in deltas:
                 yield item
 
-        return GenerationResponse(events(all_deltas()), gens)
+        return GenerationResponse(events(all_deltas()), gens, self.ctx.state.stalls)
 
     def _usage(self, gens: Sequence[Generation], n: int) -> dict[str, int]:
         prompt = sum(g.prompt_tokens for g in gens[::n])  # each prompt once, however many choices

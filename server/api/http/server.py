@@ -14,7 +14,10 @@ from typing import Any, Optional
 
 import uvicorn
 
+from server.api.http.streaming import AbandonedResponseFilter
+
 log = logging.getLogger("loraserve.http")
+logging.getLogger("uvicorn.error").addFilter(AbandonedResponseFilter())
 
 # After the drain's grace period, connections still open get this long before their tasks are cancelled.
 SHUTDOWN_TIMEOUT_S = 1.0

@@ -6,10 +6,13 @@ closes every generation, which aborts their engine requests at once.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
+import logging
 from typing import Any, AsyncIterator, Optional, Sequence
 
 from server.api.generation import Generation
+from server.api.stalls import StreamWatch
 from server.engine.types import Delta
 
 _END = object()
@@ -67,3 +70,33 @@ async def until_disconnected(receive: Any) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def watched(send: Any, watch: StreamWatch) -> Any:
+    """`send` with each write marked for the stall monitor (its wait is the client's not reading)."""
+    async def send_watched(message: Any) -> None:
+        watch.writing()
+        try:
+            await send(message)
+        finally:
+            watch.written()
+
+    return send_watched
+
+
+# Set in the ASGI task of a response ended because its client stopped reading: uvicorn then reports that the
+# app "returned without completing response" (and closes the connection, which is what we want); the filter
+# below drops that one line for such responses, whose own warning says what happened.
+_ABANDONED: contextvars.ContextVar[bool] = contextvars.ContextVar("loraserve_http_abandoned", default=False)
+_INCOMPLETE = "ASGI callable returned without completing response."
+
+
+def abandon_response() -> None:
+    _ABANDONED.set(True)
+
+
+class AbandonedResponseFilter(logging.Filter):
+    """Drops uvicorn's error line for a response we ended on purpose (a stalled stream), and only for it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_ABANDONED.get() and record.getMessage() == _INCOMPLETE)
