@@ -13,7 +13,7 @@ PORT   ?= 50051
 HTTP_PORT ?= 50080
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install tools serve test reliability demo bench soak gpu-suite fleet fleet-test protos clean
+.PHONY: install tools serve test reliability demo bench soak gpu-suite fleet fleet-test protos clean llama-server bench-llama
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,47 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.cpu_mixed
+
+# llama.cpp's llama-server, the CPU engine `make bench-llama` compares against: the llama.cpp vendored in the
+# llama-cpp-python sdist (pinned below; its commit is in the sdist's .git), built with native CPU flags into
+# build/llama.cpp/. The sdist is downloaded once into LLAMA_SDIST_DIR (reused offline afterwards). Nothing is
+# fetched at build time: no curl (gone from this llama.cpp), no OpenSSL, no web UI download.
+# On a shared machine: nice -n 19 make llama-server LLAMA_JOBS=2
+LLAMA_CPP_PYTHON ?= 0.3.36
+LLAMA_SDIST_DIR  ?= .cache/sdist
+LLAMA_JOBS       ?= 2
+LLAMA_DIR        := build/llama.cpp
+LLAMA_SDIST      := $(LLAMA_SDIST_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
+LLAMA_SRC        := $(LLAMA_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp
+LLAMA_SERVER     := $(LLAMA_DIR)/build/bin/llama-server
+LLAMA_PYDEPS     := $(LLAMA_DIR)/pydeps/.installed
+# The converters import sentencepiece even for BPE tokenizers; it goes beside the build, not into the venv.
+LLAMA_PY         ?= $(shell test -x $(PY) && echo $(PY) || echo $(PYTHON))
+
+$(LLAMA_SDIST):
+	mkdir -p $(LLAMA_SDIST_DIR)
+	$(PYTHON) -m pip download -q --no-deps --no-binary :all: -d $(LLAMA_SDIST_DIR) llama-cpp-python==$(LLAMA_CPP_PYTHON)
+
+$(LLAMA_SRC)/CMakeLists.txt: $(LLAMA_SDIST)
+	mkdir -p $(LLAMA_DIR)
+	tar -xzf $(LLAMA_SDIST) -C $(LLAMA_DIR)
+	touch $@
+
+$(LLAMA_SERVER): $(LLAMA_SRC)/CMakeLists.txt
+	cmake -S $(LLAMA_SRC) -B $(LLAMA_DIR)/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+	  -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON \
+	  -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF
+	cmake --build $(LLAMA_DIR)/build --target llama-server --parallel $(LLAMA_JOBS)
+
+$(LLAMA_PYDEPS):
+	$(LLAMA_PY) -m pip install -q --target $(LLAMA_DIR)/pydeps "sentencepiece>=0.1.98,<0.3.0"
+	touch $@
+
+llama-server: $(LLAMA_SERVER) $(LLAMA_PYDEPS)
+
+# loraserve against llama-server on `make bench`'s workload (docs/benchmarks.md): four rows, rounds alternated.
+bench-llama: $(STAMP) $(LLAMA_SERVER) $(LLAMA_PYDEPS)
+	$(PY) -m benchmarks.llama_server $(LLAMA_ARGS)
 
 # The 20-minute soak on the default model (SOAK_ARGS="--model DIR --cpu-threads 1" for another one).
 SOAK_S ?= 1200
