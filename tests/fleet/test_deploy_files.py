@@ -80,6 +80,17 @@ def test_k8s_haproxy_has_the_same_routing_health_and_retries(tmp_path):
     tested = CONFIG.read_text()
     assert backend_rules(cm) == backend_rules(tested)
     assert f"balance hdr({ADAPTER_HEADER})" in backend_rules(cm)
+    # The HTTP API: the same routing and health as the tested file's replicas_http, on the replicas' --http-port.
+    def http_rules(cfg: str) -> list[str]:
+        body = cfg.split("\nbackend replicas_http\n", 1)[1]
+        return [ln.strip() for ln in body.splitlines() if ln.strip().startswith(
+            ("balance hdr", "hash-type", "hash-balance-factor 150", "option httpchk", "http-check"))]
+
+    assert http_rules(cm) == http_rules(tested) and len(http_rules(tested)) == 5
+    replica = k8s_docs()[("Deployment", "loraserve")]["spec"]["template"]["spec"]["containers"][0]
+    http_port = next(p["containerPort"] for p in replica["ports"] if p["name"] == "http")
+    assert f"--http-port={http_port}" in replica["args"]
+    assert f"loraserve-replicas.loraserve.svc.cluster.local:{http_port} " in cm
     for line in ("retries 2", "retry-on conn-failure", "option redispatch 1", "timeout server 10m", "timeout check 5s"):
         assert line in cm and line in tested
 
