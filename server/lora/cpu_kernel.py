@@ -74,9 +74,18 @@ static inline int slot_rank(const int32_t* pg, int r) { while (r > 0 && pg[r - 1
 /* v[j] = sc * x . A[pg[j]] and y[o] += sum_j v[j] * B^T[pg[j]][o], a row at a time. Blocking four
    rows per pass (four accumulator chains, one pass over y) measured slower here: 4.6 ms a
    SmolLM2 step against 3.7 ms, the loop is bound by streaming the bf16 rows, not by FMA latency. */
+static inline void prefetch_row(const uint16_t* row, long values) {
+  for (long l = 0; l < values * 2; l += 64) __builtin_prefetch((const char*)row + l);
+}
+
+/* Each row prefetches the next one it will read (A's next rank row, then B^T's first): an adapter's rows
+   are short streams (1-3 KB) the hardware prefetcher picks up late; measured on SmolLM2 decode steps of 8
+   distinct rank-16 adapters, the kernel's time a step went from 6.6-6.8 ms to 5.2 ms. */
 static void shrink(const float* x, const lora_target* T, const int32_t* pg, int r, int in, float sc, float* v) {
   for (int j = 0; j < r; j++) {
     const uint16_t* row = T->a + (long)pg[j] * T->a_row;
+    if (j + 1 < r) prefetch_row(T->a + (long)pg[j + 1] * T->a_row, in);
+    else prefetch_row(T->bt + (long)pg[0] * T->bt_row, T->out);
     float acc = 0.f;
     #pragma omp simd reduction(+:acc)
     for (int i = 0; i < in; i++) acc += x[i] * bf(row[i]);
@@ -88,6 +97,7 @@ static void expand(const float* v, const lora_target* T, const int32_t* pg, int 
   const int out = (int)T->out;
   for (int j = 0; j < r; j++) {
     const uint16_t* row = T->bt + (long)pg[j] * T->bt_row;
+    if (j + 1 < r) prefetch_row(T->bt + (long)pg[j + 1] * T->bt_row, out);
     const float vj = v[j];
     #pragma omp simd
     for (int o = 0; o < out; o++) y[o] += vj * bf(row[o]);
