@@ -263,26 +263,44 @@ class OpenAIApi:
     async def _completion_events(self, body: CompletionRequest, gens: list[Generation],
                                  deltas: AsyncIterator[tuple[int, Delta]], cid: str, created: int, model: str,
                                  texts: Optional[convert.TokenTexts]) -> AsyncIterator[bytes]:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         offsets = [0] * len(gens)
+
+        def choice(i: int, d: Delta) -> dict[str, Any]:
+            c: dict[str, Any] = {"index": i, "text": d.text, "logprobs": None,
+                                 "finish_reason": convert.finish_reason(d.finish_reason)}
+            if texts is not None:
+                c["logprobs"] = lp = convert.completion_logprobs(d.logprobs or (), texts, offsets[i])
+                offsets[i] += sum(len(t) for t in lp["tokens"])
+            if body.return_token_ids:
+                c["token_ids"] = d.token_ids
+            return c
+
         head = {"id": cid, "object": "text_completion", "created": created, "model": model}
-        try:
-            async for i, d in deltas:
-                if not (d.token_ids or d.text or d.finished):
-                    continue
-                c: dict[str, Any] = {"index": i, "text": d.text, "logprobs": None,
-                                     "finish_reason": convert.finish_reason(d.finish_reason)}
-                if texts is not None:
-                    c["logprobs"] = lp = convert.completion_logprobs(d.logprobs or (), texts, offsets[i])
-                    offsets[i] += sum(len(t) for t in lp["tokens"])
-                if body.return_token_ids:
-                    c["token_ids"] = d.token_ids
-                chunk = {**head, "choices": [c]}
-                if include_usage:
-                    chunk["usage"] = None
-                yield sse(chunk)
+        async for event in self._events(gens, deltas, head, body.stream_options, body.n, choice):
+            yield event
+
+    async def _events(self, gens: Sequence[Generation], deltas: AsyncIterator[tuple[int, Delta]],
+                      head: dict[str, Any], stream_options: Any, usage_n: int,
+                      choice: Callable[[int, Delta], dict[str, Any]],
+                      opening: Sequence[dict[str, Any]] = ()) -> AsyncIterator[bytes]:
+        """The event stream both endpoints send: `opening` chunks, a chunk per delta that carries something, the
+        usage chunk when `stream_options.include_usage` asks, an error (after the 200) as an event, then [DONE]."""
+        include_usage = bool(stream_options and stream_options.include_usage)
+
+        def chunk(c: dict[str, Any]) -> bytes:
+            out = {**head, "choices": [c]}
             if include_usage:
-                yield sse({**head, "choices": [], "usage": self._usage(gens, body.n)})
+                out["usage"] = None
+            return sse(out)
+
+        try:
+            for c in opening:
+                yield chunk(c)
+            async for i, d in deltas:
+                if d.token_ids or d.text or d.finished:
+                    yield chunk(choice(i, d))
+            if include_usage:
+                yield sse({**head, "choices": [], "usage": self._usage(gens, usage_n)})
         except Exception as e:  # noqa: BLE001 - the status line is sent: the error travels as an event
             yield sse(http_error_for(e).body())
         yield DONE
@@ -318,33 +336,19 @@ class OpenAIApi:
     async def _chat_events(self, body: ChatCompletionRequest, gens: list[Generation],
                            deltas: AsyncIterator[tuple[int, Delta]], cid: str, created: int, model: str,
                            texts: Optional[convert.TokenTexts]) -> AsyncIterator[bytes]:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        def choice(i: int, d: Delta) -> dict[str, Any]:
+            c: dict[str, Any] = {"index": i, "delta": {"content": d.text} if (d.text or d.token_ids) else {},
+                                 "logprobs": convert.chat_logprobs(d.logprobs or (), texts) if texts else None,
+                                 "finish_reason": convert.finish_reason(d.finish_reason)}
+            if body.return_token_ids:
+                c["token_ids"] = d.token_ids
+            return c
+
         head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
-
-        def chunk(choice: dict[str, Any]) -> bytes:
-            out = {**head, "choices": [choice]}
-            if include_usage:
-                out["usage"] = None
-            return sse(out)
-
-        try:
-            for i in range(len(gens)):
-                yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                             "finish_reason": None})
-            async for i, d in deltas:
-                if not (d.token_ids or d.text or d.finished):
-                    continue
-                c: dict[str, Any] = {"index": i, "delta": {"content": d.text} if (d.text or d.token_ids) else {},
-                                     "logprobs": convert.chat_logprobs(d.logprobs or (), texts) if texts else None,
-                                     "finish_reason": convert.finish_reason(d.finish_reason)}
-                if body.return_token_ids:
-                    c["token_ids"] = d.token_ids
-                yield chunk(c)
-            if include_usage:
-                yield sse({**head, "choices": [], "usage": self._usage(gens, len(gens))})
-        except Exception as e:  # noqa: BLE001
-            yield sse(http_error_for(e).body())
-        yield DONE
+        roles = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                 for i in range(len(gens))]
+        async for event in self._events(gens, deltas, head, body.stream_options, len(gens), choice, roles):
+            yield event
 
     # ---- /v1/models ----------------------------------------------------------------------------------
     def _base_card(self) -> dict[str, Any]:
