@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -66,11 +66,13 @@ def _build(source: str, flags: Sequence[str], target: Path) -> None:
         os.replace(so, target)  # atomic: a concurrent builder sees the whole file or none
 
 
-def build_and_load(name: str, source: str, flags: Sequence[str] = NATIVE_FLAGS) -> ctypes.CDLL:
-    """The compiled `source` as a loaded library, built on first use (cached per machine)."""
+def build_and_load(name: str, source: str, flags: Sequence[str] = NATIVE_FLAGS,
+                   directory: Optional[Path] = None) -> ctypes.CDLL:
+    """The compiled `source` as a loaded library, built on first use (cached per machine) in `directory`
+    (default `cache_dir()`; the engine passes its own home's `kernels/`)."""
     flags = tuple(flags)
     digest = hashlib.sha256("\0".join([source, *flags, cpu_flags(), torch.__version__]).encode()).hexdigest()
-    target = cache_dir() / f"{name}_{digest[:16]}.so"
+    target = (Path(directory).expanduser() if directory is not None else cache_dir()) / f"{name}_{digest[:16]}.so"
     try:
         if not target.exists():
             _build(source, flags, target)

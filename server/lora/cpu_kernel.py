@@ -27,7 +27,7 @@ Rounding adapter weights to bf16 (8 mantissa bits) is what GPU servers do when t
 runs in bf16; here it is used only where the base is already quantized
 (`EngineConfig.lora_decode_dtype = "auto"`), never in the PEFT-exact `--quantize none` setting.
 
-Built once per machine (gcc or cc, `-O3 -march=native -fopenmp`) into `kernels/` under the
+Built once per machine by `server/core/native.py` (gcc or cc, `-O3 -march=native -fopenmp`) into `kernels/` under the
 engine's home (`--home`) and loaded with ctypes after torch, so its OpenMP calls bind to
 torch's own libgomp (checked: a second OpenMP runtime would fight torch's threads). Without a
 compiler, or when any check fails, `load()` returns None and the torch reference serves.
@@ -37,17 +37,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from server.core.native import NATIVE_FLAGS, NativeBuildError, build_and_load
 from server.lora.segments import LoraSegments
 
 log = logging.getLogger(__name__)
@@ -192,7 +188,6 @@ void loraserve_prompt_bf16(int nb, const int64_t* blocks, const int32_t* pages, 
   }
 }
 """
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 MAX_RANK = 1024  # v[] in the kernel
 _F32 = torch.float32
 
@@ -304,53 +299,14 @@ class CpuLoraKernel:
                         plan.address)
 
 
-def _cpu_flags() -> str:
-    """Part of the cache key: -march=native code is valid only on the CPU it was built for."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return ""
-
-
-def _build(target: Path) -> None:
-    cc = shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        raise RuntimeError("no C compiler (gcc or cc) on PATH")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src = Path(tmp) / "lora_cpu.c"
-        src.write_text(_SOURCE)
-        so = Path(tmp) / target.name
-        subprocess.run([cc, *_FLAGS, "-o", str(so), str(src)], check=True, capture_output=True, timeout=120)
-        os.replace(so, target)  # atomic: a concurrent builder sees the whole file or none
-
-
-def _openmp_runtimes() -> set[str]:
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="ignore") as f:
-            return {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line}
-    except OSError:
-        return set()
-
-
 @functools.lru_cache(maxsize=None)
 def load(cache_dir: Path) -> Optional[CpuLoraKernel]:
     """The compiled kernel, built into `cache_dir` on first use (the engine passes `<home>/kernels`);
     None (logged once) when it cannot be had."""
-    digest = hashlib.sha256("\0".join([_SOURCE, *_FLAGS, _cpu_flags(), torch.__version__]).encode()).hexdigest()
-    target = Path(cache_dir).expanduser() / f"lora_cpu_{digest[:16]}.so"
     try:
-        if not target.exists():
-            _build(target)
-        before = _openmp_runtimes()
-        lib = ctypes.CDLL(str(target))
-        if len(_openmp_runtimes() - before) > 0 and before:
-            raise RuntimeError(f"it loaded a second OpenMP runtime beside torch's ({sorted(_openmp_runtimes())})")
-        kernel = CpuLoraKernel(lib)
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        detail = (getattr(e, "stderr", b"") or b"").decode(errors="replace")[-500:]
-        log.warning("CPU LoRA kernel unavailable (%s %s)", e, detail)
+        kernel = CpuLoraKernel(build_and_load("lora_cpu", _SOURCE, NATIVE_FLAGS, directory=cache_dir))
+    except NativeBuildError as e:
+        log.warning("CPU LoRA kernel unavailable (%s)", e)
         return None
-    log.info("CPU LoRA kernel: %s", target)
+    log.info("CPU LoRA kernel: built into %s", cache_dir)
     return kernel
