@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
+
+from benchmarks.server_process import stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA_DIR = REPO / "build" / "llama.cpp"
@@ -163,15 +164,9 @@ class LlamaServer:
             return json.loads(r.read())
 
     def stop(self, timeout: float = 30.0) -> Optional[int]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        code = stop_process(self.proc, timeout)
         self._log.close()
-        return self.proc.returncode
+        return code
 
 
 def free_port() -> int:
