@@ -75,3 +75,15 @@ def expected_delta(x: torch.Tensor, layer: int, projection: Projection, adapter_
                 out[i, lo:lo + width_t] = m.scale * (x[i].double() @ m.a.double().t()) @ m.b.double().t()
             lo += width_t
     return out
+
+
+def check_step(step, rows: list[int], by_slot: dict[int, LoraWeights], layer: int, projection: Projection,
+               rtol: float = 1e-5, atol: float = 1e-4, where: object = ()) -> tuple[torch.Tensor, ...]:
+    """Random x and y for `rows` through a backend's `step` on one projection of `layer`: every row gets exactly
+    its own adapter's delta (`expected_delta`). Returns (x, y0, got) for further checks."""
+    x = torch.randn(len(rows), TINY.target_shape(projection[0][0])[1])
+    y0 = torch.randn(len(rows), sum(w for _, w in projection))
+    got = step.apply(y0.clone(), x, layer, projection)
+    want = y0.double() + expected_delta(x, layer, projection, rows, by_slot)
+    assert torch.allclose(got.double(), want, rtol=rtol, atol=atol), where
+    return x, y0, got

@@ -13,7 +13,7 @@ from server.lora.backend import StepRows
 from server.lora.cpu_backend import CpuKernelBackend
 from server.lora.segments import LoraSegments
 from server.model.config import PROJECTIONS
-from tests.lora.backend_utils import TINY, expected_delta, pool_with, random_adapter, scattered_pool_with
+from tests.lora.backend_utils import TINY, check_step, pool_with, random_adapter, scattered_pool_with
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,
                                 reason="no C compiler: the torch reference serves (tested elsewhere)")
@@ -47,11 +47,8 @@ def test_each_row_gets_its_own_adapters_delta_whatever_its_batch(backend, monkey
     for layer in range(TINY.num_layers):
         for targets in PROJECTIONS:
             projection = TINY.projection(targets)
-            x = torch.randn(len(rows), TINY.target_shape(targets[0])[1])
-            y0 = torch.randn(len(rows), sum(w for _, w in projection))
-            got = step.apply(y0.clone(), x, layer, projection)
-            want = y0.double() + expected_delta(x, layer, projection, rows, by_slot)
-            assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-3), (layer, targets)
+            x, y0, got = check_step(step, rows, by_slot, layer, projection, rtol=1e-4, atol=1e-3,
+                                    where=(layer, targets))
             for i in range(num_decode):  # a decode row alone: the same numbers, bit for bit
                 alone = backend.prepare([rows[i]], 1)
                 if alone is not None:

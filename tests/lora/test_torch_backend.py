@@ -8,7 +8,7 @@ import torch
 
 from server.lora.torch_backend import TorchBackend
 from server.model.config import PROJECTIONS
-from tests.lora.backend_utils import TINY, expected_delta, pool_with, random_adapter, scattered_pool_with
+from tests.lora.backend_utils import TINY, check_step, pool_with, random_adapter, scattered_pool_with
 
 ADAPTERS = [random_adapter(TINY, 8, ("q", "k", "v", "o", "gate", "up", "down"), 1),
             random_adapter(TINY, 3, ("q", "v"), 2),
@@ -32,12 +32,7 @@ def test_each_row_gets_its_own_adapters_delta(rows, num_decode, scattered):
     torch.manual_seed(0)
     for layer in range(TINY.num_layers):
         for targets in PROJECTIONS:
-            projection = TINY.projection(targets)
-            x = torch.randn(len(rows), TINY.target_shape(targets[0])[1])
-            y0 = torch.randn(len(rows), sum(w for _, w in projection))
-            got = step.apply(y0.clone(), x, layer, projection)
-            want = y0.double() + expected_delta(x, layer, projection, rows, by_slot)
-            assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4), (layer, targets)
+            check_step(step, rows, by_slot, layer, TINY.projection(targets), where=(layer, targets))
     pool.shutdown()
 
 
@@ -57,12 +52,7 @@ def test_adjacent_rows_of_one_rank_are_read_in_place_and_scattered_ones_gathered
         by_slot = dict(zip(slots, same))
         torch.manual_seed(1)
         for targets in PROJECTIONS:
-            projection = TINY.projection(targets)
-            x = torch.randn(len(rows), TINY.target_shape(targets[0])[1])
-            y0 = torch.randn(len(rows), sum(w for _, w in projection))
-            got = step.apply(y0.clone(), x, 1, projection)
-            want = y0.double() + expected_delta(x, 1, projection, rows, by_slot)
-            assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4), (targets, in_place)
+            check_step(step, rows, by_slot, 1, TINY.projection(targets), where=(targets, in_place))
         pool.shutdown()
 
 
@@ -76,10 +66,5 @@ def test_a_mixed_steps_decode_and_prompt_rows_each_take_their_own_way():
     by_slot = dict(zip(slots, same))
     torch.manual_seed(2)
     for targets in PROJECTIONS:
-        projection = TINY.projection(targets)
-        x = torch.randn(len(rows), TINY.target_shape(targets[0])[1])
-        y0 = torch.randn(len(rows), sum(w for _, w in projection))
-        got = step.apply(y0.clone(), x, 0, projection)
-        want = y0.double() + expected_delta(x, 0, projection, rows, by_slot)
-        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4), targets
+        check_step(step, rows, by_slot, 0, TINY.projection(targets), where=targets)
     pool.shutdown()

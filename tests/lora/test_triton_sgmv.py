@@ -238,7 +238,7 @@ def test_the_backend_adds_each_rows_adapter_on_every_projection(K, scattered):
     each row gets exactly its own delta."""
     from server.lora.triton_backend import TritonBackend
     from server.model.config import PROJECTIONS
-    from tests.lora.backend_utils import TINY, expected_delta, pool_with, random_adapter, scattered_pool_with
+    from tests.lora.backend_utils import TINY, check_step, pool_with, random_adapter, scattered_pool_with
 
     adapters = [random_adapter(TINY, 8, ("q", "k", "v", "o", "gate", "up", "down"), 1),
                 random_adapter(TINY, 3, ("q", "v"), 2), random_adapter(TINY, 16, ("gate", "up", "down"), 3)]
@@ -250,16 +250,9 @@ def test_the_backend_adds_each_rows_adapter_on_every_projection(K, scattered):
         rows = [slots[r - 1] if r else 0 for r in rows]
         step = backend.prepare(rows, num_decode)
         for targets in PROJECTIONS:
-            projection = TINY.projection(targets)
-            x = torch.randn(len(rows), TINY.target_shape(targets[0])[1])
-            y0 = torch.randn(len(rows), sum(w for _, w in projection))
-            got = step.apply(y0.clone(), x, 1, projection)
-            want = y0.double() + expected_delta(x, 1, projection, rows, by_slot)
-            assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4), (rows, targets, step.mode)
+            check_step(step, rows, by_slot, 1, TINY.projection(targets), where=(rows, targets, step.mode))
         q_alone = (("q", TINY.target_shape("q")[0]),)  # not a projection of the model: per-target kernels
-        x, y0 = torch.randn(len(rows), TINY.hidden_size), torch.randn(len(rows), q_alone[0][1])
-        want = y0.double() + expected_delta(x, 0, q_alone, rows, by_slot)
-        assert torch.allclose(step.apply(y0.clone(), x, 0, q_alone).double(), want, rtol=1e-5, atol=1e-4)
+        check_step(step, rows, by_slot, 0, q_alone)
     pool.shutdown()
 
 
