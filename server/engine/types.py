@@ -220,13 +220,9 @@ class RequestStream:
 
     async def _next(self) -> Delta:
         assert self._aq is not None, "stream was created without an event loop"
-        with self._lock:
-            if self._queued == 0 and self._pending is not None:
-                d, self._pending = self._pending, None
-                return d
-            if self._queued == 0 and self._final is not None:
-                d, self._final = self._final, None
-                return d
+        d = self._next_nowait()
+        if d is not None:
+            return d
         d = await self._aq.get()
         with self._lock:
             self._queued -= 1
@@ -256,7 +252,8 @@ class RequestStream:
                 return
 
     def _next_nowait(self) -> Optional[Delta]:
-        """The next delta if one is already here, else None (the same order as `_next`)."""
+        """The next delta if one is already here, else None: the queued ones first, then the pending merged
+        one, then the final one."""
         assert self._aq is not None
         with self._lock:
             if self._queued > 0:
