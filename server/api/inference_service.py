@@ -18,6 +18,7 @@ from server.api.errors import status_for
 from server.api.gen.loraserve.v1 import inference_pb2 as pb
 from server.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
 from server.api.generation import Generation, GenerationService, ServingState
+from server.api.stalls import StallMonitor
 from server.engine.types import Delta
 from server.metrics import ServerMetrics
 
@@ -78,7 +79,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def GenerateStream(self, request: pb.GenerateRequest, context: Any) -> AsyncIterator[pb.GenerateStreamResponse]:
         current: list[Generation] = []
         stalls = self.state.stalls
-        watch = stalls.watch(self._on_stall(context, current)) if stalls is not None else None
+        watch = stalls.watch(self._on_stall(stalls, context, current)) if stalls is not None else None
         try:
             async for gen, delta in self._run("GenerateStream", request, context):
                 current[:] = [gen]
@@ -93,15 +94,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if watch is not None:
                 stalls.forget(watch)
 
-    def _on_stall(self, context: Any, current: list[Generation]) -> Callable[[], None]:
+    @staticmethod
+    def _on_stall(stalls: StallMonitor, context: Any, current: list[Generation]) -> Callable[[], None]:
         """What the stall monitor does to this stream: log, end the RPC, cancel its task (whose done
         callback aborts the engine request: KV blocks and the slot pin are freed at once)."""
         task = asyncio.current_task()
-        timeout = self.state.stalls.timeout_s if self.state.stalls is not None else 0
 
         def on_stall() -> None:
-            message = (f"stream stalled: the client read nothing for {timeout:g}s, so the request was "
-                       "aborted (--stalled-stream-timeout)")
+            message = stalls.message
             if current:
                 current[0].record.done(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
             asyncio.ensure_future(_abort_quietly(context, grpc.StatusCode.RESOURCE_EXHAUSTED, message))

@@ -51,6 +51,12 @@ class StallMonitor:
     def enabled(self) -> bool:
         return self.timeout_s > 0
 
+    @property
+    def message(self) -> str:
+        """What an aborted stream's request is ended and logged with (either protocol)."""
+        return (f"stream stalled: the client read nothing for {self.timeout_s:g}s, so the request was "
+                "aborted (--stalled-stream-timeout)")
+
     def watch(self, on_stall: Callable[[], None]) -> StreamWatch:
         w = StreamWatch(on_stall)
         if self.enabled:

@@ -89,7 +89,7 @@ class GenerationResponse(StreamingResponse):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         watch = None
         if self._stalls is not None:
-            watch = self._stalls.watch(self._on_stall(asyncio.current_task(), self._stalls.timeout_s))
+            watch = self._stalls.watch(self._on_stall(self._stalls, asyncio.current_task()))
             send = watched(send, watch)
         try:
             await super().__call__(scope, receive, send)
@@ -105,12 +105,10 @@ class GenerationResponse(StreamingResponse):
             for g in self._gens:
                 g.close()
 
-    def _on_stall(self, task: Optional["asyncio.Task[Any]"], timeout: float) -> Callable[[], None]:
+    def _on_stall(self, stalls: StallMonitor, task: Optional["asyncio.Task[Any]"]) -> Callable[[], None]:
         def on_stall() -> None:
-            message = (f"stream stalled: the client read nothing for {timeout:g}s, so the request was "
-                       "aborted (--stalled-stream-timeout)")
             for g in self._gens:
-                g.record.done(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+                g.record.done(grpc.StatusCode.RESOURCE_EXHAUSTED, stalls.message)
             if task is not None:
                 task.cancel()
 
