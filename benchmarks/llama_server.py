@@ -184,6 +184,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     import httpx
 
     from benchmarks.cpu_mixed.inputs import make_adapters
+    from benchmarks.cpu_mixed.systems import model_shape
     from benchmarks.server_process import ServerProcess
     from server.core.engine_config import EngineConfig
     from server.core.paths import resolve_home
@@ -265,14 +266,8 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                       # what it loaded and which kernels it picked, from its own start-up log
                       "startup_log": [e for e in lora.events if e.get("event") not in ("request", "audit")][:30]},
     }
-    return report(ns, rounds, {"dir": str(model_dir), "shape": _shape(mc)}, settings, checks,
+    return report(ns, rounds, {"dir": str(model_dir), "shape": {"name": "SmolLM2-135M-Instruct (default)", **model_shape(mc)}}, settings, checks,
                   {"before": load_before, "after": os.getloadavg()})
-
-
-def _shape(mc: Any) -> dict[str, Any]:
-    return {"name": "SmolLM2-135M-Instruct (default)", "layers": mc.num_layers, "hidden": mc.hidden_size,
-            "intermediate": mc.intermediate_size, "heads": mc.num_heads, "kv_heads": mc.num_kv_heads,
-            "vocab": mc.vocab_size}
 
 
 def summarize(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
