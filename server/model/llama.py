@@ -39,6 +39,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
+def add_rms_norm(h: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tensor, eps: float,
+                 glue: Optional[cpu_glue.CpuGlue]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream h (+ delta, a block's output not yet added) and its RMSNorm: one C call
+    where the glue takes it (the same bits), torch's ops otherwise."""
+    if glue is not None and glue.norm_accepts(h, delta, weight):
+        return glue.add_rms_norm(h, delta, weight, eps)
+    if delta is not None:
+        h = h + delta
+    return h, rms_norm(h, weight, eps)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -98,18 +109,21 @@ class DecoderLayer(nn.Module):
         self.inter = config.intermediate_size
         self.qkv_parts, self.o_parts = config.projection(("q", "k", "v")), config.projection(("o",))
         self.gate_up_parts, self.down_parts = config.projection(("gate", "up")), config.projection(("down",))
-        # RoPE as one C call where the base runs the dynamic int8 kernel (server/model/cpu_glue.py).
+        # RoPE and RMSNorm as C calls where the base runs the dynamic int8 kernel (server/model/cpu_glue.py).
         self.glue = cpu_glue.load() if self.qkv.kernel == "dynamic" and dtype == torch.float32 else None
 
     def _lora(self, y: torch.Tensor, x: torch.Tensor, lora: Optional[LoraDeltas], projection: Projection
               ) -> torch.Tensor:
         return y if lora is None else lora.apply(y, x, self.index, projection)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionMetadata,
-                kv: Optional[tuple[torch.Tensor, torch.Tensor]], lora: Optional[LoraDeltas]) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, delta: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+                attn: AttentionMetadata, kv: Optional[tuple[torch.Tensor, torch.Tensor]],
+                lora: Optional[LoraDeltas]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual stream, MLP output): the caller adds the second to the first with the next norm,
+        one fused call, the same bits as adding it here."""
         T = h.shape[0]
         qs, kvs = self.q_size, self.kv_size
-        x = rms_norm(h, self.input_norm, self.eps)
+        h, x = add_rms_norm(h, delta, self.input_norm, self.eps, self.glue)
         qkv = self._lora(self.qkv(x, attn.prompt_from), x, lora, self.qkv_parts)
         if self.glue is not None and self.glue.accepts(qkv):
             self.glue.rope_(qkv, self.nh + self.nkv, self.hd, cos, sin)  # q and k in place (qkv is ours)
@@ -122,12 +136,12 @@ class DecoderLayer(nn.Module):
             q, k = qk[:, :self.nh], qk[:, self.nh:]
         v = qkv[:, qs + kvs:].view(T, self.nkv, self.hd)
         o = paged_attention(q, k, v, attn, kv).reshape(T, self.nh * self.hd)
-        h = h + self._lora(self.o(o, attn.prompt_from), o, lora, self.o_parts)
-        x = rms_norm(h, self.post_norm, self.eps)
+        h, x = add_rms_norm(h, self._lora(self.o(o, attn.prompt_from), o, lora, self.o_parts), self.post_norm,
+                            self.eps, self.glue)
         gu = self._lora(self.gate_up(x, attn.prompt_from), x, lora, self.gate_up_parts)
         g, u = gu[:, :self.inter], gu[:, self.inter:]
         a = F.silu(g) * u
-        return h + self._lora(self.down(a, attn.prompt_from), a, lora, self.down_parts)
+        return h, self._lora(self.down(a, attn.prompt_from), a, lora, self.down_parts)
 
 
 @dataclass
@@ -191,9 +205,11 @@ class LlamaForCausalLM(nn.Module):
         h = F.embedding(input_ids, self.embed)
         cos = self.cos.index_select(0, positions).to(self.dtype)
         sin = self.sin.index_select(0, positions).to(self.dtype)
+        delta = None
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, attn, None if kv is None else (kv.k[i], kv.v[i]), lora)
-        return rms_norm(h, self.norm, self.config.rms_norm_eps)
+            h, delta = layer(h, delta, cos, sin, attn, None if kv is None else (kv.k[i], kv.v[i]), lora)
+        glue = self.layers[-1].glue if len(self.layers) else None
+        return add_rms_norm(h, delta, self.norm, self.config.rms_norm_eps, glue)[1]
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

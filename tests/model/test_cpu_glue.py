@@ -1,5 +1,5 @@
-"""The C RoPE of the dynamic int8 path is torch's RoPE bit for bit and never used by `--quantize none`;
-the one-op RMSNorm is the Hugging Face formula bit for bit."""
+"""The C RoPE and RMSNorm of the dynamic int8 path are torch's ops bit for bit and never used by
+`--quantize none`; the one-op RMSNorm is the Hugging Face formula bit for bit."""
 from __future__ import annotations
 
 import pytest
@@ -24,6 +24,30 @@ def test_rms_norm_is_the_hugging_face_formula_bit_for_bit(rows, k):
     w = torch.randn(k, generator=g)
     x32 = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)  # transformers' LlamaRMSNorm in fp32
     assert torch.equal(rms_norm(x, w, 1e-5), w * x32)
+
+
+@pytest.mark.parametrize("rows,k", [(1, 576), (8, 576), (631, 576), (5, 100), (3, 2048), (2, 4096), (4, 8192),
+                                    (7, 17), (1, 5120)])
+def test_c_rms_norm_with_its_residual_add_is_torch_bit_for_bit(rows, k):
+    g = torch.Generator().manual_seed(rows * k)
+    h = torch.randn(rows, k, generator=g) * torch.rand(rows, 1, generator=g) * 10
+    d = torch.randn(rows, k, generator=g)
+    w = torch.randn(k, generator=g)
+    assert GLUE.norm_lanes is not None, "no lane width reproduced torch's sum on this machine"
+    same, y = GLUE.add_rms_norm(h, None, w, 1e-5)
+    assert same is h and torch.equal(y, rms_norm(h, w, 1e-5))
+    summed, y = GLUE.add_rms_norm(h, d, w, 1e-6)
+    assert torch.equal(summed, h + d) and torch.equal(y, rms_norm(h + d, w, 1e-6))
+
+
+def test_int8_model_gives_the_same_bits_with_and_without_the_c_glue(tmp_path):
+    d = make_tiny_model_dir(tmp_path / "m")
+    model = LlamaForCausalLM.from_pretrained(d, quantize="int8")
+    ids = torch.randint(0, model.config.vocab_size, (23,), generator=torch.Generator().manual_seed(3))
+    with_glue = model.score(ids)
+    for layer in model.layers:
+        layer.glue = None
+    assert torch.equal(with_glue, model.score(ids))
 
 
 def test_rope_is_torch_bit_for_bit_and_leaves_v_alone():
