@@ -87,13 +87,13 @@ static inline void store16(float* p, v16 v) { memcpy(p, &v, sizeof v); }
    faster than runtime-sized arrays on SmolLM2's shapes). The instance is chosen by the model's shape
    alone, so a token's bits still depend only on its own context. */
 static inline __attribute__((always_inline)) void head_group(const int G, const int C, int d, int g, int nh,
-    int nkv, int hd, const float* q, const float* kc, const float* vc, const int64_t* rw, int n, float scale,
-    float* out) {
+    int nkv, int hd, const float* q, long qs, const float* kc, const float* vc, const int64_t* rw, int n,
+    float scale, float* out) {
   const int nv = (n + 15) / 16;
   float s[G][nv * 16];
   v16 qv[G][C];
   for (int h = 0; h < G; h++)
-    for (int c = 0; c < C; c++) qv[h][c] = load16(q + ((long)d * nh + g * G + h) * hd + 16 * c);
+    for (int c = 0; c < C; c++) qv[h][c] = load16(q + (long)d * qs + (long)(g * G + h) * hd + 16 * c);
   for (int j = 0; j < n; j++) {
     /* Rows are scattered over the paged cache, so the hardware prefetcher cannot follow them: ask for the
        row PF ahead (K, then V's first rows as K's end nears). Measured on SmolLM2 decode steps (8 x ~80
@@ -139,20 +139,21 @@ static inline __attribute__((always_inline)) void head_group(const int G, const 
     for (int c = 0; c < C; c++) store16(out + ((long)d * nh + g * G + h) * hd + 16 * c, acc[h][c] / inv[h]);
 }
 
-/* out[d, h] for every decoding sequence d and query head h. q, out: [D, nh, hd]; caches: [rows, nkv,
-   hd]; hd a multiple of 16 and at most 256. */
-void lsq_decode_attention(int D, int nh, int nkv, int hd, const float* q, const float* kc, const float* vc,
+/* out[d, h] for every decoding sequence d and query head h. q: [D, nh, hd], rows qs floats apart (a view
+   of the fused qkv output needs no copy); out: [D, nh, hd]; caches: [rows, nkv, hd]; hd a multiple of 16
+   and at most 256. */
+void lsq_decode_attention(int D, int nh, int nkv, int hd, const float* q, long qs, const float* kc, const float* vc,
                           const int64_t* rows, long row_stride, const int32_t* len, float scale, float* out) {
   const int G = nh / nkv, C = hd / 16;
   #pragma omp parallel for schedule(static) collapse(2) if(D * nkv > 1)
   for (int d = 0; d < D; d++)
     for (int g = 0; g < nkv; g++) {
       const int64_t* rw = rows + (long)d * row_stride;
-      if (G == 3 && C == 4) head_group(3, 4, d, g, nh, nkv, hd, q, kc, vc, rw, len[d], scale, out);
-      else if (G == 4 && C == 4) head_group(4, 4, d, g, nh, nkv, hd, q, kc, vc, rw, len[d], scale, out);
-      else if (G == 8 && C == 4) head_group(8, 4, d, g, nh, nkv, hd, q, kc, vc, rw, len[d], scale, out);
-      else if (G == 4 && C == 8) head_group(4, 8, d, g, nh, nkv, hd, q, kc, vc, rw, len[d], scale, out);
-      else head_group(G, C, d, g, nh, nkv, hd, q, kc, vc, rw, len[d], scale, out);
+      if (G == 3 && C == 4) head_group(3, 4, d, g, nh, nkv, hd, q, qs, kc, vc, rw, len[d], scale, out);
+      else if (G == 4 && C == 4) head_group(4, 4, d, g, nh, nkv, hd, q, qs, kc, vc, rw, len[d], scale, out);
+      else if (G == 8 && C == 4) head_group(8, 4, d, g, nh, nkv, hd, q, qs, kc, vc, rw, len[d], scale, out);
+      else if (G == 4 && C == 8) head_group(4, 8, d, g, nh, nkv, hd, q, qs, kc, vc, rw, len[d], scale, out);
+      else head_group(G, C, d, g, nh, nkv, hd, q, qs, kc, vc, rw, len[d], scale, out);
     }
 }
 """
@@ -161,7 +162,7 @@ void lsq_decode_attention(int D, int nh, int nkv, int hd, const float* q, const 
 class DecodeAttention:
     def __init__(self, lib: ctypes.CDLL):
         i, lg, p, f = ctypes.c_int, ctypes.c_long, ctypes.c_void_p, ctypes.c_float
-        lib.lsq_decode_attention.argtypes = [i, i, i, i, p, p, p, p, lg, p, f, p]
+        lib.lsq_decode_attention.argtypes = [i, i, i, i, p, lg, p, p, p, lg, p, f, p]
         self._fn = lib.lsq_decode_attention
 
     @staticmethod
@@ -177,14 +178,15 @@ class DecodeAttention:
         """q [D, nh, hd]; caches [R, nkv, hd] (contiguous); rows [D, L] int64 cache rows of each
         sequence's context; lengths [D] int32 (each at most L, at least 1) -> [D, nh, hd]."""
         D, nh, hd = q.shape
-        q = q.contiguous()
+        if not (q.stride(2) == 1 and q.stride(1) == hd):
+            q = q.contiguous()
         if not (k_cache.is_contiguous() and v_cache.is_contiguous() and rows.dtype == torch.int64
                 and rows.stride(1) == 1 and lengths.dtype == torch.int32 and lengths.is_contiguous()):
             raise ValueError("decode attention takes contiguous caches, int64 rows and int32 lengths")
         if rows.shape[1] > MAX_CONTEXT:
             raise ValueError(f"context {rows.shape[1]} over the kernel's {MAX_CONTEXT}")
-        out = torch.empty_like(q)
-        self._fn(D, nh, k_cache.shape[1], hd, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        out = torch.empty(D, nh, hd, dtype=q.dtype)  # contiguous, whatever q's row stride
+        self._fn(D, nh, k_cache.shape[1], hd, q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
                  rows.data_ptr(), rows.stride(0), lengths.data_ptr(), hd ** -0.5, out.data_ptr())
         return out
 

@@ -62,3 +62,14 @@ def test_accepts_only_what_it_computes():
     assert not KERN.accepts(torch.randn(2, 9, 64, dtype=torch.float64), k)
     assert not KERN.accepts(torch.randn(2, 9, 60), torch.randn(4, 3, 60))
     assert not KERN.accepts(torch.randn(2, 8, 64), k)  # 8 query heads over 3 KV heads
+
+
+def test_q_as_a_view_of_the_fused_qkv_rows_gives_the_contiguous_result():
+    k, v = _cache()
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(4, (9 + 2 * 3) * 64, generator=g)  # q's rows are one fused projection's, wider than q
+    q = qkv[:, :9 * 64].view(4, 9, 64)
+    rows = torch.stack([torch.randperm(512, generator=g)[:50] for _ in range(4)])
+    lengths = torch.tensor([50, 7, 33, 1], dtype=torch.int32)
+    assert torch.equal(KERN(q, k, v, rows, lengths), KERN(q.contiguous(), k, v, rows, lengths))
+
