@@ -50,7 +50,9 @@ class ModelRunner:
         seqs = sorted(prefill + decode, key=lambda s: (s.is_prefill, s.adapter_slot or 0, s.order))
         ids: list[int] = []
         pos: list[int] = []
-        new_kv_rows: list[torch.Tensor] = []  # per sequence, the KV rows its new tokens are written to
+        bs = self.blocks.block_size
+        decode_kv_rows: list[int] = []  # per decoding sequence, the KV row its new token is written to
+        new_kv_rows: list[torch.Tensor] = []  # per prefilling sequence, the KV rows of its new tokens
         adapter_slots: list[int] = []  # per row (token), its adapter's slot
         prefill_runs: list[tuple[int, int]] = []
         prefill_context: list[torch.Tensor | None] = []  # per run: KV rows of its whole context, if cached
@@ -66,6 +68,7 @@ class ModelRunner:
                 pos.extend(range(c, total))
                 prefill_runs.append((start, n))
                 prefill_context.append(self.blocks.rows(s.blocks, 0, total).to(self.device) if c else None)
+                new_kv_rows.append(self.blocks.rows(s.blocks, c, total))
             else:
                 n = 1
                 p = len(s.token_ids) - 1
@@ -73,14 +76,15 @@ class ModelRunner:
                 pos.append(p)
                 decode_rows.append(start)
                 decode_seqs.append(s)
-            new_kv_rows.append(self.blocks.rows(s.blocks, len(s.token_ids) - n, len(s.token_ids)))
+                # one row, in plain ints (decode rows come first, so they lead the slot mapping)
+                decode_kv_rows.append(s.blocks[p // bs] * bs + p % bs)
             adapter_slots.extend([s.adapter_slot or 0] * n)
             last_rows.append(len(ids) - 1)
         num_decode = len(decode_rows)
 
         dev = self.device
         attn = AttentionMetadata(
-            slot_mapping=torch.cat(new_kv_rows).to(dev),
+            slot_mapping=torch.cat([torch.tensor(decode_kv_rows, dtype=torch.long), *new_kv_rows]).to(dev),
             prefill=tuple(prefill_runs),
             prefill_context=tuple(prefill_context),
             all_decode=not prefill_runs,
@@ -89,10 +93,14 @@ class ModelRunner:
         if decode_seqs:
             ctx = [len(s.token_ids) for s in decode_seqs]
             L = max(ctx)
-            context_kv_rows = torch.zeros((num_decode, L), dtype=torch.long)
-            for i, s in enumerate(decode_seqs):
-                context_kv_rows[i, :ctx[i]] = self.blocks.rows(s.blocks, 0, ctx[i])
-            mask = torch.arange(L)[None, :] < torch.tensor(ctx)[:, None]
+            # Every sequence's context rows at once: block tables padded to the longest, rows past a
+            # sequence's own length zero (read by nothing: the mask and the kernel's lengths stop before).
+            nb = self.blocks.blocks_for(L)
+            table = torch.tensor([s.blocks[:nb] + [0] * (nb - min(nb, len(s.blocks))) for s in decode_seqs],
+                                 dtype=torch.long)
+            positions = torch.arange(L)
+            mask = positions[None, :] < torch.tensor(ctx)[:, None]
+            context_kv_rows = (table[:, positions // bs] * bs + positions % bs) * mask
             attn.decode_kv = context_kv_rows.to(dev)
             attn.decode_mask = mask[:, None, None, :].to(dev)
             if prefill_runs:
