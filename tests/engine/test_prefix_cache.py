@@ -149,3 +149,38 @@ def test_prefix_cache_knob_from_flag_env_and_toml(tmp_path):
     assert load("--config", str(toml)) is False
     assert load("--config", str(toml), "--prefix-cache") is True
     assert load(env={"LORASERVE_PREFIX_CACHE": "false"}) is False
+
+
+def test_a_step_computes_one_shared_prefix_and_its_waiters_start_next():
+    """A burst of 3 system prompts x 3 requests and one unshared prompt: each step computes one shared
+    prefix (the unshared prompt rides along), and the requests waiting on a prefix start in the next step."""
+    from server.engine.scheduler import Scheduler, Sequence
+    from server.engine.types import RequestStream
+
+    blocks = BlockAllocator(64, 4)
+    sched = Scheduler(blocks, pool=None, max_batch_size=16, max_batch_tokens=1000, prefix=PrefixCache(blocks, "b"))
+    systems = [[100 + 10 * i + j for j in range(8)] for i in range(3)]  # two full blocks each
+
+    def seq(name, prompt):
+        s = Sequence(request=Request(prompt, SamplingParams(max_new_tokens=4), request_id=name),
+                     stream=RequestStream(name), detok=None, generator=None, token_ids=list(prompt),
+                     num_prompt=len(prompt))
+        sched.add(s)
+        return s
+
+    for q in range(3):
+        for i in range(3):
+            seq(f"s{i}q{q}", systems[i] + [200 + 3 * q + i])
+        if q == 0:
+            seq("lone", list(range(50, 59)))  # shares nothing with anyone
+
+    def step():
+        plan = sched.schedule()
+        sched.prefilled(plan.prefill)
+        return [(s.request_id, s.num_cached) for s in plan.prefill]
+
+    assert step() == [("s0q0", 0), ("lone", 0)]
+    assert step() == [("s1q0", 0), ("s0q1", 8), ("s0q2", 8)]  # s0's waiters hit its blocks
+    assert step() == [("s2q0", 0), ("s1q1", 8), ("s1q2", 8)]
+    assert step() == [("s2q1", 8), ("s2q2", 8)]
+    assert not sched.waiting
