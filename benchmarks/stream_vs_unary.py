@@ -6,7 +6,8 @@ greedy, EOS ignored, base model unless --adapters) by gRPC `Generate` (one respo
 and by `GenerateStream` (one message a token), in alternating rounds (unary then stream, stream
 then unary, ...). Throughput is generated tokens over the wall time of a round, and the headline
 is the median of per-round ratios stream / unary, with its range. The client runs on the same
-machine, as a user's would in the issue's measurement.
+machine, as a user's would in the issue's measurement; each round also records the CPU seconds of
+the server process and of the client, so the results say which side a streamed token costs.
 """
 from __future__ import annotations
 
@@ -26,8 +27,14 @@ from benchmarks.http_vs_grpc import Server
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "stream_vs_unary.json"
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc), all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def _round(target: str, stream: bool, prompts: list[list[int]], new_tokens: int,
-                 adapters: list[str]) -> dict[str, Any]:
+                 adapters: list[str], server_pid: int) -> dict[str, Any]:
     import grpc
 
     from server.api.gen.loraserve.v1 import inference_pb2 as pb
@@ -47,12 +54,14 @@ async def _round(target: str, stream: bool, prompts: list[list[int]], new_tokens
                 n += len(chunk.token_ids)
             return n
 
-        t0 = time.perf_counter()
+        t0, client0, server0 = time.perf_counter(), time.process_time(), process_cpu_s(server_pid)
         got = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
         wall = time.perf_counter() - t0
+        client_cpu, server_cpu = time.process_time() - client0, process_cpu_s(server_pid) - server0
     if any(n != new_tokens for n in got):
         raise RuntimeError(f"requests ended early: {got}")
-    return {"mode": "stream" if stream else "unary", "wall_s": wall, "tokens": sum(got), "tok_s": sum(got) / wall}
+    return {"mode": "stream" if stream else "unary", "wall_s": wall, "tokens": sum(got), "tok_s": sum(got) / wall,
+            "client_cpu_s": client_cpu, "server_cpu_s": server_cpu}
 
 
 def run(ns: argparse.Namespace) -> dict[str, Any]:
@@ -78,10 +87,11 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     rounds: list[dict[str, Any]] = []
     try:
         for stream in (False, True):  # warm-up
-            asyncio.run(_round(target, stream, prompts, ns.new_tokens, names))
+            asyncio.run(_round(target, stream, prompts, ns.new_tokens, names, server.proc.pid))
         for r in range(ns.rounds):
             order = (False, True) if r % 2 == 0 else (True, False)
-            got = {("stream" if s else "unary"): asyncio.run(_round(target, s, prompts, ns.new_tokens, names))
+            got = {("stream" if s else "unary"): asyncio.run(_round(target, s, prompts, ns.new_tokens, names,
+                                                                    server.proc.pid))
                    for s in order}
             rounds.append({"round": r, **got, "ratio": got["stream"]["tok_s"] / got["unary"]["tok_s"]})
             print(f"round {r}: unary {got['unary']['tok_s']:.1f} tok/s, stream {got['stream']['tok_s']:.1f} tok/s, "
@@ -98,11 +108,17 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
         "unary_tok_s": median([r["unary"]["tok_s"] for r in rounds]),
         "stream_tok_s": median([r["stream"]["tok_s"] for r in rounds]),
         "stream_over_unary": median(ratios), "stream_over_unary_range": [min(ratios), max(ratios)],
+        # Where a streamed token's time goes: the CPU seconds of each side, per round (both share the 2 cores).
+        "cpu_s_per_round": {mode: {side: median([r[mode][f"{side}_cpu_s"] for r in rounds])
+                                   for side in ("server", "client")} for mode in ("unary", "stream")},
         "rounds": rounds,
     }
     print(f"stream / unary: {payload['stream_over_unary']:.3f} ({min(ratios):.3f}..{max(ratios):.3f}); "
           f"unary {payload['unary_tok_s']:.1f} tok/s, stream {payload['stream_tok_s']:.1f} tok/s; "
           f"{payload['machine_line']}")
+    cpu = payload["cpu_s_per_round"]
+    print("CPU s a round (median), server / client: unary {:.2f} / {:.3f}, stream {:.2f} / {:.3f}".format(
+        cpu["unary"]["server"], cpu["unary"]["client"], cpu["stream"]["server"], cpu["stream"]["client"]))
     return payload
 
 
