@@ -177,13 +177,4 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (from /proc; 0 where it cannot be read)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-__all__ = ["LlamaCpp", "LlamaServer", "NotBuilt", "cpu_seconds", "free_port"]
+__all__ = ["LlamaCpp", "LlamaServer", "NotBuilt", "free_port"]

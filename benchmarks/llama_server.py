@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from benchmarks.common import cpu_machine_info, machine_line, median, print_table, write_json
-from benchmarks.llama_cpp import LORA_OUTTYPE, MODEL_OUTTYPE, LlamaCpp, LlamaServer, NotBuilt, cpu_seconds, free_port
+from benchmarks.llama_cpp import LORA_OUTTYPE, MODEL_OUTTYPE, LlamaCpp, LlamaServer, NotBuilt, free_port
+from benchmarks.server_process import cpu_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "llama_server.json"

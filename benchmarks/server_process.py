@@ -112,3 +112,12 @@ def stop_process(proc: subprocess.Popen, timeout: float) -> Optional[int]:
             proc.kill()
             proc.wait(10)
     return proc.returncode
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far, all its threads (from /proc; 0 where it cannot be read)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0

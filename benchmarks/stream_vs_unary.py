@@ -23,14 +23,9 @@ from typing import Any, Optional
 
 from benchmarks.common import cpu_machine_info, machine_line, median, write_json
 from benchmarks.http_vs_grpc import Server
+from benchmarks.server_process import cpu_seconds
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "stream_vs_unary.json"
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc), all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _round(target: str, stream: bool, prompts: list[list[int]], new_tokens: int,
@@ -54,10 +49,10 @@ async def _round(target: str, stream: bool, prompts: list[list[int]], new_tokens
                 n += len(chunk.token_ids)
             return n
 
-        t0, client0, server0 = time.perf_counter(), time.process_time(), process_cpu_s(server_pid)
+        t0, client0, server0 = time.perf_counter(), time.process_time(), cpu_seconds(server_pid)
         got = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
         wall = time.perf_counter() - t0
-        client_cpu, server_cpu = time.process_time() - client0, process_cpu_s(server_pid) - server0
+        client_cpu, server_cpu = time.process_time() - client0, cpu_seconds(server_pid) - server0
     if any(n != new_tokens for n in got):
         raise RuntimeError(f"requests ended early: {got}")
     return {"mode": "stream" if stream else "unary", "wall_s": wall, "tokens": sum(got), "tok_s": sum(got) / wall,
