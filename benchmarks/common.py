@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import statistics
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from benchmarks.gpu_common import machine_info, print_table, write_json
 
-__all__ = ["cpu_machine_info", "machine_line", "median", "percentile", "print_table", "write_json"]
+__all__ = ["cpu_machine_info", "cpu_seconds", "machine_line", "median", "percentile", "print_table", "write_json"]
 
 # Flags that change which CPU kernels torch picks (and how fast they are).
 INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
@@ -77,3 +78,12 @@ def percentile(values: Sequence[float], q: float) -> float:
         raise ValueError("percentile of no values")
     xs = sorted(values)
     return float(xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far, all its threads (from /proc; 0 where it cannot be read)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0

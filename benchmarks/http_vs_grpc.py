@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,48 +25,10 @@ from typing import Any, Optional
 
 from benchmarks.common import cpu_machine_info, machine_line, median, print_table, write_json
 from server.client import loadgen
+from server.client.local_server import LocalServer
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "http_vs_grpc.json"
-
-
-class Server:
-    """`loraserve serve` in a child process; ports read from its JSON 'listening' line."""
-
-    def __init__(self, args: list[str], timeout_s: float = 600):
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--http-port", "0",
-               "--metrics-port", "-1", *args]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True, bufsize=1)
-        self.ports: dict[str, int] = {}
-        self.serving = threading.Event()
-        self.tail: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-        if not self.serving.wait(timeout_s) or self.proc.poll() is not None:
-            self.stop()
-            raise RuntimeError("server did not start:\n" + "\n".join(self.tail[-30:]))
-
-    def _pump(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.tail = (self.tail + [line.rstrip()])[-200:]
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if rec.get("event") == "listening":
-                self.ports = {"grpc": int(rec["grpc_port"]), "http": int(rec["http_port"])}
-            elif rec.get("event") == "serving":
-                self.serving.set()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 def bench_args(ns: argparse.Namespace, protocol: str, ports: dict[str, int], adapters: list[str],
@@ -99,23 +58,26 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     root = Path(ns.workdir or tempfile.mkdtemp(prefix="http-vs-grpc-"))
     adapter_dirs = make_adapters(model_dir, root / "adapters", ns.adapters, ns.rank, seed=7)
     names = [f"a{i}" for i in range(len(adapter_dirs))]
-    serve_args = ["--model", "default", "--registry", str(root / "registry"), *ns.serve_args]
+    serve_args = ["--model", "default", "--registry", str(root / "registry"), "--metrics-port", "-1",
+                  *ns.serve_args]
     for name, d in zip(names, adapter_dirs):
         serve_args += ["--adapter", f"{name}={d}"]
-    server = Server(serve_args)
+    server = LocalServer(serve_args, root / "server.log")
     rounds: list[dict[str, Any]] = []
-    ns.load_before = os.getloadavg()
     try:
+        server.wait_serving(600)
+        ports = {"grpc": server.port, "http": server.http_port}
+        ns.load_before = os.getloadavg()
         for protocol in ("grpc", "http"):  # warm-up: adapters into slots, code paths and connections warm
-            measure(ns, protocol, server.ports, names, ns.concurrency)
+            measure(ns, protocol, ports, names, ns.concurrency)
         for r in range(ns.rounds):
             order = ("grpc", "http") if r % 2 == 0 else ("http", "grpc")
-            got = {p: measure(ns, p, server.ports, names, ns.requests) for p in order}
+            got = {p: measure(ns, p, ports, names, ns.requests) for p in order}
             rounds.append({"round": r, "order": list(order), **{p: asdict(s) for p, s in got.items()}})
             print(f"round {r}: " + ", ".join(f"{p} {got[p].generated_tokens_per_s:.1f} tok/s" for p in order),
                   flush=True)
     finally:
-        server.stop()
+        server.stop(60)
     ns.load_after = os.getloadavg()
     return report(ns, rounds, model_dir)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from benchmarks.server_process import stop_process
+from server.client.local_server import stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA_DIR = REPO / "build" / "llama.cpp"

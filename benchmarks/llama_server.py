@@ -27,9 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from benchmarks.common import cpu_machine_info, machine_line, median, print_table, write_json
+from benchmarks.common import cpu_machine_info, cpu_seconds, machine_line, median, print_table, write_json
 from benchmarks.llama_cpp import LORA_OUTTYPE, MODEL_OUTTYPE, LlamaCpp, LlamaServer, NotBuilt, free_port
-from benchmarks.server_process import cpu_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "llama_server.json"
@@ -186,7 +185,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
 
     from benchmarks.cpu_mixed.inputs import make_adapters
     from benchmarks.cpu_mixed.systems import model_shape
-    from benchmarks.server_process import ServerProcess
+    from server.client.local_server import LocalServer
     from server.core.engine_config import EngineConfig
     from server.core.paths import resolve_home
     from server.model.config import ModelConfig
@@ -214,7 +213,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
         serve_args += ["--adapter", f"{name}={d}"]
     llama_args = llama_server_args(model_gguf, lora_ggufs, ns)
     llama = LlamaServer(build, llama_args, workdir, free_port())
-    lora = ServerProcess(workdir / "loraserve", serve_args)
+    lora = LocalServer(serve_args, workdir / "loraserve" / "server.log")
     loop = asyncio.new_event_loop()
     limits = httpx.Limits(max_connections=ns.requests, max_keepalive_connections=ns.requests)
     clients = {s: httpx.AsyncClient(limits=limits, timeout=600) for s in SYSTEMS}

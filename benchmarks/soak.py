@@ -186,7 +186,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     import grpc
 
     from benchmarks.common import cpu_machine_info
-    from benchmarks.server_process import ServerProcess
+    from server.client.local_server import LocalServer
     from benchmarks.soak_traffic import TENANT_ADAPTERS, Traffic, make_lora, tenants_toml
     from server.api.gen.loraserve.v1 import adapters_pb2 as apb
     from server.api.gen.loraserve.v1 import inference_pb2 as ipb
@@ -208,7 +208,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                    "--tenants", str(work / "tenants.toml"), "--registry", str(work / "registry"),
                    "--max-adapters-on-device", "8", "--host-cache-bytes", str(host_cache_bytes),
                    "--max-batch-size", str(args.max_batch_size), "--cpu-threads", str(args.cpu_threads)]
-    server = ServerProcess(work, server_args, env={"LORASERVE_HOME": args.home} if args.home else None)
+    server = LocalServer(server_args, work / "server.log", env={"LORASERVE_HOME": args.home} if args.home else None)
     report: dict[str, Any] = {"config": {**vars(args), "host_cache_bytes": host_cache_bytes},
                               "machine": cpu_machine_info(), "workdir": str(work)}
     try:

@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from benchmarks.common import cpu_machine_info, machine_line, median, write_json
-from benchmarks.http_vs_grpc import Server
-from benchmarks.server_process import cpu_seconds
+from benchmarks.common import cpu_machine_info, cpu_seconds, machine_line, median, write_json
+from server.client.local_server import LocalServer
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "stream_vs_unary.json"
 
@@ -70,17 +69,19 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="stream-vs-unary-"))
     # Every round repeats the same prompts: with the prefix cache on, rounds after the warm-up would time
     # cache hits instead of prefills (as in `make bench`, the cache is off).
-    serve_args = ["--model", "default", "--registry", str(root / "registry"), "--no-prefix-cache", *ns.serve_args]
+    serve_args = ["--model", "default", "--registry", str(root / "registry"), "--no-prefix-cache",
+                  "--metrics-port", "-1", *ns.serve_args]
     names: list[str] = []
     if ns.adapters:
         for i, d in enumerate(make_adapters(model_dir, root / "adapters", ns.adapters, 16, 7)):
             names.append(f"a{i}")
             serve_args += ["--adapter", f"a{i}={d}"]
-    server = Server(serve_args)
-    target = f"127.0.0.1:{server.ports['grpc']}"
-    load_before = os.getloadavg()[0]
+    server = LocalServer(serve_args, root / "server.log")
     rounds: list[dict[str, Any]] = []
     try:
+        server.wait_serving(600)
+        target = server.target
+        load_before = os.getloadavg()[0]
         for stream in (False, True):  # warm-up
             asyncio.run(_round(target, stream, prompts, ns.new_tokens, names, server.proc.pid))
         for r in range(ns.rounds):
@@ -92,7 +93,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
             print(f"round {r}: unary {got['unary']['tok_s']:.1f} tok/s, stream {got['stream']['tok_s']:.1f} tok/s, "
                   f"stream/unary {rounds[-1]['ratio']:.3f}", flush=True)
     finally:
-        server.stop()
+        server.stop(60)
     ratios = [r["ratio"] for r in rounds]
     machine = cpu_machine_info()
     machine["load_average_1m"] = {"before": load_before, "after": os.getloadavg()[0]}

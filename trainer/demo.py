@@ -14,8 +14,6 @@ import argparse
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -24,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+
+from server.client.local_server import LocalServer
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -119,69 +119,6 @@ def train_adapters(cfg: DemoConfig, work: Path) -> dict[str, TaskResult]:
     return results
 
 
-# ---------------------------------------------------------------- server
-
-class Server:
-    """A `loraserve serve` subprocess; its JSON log lines tell the port and when it is ready."""
-
-    def __init__(self, cfg: DemoConfig, work: Path):
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--model", cfg.model, "--host", "127.0.0.1",
-               "--port", "0", "--http-port", "-1", "--metrics-port", "-1", "--registry", str(work / "registry"),
-               "--log-level", "info"]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-        self.log_path = work / "server.log"
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True)
-        self.port = 0
-        self.events: list[dict] = []
-        self._cond = threading.Condition()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc.stderr is not None
-        with open(self.log_path, "w") as logf:
-            for line in self.proc.stderr:
-                logf.write(line)
-                logf.flush()
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(rec, dict):
-                    with self._cond:
-                        if rec.get("event") == "listening":
-                            self.port = int(rec["grpc_port"])
-                        self.events.append(rec)
-                        self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
-
-    def wait_serving(self, timeout: float = 600.0) -> None:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not any(e.get("event") == "serving" for e in self.events):
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"the server exited ({self.proc.returncode}); see {self.log_path}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise RuntimeError(f"the server was not serving after {timeout:.0f} s; see {self.log_path}")
-                self._cond.wait(min(left, 1.0))
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> Optional[int]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
-
-
 # ---------------------------------------------------------------- evaluation
 
 def exact(output: str, answer: str) -> bool:
@@ -264,10 +201,11 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     train_total = sum(r.train_seconds for r in results.values())
     train_cpu = sum(r.train_cpu_seconds for r in results.values())
     _say(f"\n== both adapters trained in {train_total:.0f} s ({train_cpu:.0f} CPU s); starting the server")
-    server = Server(cfg, work)
+    server = LocalServer(["--model", cfg.model, "--http-port", "-1", "--metrics-port", "-1",
+                          "--registry", str(work / "registry"), "--log-level", "info"], work / "server.log")
     try:
         t0 = time.perf_counter()
-        server.wait_serving()
+        server.wait_serving(600)
         start_s = time.perf_counter() - t0
         _say(f"   serving on {server.target} after {start_s:.0f} s")
         for task in TASKS:
@@ -279,7 +217,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         ev = evaluate(cfg, server.target, results)
     finally:
         if not cfg.keep_server:
-            server.stop()
+            server.stop(60)
     for r in results.values():
         _say(f"\n{r.task}: first eval examples")
         for s in r.samples:

@@ -1,7 +1,9 @@
-"""A real `loraserve serve` process for benchmarks: started on free ports, its JSON log kept, its memory read.
+"""A `loraserve serve` child process on loopback, for the tools that start their own server (the benchmarks,
+the trainer's demo).
 
-The ports come from the server's "listening" log line, readiness from its "serving" line (the same
-protocol the tests use); every log line is written to `<workdir>/server.log` as it arrives.
+Ports come from the server's "listening" log line (port 0 asks for any free one), readiness from its
+"serving" line: the protocol the tests read too. Every line of its JSON log is written to `log_path` as it
+arrives and kept in `events` when it parses.
 """
 from __future__ import annotations
 
@@ -16,19 +18,25 @@ import urllib.request
 from pathlib import Path
 from typing import Optional, Sequence
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
+# Listening flags the caller does not set itself: loopback, every port picked free by the server.
+_DEFAULT_FLAGS = (("--host", "127.0.0.1"), ("--port", "0"), ("--http-port", "0"), ("--metrics-port", "0"))
 
 
-class ServerProcess:
-    def __init__(self, workdir: Path, args: Sequence[str], env: Optional[dict[str, str]] = None):
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.workdir / "server.log"
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-               "--http-port", "0", "--metrics-port", "0", *args]
+def serve_command(args: Sequence[str]) -> list[str]:
+    """`python -m server.cli serve` with `args`, and the loopback/free-port flags `args` leaves out."""
+    given = {a.split("=", 1)[0] for a in args if a.startswith("--")}
+    defaults = [x for flag, value in _DEFAULT_FLAGS if flag not in given for x in (flag, value)]
+    return [sys.executable, "-m", "server.cli", "serve", *defaults, *args]
+
+
+class LocalServer:
+    def __init__(self, args: Sequence[str], log_path: Path, env: Optional[dict[str, str]] = None):
+        self.log_path = Path(log_path)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                     "PYTHONPATH": str(REPO), **(env or {})}
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(serve_command(args), cwd=REPO, env=full_env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True, bufsize=1)
         self.port = 0
         self.http_port = 0
@@ -60,14 +68,17 @@ class ServerProcess:
             self._cond.notify_all()
 
     def wait_serving(self, timeout: float = 900.0) -> None:
+        """Block until the server logs "serving"; raise (with its log's tail) if it exits or times out first."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while not any(e.get("event") == "serving" for e in self.events):
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"the server exited ({self.proc.returncode}); see {self.log_path}")
+                    raise RuntimeError(f"the server exited ({self.proc.returncode}); see {self.log_path}:\n"
+                                       f"{self.log_tail()}")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise RuntimeError(f"the server was not serving after {timeout:.0f} s; see {self.log_path}")
+                    raise RuntimeError(f"the server was not serving after {timeout:.0f} s; see {self.log_path}:\n"
+                                       f"{self.log_tail()}")
                 self._cond.wait(min(left, 1.0))
 
     @property
@@ -98,6 +109,12 @@ class ServerProcess:
         with self._cond:
             return [e for e in self.events if e.get("event") == "request"]
 
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
     def stop(self, timeout: float = 120.0) -> Optional[int]:
         return stop_process(self.proc, timeout)
 
@@ -112,12 +129,3 @@ def stop_process(proc: subprocess.Popen, timeout: float) -> Optional[int]:
             proc.kill()
             proc.wait(10)
     return proc.returncode
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far, all its threads (from /proc; 0 where it cannot be read)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
