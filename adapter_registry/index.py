@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Callable, Optional
 
-from .index_api import VersionRow
+from .index_api import VersionRow, adapters_quota_error, versions_quota_error
 
 __all__ = ["Index", "VersionRow"]
 
@@ -100,8 +100,6 @@ class Index:
         Quota checks run inside the same transaction, so two concurrent publishes cannot
         both slip under a limit (QuotaExceededError names the limit).
         """
-        from server.core.errors import QuotaExceededError  # local: keeps the module import light
-
         now = time.time()
         with self._lock:
             cur = self._db.cursor()
@@ -116,15 +114,11 @@ class Index:
                 if max_names is not None and live == 0:
                     n = cur.execute("SELECT COUNT(DISTINCT name) FROM versions WHERE tenant=?", (tenant,)).fetchone()[0]
                     if n >= max_names:
-                        raise QuotaExceededError(
-                            f"tenant {tenant!r} is at its quota of {max_names} stored adapters (max_adapters); "
-                            "delete one first")
+                        raise adapters_quota_error(tenant, max_names)
                 if max_versions is not None:
                     n = cur.execute("SELECT COUNT(*) FROM versions WHERE tenant=?", (tenant,)).fetchone()[0]
                     if n >= max_versions:
-                        raise QuotaExceededError(
-                            f"tenant {tenant!r} is at its quota of {max_versions} stored adapter versions "
-                            "(max_adapter_versions); delete old versions first")
+                        raise versions_quota_error(tenant, max_versions)
                 if r is None:
                     version = 1
                     cur.execute("INSERT INTO names(tenant, name, next_version, created_at) VALUES (?, ?, 2, ?)",

@@ -11,7 +11,22 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
+from server.core.errors import QuotaExceededError
+
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def adapters_quota_error(tenant: str, limit: int) -> QuotaExceededError:
+    """The refusal of a new adapter name past the tenant's `max_adapters` (the registry's early check and
+    both indexes' atomic one say the same)."""
+    return QuotaExceededError(f"tenant {tenant!r} is at its quota of {limit} stored adapters (max_adapters); "
+                              "delete one first")
+
+
+def versions_quota_error(tenant: str, limit: int) -> QuotaExceededError:
+    """The refusal of one more version past the tenant's `max_adapter_versions`."""
+    return QuotaExceededError(f"tenant {tenant!r} is at its quota of {limit} stored adapter versions "
+                              "(max_adapter_versions); delete old versions first")
 
 
 def is_index_url(location: object) -> bool:

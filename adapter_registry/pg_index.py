@@ -30,9 +30,9 @@ from typing import Any, Callable, Iterator, Optional
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from server.core.errors import QuotaExceededError, UnavailableError
+from server.core.errors import UnavailableError
 
-from .index_api import VersionRow
+from .index_api import VersionRow, adapters_quota_error, versions_quota_error
 
 log = logging.getLogger("loraserve.registry.pg")
 
@@ -264,15 +264,11 @@ class PgIndex:
                     n = conn.execute("SELECT COUNT(DISTINCT name) FROM loraserve.versions WHERE tenant = %s",
                                      (tenant,)).fetchone()[0]
                     if n >= max_names:
-                        raise QuotaExceededError(
-                            f"tenant {tenant!r} is at its quota of {max_names} stored adapters (max_adapters); "
-                            "delete one first")
+                        raise adapters_quota_error(tenant, max_names)
             if max_versions is not None:
                 n = conn.execute("SELECT COUNT(*) FROM loraserve.versions WHERE tenant = %s", (tenant,)).fetchone()[0]
                 if n >= max_versions:
-                    raise QuotaExceededError(
-                        f"tenant {tenant!r} is at its quota of {max_versions} stored adapter versions "
-                        "(max_adapter_versions); delete old versions first")
+                    raise versions_quota_error(tenant, max_versions)
             conn.execute("UPDATE loraserve.names SET next_version = %s WHERE tenant = %s AND name = %s",
                          (version + 1, tenant, name))
             conn.execute(f"INSERT INTO loraserve.versions({_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,7 +33,7 @@ from server.core.identity import AdapterVersion, version_ref
 from server.core.quotas import Quotas, QuotaSource
 from server.core.stats import RegistryStats, SharedIndexStats, added
 from server.core.errors import (AdapterInUseError, AdapterLoadError, AdapterNotFoundError, AdapterRejectedError,
-                           InvalidRequestError, PermissionDeniedError, QuotaExceededError, UnavailableError)
+                           InvalidRequestError, PermissionDeniedError, UnavailableError)
 from server.lora.weights import CONFIG_NAME, WEIGHTS_NAME, LoraWeights
 from server.model.config import ModelConfig
 
@@ -42,7 +41,7 @@ from .backends import open_backend
 from .cache import HostCache
 from .collector import ObjectCollector, Periodic
 from .ids import AdapterSelector, check_name, check_tenant, parse_adapter_id
-from .index_api import Change, VersionRow
+from .index_api import Change, VersionRow, adapters_quota_error, versions_quota_error
 from .store import content_digest
 from .validate import BIN_HINT, RegistryLimits, load_validated, validate_adapter
 
@@ -308,13 +307,11 @@ class Registry:
         """Refuse an over-quota upload before validating it (the index re-checks atomically)."""
         q = self._quotas(tenant)
         if q.max_adapter_versions is not None and self.index.count_versions(tenant) >= q.max_adapter_versions:
-            raise QuotaExceededError(f"tenant {tenant!r} is at its quota of {q.max_adapter_versions} stored "
-                                     "adapter versions (max_adapter_versions); delete old versions first")
+            raise versions_quota_error(tenant, q.max_adapter_versions)
         if q.max_adapters is not None and not self.index.versions(tenant, name):
             names = {r.name for r in self.index.versions(tenant)}
             if len(names) >= q.max_adapters:
-                raise QuotaExceededError(f"tenant {tenant!r} is at its quota of {q.max_adapters} stored "
-                                         "adapters (max_adapters); delete one first")
+                raise adapters_quota_error(tenant, q.max_adapters)
 
     # ---- lookup ------------------------------------------------------------------------------
 
