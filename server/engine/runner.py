@@ -67,8 +67,9 @@ class ModelRunner:
                 ids.extend(s.token_ids[c:])
                 pos.extend(range(c, total))
                 prefill_runs.append((start, n))
-                prefill_context.append(self.blocks.rows(s.blocks, 0, total).to(self.device) if c else None)
-                new_kv_rows.append(self.blocks.rows(s.blocks, c, total))
+                context_rows = self.blocks.rows(s.blocks, 0, total)
+                prefill_context.append(context_rows.to(self.device) if c else None)
+                new_kv_rows.append(context_rows[c:])
             else:
                 n = 1
                 p = len(s.token_ids) - 1

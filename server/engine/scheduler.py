@@ -18,9 +18,8 @@ need next and none has cached. The sequences waiting on it start in the very nex
 batching it with other shared prefixes would make them wait for all of those too (measured on a
 burst of 4 system prompts x 8 requests, first tokens of the requests that hit: the first prompt's
 at 0.8 s instead of 1.9 s, the median 1.5 s instead of 1.9 s, the last 2.0 s instead of 2.2 s;
-docs/benchmarks.md). Prompts nobody shares are
-batched as before, a skipped prefix is first in line for the next step, and without a prefix
-cache nothing changes.
+docs/benchmarks.md). Prompts nobody shares are batched as before, a skipped prefix is first in
+line for the next step, and without a prefix cache nothing changes.
 """
 from __future__ import annotations
 
@@ -216,9 +215,8 @@ class Scheduler:
         for seq in waiting:
             if len(self.running) >= self.max_batch_size:
                 break
-            hit = self._cached_prefix(seq)
-            nxt = seq.prefix_chain[len(hit)] if seq.prefix_chain is not None and len(hit) < len(seq.prefix_chain) \
-                else None
+            hit = self._cached_prefix(seq)  # again: an admission above may have evicted idle cached blocks
+            nxt = _next_block(seq, hit)
             if nxt is not None and nxt in computing:
                 continue  # its next block is being computed now: reuse it next step
             if nxt in shared and shared_started:
@@ -266,9 +264,8 @@ class Scheduler:
         seen: set[bytes] = set()
         shared: set[bytes] = set()
         for seq in waiting[:SHARED_PREFIX_SCAN]:
-            hit = self._cached_prefix(seq)
-            if seq.prefix_chain is not None and len(hit) < len(seq.prefix_chain):
-                nxt = seq.prefix_chain[len(hit)]
+            nxt = _next_block(seq, self._cached_prefix(seq))
+            if nxt is not None:
                 (shared if nxt in seen else seen).add(nxt)
         return shared
 
@@ -288,3 +285,10 @@ class Scheduler:
             seq.prefilled = True
             if self.prefix is not None and seq.prefix_chain is not None and seq.status == RUNNING:
                 self.prefix.insert(seq.prefix_chain, seq.blocks)
+
+
+def _next_block(seq: Sequence, hit: list[int]) -> Optional[bytes]:
+    """The name of the first prompt block a sequence must compute after its cached `hit` (None: no full
+    block left to compute, or no prefix cache)."""
+    chain = seq.prefix_chain
+    return chain[len(hit)] if chain is not None and len(hit) < len(chain) else None
