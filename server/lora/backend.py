@@ -22,6 +22,7 @@ import torch
 from server.lora.pool import AdapterPool
 from server.lora.segments import LoraSegments
 from server.model.config import Projection
+from server.model.fused_decode import NativeLora
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,11 @@ class LoraStep(ABC):
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, projection: Projection) -> torch.Tensor:
         """y += each row's adapter delta for the targets of `projection` (their outputs side by side in
         y, as it lists them), x the projection's input; in place, returns y."""
+
+    def native_decode(self) -> Optional[NativeLora]:
+        """The step as C calls for the model's fused decode driver (server/model/fused_decode.py), where the
+        backend has them and every row is a decode token; None otherwise (the model then calls `apply`)."""
+        return None
 
 
 class LoraBackend(ABC):

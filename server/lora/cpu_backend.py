@@ -9,6 +9,7 @@ instead (on the fp32 rows).
 """
 from __future__ import annotations
 
+import ctypes
 from typing import Optional
 
 import torch
@@ -17,7 +18,9 @@ from server.lora.backend import LoraBackend, LoraStep, StepRows
 from server.lora.cpu_kernel import CpuLoraKernel, KernelPlan
 from server.lora.pool import AdapterPool
 from server.lora.torch_backend import TorchBackend, TorchStep
+from server.model import fused_decode
 from server.model.config import PROJECTIONS, Projection
+from server.model.fused_decode import NativeLora
 
 
 class CpuKernelBackend(LoraBackend):
@@ -43,6 +46,12 @@ class CpuKernelBackend(LoraBackend):
                     plans.setdefault(config.projection((t,)),
                                      KernelPlan([(st.a_of(g), st.bt_of(g), st.scale[g], 0)], st.pages))
             self.plans.append(plans)
+        # The same plans as one table for the fused decode driver, in its projection order.
+        order = [config.projection(targets) for targets in PROJECTIONS]
+        self.native_plans = fused_decode.lora_plans([
+            (p.pages.data_ptr(), p.max_rank, p.in_features, p.count, p.address)
+            for layer in self.plans for p in (layer[proj] for proj in order)])
+        self.native_in_features = tuple(self.plans[0][proj].in_features for proj in order) if self.plans else ()
 
     def prepare_rows(self, rows: StepRows) -> "CpuKernelStep":
         return CpuKernelStep(self, rows)
@@ -57,6 +66,13 @@ class CpuKernelStep(LoraStep):
         self.prompt_blocks = kernel.prompt_blocks(rows.segments, rows.num_decode)
         kernel.check_slots(self.prompt_blocks[:, 2].contiguous(), rows.rank, any_plan)
         self._reference: Optional[TorchStep] = None  # prepared only if a projection needs it
+
+    def native_decode(self) -> Optional[NativeLora]:
+        rows, backend = self.rows, self.backend
+        if rows.num_decode != len(rows.adapter_slots) or not backend.native_in_features:
+            return None
+        return NativeLora(fused_decode.function_address(backend.kernel.decode_function), ctypes.addressof(
+            backend.native_plans), backend.native_in_features, self.decode_slots, rows.rank)
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, projection: Projection) -> torch.Tensor:
         kernel = self.backend.kernel

@@ -251,6 +251,7 @@ class CpuLoraKernel:
         fn.argtypes = [i, p, p, i, i, i, p, lg, p, lg, i, p]
         fn.restype = None
         self._fn = fn
+        self.decode_function = fn  # the decode call, for the fused decode driver (server/model/fused_decode.py)
         fp = lib.loraserve_prompt_bf16
         fp.argtypes = [i, p, p, i, i, i, p, lg, p, lg, i, p]
         fp.restype = None

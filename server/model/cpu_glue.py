@@ -1,4 +1,4 @@
-"""RoPE and RMSNorm in C for the dynamic int8 path on CPU: the small ops between a layer's big kernels.
+"""RoPE, RMSNorm and SiLU in C for the dynamic int8 path on CPU: the small ops between a layer's big kernels.
 
 Why: a decode step of 8 tokens spends a large part of its time between its kernels. RoPE on q
 and k is eight torch ops a layer, RMSNorm (with the residual add before it) seven, each a few
@@ -132,6 +132,56 @@ void lsq_rms_norm(int t, long n, const float* x, long xs, const float* r, long r
     else norm_row(n, x + (long)i * xs, ri, hi, w, eps, y + (long)i * ys, 8);
   }
 }
+
+/* out = silu(g) * u over t rows of n floats: torch's bits. torch computes silu as x / (1 + exp(-x)) with
+   SLEEF's expf (the u10 variant, fused multiply-adds), element by element, so the same steps in the same
+   order give the same floats; needs AVX2 and FMA (lsq_silu_ready says whether this build has them), and
+   loading checks the bits against torch's op before using it. */
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+static inline __m256 sleef_expf(__m256 d) {
+  const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(d, _mm256_set1_ps(1.442695040888963407359924681f)));
+  const __m256 qf = _mm256_cvtepi32_ps(q);
+  __m256 s = _mm256_fmadd_ps(qf, _mm256_set1_ps(-0.693145751953125f), d);
+  s = _mm256_fmadd_ps(qf, _mm256_set1_ps(-1.428606765330187045e-06f), s);
+  __m256 u = _mm256_set1_ps(0.000198527617612853646278381f);
+  u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(0.00139304355252534151077271f));
+  u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(0.00833336077630519866943359f));
+  u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(0.0416664853692054748535156f));
+  u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(0.166666671633720397949219f));
+  u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(0.5f));
+  u = _mm256_add_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(_mm256_mul_ps(s, s), u, s));
+  const __m256i q1 = _mm256_srai_epi32(q, 1), q2 = _mm256_sub_epi32(q, q1);  /* u * 2^q in two steps */
+  const __m256 p1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(q1, _mm256_set1_epi32(127)), 23));
+  const __m256 p2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(q2, _mm256_set1_epi32(127)), 23));
+  u = _mm256_mul_ps(_mm256_mul_ps(u, p1), p2);
+  u = _mm256_andnot_ps(_mm256_cmp_ps(d, _mm256_set1_ps(-104.f), _CMP_LT_OQ), u);
+  return _mm256_blendv_ps(u, _mm256_set1_ps(__builtin_inff()), _mm256_cmp_ps(_mm256_set1_ps(100.f), d, _CMP_LT_OQ));
+}
+
+static inline __m256 silu_mul8(__m256 x, __m256 u) {
+  const __m256 e = sleef_expf(_mm256_sub_ps(_mm256_setzero_ps(), x));
+  return _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), e)), u);
+}
+
+int lsq_silu_ready(void) { return 1; }
+
+/* torch's loop takes a row in vectors of V floats (twice its vector width) and the last n % V elements
+   one at a time through std::exp (glibc's expf); V is found at load like the norm's lanes. */
+void lsq_silu_mul(int t, long n, const float* g, long gs, const float* u, long us, float* y, long ys, int V) {
+  const long nv = n / V * V;
+  for (int i = 0; i < t; i++) {
+    const float *gi = g + (long)i * gs, *ui = u + (long)i * us;
+    float* yi = y + (long)i * ys;
+    for (long c = 0; c < nv; c += 8)
+      _mm256_storeu_ps(yi + c, silu_mul8(_mm256_loadu_ps(gi + c), _mm256_loadu_ps(ui + c)));
+    for (long c = nv; c < n; c++) yi[c] = (gi[c] / (1.f + expf(-gi[c]))) * ui[c];
+  }
+}
+#else
+int lsq_silu_ready(void) { return 0; }
+void lsq_silu_mul(int t, long n, const float* g, long gs, const float* u, long us, float* y, long ys, int V) {}
+#endif
 """
 
 MAX_HEAD_DIM = 1024  # lsq_rope keeps half a head on the stack twice
@@ -147,10 +197,16 @@ class CpuGlue:
         i, lg, p, f = ctypes.c_int, ctypes.c_long, ctypes.c_void_p, ctypes.c_float
         lib.lsq_rope.argtypes = [i, i, i, p, lg, p, p]
         lib.lsq_rms_norm.argtypes = [i, lg, p, lg, p, lg, p, lg, p, f, p, lg, i]
-        self._rope, self._norm = lib.lsq_rope, lib.lsq_rms_norm
+        lib.lsq_silu_mul.argtypes = [i, lg, p, lg, p, lg, p, lg, i]
+        self._rope, self._norm, self._silu_mul = lib.lsq_rope, lib.lsq_rms_norm, lib.lsq_silu_mul
+        self.lib = lib
         self.norm_lanes = self._matching_lanes()
         if self.norm_lanes is None:
             log.warning("CPU RMSNorm kernel: no lane width gives torch's bits here; torch's op serves")
+        self.silu_vector = self._matching_silu_vector() if lib.lsq_silu_ready() else None
+        self.silu_exact = self.silu_vector is not None
+        if not self.silu_exact:
+            log.warning("CPU SiLU kernel: not torch's bits here (or no AVX2/FMA); torch's ops serve")
 
     def rope_(self, x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """Rotate the first `heads` heads of each row of x [t, >= heads * head_dim] (fp32, unit
@@ -181,6 +237,30 @@ class CpuGlue:
                        0 if r is None else r.stride(0), None if r is None else h.data_ptr(), h.stride(0),
                        weight.data_ptr(), eps, y.data_ptr(), y.stride(0), lanes or self.norm_lanes)
         return h, y
+
+    def silu_mul(self, gu: torch.Tensor, inter: int, vector: Optional[int] = None) -> torch.Tensor:
+        """silu(gu[:, :inter]) * gu[:, inter:] as a new contiguous tensor, torch's bits; only where
+        `silu_exact` and `accepts(gu)`."""
+        t = gu.shape[0]
+        y = torch.empty(t, inter)
+        if t:
+            self._silu_mul(t, inter, gu.data_ptr(), gu.stride(0), gu.data_ptr() + 4 * inter, gu.stride(0),
+                           y.data_ptr(), inter, vector or self.silu_vector)
+        return y
+
+    def _matching_silu_vector(self) -> Optional[int]:
+        """The row chunk (32 or 16 floats) with which the kernel gives `F.silu(g) * u`'s bits on random
+        rows of every scale, with tails, infinities and NaN."""
+        g = torch.Generator().manual_seed(0)
+        rows = []
+        for n in (8, 13, 45, 1000, 1536):
+            gu = torch.randn(7, 2 * n, generator=g) * torch.logspace(-3, 2.3, 7)[:, None]
+            gu[0, :4] = torch.tensor([float("inf"), -float("inf"), float("nan"), -0.0])
+            rows.append((gu, n, (F.silu(gu[:, :n]) * gu[:, n:]).view(torch.int32)))
+        for vector in (32, 16):
+            if all(torch.equal(self.silu_mul(gu, n, vector).view(torch.int32), want) for gu, n, want in rows):
+                return vector
+        return None
 
     def _matching_lanes(self) -> Optional[int]:
         """The lane width (8 or 16) with which the kernel gives `F.rms_norm`'s bits on random rows."""

@@ -565,6 +565,11 @@ class DynamicInt8:
                                  wsum, ws, y.data_ptr(), n)
         return y if x.dim() == 2 else y.view(*shape[:-1], pw.out_features)
 
+    def scratch(self, m: int, kp: int) -> tuple[int, int]:
+        """Addresses of this thread's activation scratch for m rows of up to kp bytes and their m scales:
+        what `linear` passes the kernel, for a caller that calls it from C (server/model/fused_decode.py)."""
+        return self._scratch_ptr("q", m * kp, torch.uint8), self._scratch_ptr("s", m, torch.float32)
+
     def _scratch_ptr(self, name: str, n: int, dtype: torch.dtype) -> int:
         """Address of this thread's buffer `name` of at least n elements (grown, never shrunk)."""
         held = getattr(self._scratch, name, None)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.attention.sdpa import AttentionMetadata, paged_attention
-from server.model import cpu_glue
+from server.model import cpu_glue, fused_decode
 from server.model.config import ModelConfig, Projection
 from server.model.quant import make_linear, make_lm_head
 
@@ -27,6 +27,9 @@ class LoraDeltas(Protocol):
     `projection` lists them), given the projection's input x; returns y."""
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, projection: Projection) -> torch.Tensor: ...
+
+    def native_decode(self) -> Optional[fused_decode.NativeLora]:
+        """The step's LoRA as C calls for the fused decode driver, or None if it has none."""
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -139,8 +142,10 @@ class DecoderLayer(nn.Module):
         h, x = add_rms_norm(h, self._lora(self.o(o, attn.prompt_from), o, lora, self.o_parts), self.post_norm,
                             self.eps, self.glue)
         gu = self._lora(self.gate_up(x, attn.prompt_from), x, lora, self.gate_up_parts)
-        g, u = gu[:, :self.inter], gu[:, self.inter:]
-        a = F.silu(g) * u
+        if self.glue is not None and self.glue.silu_exact and self.glue.accepts(gu):
+            a = self.glue.silu_mul(gu, self.inter)
+        else:
+            a = F.silu(gu[:, :self.inter]) * gu[:, self.inter:]
         return h, self._lora(self.down(a, attn.prompt_from), a, lora, self.down_parts)
 
 
@@ -187,6 +192,8 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = rope_tables(config, self.max_len)
         self.register_buffer("cos", cos.to(device), persistent=False)
         self.register_buffer("sin", sin.to(device), persistent=False)
+        # All-decode steps through one C call where every kernel it makes is at hand (fused_decode.py).
+        self.fused = fused_decode.for_model(self)
 
     @classmethod
     def from_pretrained(cls, model_dir: Path, *, dtype: torch.dtype = torch.float32,
@@ -205,6 +212,12 @@ class LlamaForCausalLM(nn.Module):
         h = F.embedding(input_ids, self.embed)
         cos = self.cos.index_select(0, positions).to(self.dtype)
         sin = self.sin.index_select(0, positions).to(self.dtype)
+        if self.fused is not None and attn.all_decode and kv is not None and attn.slot_mapping is not None:
+            native = None if lora is None else lora.native_decode()
+            if (lora is None or native is not None) and self.fused.accepts_lora(native):
+                assert attn.decode_kv is not None
+                return self.fused.run(h, cos, sin, attn.slot_mapping, attn.decode_kv, attn.decode_lengths(), kv,
+                                      native)
         delta = None
         for i, layer in enumerate(self.layers):
             h, delta = layer(h, delta, cos, sin, attn, None if kv is None else (kv.k[i], kv.v[i]), lora)

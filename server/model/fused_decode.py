@@ -1,0 +1,277 @@
+"""A decode step's whole layer stack in one C call, on the int8 CPU path.
+
+Why: with the int8 base in C (server/model/int8_dynamic.py), the glue ops in C (cpu_glue.py), decode
+attention in C (server/attention/decode_kernel.py) and the LoRA in C (server/lora/cpu_kernel.py), a
+decode step of 8 tokens on SmolLM2 still spent about a third of its time in Python between those
+calls: 13 calls a layer, each with its argument checks, views, allocations and ctypes marshalling,
+30 layers a step. Here a small C driver makes the same calls, with the same arguments in the same
+order, for every layer: the kernels are the other libraries' own functions (their addresses handed
+over once), so a token's numbers are the layered path's bits (tested), and the layered path stays
+for every step with prompt tokens, for other devices and dtypes, and where any kernel is missing.
+
+The driver owns no arithmetic except copying each token's new K/V rows into the paged cache (what
+`index_copy_` did). The GIL is released for the whole stack (ctypes drops it for a call), so the
+server's other threads run meanwhile. LORASERVE_FUSED_DECODE=0 turns it off.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from server.attention import decode_kernel
+from server.core.native import NativeBuildError, build_and_load
+
+if TYPE_CHECKING:
+    from server.model.llama import KVCache, LlamaForCausalLM
+
+log = logging.getLogger(__name__)
+
+PROJECTION_COUNT = 4  # q/k/v, o, gate/up, down: the layer's base projections, in this order
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+
+typedef void (*linear_fn)(int m, int k, int kp, int b, const float* x, long xs, uint8_t* q, float* s, int n,
+                          const int8_t* wp, const int32_t* wsum, const float* ws, float* y, long ys);
+typedef void (*norm_fn)(int t, long n, const float* x, long xs, const float* r, long rs, float* h, long hs,
+                        const float* w, float eps, float* y, long ys, int W);
+typedef void (*rope_fn)(int t, int nr, int hd, float* x, long rs, const float* cos, const float* sin);
+typedef void (*silu_fn)(int t, long n, const float* g, long gs, const float* u, long us, float* y, long ys, int V);
+typedef void (*attn_fn)(int D, int nh, int nkv, int hd, const float* q, long qs, const float* kc, const float* vc,
+                        const int64_t* rows, long row_stride, const int32_t* len, float scale, float* out);
+typedef void (*lora_fn)(int n, const int64_t* slots, const int32_t* pages, int pages_stride, int r, int in,
+                        const float* x, long x_stride, float* y, long y_stride, int nt, const void* tg);
+
+typedef struct { int k, kp, b, n; const int8_t* wp; const int32_t* wsum; const float* ws; } linear_t;
+typedef struct { const float* in_norm; const float* post_norm; linear_t lin[4]; float* kc; float* vc; } layer_t;
+typedef struct { const int32_t* pages; int pages_stride; int in; int nt; const void* targets; } lora_plan_t;
+
+typedef struct {
+  linear_fn linear; norm_fn norm; rope_fn rope; silu_fn silu; attn_fn attn; lora_fn lora;
+  int layers, hidden, nh, nkv, hd, inter, norm_lanes, silu_vector;
+  float eps, attn_scale;
+  const layer_t* layer; const float* final_norm;
+} model_t;
+
+typedef struct {
+  int m;                                  /* decode tokens, one per sequence */
+  float* h;                               /* [m, hidden]: the embeddings in, the residual stream after */
+  const float* cos; const float* sin;     /* [m, hd] at each token's position */
+  const int64_t* new_rows;                /* [m] cache row of each token's K/V */
+  const int64_t* ctx_rows; long ctx_stride; const int32_t* ctx_len;  /* each sequence's context rows */
+  uint8_t* q8; float* qs8;                /* the int8 kernel's scratch: m * max kp bytes, m scales */
+  float *x, *qkv, *att, *o, *gu, *a, *d;  /* work rows */
+  float* out;                             /* [m, hidden]: the final norm */
+  const lora_plan_t* lora; const int64_t* slots; int rank;  /* lora NULL: no adapter in the step */
+} step_t;
+
+static void linear(const model_t* M, const linear_t* L, int m, const float* x, long xs, const step_t* S,
+                   float* y, long ys) {
+  M->linear(m, L->k, L->kp, L->b, x, xs, S->q8, S->qs8, L->n, L->wp, L->wsum, L->ws, y, ys);
+}
+
+static void lora(const model_t* M, const step_t* S, const lora_plan_t* P, const float* x, long xs, float* y,
+                 long ys) {
+  if (P) M->lora(S->m, S->slots, P->pages, P->pages_stride, S->rank, P->in, x, xs, y, ys, P->nt, P->targets);
+}
+
+/* The layered path's calls (server/model/llama.py DecoderLayer.forward), layer after layer. */
+void lsq_decode_layers(const model_t* M, const step_t* S) {
+  const int m = S->m, H = M->hidden, I = M->inter, qs = M->nh * M->hd, kvs = M->nkv * M->hd;
+  const long wq = qs + 2 * kvs, wgu = 2L * I;
+  const float* delta = 0;
+  for (int l = 0; l < M->layers; l++) {
+    const layer_t* L = M->layer + l;
+    const lora_plan_t* P = S->lora ? S->lora + 4 * l : 0;
+    M->norm(m, H, S->h, H, delta, H, S->h, H, L->in_norm, M->eps, S->x, H, M->norm_lanes);
+    linear(M, &L->lin[0], m, S->x, H, S, S->qkv, wq);
+    lora(M, S, P ? P + 0 : 0, S->x, H, S->qkv, wq);
+    M->rope(m, M->nh + M->nkv, M->hd, S->qkv, wq, S->cos, S->sin);
+    for (int i = 0; i < m; i++) {
+      memcpy(L->kc + S->new_rows[i] * kvs, S->qkv + i * wq + qs, sizeof(float) * kvs);
+      memcpy(L->vc + S->new_rows[i] * kvs, S->qkv + i * wq + qs + kvs, sizeof(float) * kvs);
+    }
+    M->attn(m, M->nh, M->nkv, M->hd, S->qkv, wq, L->kc, L->vc, S->ctx_rows, S->ctx_stride, S->ctx_len,
+            M->attn_scale, S->att);
+    linear(M, &L->lin[1], m, S->att, qs, S, S->o, H);
+    lora(M, S, P ? P + 1 : 0, S->att, qs, S->o, H);
+    M->norm(m, H, S->h, H, S->o, H, S->h, H, L->post_norm, M->eps, S->x, H, M->norm_lanes);
+    linear(M, &L->lin[2], m, S->x, H, S, S->gu, wgu);
+    lora(M, S, P ? P + 2 : 0, S->x, H, S->gu, wgu);
+    M->silu(m, I, S->gu, wgu, S->gu + I, wgu, S->a, I, M->silu_vector);
+    linear(M, &L->lin[3], m, S->a, I, S, S->d, H);
+    lora(M, S, P ? P + 3 : 0, S->a, I, S->d, H);
+    delta = S->d;
+  }
+  M->norm(m, H, S->h, H, delta, H, S->h, H, M->final_norm, M->eps, S->out, H, M->norm_lanes);
+}
+"""
+
+_p, _i, _l, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("k", _i), ("kp", _i), ("b", _i), ("n", _i), ("wp", _p), ("wsum", _p), ("ws", _p)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("in_norm", _p), ("post_norm", _p), ("lin", _Linear * PROJECTION_COUNT), ("kc", _p), ("vc", _p)]
+
+
+class LoraPlan(ctypes.Structure):
+    """One projection's LoRA as the CPU LoRA kernel's decode call takes it (server/lora/cpu_kernel.py)."""
+
+    _fields_ = [("pages", _p), ("pages_stride", _i), ("in_features", _i), ("count", _i), ("targets", _p)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [("linear", _p), ("norm", _p), ("rope", _p), ("silu", _p), ("attn", _p), ("lora", _p),
+                ("layers", _i), ("hidden", _i), ("nh", _i), ("nkv", _i), ("hd", _i), ("inter", _i),
+                ("norm_lanes", _i), ("silu_vector", _i), ("eps", _f), ("attn_scale", _f),
+                ("layer", _p), ("final_norm", _p)]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [("m", _i), ("h", _p), ("cos", _p), ("sin", _p), ("new_rows", _p), ("ctx_rows", _p),
+                ("ctx_stride", _l), ("ctx_len", _p), ("q8", _p), ("qs8", _p),
+                ("x", _p), ("qkv", _p), ("att", _p), ("o", _p), ("gu", _p), ("a", _p), ("d", _p), ("out", _p),
+                ("lora", _p), ("slots", _p), ("rank", _i)]
+
+
+@dataclass(frozen=True)
+class NativeLora:
+    """A decode step's LoRA for the driver: the CPU LoRA kernel's decode function, its plans for every
+    layer's projections ([layers * 4] `LoraPlan`s, q/k/v, o, gate/up, down), each token's slot and the
+    step's rank. `keep` holds whatever must outlive the call."""
+
+    function: int
+    plans: int
+    in_features: tuple[int, ...]  # of the 4 projections, checked against the model's once
+    slots: torch.Tensor  # int64 [m]
+    rank: int
+    keep: object = None
+
+
+def lora_plans(plans: list[tuple[int, int, int, int, int]]) -> ctypes.Array:
+    """A [layers * 4] table of `LoraPlan` from (pages address, pages row stride, in_features, targets count,
+    targets address) per layer and projection, in the driver's projection order."""
+    return (LoraPlan * len(plans))(*[LoraPlan(*p) for p in plans])
+
+
+def function_address(fn: ctypes._CFuncPtr) -> int:
+    return ctypes.cast(fn, ctypes.c_void_p).value or 0
+
+
+class FusedDecode:
+    """The driver bound to one model: its weights' pointers packed once; `run` per decode step."""
+
+    def __init__(self, lib: ctypes.CDLL, model: "LlamaForCausalLM"):
+        lib.lsq_decode_layers.argtypes = [_p, _p]
+        lib.lsq_decode_layers.restype = None
+        self._fn = lib.lsq_decode_layers
+        cfg = model.config
+        layers = list(model.layers)
+        first = layers[0]
+        glue, dyn = first.glue, first.qkv._dyn
+        attn = decode_kernel.load()
+        self.hidden, self.inter, self.hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+        self.dyn = dyn
+        self.max_kp = max(lin._pw.kp for layer in layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        self.in_features = (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.hidden_size, cfg.intermediate_size)
+        self._layers = (_Layer * len(layers))()
+        for dst, layer in zip(self._layers, layers):
+            dst.in_norm, dst.post_norm = layer.input_norm.data_ptr(), layer.post_norm.data_ptr()
+            for j, lin in enumerate((layer.qkv, layer.o, layer.gate_up, layer.down)):
+                pw = lin._pw
+                n, wp, wsum, ws = pw.call_args
+                dst.lin[j] = _Linear(pw.in_features, pw.kp, pw.block, n, wp, wsum, ws)
+        self._model = _Model(
+            function_address(dyn._lib.lsq_linear), function_address(glue._norm), function_address(glue._rope),
+            function_address(glue._silu_mul), function_address(attn._fn), 0,
+            len(layers), cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+            glue.norm_lanes, glue.silu_vector, cfg.rms_norm_eps, cfg.head_dim ** -0.5,
+            ctypes.addressof(self._layers), model.norm.data_ptr())
+        self._bound_kv: Optional[tuple[int, ...]] = None
+
+    @staticmethod
+    def supports(model: "LlamaForCausalLM") -> bool:
+        """Every layer on the dynamic int8 kernel without biases, fp32 on CPU, the glue (norm and SiLU with
+        torch's bits) and the decode attention kernel at hand."""
+        if model.dtype != torch.float32 or model.device.type != "cpu" or not len(model.layers):
+            return False
+        for layer in model.layers:
+            glue = layer.glue
+            if glue is None or glue.norm_lanes is None or not glue.silu_exact:
+                return False
+            for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                if lin.kernel != "dynamic" or getattr(lin, "bias", None) is not None:
+                    return False
+        attn = decode_kernel.load()
+        cfg = model.config
+        return attn is not None and cfg.head_dim % 16 == 0 and cfg.head_dim <= 256 and \
+            cfg.num_heads % cfg.num_kv_heads == 0 and cfg.num_heads // cfg.num_kv_heads <= decode_kernel.MAX_GROUP
+
+    def _bind(self, kv: "KVCache") -> None:
+        key = tuple(t.data_ptr() for t in (*kv.k, *kv.v))
+        if key != self._bound_kv:
+            for dst, k, v in zip(self._layers, kv.k, kv.v):
+                if not (k.is_contiguous() and v.is_contiguous() and k.dtype == v.dtype == torch.float32):
+                    raise ValueError("the fused decode reads contiguous fp32 caches")
+                dst.kc, dst.vc = k.data_ptr(), v.data_ptr()
+            self._bound_kv = key
+
+    def accepts_lora(self, lora: Optional[NativeLora]) -> bool:
+        return lora is None or tuple(lora.in_features) == self.in_features
+
+    def run(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, new_rows: torch.Tensor,
+            ctx_rows: torch.Tensor, ctx_len: torch.Tensor, kv: "KVCache", lora: Optional[NativeLora]
+            ) -> torch.Tensor:
+        """The final-norm hidden states [m, hidden] of m decode tokens (embeddings h, updated in place),
+        their K/V written at cache rows new_rows [m] and attending over ctx_rows [m, L] (ctx_len [m] real)."""
+        m, H, I = h.shape[0], self.hidden, self.inter
+        if not (h.is_contiguous() and cos.is_contiguous() and sin.is_contiguous() and new_rows.is_contiguous()
+                and new_rows.dtype == ctx_rows.dtype == torch.int64 and ctx_rows.stride(1) == 1
+                and ctx_len.dtype == torch.int32 and ctx_len.is_contiguous() and cos.shape == (m, self.hd)):
+            raise ValueError("fused decode: unexpected step tensors")
+        self._bind(kv)
+        out = torch.empty(m, H)
+        widths = (H, self._model.nh * self.hd + 2 * self._model.nkv * self.hd, self._model.nh * self.hd, H,
+                  2 * I, I, H)
+        work = torch.empty(m * sum(widths))
+        ptrs, at = [], work.data_ptr()
+        for w in widths:
+            ptrs.append(at)
+            at += 4 * m * w
+        q8, s8 = self.dyn.scratch(m, self.max_kp)
+        step = _Step(m, h.data_ptr(), cos.data_ptr(), sin.data_ptr(), new_rows.data_ptr(), ctx_rows.data_ptr(),
+                     ctx_rows.stride(0), ctx_len.data_ptr(), q8, s8, *ptrs, out.data_ptr(),
+                     lora.plans if lora else 0, lora.slots.data_ptr() if lora else 0, lora.rank if lora else 0)
+        if lora is not None:
+            self._model.lora = lora.function
+        self._fn(ctypes.byref(self._model), ctypes.byref(step))
+        return out
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> Optional[ctypes.CDLL]:
+    try:
+        return build_and_load("fused_decode", _SOURCE, ("-O2", "-shared", "-fPIC"))
+    except NativeBuildError as e:
+        log.warning("fused decode driver unavailable (%s); the layered path serves", e)
+        return None
+
+
+def for_model(model: "LlamaForCausalLM") -> Optional[FusedDecode]:
+    """The driver for `model`, or None where it does not apply (see `FusedDecode.supports`) or
+    LORASERVE_FUSED_DECODE=0 turns it off."""
+    if os.environ.get("LORASERVE_FUSED_DECODE", "1") == "0" or not FusedDecode.supports(model):
+        return None
+    lib = _library()
+    return None if lib is None else FusedDecode(lib, model)
