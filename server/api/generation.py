@@ -50,6 +50,7 @@ class ServingState:
     # Called around each generate with (tenant, prompt_tokens, max_new_tokens); returns a release callable.
     admit: Optional[Callable[[str, int, int], Callable[[int], None]]] = None
     stalls: Optional[StallMonitor] = None  # aborts streams whose client stopped reading
+    stream_interval: int = 1  # tokens a streamed message carries (--stream-interval)
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -159,9 +160,9 @@ class Generation:
     def adapter(self) -> Optional[AdapterVersion]:
         return self.request.adapter
 
-    def _submit(self, engine: Any) -> None:
+    def _submit(self, engine: Any, stream_interval: int = 1) -> None:
         self._engine = engine
-        self._stream = engine.submit(self.request, loop=asyncio.get_running_loop())
+        self._stream = engine.submit(self.request, loop=asyncio.get_running_loop(), stream_interval=stream_interval)
 
     async def deltas(self, coalesce: bool = False) -> AsyncIterator[Delta]:
         """The engine's deltas; an engine error is raised (after it is counted) as its typed error.
@@ -218,8 +219,9 @@ class GenerationService:
         self.metrics = metrics
 
     def start(self, method: str, make_input: Callable[[], GenerateInput], tenant_of: Callable[[], str],
-              client_id: str = "") -> Generation:
+              client_id: str = "", stream: bool = False) -> Generation:
         """Submit one engine request; raise a typed error (already counted and logged) if refused.
+        `stream`: the client reads tokens as they come (then `--stream-interval` groups them).
 
         `make_input` and `tenant_of` are called here, after the serving check, so that their
         errors (a malformed message, a bad key) are counted like every other refusal.
@@ -241,7 +243,7 @@ class GenerationService:
             gen = Generation(self.state, record, request, record.client_id)
             if self.state.admit is not None:
                 gen._release = self.state.admit(tenant, len(request.prompt_token_ids), request.params.max_new_tokens)
-            gen._submit(engine)
+            gen._submit(engine, self.state.stream_interval if stream else 1)
             return gen
         except Exception as e:  # noqa: BLE001 - counted, then the front-end maps it
             if isinstance(e, InvalidRequestError):

@@ -41,7 +41,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         try:
             gen = self.service.start(
                 method, lambda: translate.generate_input(req, self.state.default_max_new_tokens),
-                lambda: self.state.tenant_of(context), client_id=req.request_id)
+                lambda: self.state.tenant_of(context), client_id=req.request_id, stream=method == "GenerateStream")
         except Exception as e:  # noqa: BLE001 - already counted; every error becomes a status
             await context.abort(*status_for(e))
         try:

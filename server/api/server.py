@@ -71,7 +71,7 @@ class LoraServer:
         self.cfg = cfg
         self.metrics = ServerMetrics(cfg.server.metrics_adapter_labels)
         self.state = ServingState(default_max_new_tokens=cfg.server.default_max_new_tokens,
-                                  model_name=cfg.engine.model)
+                                  model_name=cfg.engine.model, stream_interval=cfg.server.stream_interval)
         self.state.stalls = StallMonitor(cfg.server.stalled_stream_timeout, on_abort=self.metrics.stalled_streams.inc)
         self.health = HealthServicer()
         self.engine: Optional[Any] = None

@@ -74,6 +74,10 @@ class ServerConfig:
     metrics_adapter_labels: int = knob(32, help="distinct adapter label values in metrics before the rest count as "
                                                 "'other'", lo=0)
     log_level: str = knob("info", help="debug | info | warning | error", choices=("debug", "info", "warning", "error"))
+    stream_interval: int = knob(1, lo=1, hi=256, help="tokens a streamed message carries: a stream's first token goes "
+                                                      "out at once, then a message every this many tokens, and the "
+                                                      "last at once (1 = every token; more = fewer messages, less "
+                                                      "CPU a streamed token, coarser arrival)")
     stalled_stream_timeout: float = knob(30.0, lo=0, help="seconds a streamed response may wait on a client that reads "
                                          "nothing before its request is aborted (KV blocks and adapter slot freed); "
                                          "0 = wait forever")

@@ -170,7 +170,10 @@ class Engine:
         request.params.validate(len(request.prompt_token_ids), self.max_model_len)
         check_request_id(request.request_id)
 
-    def submit(self, request: Request, loop: Optional[asyncio.AbstractEventLoop] = None) -> RequestStream:
+    def submit(self, request: Request, loop: Optional[asyncio.AbstractEventLoop] = None,
+               stream_interval: int = 1) -> RequestStream:
+        """Queue `request`; its deltas come through the returned stream (on `loop` for async consumers),
+        grouped `stream_interval` tokens at a time after the first (RequestStream)."""
         if not self._accepting:
             raise UnavailableError("the engine is not accepting requests (starting or shutting down)")
         if not request.request_id:
@@ -182,7 +185,7 @@ class Engine:
             if len(self._live) - len(self.scheduler.running) >= self.config.max_waiting:
                 raise CapacityError(f"the waiting queue is full ({self.config.max_waiting} requests); retry later")
             self._live.add(request.request_id)
-        stream = RequestStream(request.request_id, loop)
+        stream = RequestStream(request.request_id, loop, stream_interval=stream_interval)
         p = request.params
         seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         seq = Sequence(

@@ -10,7 +10,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Iterator, Optional
+from typing import AsyncIterator, Iterator, Optional
 
 from server.core.errors import InvalidRequestError
 from server.core.identity import AdapterVersion
@@ -173,8 +173,13 @@ class RequestStream:
     """
 
     def __init__(self, request_id: str, loop: Optional[asyncio.AbstractEventLoop] = None,
-                 max_queued: int = MAX_QUEUED_DELTAS):
+                 max_queued: int = MAX_QUEUED_DELTAS, stream_interval: int = 1):
         self.request_id = request_id
+        # After the first token, the engine's deltas are handed over stream_interval tokens at a time (the last at
+        # once): fewer wake-ups of the consumer's loop and fewer messages, each carrying several tokens.
+        self._interval = max(1, int(stream_interval))
+        self._held: Optional[Delta] = None  # what the interval holds back (engine thread only)
+        self._first_out = False
         self._loop = loop
         self._aq: Optional[asyncio.Queue] = asyncio.Queue() if loop is not None else None
         self._q: "queue.SimpleQueue[Delta]" = queue.SimpleQueue()
@@ -190,6 +195,21 @@ class RequestStream:
         """Hand `delta` to the consumer; with `batch`, at the batch's flush (async consumers only)."""
         if self._done.is_set():
             return
+        if self._interval > 1:
+            if delta.error is not None:  # the tokens before an error still reach the consumer, then the error
+                if self._held is not None:
+                    self._hand(self._held, batch)
+                    self._held = None
+            else:
+                held = delta if self._held is None else merge_deltas(self._held, delta)
+                if self._first_out and not held.finished and len(held.token_ids) < self._interval:
+                    self._held = held
+                    return
+                self._held, delta = None, held
+                self._first_out = self._first_out or bool(delta.token_ids)
+        self._hand(delta, batch)
+
+    def _hand(self, delta: Delta, batch: Optional[DeltaBatch]) -> None:
         if delta.finished:
             self._done.set()
         if self._aq is not None and self._loop is not None:

@@ -42,13 +42,13 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.requests: list[Any] = []
 
-    def submit(self, request, loop=None) -> RequestStream:
+    def submit(self, request, loop=None, stream_interval=1) -> RequestStream:
         self.requests.append(request)
         if request.prompt_token_ids == FakeTokenizer()("boom")["input_ids"]:
             raise RuntimeError("/internal/path exploded")
         if request.prompt_token_ids == FakeTokenizer()("full")["input_ids"]:
             raise CapacityError("the waiting queue is full (1 requests); retry later")
-        stream = RequestStream(request.request_id, loop)
+        stream = RequestStream(request.request_id, loop, stream_interval=stream_interval)
         slow = request.prompt_token_ids == FakeTokenizer()("slow")["input_ids"]
         n = request.params.max_new_tokens
         a = request.adapter

@@ -169,3 +169,40 @@ def test_coalesced_after_a_stall_gets_every_token_in_order_in_few_messages():
     got = asyncio.run(asyncio.wait_for(main(), 30))
     assert [t for d in got for t in d.token_ids] == list(range(1000))
     assert len(got) <= 2 and got[-1].finish_reason == "length"
+
+
+def test_a_stream_interval_sends_the_first_token_at_once_then_groups_and_flushes_the_last():
+    """--stream-interval 3: a keeping-up consumer sees the first token alone, then three at a time, then the rest
+    with the finish; nothing lost or reordered, the finish never held back."""
+    async def main():
+        stream = RequestStream("r", asyncio.get_running_loop(), stream_interval=3)
+        got = []
+
+        async def consume():
+            async for d in stream:
+                got.append(d)
+
+        task = asyncio.ensure_future(consume())
+        for i in range(8):
+            stream.put(_delta(i, i == 7))
+            await asyncio.sleep(0)
+        await asyncio.wait_for(task, 5)
+        return got
+
+    got = asyncio.run(main())
+    assert [d.token_ids for d in got] == [[0], [1, 2, 3], [4, 5, 6], [7]]
+    assert "".join(d.text for d in got) == "".join(f"<{i}>" for i in range(8))
+    assert got[-1].finish_reason == "length" and got[-1].completion_tokens == 8
+    assert [lp.token_id for d in got for lp in d.logprobs] == list(range(8))
+
+
+def test_a_stream_interval_hands_over_held_tokens_before_an_error():
+    s = RequestStream("r", None, stream_interval=4)
+    for i in range(3):
+        s.put(_delta(i))
+    s.put(Delta("r", [], "", "error", error=RuntimeError("boom")))
+    seen = []
+    with pytest.raises(RuntimeError, match="boom"):
+        for d in s:
+            seen.append(d.token_ids)
+    assert seen == [[0], [1, 2]]

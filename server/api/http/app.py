@@ -141,14 +141,16 @@ class OpenAIApi:
         except ValidationError as e:
             raise validation_error(e) from None
 
-    def _start(self, method: str, inputs: list[GenerateInput], caller: Caller, model: str) -> list[Generation]:
+    def _start(self, method: str, inputs: list[GenerateInput], caller: Caller, model: str,
+               stream: bool = False) -> list[Generation]:
         """Start every choice; all choices run on the adapter version the first one resolved."""
         gens: list[Generation] = []
         try:
             for i, inp in enumerate(inputs):
                 if i and gens[0].adapter is not None:
                     inp.adapter_id = gens[0].adapter.ref
-                gens.append(self.service.start(method, lambda inp=inp: inp, lambda: caller.acting_for))
+                gens.append(self.service.start(method, lambda inp=inp: inp, lambda: caller.acting_for,
+                                               stream=stream))
         except BaseException as e:
             for g in gens:
                 g.close()
@@ -235,7 +237,7 @@ class OpenAIApi:
             caller = self._caller(request)
             body: CompletionRequest = await self._body(request, CompletionRequest)
             inputs = convert.completion_inputs(body, self.ctx.names, self.ctx.state.default_max_new_tokens)
-            gens = self._start("Completions", inputs, caller, body.model)
+            gens = self._start("Completions", inputs, caller, body.model, body.stream)
         except Exception as e:  # noqa: BLE001
             return error_response(e)
         model = self.ctx.names.served(gens[0])
@@ -309,7 +311,7 @@ class OpenAIApi:
             caller = self._caller(request)
             body: ChatCompletionRequest = await self._body(request, ChatCompletionRequest)
             inputs = convert.chat_inputs(body, self.ctx.names, self.ctx.state.default_max_new_tokens)
-            gens = self._start("ChatCompletions", inputs, caller, body.model)
+            gens = self._start("ChatCompletions", inputs, caller, body.model, body.stream)
         except Exception as e:  # noqa: BLE001
             return error_response(e)
         model = self.ctx.names.served(gens[0])
