@@ -170,6 +170,7 @@ int lsq_silu_ready(void) { return 1; }
    one at a time through std::exp (glibc's expf); V is found at load like the norm's lanes. */
 void lsq_silu_mul(int t, long n, const float* g, long gs, const float* u, long us, float* y, long ys, int V) {
   const long nv = n / V * V;
+  #pragma omp parallel for schedule(static) if((long)t * n >= 65536)  /* a prefill's rows over the threads */
   for (int i = 0; i < t; i++) {
     const float *gi = g + (long)i * gs, *ui = u + (long)i * us;
     float* yi = y + (long)i * ys;
