@@ -227,6 +227,12 @@ class FusedDecode:
                 dst.kc, dst.vc = k.data_ptr(), v.data_ptr()
             self._bound_kv = key
 
+    @staticmethod
+    def accepts_context(length: int) -> bool:
+        """Contexts the decode attention kernel takes (its scores live on the stack); longer ones take the
+        layered path, whose attention then runs on torch's SDPA."""
+        return length <= decode_kernel.MAX_CONTEXT
+
     def accepts_lora(self, lora: Optional[NativeLora]) -> bool:
         return lora is None or tuple(lora.in_features) == self.in_features
 

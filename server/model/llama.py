@@ -212,10 +212,10 @@ class LlamaForCausalLM(nn.Module):
         h = F.embedding(input_ids, self.embed)
         cos = self.cos.index_select(0, positions).to(self.dtype)
         sin = self.sin.index_select(0, positions).to(self.dtype)
-        if self.fused is not None and attn.all_decode and kv is not None and attn.slot_mapping is not None:
+        if (self.fused is not None and attn.all_decode and kv is not None and attn.slot_mapping is not None
+                and attn.decode_kv is not None and self.fused.accepts_context(attn.decode_kv.shape[1])):
             native = None if lora is None else lora.native_decode()
             if (lora is None or native is not None) and self.fused.accepts_lora(native):
-                assert attn.decode_kv is not None
                 return self.fused.run(h, cos, sin, attn.slot_mapping, attn.decode_kv, attn.decode_lengths(), kv,
                                       native)
         delta = None

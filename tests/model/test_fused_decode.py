@@ -139,3 +139,23 @@ def test_the_driver_applies_only_to_the_int8_cpu_model(model, tmp_path, monkeypa
     assert LlamaForCausalLM.from_pretrained(d, quantize="none").fused is None  # the PEFT-exact path stays torch's
     monkeypatch.setenv("LORASERVE_FUSED_DECODE", "0")
     assert LlamaForCausalLM.from_pretrained(d, quantize="int8").fused is None
+
+
+def test_a_context_past_the_attention_kernels_reach_decodes_on_torchs_attention(model, monkeypatch):
+    """The kernel keeps a context's scores on the stack: past MAX_CONTEXT neither the driver nor the kernel takes
+    the step; torch's SDPA does, with the same result to rounding (here the bound is lowered to 20 tokens)."""
+    from server.attention import decode_kernel
+
+    lengths = [30, 10]
+    steps = [[(0, 5, 31), (1, 6, 11)]]
+    kv = _primed_cache(model, lengths)
+    want = _step(model, _clone(kv), [], steps[0])
+    calls = []
+    real = decode_kernel.DecodeAttention.__call__
+    monkeypatch.setattr(decode_kernel, "MAX_CONTEXT", 20)
+    monkeypatch.setattr(decode_kernel.DecodeAttention, "__call__", lambda *a: calls.append(1) or real(*a))
+    fused = fused_decode.FusedDecode.run
+    monkeypatch.setattr(fused_decode.FusedDecode, "run", lambda *a: calls.append(2) or fused(*a))
+    got = _step(model, kv, [], steps[0])
+    assert not calls, "neither the driver nor the kernel ran the long context"
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
