@@ -1,8 +1,8 @@
-"""The CPU kernel backend: every row of every step through the bf16 C kernels (`cpu_kernel.py`).
+"""The CPU kernel backend: every row of every step through the bf16 or int8 C kernels (`cpu_kernel.py`).
 
 Decode rows (first in the step) go one token at a time, prompt rows in blocks of up to 4 tokens of
 one adapter; one call of each per base projection (q/k/v and gate/up read x once for their targets),
-on `KernelPlan`s packed here once at start-up over the pool's bf16 copies of the rank rows and its page
+on `KernelPlan`s packed here once at start-up over the pool's bf16 or int8 copies of the rank rows and its page
 table. A token's LoRA arithmetic depends on its kind (decode or prompt), never on the rest of its batch.
 A projection the plans do not cover, or activations the kernel cannot read, take the torch reference
 instead (on the fp32 rows).
@@ -28,9 +28,10 @@ class CpuKernelBackend(LoraBackend):
 
     def __init__(self, pool: AdapterPool, kernel: CpuLoraKernel):
         super().__init__(pool)
-        copies = pool.bf16_stacks
+        copies = pool.kernel_stacks
         if copies is None:
-            raise ValueError("the CPU kernel backend reads the pool's bf16 copies: AdapterPool(bf16_copies=True)")
+            raise ValueError("the CPU kernel backend reads the pool's bf16 or int8 copies: "
+                             "AdapterPool(kernel_copies=...)")
         self.kernel = kernel
         self.reference = TorchBackend(pool)
         # Each projection's plan, and each of its targets alone, per layer; keyed like the model's projections.
@@ -40,11 +41,18 @@ class CpuKernelBackend(LoraBackend):
             plans = {}
             for targets in PROJECTIONS:
                 st = layer[targets]
+
+                def row_scales(gs: list[int], st=st) -> Optional[list[tuple[torch.Tensor, torch.Tensor]]]:
+                    if st.a_scale is None or st.bt_scale is None:
+                        return None
+                    return [(st.a_scale[g], st.bt_scale[g]) for g in gs]
+
                 plans[config.projection(targets)] = KernelPlan(
-                    [(st.a_of(g), st.bt_of(g), st.scale[g], off) for g, off in enumerate(st.offsets[:-1])], st.pages)
+                    [(st.a_of(g), st.bt_of(g), st.scale[g], off) for g, off in enumerate(st.offsets[:-1])], st.pages,
+                    row_scales(list(range(len(targets)))))
                 for g, t in enumerate(targets):
                     plans.setdefault(config.projection((t,)),
-                                     KernelPlan([(st.a_of(g), st.bt_of(g), st.scale[g], 0)], st.pages))
+                                     KernelPlan([(st.a_of(g), st.bt_of(g), st.scale[g], 0)], st.pages, row_scales([g])))
             self.plans.append(plans)
         # The same plans as one table for the fused decode driver, in its projection order.
         order = [config.projection(targets) for targets in PROJECTIONS]
@@ -52,6 +60,7 @@ class CpuKernelBackend(LoraBackend):
             (p.pages.data_ptr(), p.max_rank, p.in_features, p.count, p.address)
             for layer in self.plans for p in (layer[proj] for proj in order)])
         self.native_in_features = tuple(self.plans[0][proj].in_features for proj in order) if self.plans else ()
+        self.weights = copies.dtype  # bf16 or int8: which kernels run
 
     def prepare_rows(self, rows: StepRows) -> "CpuKernelStep":
         return CpuKernelStep(self, rows)
@@ -71,7 +80,7 @@ class CpuKernelStep(LoraStep):
         rows, backend = self.rows, self.backend
         if rows.num_decode != len(rows.adapter_slots) or not backend.native_in_features:
             return None
-        return NativeLora(fused_decode.function_address(backend.kernel.decode_function), ctypes.addressof(
+        return NativeLora(fused_decode.function_address(backend.kernel.decode_function(backend.weights)), ctypes.addressof(
             backend.native_plans), backend.native_in_features, self.decode_slots, rows.rank)
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, projection: Projection) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Small C kernels for CPU LoRA where the base is quantized, reading bf16 copies of the adapters' rank rows.
+"""Small C kernels for CPU LoRA where the base is quantized, reading bf16 or int8 copies of the adapters' rank rows.
 
 A decode step of distinct adapters reads every adapter in the batch: 157 MB of fp32 LoRA
 weights per step for 8 rank-16 adapters on SmolLM2, more than the int8 base itself. The
@@ -26,6 +26,10 @@ rank-8 reads in a step whose largest rank is 32.
 Rounding adapter weights to bf16 (8 mantissa bits) is what GPU servers do when the model
 runs in bf16; here it is used only where the base is already quantized
 (`EngineConfig.lora_decode_dtype = "auto"`), never in the PEFT-exact `--quantize none` setting.
+`--lora-decode-dtype int8` halves the bytes again: each rank row of A and of B^T as int8 with one fp32
+scale (max |value| / 127, `stacks.quantize_rows`), folded into the rank's intermediate value, so the
+kernels are the bf16 ones with another element type (one C template, two instances; the bf16 instance
+multiplies by a constant 1, so its bits are unchanged).
 
 Built once per machine by `server/core/native.py` (gcc or cc, `-O3 -march=native -fopenmp`) into `kernels/` under the
 engine's home (`--home`) and loaded with ctypes after torch, so its OpenMP calls bind to
@@ -48,63 +52,73 @@ from server.lora.segments import LoraSegments
 
 log = logging.getLogger(__name__)
 
-_SOURCE = r"""
+_HEADER = r"""
 #include <stdint.h>
 #include <string.h>
 static inline float bf(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 
 /* One targeted linear of a group that reads the same x (q/k/v, gate/up, or one alone): its rank rows
-   A: row p at a + p * a_row (in values), B^T: row p at bt + p * bt_row (out values), bf16; scale: [slots]
-   fp32; its output columns are y[:, y_off : y_off + out]. Slot s's rank j is row pages[s * R + j]. */
+   A: row p at a + p * a_row (in values), B^T: row p at bt + p * bt_row (out values), bf16 or int8; scale:
+   [slots] fp32; its output columns are y[:, y_off : y_off + out]. Slot s's rank j is row pages[s * R + j].
+   int8 rows carry one fp32 scale each (a_sc[p], bt_sc[p]; NULL for bf16 rows). */
 typedef struct {
-  const uint16_t* a; long a_row;
-  const uint16_t* bt; long bt_row;
+  const void* a; long a_row;
+  const void* bt; long bt_row;
   const float* scale;
   long out; long y_off;
+  const float* a_sc; const float* bt_sc;
 } lora_target;
 
 /* A slot's rank in this step: r, less the page-table entries past its own rank (row 0, the zero row,
    which adds nothing; only a slot's last entries are 0). */
 static inline int slot_rank(const int32_t* pg, int r) { while (r > 0 && pg[r - 1] == 0) r--; return r; }
 
+static inline void prefetch_bytes(const void* row, long bytes) {
+  for (long l = 0; l < bytes; l += 64) __builtin_prefetch((const char*)row + l);
+}
+typedef float v8f __attribute__((vector_size(32)));
+"""
+
+# The kernels, written once for a weight type: WT (the element), W(h) (an element as a float), RS_A / RS_B (a
+# row's scale: 1 for bf16, so the bf16 bits are those of the kernels before int8 rows existed).
+_KERNELS = r"""
 /* v[j] = sc * x . A[pg[j]] and y[o] += sum_j v[j] * B^T[pg[j]][o], a row at a time. Blocking four
    rows per pass (four accumulator chains, one pass over y) measured slower here: 4.6 ms a
-   SmolLM2 step against 3.7 ms, the loop is bound by streaming the bf16 rows, not by FMA latency. */
-static inline void prefetch_row(const uint16_t* row, long values) {
-  for (long l = 0; l < values * 2; l += 64) __builtin_prefetch((const char*)row + l);
-}
-
-/* Each row prefetches the next one it will read (A's next rank row, then B^T's first): an adapter's rows
+   SmolLM2 step against 3.7 ms, the loop is bound by streaming the rows, not by FMA latency.
+   Each row prefetches the next one it will read (A's next rank row, then B^T's first): an adapter's rows
    are short streams (1-3 KB) the hardware prefetcher picks up late; measured on SmolLM2 decode steps of 8
    distinct rank-16 adapters, the kernel's time a step went from 6.6-6.8 ms to 5.2 ms (and to 4.7-5.0 ms with
    the next target's first row asked for during an expand). */
-static void shrink(const float* x, const lora_target* T, const int32_t* pg, int r, int in, float sc, float* v) {
+static void shrink_@SUF@(const float* x, const lora_target* T, const int32_t* pg, int r, int in, float sc, float* v) {
+  const WT* A = (const WT*)T->a;
+  const WT* BT = (const WT*)T->bt;
   for (int j = 0; j < r; j++) {
-    const uint16_t* row = T->a + (long)pg[j] * T->a_row;
-    if (j + 1 < r) prefetch_row(T->a + (long)pg[j + 1] * T->a_row, in);
-    else prefetch_row(T->bt + (long)pg[0] * T->bt_row, T->out);
+    const WT* row = A + (long)pg[j] * T->a_row;
+    if (j + 1 < r) prefetch_bytes(A + (long)pg[j + 1] * T->a_row, in * (long)sizeof(WT));
+    else prefetch_bytes(BT + (long)pg[0] * T->bt_row, T->out * (long)sizeof(WT));
     float acc = 0.f;
     #pragma omp simd reduction(+:acc)
-    for (int i = 0; i < in; i++) acc += x[i] * bf(row[i]);
-    v[j] = acc * sc;
+    for (int i = 0; i < in; i++) acc += x[i] * W(row[i]);
+    v[j] = acc * sc * RS_A(T, pg[j]);
   }
 }
 
-static void expand(const float* v, const lora_target* T, const int32_t* pg, int r, float* y) {
+static void expand_@SUF@(const float* v, const lora_target* T, const int32_t* pg, int r, float* y) {
+  const WT* BT = (const WT*)T->bt;
   const int out = (int)T->out;
   for (int j = 0; j < r; j++) {
-    const uint16_t* row = T->bt + (long)pg[j] * T->bt_row;
-    if (j + 1 < r) prefetch_row(T->bt + (long)pg[j + 1] * T->bt_row, out);
-    const float vj = v[j];
+    const WT* row = BT + (long)pg[j] * T->bt_row;
+    if (j + 1 < r) prefetch_bytes(BT + (long)pg[j + 1] * T->bt_row, out * (long)sizeof(WT));
+    const float vj = v[j] * RS_B(T, pg[j]);
     #pragma omp simd
-    for (int o = 0; o < out; o++) y[o] += vj * bf(row[o]);
+    for (int o = 0; o < out; o++) y[o] += vj * W(row[o]);
   }
 }
 
 /* For each of n decode tokens t with slot s = slots[t] != 0 and each target g:
    y[t, g.y_off:][:g.out] += scale_g[s] * (x[t] . A_g,s^T) . B_g,s^T over the first r ranks. */
-void loraserve_decode_bf16(int n, const int64_t* slots, const int32_t* pages, int pages_stride, int r, int in,
-                           const float* x, long x_stride, float* y, long y_stride, int nt, const lora_target* tg) {
+void loraserve_decode_@SUF@(int n, const int64_t* slots, const int32_t* pages, int pages_stride, int r, int in,
+                            const float* x, long x_stride, float* y, long y_stride, int nt, const lora_target* tg) {
   #pragma omp parallel for schedule(static) if(n > 1)
   for (int t = 0; t < n; t++) {
     const long s = slots[t];
@@ -116,24 +130,25 @@ void loraserve_decode_bf16(int n, const int64_t* slots, const int32_t* pages, in
     float* ys = y + t * y_stride;
     for (int g = 0; g < nt; g++) {
       const lora_target* T = tg + g;
-      shrink(xs, T, pg, rs, in, T->scale[s], v);
+      shrink_@SUF@(xs, T, pg, rs, in, T->scale[s], v);
       /* while this target expands, the next one's first A row (or the next token's) comes in */
-      if (g + 1 < nt) prefetch_row(tg[g + 1].a + (long)pg[0] * tg[g + 1].a_row, in);
+      if (g + 1 < nt) prefetch_bytes((const WT*)tg[g + 1].a + (long)pg[0] * tg[g + 1].a_row, in * (long)sizeof(WT));
       else if (t + 1 < n && slots[t + 1] != 0)
-        prefetch_row(tg[0].a + (long)pages[slots[t + 1] * pages_stride] * tg[0].a_row, in);
-      expand(v, T, pg, rs, ys + T->y_off);
+        prefetch_bytes((const WT*)tg[0].a + (long)pages[slots[t + 1] * pages_stride] * tg[0].a_row,
+                       in * (long)sizeof(WT));
+      expand_@SUF@(v, T, pg, rs, ys + T->y_off);
     }
   }
 }
 
-/* Prompt rows: up to 4 tokens of one slot at a time, so every bf16 weight converted serves 4
+/* Prompt rows: up to 4 tokens of one slot at a time, so every weight converted serves 4
    tokens (a decode token has no such partner). Rows past m alias row 0 and are never stored;
    each token's arithmetic is the same whatever its block, so its numbers never depend on how
    many other tokens share its slot. y8 accumulators hold 8 output columns across the ranks. */
-typedef float v8f __attribute__((vector_size(32)));
-
-static void prompt_block(int m, const float* x, long xs, float* y, long ys, int r, int in,
-                         const lora_target* T, long s, const int32_t* pg) {
+static void prompt_block_@SUF@(int m, const float* x, long xs, float* y, long ys, int r, int in,
+                               const lora_target* T, long s, const int32_t* pg) {
+  const WT* A = (const WT*)T->a;
+  const WT* BT = (const WT*)T->bt;
   const float sc = T->scale[s];
   const long out = T->out;
   const float* xr[4];
@@ -144,24 +159,25 @@ static void prompt_block(int m, const float* x, long xs, float* y, long ys, int 
   }
   float v[4][1024];
   for (int j = 0; j < r; j++) {
-    const uint16_t* row = T->a + (long)pg[j] * T->a_row;
+    const WT* row = A + (long)pg[j] * T->a_row;
     const float *x0 = xr[0], *x1 = xr[1], *x2 = xr[2], *x3 = xr[3];
     float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
     #pragma omp simd reduction(+:s0, s1, s2, s3)
     for (int i = 0; i < in; i++) {
-      const float w = bf(row[i]);
+      const float w = W(row[i]);
       s0 += x0[i] * w; s1 += x1[i] * w; s2 += x2[i] * w; s3 += x3[i] * w;
     }
-    v[0][j] = s0 * sc; v[1][j] = s1 * sc; v[2][j] = s2 * sc; v[3][j] = s3 * sc;
+    const float ra = RS_A(T, pg[j]), rb = RS_B(T, pg[j]);
+    v[0][j] = s0 * sc * ra * rb; v[1][j] = s1 * sc * ra * rb; v[2][j] = s2 * sc * ra * rb; v[3][j] = s3 * sc * ra * rb;
   }
   long o = 0;
   for (; o + 8 <= out; o += 8) {
     v8f c[4];
     for (int k = 0; k < 4; k++) memcpy(&c[k], yr[k] + o, sizeof(v8f));
     for (int j = 0; j < r; j++) {
-      const uint16_t* w16 = T->bt + (long)pg[j] * T->bt_row + o;
+      const WT* w16 = BT + (long)pg[j] * T->bt_row + o;
       v8f w;
-      for (int e = 0; e < 8; e++) w[e] = bf(w16[e]);
+      for (int e = 0; e < 8; e++) w[e] = W(w16[e]);
       c[0] += v[0][j] * w; c[1] += v[1][j] * w; c[2] += v[2][j] * w; c[3] += v[3][j] * w;
     }
     for (int k = 0; k < m; k++) memcpy(yr[k] + o, &c[k], sizeof(v8f));
@@ -169,14 +185,14 @@ static void prompt_block(int m, const float* x, long xs, float* y, long ys, int 
   for (; o < out; o++)
     for (int k = 0; k < m; k++) {
       float acc = yr[k][o];
-      for (int j = 0; j < r; j++) acc += v[k][j] * bf(T->bt[(long)pg[j] * T->bt_row + o]);
+      for (int j = 0; j < r; j++) acc += v[k][j] * W(BT[(long)pg[j] * T->bt_row + o]);
       yr[k][o] = acc;
     }
 }
 
 /* blocks[b] = (first row, rows m in 1..4, slot), rows of one slot each; slot 0 blocks are skipped. */
-void loraserve_prompt_bf16(int nb, const int64_t* blocks, const int32_t* pages, int pages_stride, int r, int in,
-                           const float* x, long x_stride, float* y, long y_stride, int nt, const lora_target* tg) {
+void loraserve_prompt_@SUF@(int nb, const int64_t* blocks, const int32_t* pages, int pages_stride, int r, int in,
+                            const float* x, long x_stride, float* y, long y_stride, int nt, const lora_target* tg) {
   #pragma omp parallel for schedule(static)
   for (int b = 0; b < nb; b++) {
     const long row = blocks[3 * b], m = blocks[3 * b + 1], s = blocks[3 * b + 2];
@@ -184,10 +200,18 @@ void loraserve_prompt_bf16(int nb, const int64_t* blocks, const int32_t* pages, 
     const int32_t* pg = pages + s * pages_stride;
     const int rs = slot_rank(pg, r);
     for (int g = 0; g < nt; g++)
-      prompt_block((int)m, x + row * x_stride, x_stride, y + row * y_stride, y_stride, rs, in, tg + g, s, pg);
+      prompt_block_@SUF@((int)m, x + row * x_stride, x_stride, y + row * y_stride, y_stride, rs, in, tg + g, s, pg);
   }
 }
 """
+
+_SOURCE = (_HEADER
+           + "#define WT uint16_t\n#define W(h) bf(h)\n#define RS_A(T, p) 1.f\n#define RS_B(T, p) 1.f\n"
+           + _KERNELS.replace("@SUF@", "bf16")
+           + "#undef WT\n#undef W\n#undef RS_A\n#undef RS_B\n"
+           + "#define WT int8_t\n#define W(h) ((float)(h))\n#define RS_A(T, p) ((T)->a_sc[p])\n"
+           + "#define RS_B(T, p) ((T)->bt_sc[p])\n"
+           + _KERNELS.replace("@SUF@", "i8"))
 MAX_RANK = 1024  # v[] in the kernel
 _F32 = torch.float32
 
@@ -195,7 +219,10 @@ _F32 = torch.float32
 class _Target(ctypes.Structure):
     _fields_ = [("a", ctypes.c_void_p), ("a_row", ctypes.c_long), ("bt", ctypes.c_void_p),
                 ("bt_row", ctypes.c_long), ("scale", ctypes.c_void_p), ("out", ctypes.c_long),
-                ("y_off", ctypes.c_long)]
+                ("y_off", ctypes.c_long), ("a_sc", ctypes.c_void_p), ("bt_sc", ctypes.c_void_p)]
+
+
+WEIGHT_DTYPES = (torch.bfloat16, torch.int8)  # what the kernels read; int8 rows carry one fp32 scale each
 
 
 def _rows_contiguous(t: torch.Tensor) -> bool:
@@ -210,9 +237,11 @@ class KernelPlan:
     per-call checks on them. It keeps its tensors alive; they must stay in place (the pool writes
     adapters into them and their rows into the page table)."""
 
-    def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]], pages: torch.Tensor):
-        """parts: per target (A rows [P, K] bf16, B^T rows [P, w] bf16, scale [N] fp32, first output column);
-        pages: [N, R] int32, slot s's rank j at row pages[s, j] (`server/lora/stacks.py`)."""
+    def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]], pages: torch.Tensor,
+                 row_scales: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None):
+        """parts: per target (A rows [P, K], B^T rows [P, w], both bf16 or both int8, scale [N] fp32, first
+        output column); pages: [N, R] int32, slot s's rank j at row pages[s, j] (`server/lora/stacks.py`);
+        row_scales: with int8 rows, per target the fp32 scales [P] of its A rows and of its B^T rows."""
         if not parts:
             raise ValueError("a plan needs at least one target")
         if not (pages.dtype == torch.int32 and pages.device.type == "cpu" and pages.dim() == 2
@@ -222,11 +251,21 @@ class KernelPlan:
         a0 = parts[0][0]
         self.in_features = a0.shape[1] if a0.dim() == 2 else 0
         self.width = 0  # columns of y the group spans
-        for a, bt, scale, y_off in parts:
-            if not (a.dtype == bt.dtype == torch.bfloat16 and scale.dtype == torch.float32
+        self.dtype = a0.dtype
+        if self.dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"the kernel reads bf16 or int8 rank rows, not {self.dtype}")
+        if (row_scales is not None) != (self.dtype == torch.int8) or (row_scales and len(row_scales) != len(parts)):
+            raise ValueError("int8 rows need their row scales (one pair per target), bf16 rows none")
+        for i, (a, bt, scale, y_off) in enumerate(parts):
+            if row_scales is not None:
+                a_sc, bt_sc = row_scales[i]
+                if not (a_sc.dtype == bt_sc.dtype == torch.float32 and a_sc.is_contiguous() and bt_sc.is_contiguous()
+                        and a_sc.shape == (a.shape[0],) and bt_sc.shape == (bt.shape[0],)):
+                    raise ValueError("row scales must be contiguous fp32, one per row")
+            if not (a.dtype == bt.dtype == self.dtype and scale.dtype == torch.float32
                     and a.device.type == bt.device.type == scale.device.type == "cpu"
                     and _rows_contiguous(a) and _rows_contiguous(bt) and scale.is_contiguous()):
-                raise ValueError("the kernel reads bf16 CPU rank rows, each row contiguous, and fp32 scales")
+                raise ValueError("the kernel reads bf16 or int8 CPU rank rows (one dtype), each row contiguous, and fp32 scales")
             if a.shape != a0.shape or bt.shape[0] != a0.shape[0] or scale.shape != (self.slots,):
                 raise ValueError(f"rows disagree: a {tuple(a.shape)}, bt {tuple(bt.shape)}, "
                                  f"scale {tuple(scale.shape)} for {tuple(a0.shape)} and {self.slots} slots")
@@ -235,11 +274,13 @@ class KernelPlan:
             self.width = max(self.width, y_off + bt.shape[1])
         if self.max_rank > MAX_RANK:
             raise ValueError(f"rank {self.max_rank} over the kernel's {MAX_RANK}")
-        self._keep = (parts, pages)
+        self._keep = (parts, pages, row_scales)
         self.pages = pages
+        scales = row_scales or [(None, None)] * len(parts)
         self._targets = (_Target * len(parts))(*[
-            _Target(a.data_ptr(), a.stride(0), bt.data_ptr(), bt.stride(0), scale.data_ptr(), bt.shape[1], y_off)
-            for a, bt, scale, y_off in parts])
+            _Target(a.data_ptr(), a.stride(0), bt.data_ptr(), bt.stride(0), scale.data_ptr(), bt.shape[1], y_off,
+                    a_sc.data_ptr() if a_sc is not None else None, bt_sc.data_ptr() if bt_sc is not None else None)
+            for (a, bt, scale, y_off), (a_sc, bt_sc) in zip(parts, scales)])
         self.count = len(parts)
         self.address = ctypes.addressof(self._targets)
 
@@ -247,15 +288,17 @@ class KernelPlan:
 class CpuLoraKernel:
     def __init__(self, lib: ctypes.CDLL):
         i, lg, p = ctypes.c_int, ctypes.c_long, ctypes.c_void_p
-        fn = lib.loraserve_decode_bf16
-        fn.argtypes = [i, p, p, i, i, i, p, lg, p, lg, i, p]
-        fn.restype = None
-        self._fn = fn
-        self.decode_function = fn  # the decode call, for the fused decode driver (server/model/fused_decode.py)
-        fp = lib.loraserve_prompt_bf16
-        fp.argtypes = [i, p, p, i, i, i, p, lg, p, lg, i, p]
-        fp.restype = None
-        self._prompt_fn = fp
+        self._decode, self._prompt = {}, {}
+        for dtype, suffix in ((torch.bfloat16, "bf16"), (torch.int8, "i8")):
+            for table, kind in ((self._decode, "decode"), (self._prompt, "prompt")):
+                fn = getattr(lib, f"loraserve_{kind}_{suffix}")
+                fn.argtypes = [i, p, p, i, i, i, p, lg, p, lg, i, p]
+                fn.restype = None
+                table[dtype] = fn
+
+    def decode_function(self, dtype: torch.dtype) -> ctypes._CFuncPtr:
+        """The decode call for rows of `dtype`, for the fused decode driver (server/model/fused_decode.py)."""
+        return self._decode[dtype]
 
     @staticmethod
     def prompt_blocks(segments: LoraSegments, first_row: int) -> torch.Tensor:
@@ -289,13 +332,13 @@ class CpuLoraKernel:
         """y[t] += LoRA delta of every target in `plan` for the first len(slots) rows (slot 0 rows
         untouched). Unchecked: slots and rank passed `check_slots` (once per step), and y, x passed
         `accepts` for at least len(slots) rows; the backend checks once per group for both kinds of row."""
-        self._fn(slots.shape[0], slots.data_ptr(), plan.pages.data_ptr(), plan.max_rank, rank, plan.in_features,
+        self._decode[plan.dtype](slots.shape[0], slots.data_ptr(), plan.pages.data_ptr(), plan.max_rank, rank, plan.in_features,
                  x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), plan.count, plan.address)
 
     def run_prompt(self, y: torch.Tensor, x: torch.Tensor, blocks: torch.Tensor, plan: KernelPlan, rank: int) -> None:
         """Like `run`, for the prompt rows of `blocks` (from `prompt_blocks`); y, x must have passed
         `accepts` for every row the blocks reach."""
-        self._prompt_fn(blocks.shape[0], blocks.data_ptr(), plan.pages.data_ptr(), plan.max_rank, rank,
+        self._prompt[plan.dtype](blocks.shape[0], blocks.data_ptr(), plan.pages.data_ptr(), plan.max_rank, rank,
                         plan.in_features, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), plan.count,
                         plan.address)
 

@@ -40,11 +40,12 @@ def build_lora_backend(config: EngineConfig, model_config: ModelConfig, device: 
     """The engine's backend, its pool (`backend.pool`) sized by `config`, for activations of `dtype` on `device`."""
     name, why, kernel = _choose(config, device, dtype)
     row_bytes = RowStacks.bytes_per_row(model_config, dtype)
-    if name == "cpu":
-        row_bytes += RowStacks.bytes_per_row(model_config, torch.bfloat16)  # the kernel's bf16 copies
+    copies = _kernel_copies(config, device) if name == "cpu" else None
+    if copies is not None:
+        row_bytes += RowStacks.bytes_per_row(model_config, copies)  # the kernel's bf16 or int8 copies
     rows = config.resolve_adapter_rows(row_bytes, lambda: _free_memory(device))
     pool = AdapterPool(model_config, config.resolve_adapter_slots(rows), config.max_rank, device, dtype,
-                       bf16_copies=name == "cpu", num_rows=rows)
+                       kernel_copies=copies, num_rows=rows)
     log.info("adapter memory: %d rank rows of %.2f MB (%.0f MB, %d slots at most)", rows, row_bytes / 1e6,
              (rows + 1) * row_bytes / 1e6, pool.num_slots)
     if name == "cpu":
@@ -80,10 +81,18 @@ def _choose(config: EngineConfig, device: torch.device, dtype: torch.dtype
     if problem is None and kernel is None:
         problem = "the C kernel could not be built or loaded (see the warning above)"
     if problem is None:
-        return "cpu", f"--lora-backend {asked}, bf16 C kernel", kernel
+        weights = str(_kernel_copies(config, device)).replace("torch.", "")
+        return "cpu", f"--lora-backend {asked}, {weights} C kernel", kernel
     if asked == "cpu":
         raise InvalidRequestError("lora_backend", f"the cpu backend cannot run: {problem}")
     return "torch", problem, None
+
+
+def _kernel_copies(config: EngineConfig, device: torch.device) -> torch.dtype:
+    """The dtype of the rows the C kernel reads: --lora-decode-dtype's bf16 or int8; bf16 where an explicit
+    `--lora-backend cpu` meets fp32 from `auto` (--quantize none)."""
+    weights = config.resolve_lora_decode_dtype(device)
+    return weights if weights in cpu_kernel.WEIGHT_DTYPES else torch.bfloat16
 
 
 def _cpu_kernel_problem(config: EngineConfig, device: torch.device, dtype: torch.dtype, asked: str) -> Optional[str]:
@@ -93,8 +102,8 @@ def _cpu_kernel_problem(config: EngineConfig, device: torch.device, dtype: torch
         return f"the C kernel reads float32 activations, the dtype is {str(dtype).replace('torch.', '')}"
     weights = config.resolve_lora_decode_dtype(device)
     if asked == "cpu" and config.lora_decode_dtype == "float32":
-        return "--lora-decode-dtype float32 asks for fp32 LoRA weights; the C kernel reads bf16"
-    if asked == "auto" and weights != torch.bfloat16:
+        return "--lora-decode-dtype float32 asks for fp32 LoRA weights; the C kernel reads bf16 or int8"
+    if asked == "auto" and weights not in cpu_kernel.WEIGHT_DTYPES:
         return "fp32 LoRA weights (--lora-decode-dtype auto with --quantize none, or float32)"
     return None
 

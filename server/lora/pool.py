@@ -91,25 +91,26 @@ class SlotInfo:
 
 class AdapterPool:
     def __init__(self, config: ModelConfig, num_slots: int, max_rank: int, device: torch.device,
-                 dtype: torch.dtype, loader_threads: int = 1, bf16_copies: bool = False,
+                 dtype: torch.dtype, loader_threads: int = 1, kernel_copies: Optional[torch.dtype] = None,
                  num_rows: Optional[int] = None):
         """`num_slots` adapters at most, in `num_rows` rank rows (default: room for `num_slots` adapters of
-        `max_rank`, the fixed slots of old). `bf16_copies`: keep bf16 CPU copies of the rows beside them, for
-        the CPU kernel backend (server/lora/cpu_backend.py), which asks for it; every load writes both."""
+        `max_rank`, the fixed slots of old). `kernel_copies` (bf16 or int8): keep CPU copies of the rows in that
+        dtype beside them, for the CPU kernel backend (server/lora/cpu_backend.py), which asks for them; every
+        load writes both."""
         num_rows = num_slots * max_rank if num_rows is None else num_rows
         if num_slots < 1:
             raise ValueError("need at least one adapter slot")
         if num_rows < max_rank:
             raise ValueError(f"{num_rows} rank rows cannot hold an adapter of the max rank {max_rank}")
-        if bf16_copies and device.type != "cpu":
-            raise ValueError("bf16 copies are for the CPU kernel: the pool must be on the CPU")
+        if kernel_copies is not None and device.type != "cpu":
+            raise ValueError("kernel copies are for the CPU kernel: the pool must be on the CPU")
         self.config, self.num_slots, self.max_rank, self.num_rows = config, num_slots, max_rank, num_rows
         self.device, self.dtype = device, dtype
         n = num_slots + 1
         self.pages = torch.zeros((n, max_rank), dtype=torch.int32, device=device)
         self.stacks = RowStacks(config, num_rows + 1, self.pages, dtype, device)
-        self.bf16_stacks = (RowStacks(config, num_rows + 1, self.pages, torch.bfloat16, "cpu")
-                            if bf16_copies else None)
+        self.kernel_stacks = (RowStacks(config, num_rows + 1, self.pages, kernel_copies, "cpu")
+                              if kernel_copies is not None else None)
         self._rows = RowAllocator(num_rows)
         self._slots: list[Optional[_Slot]] = [None] * n
         self._by_key: dict[str, int] = {}
@@ -122,7 +123,7 @@ class AdapterPool:
 
     @property
     def nbytes(self) -> int:
-        return self.stacks.nbytes + (self.bf16_stacks.nbytes if self.bf16_stacks is not None else 0)
+        return self.stacks.nbytes + (self.kernel_stacks.nbytes if self.kernel_stacks is not None else 0)
 
     @property
     def sure_capacity(self) -> int:
@@ -400,7 +401,7 @@ class AdapterPool:
         """Write one adapter into its rows of every stack and its page-table row: zero the rows, then copy each
         module's A/B and scale. On CUDA the copies run on a side stream from pinned memory, so they never wait
         behind a step."""
-        copies = [s for s in (self.stacks, self.bf16_stacks) if s is not None]
+        copies = [s for s in (self.stacks, self.kernel_stacks) if s is not None]
         pinned = self._copy_stream is not None
         page_row = torch.zeros(self.max_rank, dtype=torch.int32)
         page_row[:len(rows)] = torch.tensor(rows, dtype=torch.int32)

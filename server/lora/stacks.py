@@ -6,6 +6,8 @@ one layer (q/k/v, o, gate/up or down: `server.model.config.PROJECTIONS`): G targ
     a      [G, P, K]     target g's A, one row per rank: a[g, p]
     bt     [P * W]       target g's B^T as one [P, w_g] block at P * o_g (o_g = w_0 + .. + w_{g-1})
     scale  [G, N] fp32   alpha / r (or alpha / sqrt(r)) per slot; 0 for slot 0 and untargeted modules
+    a_scale, bt_scale [G, P] fp32  int8 stacks only (the CPU kernel's int8 copies): each row's scale, the row
+                         holding round(values / scale) with scale = max |value| / 127
 and, shared by every projection of every layer,
     pages  [N, R] int32  rank j of the adapter in slot s is row pages[s, j]; past its rank, and for slot 0,
                          row 0 (all zeros), so a step at rank R reads zeros there as it read zero padding
@@ -22,6 +24,7 @@ s*R .. s*R+R-1): what the kernel tests and benchmarks use without a pool.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -37,16 +40,21 @@ class ProjectionStacks:
     bt: torch.Tensor     # [P * W]
     scale: torch.Tensor  # [G, N] float32
     pages: torch.Tensor  # [N, R] int32, shared with every other projection of the pool
+    a_scale: Optional[torch.Tensor] = None   # [G, P] float32, int8 rows only
+    bt_scale: Optional[torch.Tensor] = None  # [G, P] float32, int8 rows only
 
     @classmethod
     def empty(cls, targets: tuple[str, ...], widths: tuple[int, ...], in_features: int, num_rows: int,
               pages: torch.Tensor, dtype: torch.dtype, device: torch.device | str) -> "ProjectionStacks":
         """All-zero rows 0..num_rows-1 (row 0 included) read through `pages`."""
         g = len(targets)
+        row_scales = ((torch.zeros((g, num_rows), dtype=torch.float32, device=device),
+                       torch.zeros((g, num_rows), dtype=torch.float32, device=device))
+                      if dtype == torch.int8 else (None, None))
         return cls(tuple(targets), tuple(widths),
                    torch.zeros((g, num_rows, in_features), dtype=dtype, device=device),
                    torch.zeros((num_rows * sum(widths),), dtype=dtype, device=device),
-                   torch.zeros((g, pages.shape[0]), dtype=torch.float32, device=device), pages)
+                   torch.zeros((g, pages.shape[0]), dtype=torch.float32, device=device), pages, *row_scales)
 
     @classmethod
     def zeros(cls, targets: tuple[str, ...], widths: tuple[int, ...], in_features: int, num_slots: int,
@@ -89,7 +97,14 @@ class ProjectionStacks:
     def select(self, g: int) -> "ProjectionStacks":
         """Target g alone, as a projection of one target (views of the same rows, scales and page table)."""
         return ProjectionStacks((self.targets[g],), (self.widths[g],), self.a[g:g + 1],
-                                self.bt_of(g).reshape(-1), self.scale[g:g + 1], self.pages)
+                                self.bt_of(g).reshape(-1), self.scale[g:g + 1], self.pages,
+                                None if self.a_scale is None else self.a_scale[g:g + 1],
+                                None if self.bt_scale is None else self.bt_scale[g:g + 1])
+
+    @property
+    def quantized(self) -> bool:
+        """int8 rows with a scale each (the CPU kernel's int8 copies)."""
+        return self.a_scale is not None
 
     def slot_a(self, g: int) -> torch.Tensor:
         """Target g's A of every slot, [N, R, K], zero past each adapter's rank (a gathered copy)."""
@@ -106,6 +121,11 @@ class ProjectionStacks:
         """Target g's A [r, K] and B [w_g, r] into the first r of `rows` (r <= len(rows))."""
         r = a.shape[0]
         a_rows, bt_rows, b_t = self.a_of(g), self.bt_of(g), b.t()
+        if self.a_scale is not None and self.bt_scale is not None:
+            (a, a_sc), (b_t, bt_sc) = quantize_rows(a), quantize_rows(b_t)
+            for first, at, n in runs(rows[:r]):
+                self.a_scale[g, first:first + n].copy_(a_sc[at:at + n])
+                self.bt_scale[g, first:first + n].copy_(bt_sc[at:at + n])
         for first, at, n in runs(rows[:r]):
             a_rows[first:first + n].copy_(a[at:at + n], non_blocking=non_blocking)
             bt_rows[first:first + n].copy_(b_t[at:at + n], non_blocking=non_blocking)
@@ -115,6 +135,9 @@ class ProjectionStacks:
             self.a[:, first:first + n].zero_()
             for g in range(len(self.targets)):
                 self.bt_of(g)[first:first + n].zero_()
+            for sc in (self.a_scale, self.bt_scale):
+                if sc is not None:
+                    sc[:, first:first + n].zero_()
 
     def write(self, slot: int, g: int, a: torch.Tensor, b: torch.Tensor, scale: float,
               non_blocking: bool = False) -> None:
@@ -124,7 +147,17 @@ class ProjectionStacks:
 
     @property
     def nbytes(self) -> int:
-        return self.a.numel() * self.a.element_size() + self.bt.numel() * self.bt.element_size()
+        scales = sum(t.numel() * 4 for t in (self.a_scale, self.bt_scale) if t is not None)
+        return self.a.numel() * self.a.element_size() + self.bt.numel() * self.bt.element_size() + scales
+
+
+def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 rows [n, k] -> (int8 [n, k], fp32 [n]): symmetric, one scale a row (max |value| / 127), so
+    rows * scale[:, None] is the row to within half a step; an all-zero row has scale 0."""
+    rows = rows.float()
+    scale = rows.abs().amax(dim=1) / 127.0
+    q = torch.round(rows / scale.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).clamp_(-127, 127)
+    return q.to(torch.int8), scale
 
 
 class RowStacks:
@@ -164,7 +197,8 @@ class RowStacks:
         """What one rank row costs: A and B^T of every target of every layer."""
         per_layer = sum(config.target_shape(t)[1] + config.target_shape(t)[0] for targets in PROJECTIONS
                         for t in targets)
-        return per_layer * config.num_layers * torch.empty((), dtype=dtype).element_size()
+        scales = 2 * 4 * sum(len(targets) for targets in PROJECTIONS) if dtype == torch.int8 else 0
+        return (per_layer * torch.empty((), dtype=dtype).element_size() + scales) * config.num_layers
 
     def clear(self, slot: int, rows: list[int]) -> None:
         """Zero `rows` of every target and the slot's scales (before an adapter is written there)."""

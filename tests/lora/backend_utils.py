@@ -31,21 +31,21 @@ def random_adapter(config: ModelConfig, rank: int, targets: tuple[str, ...], see
 
 
 def pool_with(adapters: list[LoraWeights], config: ModelConfig = TINY, max_rank: int = 16,
-              device: str = "cpu", bf16_copies: bool = False) -> tuple[AdapterPool, list[int]]:
+              device: str = "cpu", kernel_copies: Optional[torch.dtype] = None) -> tuple[AdapterPool, list[int]]:
     """A pool holding `adapters`, loaded the way the engine loads them; their slots in order."""
     pool = AdapterPool(config, num_slots=len(adapters) + 1, max_rank=max_rank, device=torch.device(device),
-                       dtype=torch.float32, bf16_copies=bf16_copies)
+                       dtype=torch.float32, kernel_copies=kernel_copies)
     slots = [pool.load(AdapterVersion("default", f"a{i}", 1, f"a{i}", lambda w=w: w)) for i, w in enumerate(adapters)]
     return pool, slots
 
 
 def scattered_pool_with(adapters: list[LoraWeights], config: ModelConfig = TINY, max_rank: int = 16,
-                        device: str = "cpu", bf16_copies: bool = False) -> tuple[AdapterPool, list[int]]:
+                        device: str = "cpu", kernel_copies: Optional[torch.dtype] = None) -> tuple[AdapterPool, list[int]]:
     """Like `pool_with`, but each adapter's rank rows lie apart (every other row of adapter memory), as after
     evictions: rank-1 fillers fill the memory, every other one is unloaded, the adapters load into the gaps."""
     need = sum(max(w.rank, 1) for w in adapters)
     pool = AdapterPool(config, num_slots=2 * need + len(adapters), max_rank=max_rank, device=torch.device(device),
-                       dtype=torch.float32, bf16_copies=bf16_copies, num_rows=2 * need)
+                       dtype=torch.float32, kernel_copies=kernel_copies, num_rows=2 * need)
     filler = random_adapter(config, 1, ("q",), 99)
     fillers = [AdapterVersion("default", f"f{i}", 1, f"f{i}", lambda: filler) for i in range(2 * need)]
     for f in fillers:

@@ -26,7 +26,7 @@ ADAPTERS = [random_adapter(TINY, 8, ("q", "k", "v", "o", "gate", "up", "down"), 
 @pytest.fixture(scope="module", params=[False, True], ids=["adjacent-rows", "scattered-rows"])
 def backend(kernel, request):
     assert kernel is not None, "a C compiler is present, so the kernel must build and load"
-    pool, slots = (scattered_pool_with if request.param else pool_with)(ADAPTERS, bf16_copies=True)
+    pool, slots = (scattered_pool_with if request.param else pool_with)(ADAPTERS, kernel_copies=torch.bfloat16)
     backend = CpuKernelBackend(pool, kernel)
     backend.test_slots = slots
     yield backend
@@ -100,12 +100,12 @@ def test_engine_decodes_through_the_kernel_whatever_the_batch(tiny_dir, tiny_ada
         return [s.collect().token_ids for s in streams]
 
     outs = {}
-    for dt in ("float32", "bfloat16"):
+    for dt in ("float32", "bfloat16", "int8"):
         eng = make_engine(tiny_dir, lora_decode_dtype=dt, home=str(kernel_home))
-        assert eng.lora_backend.name == ("cpu" if dt == "bfloat16" else "torch")
+        assert eng.lora_backend.name == ("torch" if dt == "float32" else "cpu")
         try:
             outs[dt] = run(eng, range(4))
-            if dt == "bfloat16":
+            if dt != "float32":
                 alone = [run(eng, [i])[0] for i in range(4)]
                 assert alone == outs[dt]
         finally:
@@ -114,6 +114,37 @@ def test_engine_decodes_through_the_kernel_whatever_the_batch(tiny_dir, tiny_ada
             assert not calls
     assert calls, "the bf16 engine's decode steps went through the kernel"
     assert {3, 2, 1} <= set(calls), "q/k/v and gate/up take one call each, o and down one alone"
-    assert all(len(o) == 12 for o in outs["bfloat16"])
-    same = sum(a == b for x, y in zip(outs["float32"], outs["bfloat16"]) for a, b in zip(x, y))
-    assert same >= 0.75 * 48
+    for dt in ("bfloat16", "int8"):
+        assert all(len(o) == 12 for o in outs[dt])
+        same = sum(a == b for x, y in zip(outs["float32"], outs[dt]) for a, b in zip(x, y))
+        assert same >= 0.75 * 48, dt
+
+
+@pytest.mark.parametrize("copies", [torch.bfloat16, torch.int8])
+def test_int8_copies_give_each_row_its_adapters_delta_to_int8s_precision(kernel, copies):
+    """The pool's int8 copies (one scale a rank row) through the backend: each row's delta within about 1% of
+    the fp32 reference's (bf16 copies: within bf16's rounding), decode and prompt rows alike."""
+    assert kernel is not None
+    adapters = [random_adapter(TINY, 8, ("q", "k", "v", "o", "gate", "up", "down"), 11),
+                random_adapter(TINY, 16, ("q", "v", "down"), 12)]
+    pool, slots = scattered_pool_with(adapters, kernel_copies=copies)
+    try:
+        assert pool.kernel_stacks.dtype == copies
+        backend = CpuKernelBackend(pool, kernel)
+        rows = [slots[1], 0, slots[0], slots[0], slots[0], slots[1], slots[1]]
+        step = backend.prepare(rows, 3)
+        torch.manual_seed(4)
+        for layer in range(TINY.num_layers):
+            for targets in PROJECTIONS:
+                projection = TINY.projection(targets)
+                in_f = TINY.target_shape(targets[0])[1]
+                x = torch.randn(len(rows), in_f)
+                y0 = torch.randn(len(rows), sum(w for _, w in projection))
+                got = step.apply(y0.clone(), x, layer, projection) - y0
+                want = backend.reference.prepare(rows, 3).apply(y0.clone(), x, layer, projection) - y0
+                err = (got - want).norm(dim=1) / want.norm(dim=1).clamp(min=1e-6)
+                bound = 2e-2 if copies == torch.int8 else 5e-3
+                assert (err[want.norm(dim=1) > 0] < bound).all(), (layer, targets, err)
+                assert not got[1].any()  # the base row
+    finally:
+        pool.shutdown()

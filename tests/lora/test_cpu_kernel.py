@@ -160,3 +160,54 @@ def test_plans_read_the_pools_projection_layout(kernel):
     assert plan.width == 16 and plan.count == 2
     with pytest.raises(ValueError, match="bf16"):
         cpu_kernel.KernelPlan([(st.a_of(0).t(), st.bt_of(0), st.scale[0], 0)], st.pages)
+
+
+def test_quantized_rows_are_within_half_a_step_of_the_rows():
+    from server.lora.stacks import quantize_rows
+
+    torch.manual_seed(5)
+    rows = torch.randn(7, 300) * torch.logspace(-4, 2, 7)[:, None]
+    rows[3] = 0.0
+    q, scale = quantize_rows(rows)
+    assert q.dtype == torch.int8 and scale.shape == (7,) and scale[3] == 0 and not q[3].any()
+    assert int(q.abs().max()) == 127
+    assert ((q.float() * scale[:, None] - rows).abs() <= scale[:, None] / 2 + 1e-12).all()
+
+
+@needs_cc
+@pytest.mark.parametrize("rank", [16, 5])
+def test_int8_rows_match_the_reference_on_their_dequantized_weights(kernel, rank):
+    """int8 rank rows with a scale each: decode and prompt rows get what the torch reference gives on the
+    dequantized weights (rows x their scales), for a fused projection of two targets."""
+    from server.lora.stacks import quantize_rows
+
+    torch.manual_seed(6)
+    n, R, k, outs = 6, 16, 72, (40, 21)
+    parts, scales, deq = [], [], []
+    for off, o in zip((0, outs[0]), outs):
+        (qa, sa), (qb, sb) = quantize_rows(torch.randn(n * R, k)), quantize_rows(torch.randn(n * R, o) * 0.1)
+        sc = torch.rand(n)
+        parts.append((qa, qb, sc, off))
+        scales.append((sa, sb))
+        deq.append(((qa.float() * sa[:, None]).view(n, R, k), (qb.float() * sb[:, None]).view(n, R, o), sc))
+    plan = cpu_kernel.KernelPlan(parts, torch.arange(n * R, dtype=torch.int32).view(n, R), scales)
+    assert plan.dtype == torch.int8
+    slots = [3, 0, 5, 1, 1, 1, 1, 1, 2, 4, 4]  # 3 decode rows, then prompt rows by slot
+    decode = 3
+    x = torch.randn(len(slots), k)
+    y0 = torch.randn(len(slots), sum(outs))
+    y = y0.clone()
+    dslots = torch.tensor(slots[:decode], dtype=torch.int64)
+    blocks = kernel.prompt_blocks(LoraSegments.from_token_slots(slots), decode)
+    kernel.check_slots(dslots, rank, plan)
+    assert kernel.accepts(y, x, plan, len(slots))
+    kernel.run(y, x, dslots, plan, rank)
+    kernel.run_prompt(y, x, blocks, plan, rank)
+    want = y0.clone()
+    seg = LoraSegments.from_token_slots(slots)
+    for (a, bt, sc), lo, o in zip(deq, (0, outs[0]), outs):
+        want[:, lo:lo + o] = torch_ref.apply_lora(want[:, lo:lo + o].clone(), x, a[:, :rank],
+                                                  bt.transpose(1, 2)[:, :, :rank], sc, seg)
+    assert torch.allclose(y, want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="row scales"):
+        cpu_kernel.KernelPlan(parts, plan.pages)

@@ -29,11 +29,11 @@ def _backend(home, dtype=torch.float32, **fields):
 def test_auto_takes_the_kernel_where_the_base_is_quantized(kernel_home, caplog):
     caplog.set_level("INFO", logger="server.lora.factory")
     quantized = _backend(kernel_home, quantize="int8")
-    assert quantized.name == "cpu" and quantized.pool.bf16_stacks is not None
+    assert quantized.name == "cpu" and quantized.pool.kernel_stacks is not None
     assert "LoRA backend: cpu" in caplog.text
     assert list((kernel_home / "kernels").glob("lora_cpu_*.so")), "built into the engine's home, not elsewhere"
     exact = _backend(kernel_home, quantize="none")
-    assert exact.name == "torch" and exact.pool.bf16_stacks is None  # the PEFT-exact setting
+    assert exact.name == "torch" and exact.pool.kernel_stacks is None  # the PEFT-exact setting
     assert _backend(kernel_home, quantize="none", lora_decode_dtype="bfloat16").name == "cpu"
     assert _backend(kernel_home, quantize="int8", lora_decode_dtype="float32").name == "torch"
     assert _backend(kernel_home, torch.bfloat16, quantize="int8").name == "torch"  # the kernel reads fp32 rows
@@ -42,7 +42,7 @@ def test_auto_takes_the_kernel_where_the_base_is_quantized(kernel_home, caplog):
 @needs_cc
 def test_an_explicit_choice_is_kept_or_refused(kernel_home):
     off = _backend(kernel_home, quantize="int8", lora_backend="torch")  # the switch that keeps the kernel off
-    assert off.name == "torch" and off.pool.bf16_stacks is None
+    assert off.name == "torch" and off.pool.kernel_stacks is None
     assert _backend(kernel_home, quantize="none", lora_backend="cpu").name == "cpu"
     with pytest.raises(InvalidRequestError, match="lora_backend.*float32"):
         _backend(kernel_home, quantize="int8", lora_backend="cpu", lora_decode_dtype="float32")
@@ -64,7 +64,8 @@ def test_the_choice_is_a_config_field_like_every_other():
 
 def test_lora_decode_dtype_resolution():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert EngineConfig(quantize="int8").resolve_lora_decode_dtype(cpu) == torch.bfloat16
+    assert EngineConfig(quantize="int8").resolve_lora_decode_dtype(cpu) == torch.int8
+    assert EngineConfig(quantize="int8", lora_decode_dtype="bfloat16").resolve_lora_decode_dtype(cpu) == torch.bfloat16
     assert EngineConfig(quantize="none").resolve_lora_decode_dtype(cpu) == torch.float32  # the PEFT-exact setting
     assert EngineConfig(quantize="none", lora_decode_dtype="bfloat16").resolve_lora_decode_dtype(cpu) == torch.bfloat16
     assert EngineConfig(quantize="int8", lora_decode_dtype="float32").resolve_lora_decode_dtype(cpu) == torch.float32
@@ -75,7 +76,7 @@ def test_lora_decode_dtype_resolution():
 
 def test_adapter_memory_is_a_budget_of_rank_rows(kernel_home):
     """auto keeps the old footprint (--max-adapters-on-device adapters of --max-rank); a size is shared out in
-    rank rows, as many adapters as fit unless capped; the C kernel's bf16 copies count; too small is refused."""
+    rank rows, as many adapters as fit unless capped; the C kernel's int8 (or bf16) copies count; too small is refused."""
     from server.lora.stacks import RowStacks
 
     row = RowStacks.bytes_per_row(TINY, torch.float32)
@@ -94,8 +95,13 @@ def test_adapter_memory_is_a_budget_of_rank_rows(kernel_home):
     assert sized.nbytes == 41 * row
     assert pool(adapter_memory=str(41 * row), max_adapters_on_device=3).num_slots == 3
     if shutil.which("gcc") or shutil.which("cc"):
-        both = pool(adapter_memory=str(41 * row), quantize="int8")  # fp32 rows + their bf16 copies
-        assert both.bf16_stacks is not None and both.num_rows == 41 * row * 2 // (3 * row) - 1
+        both = pool(adapter_memory=str(41 * row), quantize="int8")  # fp32 rows + their int8 copies and scales
+        row8 = RowStacks.bytes_per_row(TINY, torch.int8)
+        assert row8 == row // 4 + 2 * 4 * 7 * TINY.num_layers
+        assert both.kernel_stacks is not None and both.kernel_stacks.dtype == torch.int8
+        assert both.num_rows == 41 * row // (row + row8) - 1
+        bf16 = pool(adapter_memory=str(41 * row), quantize="int8", lora_decode_dtype="bfloat16")
+        assert bf16.kernel_stacks.dtype == torch.bfloat16 and bf16.num_rows == 41 * row * 2 // (3 * row) - 1
     with pytest.raises(InvalidRequestError, match="adapter_memory.*holds 7 rank rows.*needs 8"):
         pool(adapter_memory=str(9 * row - 1))
 

@@ -103,7 +103,7 @@ def test_cold_adapter_load_does_not_stall_running_decode(tiny_dir, tiny_adapters
 
 def test_pool_keeps_bf16_decode_copies_in_step_with_the_fp32_stacks(mcfg):
     pool = AdapterPool(mcfg, num_slots=2, max_rank=8, device=torch.device("cpu"), dtype=torch.float32,
-                       bf16_copies=True)
+                       kernel_copies=torch.bfloat16)
     torch.manual_seed(1)
     mods = {}
     for layer in range(mcfg.num_layers):
@@ -113,13 +113,13 @@ def test_pool_keeps_bf16_decode_copies_in_step_with_the_fp32_stacks(mcfg):
     w = LoraWeights(modules=mods)
     idx = pool.load(AdapterVersion("default", "w", 1, "w", lambda: w))
     other = 3 - idx
-    copies = pool.bf16_stacks
+    copies = pool.kernel_stacks
     for (layer, t), mod in mods.items():
         assert torch.equal(copies.slot_a(layer, t, idx)[:4], mod.a.bfloat16())
         assert torch.equal(copies.slot_bt(layer, t, idx)[:4], mod.b.t().bfloat16())
         assert not copies.slot_a(layer, t, idx)[4:].any() and not copies.slot_a(layer, t, other).any()
     plain = AdapterPool(mcfg, num_slots=2, max_rank=8, device=torch.device("cpu"), dtype=torch.float32)
-    assert plain.bf16_stacks is None and pool.nbytes == plain.nbytes * 3 // 2
+    assert plain.kernel_stacks is None and pool.nbytes == plain.nbytes * 3 // 2
     pool.shutdown()
     plain.shutdown()
 

@@ -91,12 +91,12 @@ def test_fused_decode_steps_are_the_layered_bits(model):
     assert all(torch.equal(a, b) for a, b in zip(kv.k + kv.v, layered.k + layered.v)), "the same K/V written"
 
 
-@pytest.fixture(scope="module")
-def cpu_lora(model, tmp_path_factory):
+@pytest.fixture(scope="module", params=[torch.bfloat16, torch.int8], ids=["bf16-rows", "int8-rows"])
+def cpu_lora(model, tmp_path_factory, request):
     kernel = cpu_kernel.load(tmp_path_factory.mktemp("home") / "kernels")
     assert kernel is not None
     pool = AdapterPool(model.config, num_slots=4, max_rank=16, device=torch.device("cpu"), dtype=torch.float32,
-                       bf16_copies=True)
+                       kernel_copies=request.param)
     adapters = [random_adapter(model.config, 8, ALL, 1, bf16_exact=True),
                 random_adapter(model.config, 16, ("q", "v", "down"), 2, bf16_exact=True),
                 random_adapter(model.config, 4, ("gate", "up"), 3, bf16_exact=True)]
