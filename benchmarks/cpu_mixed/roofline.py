@@ -91,17 +91,18 @@ def step_costs(shape: ModelShape, cfg: BenchConfig, quantize: str) -> dict[str, 
 
     Base weights: int8 is one byte a weight plus 8 bytes a row (scale, row sum), `none` fp32;
     the output projection likewise (int8 keeps its own copy of the tied embedding). Adapters:
-    the run's distinct adapters, all seven targets at the run's rank, read as bf16 copies where
-    the base is quantized and fp32 otherwise. KV cache fp32, a decode step at the mean context
-    (prompt + half the new tokens).
+    the run's distinct adapters, all seven targets at the run's rank, read as the CPU kernel's int8
+    copies (a byte a weight and a 4-byte scale a rank row of A and of B^T) where the base is quantized
+    and fp32 otherwise. KV cache fp32, a decode step at the mean context (prompt + half the new tokens).
     """
-    wb, lb = (1.0, 2) if quantize != "none" else (4.0, 4)
+    wb, lb = (1.0, 1) if quantize != "none" else (4.0, 4)
     rows_extra = 8 if quantize != "none" else 0
     layer_rows = sum(shape.target_shape(t)[0] for t in ALL_TARGETS) * shape.num_layers
     base = shape.linear_params() * wb + layer_rows * rows_extra
     head = shape.vocab_size * shape.hidden_size * wb + shape.vocab_size * rows_extra
     per_adapter = shape.num_layers * sum(cfg.rank * (o + i) for o, i in (shape.target_shape(t) for t in ALL_TARGETS))
-    lora = cfg.adapters * per_adapter * lb
+    row_scales = shape.num_layers * len(ALL_TARGETS) * cfg.rank * 2 * 4 if quantize != "none" else 0
+    lora = cfg.adapters * (per_adapter * lb + row_scales)
     kv_token = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * 4
     B, P = cfg.requests, cfg.prompt_len
     ctx = P + cfg.new_tokens / 2
