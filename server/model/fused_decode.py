@@ -20,19 +20,24 @@ import functools
 import logging
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional, Protocol
 
 import torch
+from torch import nn
 
 from server.attention import decode_kernel
 from server.core.native import NativeBuildError, build_and_load
 
-if TYPE_CHECKING:
-    from server.model.llama import KVCache, LlamaForCausalLM
-
 log = logging.getLogger(__name__)
 
 PROJECTION_COUNT = 4  # q/k/v, o, gate/up, down: the layer's base projections, in this order
+
+
+class PagedKV(Protocol):
+    """The paged KV cache as the driver reads it (server/model/llama.py's KVCache): per layer, K and V rows."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -172,7 +177,7 @@ def function_address(fn: ctypes._CFuncPtr) -> int:
 class FusedDecode:
     """The driver bound to one model: its weights' pointers packed once; `run` per decode step."""
 
-    def __init__(self, lib: ctypes.CDLL, model: "LlamaForCausalLM"):
+    def __init__(self, lib: ctypes.CDLL, model: nn.Module):
         lib.lsq_decode_layers.argtypes = [_p, _p]
         lib.lsq_decode_layers.restype = None
         self._fn = lib.lsq_decode_layers
@@ -201,7 +206,7 @@ class FusedDecode:
         self._bound_kv: Optional[tuple[int, ...]] = None
 
     @staticmethod
-    def supports(model: "LlamaForCausalLM") -> bool:
+    def supports(model: nn.Module) -> bool:
         """Every layer on the dynamic int8 kernel without biases, fp32 on CPU, the glue (norm and SiLU with
         torch's bits) and the decode attention kernel at hand."""
         if model.dtype != torch.float32 or model.device.type != "cpu" or not len(model.layers):
@@ -218,7 +223,7 @@ class FusedDecode:
         return attn is not None and cfg.head_dim % 16 == 0 and cfg.head_dim <= 256 and \
             cfg.num_heads % cfg.num_kv_heads == 0 and cfg.num_heads // cfg.num_kv_heads <= decode_kernel.MAX_GROUP
 
-    def _bind(self, kv: "KVCache") -> None:
+    def _bind(self, kv: PagedKV) -> None:
         key = tuple(t.data_ptr() for t in (*kv.k, *kv.v))
         if key != self._bound_kv:
             for dst, k, v in zip(self._layers, kv.k, kv.v):
@@ -237,7 +242,7 @@ class FusedDecode:
         return lora is None or tuple(lora.in_features) == self.in_features
 
     def run(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, new_rows: torch.Tensor,
-            ctx_rows: torch.Tensor, ctx_len: torch.Tensor, kv: "KVCache", lora: Optional[NativeLora]
+            ctx_rows: torch.Tensor, ctx_len: torch.Tensor, kv: PagedKV, lora: Optional[NativeLora]
             ) -> torch.Tensor:
         """The final-norm hidden states [m, hidden] of m decode tokens (embeddings h, updated in place),
         their K/V written at cache rows new_rows [m] and attending over ctx_rows [m, L] (ctx_len [m] real)."""
@@ -274,7 +279,7 @@ def _library() -> Optional[ctypes.CDLL]:
         return None
 
 
-def for_model(model: "LlamaForCausalLM") -> Optional[FusedDecode]:
+def for_model(model: nn.Module) -> Optional[FusedDecode]:
     """The driver for `model`, or None where it does not apply (see `FusedDecode.supports`) or
     LORASERVE_FUSED_DECODE=0 turns it off."""
     if os.environ.get("LORASERVE_FUSED_DECODE", "1") == "0" or not FusedDecode.supports(model):
