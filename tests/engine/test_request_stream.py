@@ -39,23 +39,29 @@ def test_a_stalled_consumer_leaves_at_most_the_bound_queued_and_loses_nothing():
     asyncio.run(main())
 
 
-def test_a_consumer_that_keeps_up_sees_every_delta_on_its_own():
+def _kept_up(n: int, **stream_args) -> tuple[list[Delta], RequestStream]:
+    """n one-token deltas (the last finishing) put with the consumer running between puts; what it saw."""
     async def main():
-        stream = RequestStream("r", asyncio.get_running_loop(), max_queued=4)
-        got = []
+        stream = RequestStream("r", asyncio.get_running_loop(), **stream_args)
+        got: list[Delta] = []
 
         async def consume():
             async for d in stream:
                 got.append(d)
 
         task = asyncio.ensure_future(consume())
-        for i in range(50):
-            stream.put(_delta(i, i == 49))
+        for i in range(n):
+            stream.put(_delta(i, i == n - 1))
             await asyncio.sleep(0)  # the consumer runs between puts
         await asyncio.wait_for(task, 5)
-        assert len(got) == 50 and stream.merged == 0
+        return got, stream
 
-    asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_a_consumer_that_keeps_up_sees_every_delta_on_its_own():
+    got, stream = _kept_up(50, max_queued=4)
+    assert len(got) == 50 and stream.merged == 0
 
 
 def test_an_error_after_a_backlog_still_reaches_the_consumer():
@@ -174,22 +180,7 @@ def test_coalesced_after_a_stall_gets_every_token_in_order_in_few_messages():
 def test_a_stream_interval_sends_the_first_token_at_once_then_groups_and_flushes_the_last():
     """--stream-interval 3: a keeping-up consumer sees the first token alone, then three at a time, then the rest
     with the finish; nothing lost or reordered, the finish never held back."""
-    async def main():
-        stream = RequestStream("r", asyncio.get_running_loop(), stream_interval=3)
-        got = []
-
-        async def consume():
-            async for d in stream:
-                got.append(d)
-
-        task = asyncio.ensure_future(consume())
-        for i in range(8):
-            stream.put(_delta(i, i == 7))
-            await asyncio.sleep(0)
-        await asyncio.wait_for(task, 5)
-        return got
-
-    got = asyncio.run(main())
+    got, _ = _kept_up(8, stream_interval=3)
     assert [d.token_ids for d in got] == [[0], [1, 2, 3], [4, 5, 6], [7]]
     assert "".join(d.text for d in got) == "".join(f"<{i}>" for i in range(8))
     assert got[-1].finish_reason == "length" and got[-1].completion_tokens == 8

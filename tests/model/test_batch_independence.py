@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.attention.sdpa import AttentionMetadata
 from server.model.llama import KVCache, LlamaForCausalLM
 from tests.helpers import make_tiny_model_dir
+from tests.model.flat_steps import flat_step
 
 BLOCK = 128  # cache rows per sequence in these tests
 
@@ -31,23 +31,7 @@ def _prompt(i: int, n: int) -> list[int]:
 
 
 def _step(model, kv, prefills, decodes):
-    """One flat step: decode rows first, then prompt rows (as the runner orders them). prefills:
-    [(seq, tokens)], decodes: [(seq, token, context length)]; sequence s owns cache rows s*BLOCK..."""
-    ids, pos, slots, runs = [], [], [], []
-    for s, tok, ctx in decodes:
-        ids.append(tok); pos.append(ctx - 1); slots.append(s * BLOCK + ctx - 1)
-    for s, toks in prefills:
-        runs.append((len(ids), len(toks)))
-        ids += toks; pos += range(len(toks)); slots += [s * BLOCK + j for j in range(len(toks))]
-    attn = AttentionMetadata(slot_mapping=torch.tensor(slots), prefill=tuple(runs), all_decode=not prefills,
-                             prompt_from=len(decodes) if prefills else None)
-    if decodes:
-        L = max(ctx for _, _, ctx in decodes)
-        attn.decode_kv = torch.stack([torch.arange(s * BLOCK, s * BLOCK + L) for s, _, _ in decodes])
-        attn.decode_mask = (torch.arange(L)[None, :] < torch.tensor([c for _, _, c in decodes])[:, None])[:, None, None, :]
-        if prefills:
-            attn.decode_rows = torch.arange(len(decodes))
-    return model(torch.tensor(ids), torch.tensor(pos), attn, kv)
+    return flat_step(model, kv, prefills, decodes, BLOCK)
 
 
 def test_prompt_and_decode_rows_alone_and_batched(model):

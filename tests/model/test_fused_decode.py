@@ -7,7 +7,6 @@ import shutil
 import pytest
 import torch
 
-from server.attention.sdpa import AttentionMetadata
 from server.core.identity import AdapterVersion
 from server.lora import cpu_kernel
 from server.lora.cpu_backend import CpuKernelBackend
@@ -15,6 +14,7 @@ from server.lora.pool import AdapterPool
 from server.model import fused_decode
 from server.model.llama import KVCache, LlamaForCausalLM
 from tests.helpers import make_tiny_model_dir
+from tests.model.flat_steps import flat_step
 from tests.lora.backend_utils import random_adapter
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,
@@ -35,23 +35,7 @@ def model(tmp_path_factory):
 
 
 def _step(model, kv, prefills, decodes, lora=None):
-    """One flat step, decode rows first (as the runner orders them); sequence s owns rows s*BLOCK..."""
-    ids, pos, slots, runs = [], [], [], []
-    for s, tok, ctx in decodes:
-        ids.append(tok); pos.append(ctx - 1); slots.append(s * BLOCK + ctx - 1)
-    for s, toks in prefills:
-        runs.append((len(ids), len(toks)))
-        ids += toks; pos += range(len(toks)); slots += [s * BLOCK + j for j in range(len(toks))]
-    attn = AttentionMetadata(slot_mapping=torch.tensor(slots), prefill=tuple(runs), all_decode=not prefills,
-                             prompt_from=len(decodes) if prefills else None)
-    if decodes:
-        L = max(ctx for _, _, ctx in decodes)
-        attn.decode_kv = torch.stack([torch.arange(s * BLOCK, s * BLOCK + L) for s, _, _ in decodes])
-        attn.decode_mask = (torch.arange(L)[None, :] < torch.tensor([c for _, _, c in decodes])[:, None]
-                            )[:, None, None, :]
-        if prefills:
-            attn.decode_rows = torch.arange(len(decodes))
-    return model(torch.tensor(ids), torch.tensor(pos), attn, kv, lora)
+    return flat_step(model, kv, prefills, decodes, BLOCK, lora)
 
 
 def _primed_cache(model, lengths):
