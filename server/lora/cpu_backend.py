@@ -41,18 +41,12 @@ class CpuKernelBackend(LoraBackend):
             plans = {}
             for targets in PROJECTIONS:
                 st = layer[targets]
-
-                def row_scales(gs: list[int], st=st) -> Optional[list[tuple[torch.Tensor, torch.Tensor]]]:
-                    if st.a_scale is None or st.bt_scale is None:
-                        return None
-                    return [(st.a_scale[g], st.bt_scale[g]) for g in gs]
-
                 plans[config.projection(targets)] = KernelPlan(
                     [(st.a_of(g), st.bt_of(g), st.scale[g], off) for g, off in enumerate(st.offsets[:-1])], st.pages,
-                    row_scales(list(range(len(targets)))))
+                    st.row_scales(list(range(len(targets)))))
                 for g, t in enumerate(targets):
-                    plans.setdefault(config.projection((t,)),
-                                     KernelPlan([(st.a_of(g), st.bt_of(g), st.scale[g], 0)], st.pages, row_scales([g])))
+                    plans.setdefault(config.projection((t,)), KernelPlan(
+                        [(st.a_of(g), st.bt_of(g), st.scale[g], 0)], st.pages, st.row_scales([g])))
             self.plans.append(plans)
         # The same plans as one table for the fused decode driver, in its projection order.
         order = [config.projection(targets) for targets in PROJECTIONS]
@@ -60,7 +54,7 @@ class CpuKernelBackend(LoraBackend):
             (p.pages.data_ptr(), p.max_rank, p.in_features, p.count, p.address)
             for layer in self.plans for p in (layer[proj] for proj in order)])
         self.native_in_features = tuple(self.plans[0][proj].in_features for proj in order) if self.plans else ()
-        self.weights = copies.dtype  # bf16 or int8: which kernels run
+        self.native_function = fused_decode.function_address(kernel.decode_function(copies.dtype))
 
     def prepare_rows(self, rows: StepRows) -> "CpuKernelStep":
         return CpuKernelStep(self, rows)
@@ -80,8 +74,8 @@ class CpuKernelStep(LoraStep):
         rows, backend = self.rows, self.backend
         if rows.num_decode != len(rows.adapter_slots) or not backend.native_in_features:
             return None
-        return NativeLora(fused_decode.function_address(backend.kernel.decode_function(backend.weights)), ctypes.addressof(
-            backend.native_plans), backend.native_in_features, self.decode_slots, rows.rank)
+        return NativeLora(backend.native_function, ctypes.addressof(backend.native_plans), backend.native_in_features,
+                          self.decode_slots, rows.rank)
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, projection: Projection) -> torch.Tensor:
         kernel = self.backend.kernel

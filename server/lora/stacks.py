@@ -101,10 +101,12 @@ class ProjectionStacks:
                                 None if self.a_scale is None else self.a_scale[g:g + 1],
                                 None if self.bt_scale is None else self.bt_scale[g:g + 1])
 
-    @property
-    def quantized(self) -> bool:
-        """int8 rows with a scale each (the CPU kernel's int8 copies)."""
-        return self.a_scale is not None
+    def row_scales(self, targets: list[int]) -> Optional[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Per target g in `targets`, the scales of its A rows and of its B^T rows ([P] views); None for rows
+        that are not int8 (they need none)."""
+        if self.a_scale is None or self.bt_scale is None:
+            return None
+        return [(self.a_scale[g], self.bt_scale[g]) for g in targets]
 
     def slot_a(self, g: int) -> torch.Tensor:
         """Target g's A of every slot, [N, R, K], zero past each adapter's rank (a gathered copy)."""

@@ -59,7 +59,7 @@ typedef struct { const float* in_norm; const float* post_norm; linear_t lin[4]; 
 typedef struct { const int32_t* pages; int pages_stride; int in; int nt; const void* targets; } lora_plan_t;
 
 typedef struct {
-  linear_fn linear; norm_fn norm; rope_fn rope; silu_fn silu; attn_fn attn; lora_fn lora;
+  linear_fn linear; norm_fn norm; rope_fn rope; silu_fn silu; attn_fn attn;
   int layers, hidden, nh, nkv, hd, inter, norm_lanes, silu_vector;
   float eps, attn_scale;
   const layer_t* layer; const float* final_norm;
@@ -74,7 +74,7 @@ typedef struct {
   uint8_t* q8; float* qs8;                /* the int8 kernel's scratch: m * max kp bytes, m scales */
   float *x, *qkv, *att, *o, *gu, *a, *d;  /* work rows */
   float* out;                             /* [m, hidden]: the final norm */
-  const lora_plan_t* lora; const int64_t* slots; int rank;  /* lora NULL: no adapter in the step */
+  lora_fn lora_call; const lora_plan_t* lora; const int64_t* slots; int rank;  /* lora NULL: no adapter */
 } step_t;
 
 static void linear(const model_t* M, const linear_t* L, int m, const float* x, long xs, const step_t* S,
@@ -82,9 +82,9 @@ static void linear(const model_t* M, const linear_t* L, int m, const float* x, l
   M->linear(m, L->k, L->kp, L->b, x, xs, S->q8, S->qs8, L->n, L->wp, L->wsum, L->ws, y, ys);
 }
 
-static void lora(const model_t* M, const step_t* S, const lora_plan_t* P, const float* x, long xs, float* y,
+static void lora(const step_t* S, const lora_plan_t* P, const float* x, long xs, float* y,
                  long ys) {
-  if (P) M->lora(S->m, S->slots, P->pages, P->pages_stride, S->rank, P->in, x, xs, y, ys, P->nt, P->targets);
+  if (P) S->lora_call(S->m, S->slots, P->pages, P->pages_stride, S->rank, P->in, x, xs, y, ys, P->nt, P->targets);
 }
 
 /* The layered path's calls (server/model/llama.py DecoderLayer.forward), layer after layer. */
@@ -97,7 +97,7 @@ void lsq_decode_layers(const model_t* M, const step_t* S) {
     const lora_plan_t* P = S->lora ? S->lora + 4 * l : 0;
     M->norm(m, H, S->h, H, delta, H, S->h, H, L->in_norm, M->eps, S->x, H, M->norm_lanes);
     linear(M, &L->lin[0], m, S->x, H, S, S->qkv, wq);
-    lora(M, S, P ? P + 0 : 0, S->x, H, S->qkv, wq);
+    lora(S, P ? P + 0 : 0, S->x, H, S->qkv, wq);
     M->rope(m, M->nh + M->nkv, M->hd, S->qkv, wq, S->cos, S->sin);
     for (int i = 0; i < m; i++) {
       memcpy(L->kc + S->new_rows[i] * kvs, S->qkv + i * wq + qs, sizeof(float) * kvs);
@@ -106,13 +106,13 @@ void lsq_decode_layers(const model_t* M, const step_t* S) {
     M->attn(m, M->nh, M->nkv, M->hd, S->qkv, wq, L->kc, L->vc, S->ctx_rows, S->ctx_stride, S->ctx_len,
             M->attn_scale, S->att);
     linear(M, &L->lin[1], m, S->att, qs, S, S->o, H);
-    lora(M, S, P ? P + 1 : 0, S->att, qs, S->o, H);
+    lora(S, P ? P + 1 : 0, S->att, qs, S->o, H);
     M->norm(m, H, S->h, H, S->o, H, S->h, H, L->post_norm, M->eps, S->x, H, M->norm_lanes);
     linear(M, &L->lin[2], m, S->x, H, S, S->gu, wgu);
-    lora(M, S, P ? P + 2 : 0, S->x, H, S->gu, wgu);
+    lora(S, P ? P + 2 : 0, S->x, H, S->gu, wgu);
     M->silu(m, I, S->gu, wgu, S->gu + I, wgu, S->a, I, M->silu_vector);
     linear(M, &L->lin[3], m, S->a, I, S, S->d, H);
-    lora(M, S, P ? P + 3 : 0, S->a, I, S->d, H);
+    lora(S, P ? P + 3 : 0, S->a, I, S->d, H);
     delta = S->d;
   }
   M->norm(m, H, S->h, H, delta, H, S->h, H, M->final_norm, M->eps, S->out, H, M->norm_lanes);
@@ -137,7 +137,7 @@ class LoraPlan(ctypes.Structure):
 
 
 class _Model(ctypes.Structure):
-    _fields_ = [("linear", _p), ("norm", _p), ("rope", _p), ("silu", _p), ("attn", _p), ("lora", _p),
+    _fields_ = [("linear", _p), ("norm", _p), ("rope", _p), ("silu", _p), ("attn", _p),
                 ("layers", _i), ("hidden", _i), ("nh", _i), ("nkv", _i), ("hd", _i), ("inter", _i),
                 ("norm_lanes", _i), ("silu_vector", _i), ("eps", _f), ("attn_scale", _f),
                 ("layer", _p), ("final_norm", _p)]
@@ -147,21 +147,20 @@ class _Step(ctypes.Structure):
     _fields_ = [("m", _i), ("h", _p), ("cos", _p), ("sin", _p), ("new_rows", _p), ("ctx_rows", _p),
                 ("ctx_stride", _l), ("ctx_len", _p), ("q8", _p), ("qs8", _p),
                 ("x", _p), ("qkv", _p), ("att", _p), ("o", _p), ("gu", _p), ("a", _p), ("d", _p), ("out", _p),
-                ("lora", _p), ("slots", _p), ("rank", _i)]
+                ("lora_call", _p), ("lora", _p), ("slots", _p), ("rank", _i)]
 
 
 @dataclass(frozen=True)
 class NativeLora:
     """A decode step's LoRA for the driver: the CPU LoRA kernel's decode function, its plans for every
     layer's projections ([layers * 4] `LoraPlan`s, q/k/v, o, gate/up, down), each token's slot and the
-    step's rank. `keep` holds whatever must outlive the call."""
+    step's rank."""
 
     function: int
     plans: int
-    in_features: tuple[int, ...]  # of the 4 projections, checked against the model's once
+    in_features: tuple[int, ...]  # of the 4 projections, checked against the model's
     slots: torch.Tensor  # int64 [m]
     rank: int
-    keep: object = None
 
 
 def lora_plans(plans: list[tuple[int, int, int, int, int]]) -> ctypes.Array:
@@ -186,7 +185,7 @@ class FusedDecode:
         first = layers[0]
         glue, dyn = first.glue, first.qkv._dyn
         attn = decode_kernel.load()
-        self.hidden, self.inter, self.hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+        self.hidden, self.hd = cfg.hidden_size, cfg.head_dim
         self.dyn = dyn
         self.max_kp = max(lin._pw.kp for layer in layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
         self.in_features = (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.hidden_size, cfg.intermediate_size)
@@ -199,10 +198,14 @@ class FusedDecode:
                 dst.lin[j] = _Linear(pw.in_features, pw.kp, pw.block, n, wp, wsum, ws)
         self._model = _Model(
             function_address(dyn._lib.lsq_linear), function_address(glue._norm), function_address(glue._rope),
-            function_address(glue._silu_mul), function_address(attn._fn), 0,
+            function_address(glue._silu_mul), function_address(attn._fn),
             len(layers), cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
             glue.norm_lanes, glue.silu_vector, cfg.rms_norm_eps, cfg.head_dim ** -0.5,
             ctypes.addressof(self._layers), model.norm.data_ptr())
+        # Work rows of a step, floats a token: x, q/k/v, attention out, o, gate/up, SiLU x up, down.
+        qs, kvs = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self._widths = (cfg.hidden_size, qs + 2 * kvs, qs, cfg.hidden_size, 2 * cfg.intermediate_size,
+                        cfg.intermediate_size, cfg.hidden_size)
         self._bound_kv: Optional[tuple[int, ...]] = None
 
     @staticmethod
@@ -246,26 +249,23 @@ class FusedDecode:
             ) -> torch.Tensor:
         """The final-norm hidden states [m, hidden] of m decode tokens (embeddings h, updated in place),
         their K/V written at cache rows new_rows [m] and attending over ctx_rows [m, L] (ctx_len [m] real)."""
-        m, H, I = h.shape[0], self.hidden, self.inter
+        m = h.shape[0]
         if not (h.is_contiguous() and cos.is_contiguous() and sin.is_contiguous() and new_rows.is_contiguous()
                 and new_rows.dtype == ctx_rows.dtype == torch.int64 and ctx_rows.stride(1) == 1
                 and ctx_len.dtype == torch.int32 and ctx_len.is_contiguous() and cos.shape == (m, self.hd)):
             raise ValueError("fused decode: unexpected step tensors")
         self._bind(kv)
-        out = torch.empty(m, H)
-        widths = (H, self._model.nh * self.hd + 2 * self._model.nkv * self.hd, self._model.nh * self.hd, H,
-                  2 * I, I, H)
-        work = torch.empty(m * sum(widths))
+        out = torch.empty(m, self.hidden)
+        work = torch.empty(m * sum(self._widths))
         ptrs, at = [], work.data_ptr()
-        for w in widths:
+        for w in self._widths:
             ptrs.append(at)
             at += 4 * m * w
         q8, s8 = self.dyn.scratch(m, self.max_kp)
         step = _Step(m, h.data_ptr(), cos.data_ptr(), sin.data_ptr(), new_rows.data_ptr(), ctx_rows.data_ptr(),
                      ctx_rows.stride(0), ctx_len.data_ptr(), q8, s8, *ptrs, out.data_ptr(),
-                     lora.plans if lora else 0, lora.slots.data_ptr() if lora else 0, lora.rank if lora else 0)
-        if lora is not None:
-            self._model.lora = lora.function
+                     lora.function if lora else 0, lora.plans if lora else 0, lora.slots.data_ptr() if lora else 0,
+                     lora.rank if lora else 0)
         self._fn(ctypes.byref(self._model), ctypes.byref(step))
         return out
 
