@@ -200,12 +200,10 @@ class CpuGlue:
         lib.lsq_rms_norm.argtypes = [i, lg, p, lg, p, lg, p, lg, p, f, p, lg, i]
         lib.lsq_silu_mul.argtypes = [i, lg, p, lg, p, lg, p, lg, i]
         self._rope, self._norm, self._silu_mul = lib.lsq_rope, lib.lsq_rms_norm, lib.lsq_silu_mul
-        self.lib = lib
         self.norm_lanes = self._matching_lanes()
         if self.norm_lanes is None:
             log.warning("CPU RMSNorm kernel: no lane width gives torch's bits here; torch's op serves")
         self.silu_vector = self._matching_silu_vector() if lib.lsq_silu_ready() else None
-        self.silu_exact = self.silu_vector is not None
         if not self.silu_exact:
             log.warning("CPU SiLU kernel: not torch's bits here (or no AVX2/FMA); torch's ops serve")
 
@@ -238,6 +236,11 @@ class CpuGlue:
                        0 if r is None else r.stride(0), None if r is None else h.data_ptr(), h.stride(0),
                        weight.data_ptr(), eps, y.data_ptr(), y.stride(0), lanes or self.norm_lanes)
         return h, y
+
+    @property
+    def silu_exact(self) -> bool:
+        """The C SiLU gives torch's bits here (a row chunk matched at load)."""
+        return self.silu_vector is not None
 
     def silu_mul(self, gu: torch.Tensor, inter: int, vector: Optional[int] = None) -> torch.Tensor:
         """silu(gu[:, :inter]) * gu[:, inter:] as a new contiguous tensor, torch's bits; only where

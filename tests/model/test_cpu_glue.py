@@ -1,4 +1,4 @@
-"""The C RoPE and RMSNorm of the dynamic int8 path are torch's ops bit for bit and never used by
+"""The C RoPE, RMSNorm and SiLU x up of the dynamic int8 path are torch's ops bit for bit and never used by
 `--quantize none`; the one-op RMSNorm is the Hugging Face formula bit for bit."""
 from __future__ import annotations
 
@@ -68,3 +68,16 @@ def test_only_the_dynamic_int8_model_uses_them(tmp_path):
     assert all(layer.glue is None for layer in LlamaForCausalLM.from_pretrained(d, quantize="none").layers)
     int8 = LlamaForCausalLM.from_pretrained(d, quantize="int8")
     assert all(layer.glue is GLUE for layer in int8.layers)
+
+
+@pytest.mark.parametrize("rows,inter", [(8, 1536), (544, 1536), (3, 45), (2, 13)])
+def test_silu_times_up_is_torch_bit_for_bit(rows, inter):
+    """A decode step's rows, a prefill's (split over the threads), and widths with a tail torch takes one element
+    at a time; values of every scale, infinities and NaN: `F.silu(g) * u`'s bits."""
+    if not GLUE.silu_exact:
+        pytest.skip("this CPU's build does not match torch's SiLU bits; torch's ops serve (the log says so)")
+    g = torch.Generator().manual_seed(7)
+    gu = torch.randn(rows, 2 * inter, generator=g) * torch.logspace(-3, 2.3, rows)[:, None]
+    gu[0, :3] = torch.tensor([float("inf"), -float("inf"), float("nan")])
+    want = torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]
+    assert torch.equal(GLUE.silu_mul(gu, inter).view(torch.int32), want.view(torch.int32))
