@@ -1,6 +1,6 @@
 """The CPU kernel backend: every row of every step through the bf16 or int8 C kernels (`cpu_kernel.py`).
 
-Decode rows (first in the step) go one token at a time, prompt rows in blocks of up to 4 tokens of
+Decode rows (first in the step) go one token at a time, prompt rows in blocks of up to 32 tokens of
 one adapter; one call of each per base projection (q/k/v and gate/up read x once for their targets),
 on `KernelPlan`s packed here once at start-up over the pool's bf16 or int8 copies of the rank rows and its page
 table. A token's LoRA arithmetic depends on its kind (decode or prompt), never on the rest of its batch.

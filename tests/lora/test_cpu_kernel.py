@@ -80,21 +80,21 @@ def test_one_call_for_a_fused_projection_equals_each_target_alone(kernel, rank):
 @needs_cc
 @pytest.mark.parametrize("rank", [16, 5])
 def test_prompt_rows_match_the_reference_whatever_their_blocks(kernel, rank):
-    """Prompt rows of several adapters (runs of 1 to 9 rows, so blocks of 4 and remainders, slot 0
-    among them, widths not a multiple of 8) equal the torch reference on the same bf16 weights, and
-    a row gets the same numbers alone as inside a run of its adapter."""
+    """Prompt rows of several adapters (runs of 1 to 37 rows, so full blocks, remainders and partial
+    register tiles, slot 0 among them, widths not a multiple of the vector width) equal the torch reference on
+    the same bf16 weights, and a row gets the same numbers alone as inside a run of its adapter."""
     torch.manual_seed(3)
     n, R, k, outs = 6, 16, 72, (40, 21)
     stacks = [(torch.randn(n, R, k).bfloat16(), torch.randn(n, R, o).bfloat16(), torch.rand(n)) for o in outs]
     plan = per_slot_plan([(a, bt, sc, off) for (a, bt, sc), off in zip(stacks, (0, outs[0]))])
     decode_rows = 2  # before the prompt rows: the prompt kernel must leave them alone
-    prompt = [1] * 9 + [0] * 3 + [4] * 5 + [2] + [5] * 4
+    prompt = [1] * (cpu_kernel.PROMPT_BLOCK + 5) + [0] * 3 + [4] * 5 + [2] + [5] * 4
     x = torch.randn(decode_rows + len(prompt), k)
     y0 = torch.randn(decode_rows + len(prompt), sum(outs))
     # The step's segments; the last decode row shares slot 1 with the first prompt rows (one segment).
     blocks = kernel.prompt_blocks(LoraSegments.from_token_slots([4, 1] + prompt), decode_rows)
     assert int((blocks[:, 0] + blocks[:, 1]).max()) == x.shape[0] and int(blocks[:, 0].min()) == decode_rows
-    assert blocks[:, 1].max() <= 4 and 0 not in blocks[:, 2].tolist()
+    assert blocks[:, 1].max() == cpu_kernel.PROMPT_BLOCK and 0 not in blocks[:, 2].tolist()
     kernel.check_slots(blocks[:, 2].contiguous(), rank, plan)
     y = y0.clone()
     end = int((blocks[:, 0] + blocks[:, 1]).max())
@@ -108,7 +108,8 @@ def test_prompt_rows_match_the_reference_whatever_their_blocks(kernel, rank):
             part, x[decode_rows:], a.float()[:, :rank], bt.float().transpose(1, 2)[:, :, :rank], sc, seg)
     assert torch.equal(y[:decode_rows], y0[:decode_rows])
     assert torch.allclose(y, want, rtol=1e-5, atol=1e-4)
-    for row in (decode_rows + 0, decode_rows + 8, decode_rows + 13):  # first of a run, the 9th of a run, a middle one
+    last = decode_rows + cpu_kernel.PROMPT_BLOCK + 4  # the last of the long run, in its second block
+    for row in (decode_rows + 0, decode_rows + 6, last, last + 6):  # first of a run, mid-tile, second block, a middle one
         alone = y0[row:row + 1].clone()
         one = kernel.prompt_blocks(LoraSegments.from_token_slots([prompt[row - decode_rows]]), 0)
         assert kernel.accepts(alone, x[row:row + 1], plan, 1)
