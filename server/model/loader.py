@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import json
@@ -247,26 +248,56 @@ def _converted_dir(gguf: Path, home: Path) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
         if final.exists():  # a directory under the final name without a valid marker
             shutil.rmtree(final)
-        arch = _gguf_architecture(gguf)
-        if arch not in _GGUF_ARCHS:
-            raise ModelLoadError(f"{gguf}: GGUF architecture {arch!r} is not supported; "
-                                 "loraserve serves Llama-family models")
-        tmp = Path(tempfile.mkdtemp(dir=models, prefix=f".{name}.tmp-"))
-        try:
-            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any model dir
-            t0 = time.perf_counter()
-            _convert_gguf(gguf, tmp)
-            _write_json_atomic(tmp / MARKER_NAME, {
-                "conversion_version": CONVERSION_VERSION, "source": str(gguf), "source_sha256": digest,
-                "seconds": round(time.perf_counter() - t0, 2)})
-            _fsync_tree(tmp)
-            os.rename(tmp, final)
-            _fsync_dir(models)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with _gguf_parsed_once():
+            arch = _gguf_architecture(gguf)
+            if arch not in _GGUF_ARCHS:
+                raise ModelLoadError(f"{gguf}: GGUF architecture {arch!r} is not supported; "
+                                     "loraserve serves Llama-family models")
+            tmp = Path(tempfile.mkdtemp(dir=models, prefix=f".{name}.tmp-"))
+            try:
+                os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any model dir
+                t0 = time.perf_counter()
+                _convert_gguf(gguf, tmp)
+                _write_json_atomic(tmp / MARKER_NAME, {
+                    "conversion_version": CONVERSION_VERSION, "source": str(gguf), "source_sha256": digest,
+                    "seconds": round(time.perf_counter() - t0, 2)})
+                _fsync_tree(tmp)
+                os.rename(tmp, final)
+                _fsync_dir(models)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
     log.info("converted %s to %s in %.1f s", gguf.name, final, time.perf_counter() - t0)
     return final
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """While a GGUF converts, each file's header is parsed once for everyone who opens it.
+
+    transformers opens the file separately for the config, the weights and the tokenizer, and we once more
+    for its architecture: SmolLM2's header (a 49,152-token vocabulary) took about 4.8 s a parse, 19 s of a
+    39 s first start. It also rebuilds gguf's tensor-name map for every tensor (6.4 s). Both are read-only,
+    so one parsed reader per path and one map per (architecture, layers) serve every caller; both names are
+    looked up on the gguf module at call time, and restored when the conversion ends.
+    """
+    import gguf
+
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path: Any, mode: str = "r") -> Any:
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = real_reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(real_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
+        readers.clear()
 
 
 def _fsync_dir(d: Path) -> None:
