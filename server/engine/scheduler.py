@@ -10,15 +10,16 @@ first, and within a tenant, first come first served. A lone request always fits
 
 With a prefix cache (server/engine/prefix_cache.py), an admitted sequence starts from its
 longest cached prefix: it shares those blocks and its prefill computes only the rest (and
-is charged, in budget and fairness, only for that rest). A sequence whose next block another
-sequence admitted in the same step is about to compute waits one step and reuses it.
+is charged, in budget and fairness, only for that rest). A sequence whose next blocks a sequence
+admitted earlier in the same step computes joins that step and reads them (every layer writes the
+step's K/V before its attention reads any), so a burst sharing a prompt costs one step, not two.
 
 A step computes at most one *shared* prefix: a prompt block that several waiting sequences
-need next and none has cached. The sequences waiting on it start in the very next step, where
-batching it with other shared prefixes would make them wait for all of those too (measured on a
-burst of 4 system prompts x 8 requests, first tokens of the requests that hit: the first prompt's
-at 0.8 s instead of 1.9 s, the median 1.5 s instead of 1.9 s, the last 2.0 s instead of 2.2 s;
-docs/benchmarks.md). Prompts nobody shares are batched as before, a skipped prefix is first in
+need next and none has cached. The sequences waiting on it join its step, where batching it
+with other shared prefixes would make them wait for all of those too (measured on a burst of 4
+system prompts x 8 requests, first tokens of the requests that hit: the first prompt's at 0.8 s
+instead of 1.9 s, the median 1.5 s instead of 1.9 s, the last 2.0 s instead of 2.2 s, when they
+started in the next step; docs/benchmarks.md). Prompts nobody shares are batched as before, a skipped prefix is first in
 line for the next step, and without a prefix cache nothing changes.
 """
 from __future__ import annotations
@@ -208,7 +209,7 @@ class Scheduler:
                 plan.decode.append(seq)
         # 2. Admit waiting sequences while blocks, batch slots, token budget and adapter slots allow.
         budget = self.max_batch_tokens - len(plan.decode)
-        computing: set[bytes] = set()  # prompt blocks this step's admitted prefills will compute
+        computing: dict[bytes, int] = {}  # prompt blocks this step's admitted prefills compute: name -> block
         waiting = self.waiting.in_order()
         shared = self._shared_next_blocks(waiting)
         shared_started = False
@@ -216,9 +217,8 @@ class Scheduler:
             if len(self.running) >= self.max_batch_size:
                 break
             hit = self._cached_prefix(seq)  # again: an admission above may have evicted idle cached blocks
+            hit += self._joined(seq, hit, computing)
             nxt = _next_block(seq, hit)
-            if nxt is not None and nxt in computing:
-                continue  # its next block is being computed now: reuse it next step
             if nxt in shared and shared_started:
                 continue  # one shared prefix a step: this one is first in line for the next
             n = len(seq.token_ids)
@@ -246,7 +246,7 @@ class Scheduler:
             seq.num_cached = len(hit) * self.blocks.block_size
             if self.prefix is not None and seq.prefix_chain is not None:
                 self.prefix.record(len(hit))
-                computing.update(seq.prefix_chain[len(hit):])
+                computing.update(zip(seq.prefix_chain[len(hit):], seq.blocks[len(hit):]))
             shared_started = shared_started or nxt in shared
             seq.status = RUNNING
             self.running.append(seq)
@@ -268,6 +268,23 @@ class Scheduler:
             if nxt is not None:
                 (shared if nxt in seen else seen).add(nxt)
         return shared
+
+    def _joined(self, seq: Sequence, hit: list[int], computing: dict[bytes, int]) -> list[int]:
+        """The blocks after its cached `hit` that a prefill admitted earlier in this step computes for the same
+        names: the sequence reads them in the same step. Every layer writes all of a step's K/V before any
+        of its attention reads (`paged_attention`), so they hold the same values a later step would find
+        cached; a burst of requests sharing a prompt costs one step, not two."""
+        chain = seq.prefix_chain
+        if not computing or chain is None:
+            return []
+        limit = min(len(chain), (len(seq.token_ids) - 1) // self.blocks.block_size)  # as PrefixCache.match
+        out: list[int] = []
+        for h in chain[len(hit):limit]:
+            b = computing.get(h)
+            if b is None:
+                break
+            out.append(b)
+        return out
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """The cached blocks a waiting sequence may start from (none without a prefix cache)."""

@@ -74,6 +74,19 @@ def test_outputs_identical_with_cache_on_and_off(tiny_dir, tiny_adapters):
     assert results[True] == results[False]
 
 
+def test_a_burst_sharing_a_prompt_equals_peft_alone(engine, tiny_dir, tiny_adapters):
+    """Requests on one adapter sharing a system prompt, submitted at once (the first computes the prefix and
+    the others read its blocks, in its step or after it): each output equals PEFT's for the request alone."""
+    adapter = local_adapter(engine, "all_r8", tiny_adapters["all_r8"])
+    before = engine.stats().prefix
+    prompts = [SYSTEM + [60 + i, 61 + 2 * i] for i in range(6)]
+    streams = [_ask(engine, p, adapter, 6) for p in prompts]
+    for p, s in zip(prompts, streams):
+        assert s.collect().token_ids == peft_greedy(tiny_dir, tiny_adapters["all_r8"], p, 6)
+    after = engine.stats().prefix
+    assert after.hits - before.hits >= 5 and after.tokens_saved - before.tokens_saved >= 5 * 32
+
+
 def test_hot_swap_of_a_name_never_serves_the_old_versions_blocks(engine, tiny_dir, tiny_adapters):
     """Same prompt, same adapter name: v1, then v2 (other weights), then v1 again, each equal to its version alone."""
     v1 = local_adapter(engine, "swap", tiny_adapters["all_r8"], version=1)
@@ -151,9 +164,10 @@ def test_prefix_cache_knob_from_flag_env_and_toml(tmp_path):
     assert load(env={"LORASERVE_PREFIX_CACHE": "false"}) is False
 
 
-def test_a_step_computes_one_shared_prefix_and_its_waiters_start_next():
+def test_a_step_computes_one_shared_prefix_and_its_waiters_join_it():
     """A burst of 3 system prompts x 3 requests and one unshared prompt: each step computes one shared
-    prefix (the unshared prompt rides along), and the requests waiting on a prefix start in the next step."""
+    prefix (the unshared prompt rides along), and the requests waiting on that prefix join the same step,
+    reading the blocks its first request writes; the other prefixes wait their turn."""
     from server.engine.scheduler import Scheduler, Sequence
     from server.engine.types import RequestStream
 
@@ -179,8 +193,11 @@ def test_a_step_computes_one_shared_prefix_and_its_waiters_start_next():
         sched.prefilled(plan.prefill)
         return [(s.request_id, s.num_cached) for s in plan.prefill]
 
-    assert step() == [("s0q0", 0), ("lone", 0)]
-    assert step() == [("s1q0", 0), ("s0q1", 8), ("s0q2", 8)]  # s0's waiters hit its blocks
-    assert step() == [("s2q0", 0), ("s1q1", 8), ("s1q2", 8)]
-    assert step() == [("s2q1", 8), ("s2q2", 8)]
+    first = step()
+    assert first == [("s0q0", 0), ("lone", 0), ("s0q1", 8), ("s0q2", 8)]  # s0's waiters join its blocks
+    s0 = [s for s in sched.running if s.request_id.startswith("s0")]
+    assert s0[1].blocks[:2] == s0[0].blocks[:2] == s0[2].blocks[:2]  # the same two blocks, shared
+    assert step() == [("s1q0", 0), ("s1q1", 8), ("s1q2", 8)]
+    assert step() == [("s2q0", 0), ("s2q1", 8), ("s2q2", 8)]
+    assert sched.prefix.hits == 6 and sched.prefix.misses == 4
     assert not sched.waiting
