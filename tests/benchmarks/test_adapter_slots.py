@@ -30,5 +30,6 @@ def test_arms_run_the_same_workload_and_the_file_says_so(tiny_dir, tmp_path):
     assert runs["fixed-2"]["misses"] == runs["fixed-2"]["loads"]  # one miss per load waited for
     assert runs["one-adapter"]["adapters_used"] == 1
     assert set(data["summary"]["goals_met"]) == {"ttft_p99_within_1.5x", "throughput_within_5pct"}
+    assert len(data["summary"]["throughput_change_rounds"]) == 1  # one round: one paired ratio
     assert [row["arm"] for row in data["table"]] == ["by-rank", "fixed-2", "one-adapter"]
     assert data["load_average"]["before"] and data["load_average"]["after"]
