@@ -54,7 +54,8 @@ def system_groups(cfg: BenchConfig) -> list[Group]:
 
 def isolation_note(groups: Sequence[Group]) -> str:
     return ("one process per group, timed rounds interleaved across the group processes (round r of every "
-            "group, one group at a time, before round r+1): "
+            "group, one group at a time, before round r+1; each round of a group begins with an untimed run of "
+            "its first system, so no timed run follows another group's process directly): "
             + "; ".join(f"{g.name} ({', '.join(g.systems)})" for g in groups))
 
 
