@@ -165,7 +165,7 @@ static inline void axpy_i8(float* y, float v, const int8_t* row, int out) {
 #define PROMPT_BLOCK @PROMPT_BLOCK@
 #define MAX_RANK_C @MAX_RANK@
 typedef float vf __attribute__((vector_size(VW * 4)));
-typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));  /* an unaligned vf in memory */
+typedef float vfu __attribute__((vector_size(VW * 4), aligned(4), may_alias));  /* a vf anywhere in a float array */
 #define LDU(p) (*(const vfu*)(p))
 #define STU(p, v) (*(vfu*)(p) = (v))
 /* The tiles spelled out (an array of vector accumulators stays in memory): k a token, q a rank or a vector of
