@@ -18,7 +18,7 @@ name a deleted version) and are the first to age out.
 from __future__ import annotations
 
 import hashlib
-from typing import Optional
+from typing import Mapping, Optional
 
 from server.engine.kv_cache import BlockAllocator
 
@@ -53,13 +53,16 @@ class PrefixCache:
             out.append(prev)
         return out
 
-    def match(self, chain: list[bytes], num_tokens: int) -> list[int]:
-        """The cached blocks of the longest cached prefix of `chain`, leaving at least the last of
-        `num_tokens` tokens to compute. Nothing is reserved: `BlockAllocator.share` them to use them."""
+    def match(self, chain: list[bytes], num_tokens: int, pending: Optional[Mapping[bytes, int]] = None) -> list[int]:
+        """The blocks of the longest prefix of `chain` that is cached or, by name, in `pending` (blocks being
+        written this step), leaving at least the last of `num_tokens` tokens to compute. Nothing is
+        reserved: `BlockAllocator.share` them to use them."""
         limit = min(len(chain), (num_tokens - 1) // self.blocks.block_size)
         out: list[int] = []
         for h in chain[:limit]:
             b = self._block_of.get(h)
+            if b is None and pending:
+                b = pending.get(h)
             if b is None:
                 break
             out.append(b)

@@ -216,8 +216,8 @@ class Scheduler:
         for seq in waiting:
             if len(self.running) >= self.max_batch_size:
                 break
-            hit = self._cached_prefix(seq)  # again: an admission above may have evicted idle cached blocks
-            hit += self._joined(seq, hit, computing)
+            # Again: an admission above may have evicted idle cached blocks, or be computing this one's next ones.
+            hit = self._cached_prefix(seq, computing)
             nxt = _next_block(seq, hit)
             if nxt in shared and shared_started:
                 continue  # one shared prefix a step: this one is first in line for the next
@@ -269,32 +269,18 @@ class Scheduler:
                 (shared if nxt in seen else seen).add(nxt)
         return shared
 
-    def _joined(self, seq: Sequence, hit: list[int], computing: dict[bytes, int]) -> list[int]:
-        """The blocks after its cached `hit` that a prefill admitted earlier in this step computes for the same
-        names: the sequence reads them in the same step. Every layer writes all of a step's K/V before any
-        of its attention reads (`paged_attention`), so they hold the same values a later step would find
-        cached; a burst of requests sharing a prompt costs one step, not two."""
-        chain = seq.prefix_chain
-        if not computing or chain is None:
-            return []
-        limit = min(len(chain), (len(seq.token_ids) - 1) // self.blocks.block_size)  # as PrefixCache.match
-        out: list[int] = []
-        for h in chain[len(hit):limit]:
-            b = computing.get(h)
-            if b is None:
-                break
-            out.append(b)
-        return out
-
-    def _cached_prefix(self, seq: Sequence) -> list[int]:
-        """The cached blocks a waiting sequence may start from (none without a prefix cache)."""
+    def _cached_prefix(self, seq: Sequence, computing: Optional[dict[bytes, int]] = None) -> list[int]:
+        """The cached blocks a waiting sequence may start from (none without a prefix cache), and after them
+        the blocks `computing` names, which a prefill admitted earlier in this step computes: the sequence
+        reads those in the same step (every layer writes all of a step's K/V before any of its attention
+        reads, `paged_attention`, so they hold the values a later step would find cached)."""
         if self.prefix is None:
             return []
         if seq.prefix_chain is None:
             adapter = seq.request.adapter
             seq.prefix_chain = self.prefix.chain(seq.token_ids, seq.num_prompt,
                                                  adapter.digest if adapter is not None else None)
-        return self.prefix.match(seq.prefix_chain, len(seq.token_ids))
+        return self.prefix.match(seq.prefix_chain, len(seq.token_ids), computing)
 
     def prefilled(self, seqs: list[Sequence]) -> None:
         """After a step ran them: their prompts' full blocks go into the prefix cache."""
