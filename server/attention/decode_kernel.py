@@ -173,6 +173,11 @@ class DecodeAttention:
         return (q.dtype == k_cache.dtype == torch.float32 and q.device.type == k_cache.device.type == "cpu"
                 and hd % 16 == 0 and hd <= 256 and nh % nkv == 0 and nh // nkv <= MAX_GROUP)
 
+    @staticmethod
+    def accepts_context(length: int) -> bool:
+        """Contexts (cache rows a sequence reads) the kernel takes: its scores live on the stack."""
+        return length <= MAX_CONTEXT
+
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
                  lengths: torch.Tensor) -> torch.Tensor:
         """q [D, nh, hd]; caches [R, nkv, hd] (contiguous); rows [D, L] int64 cache rows of each
@@ -183,7 +188,7 @@ class DecodeAttention:
         if not (k_cache.is_contiguous() and v_cache.is_contiguous() and rows.dtype == torch.int64
                 and rows.stride(1) == 1 and lengths.dtype == torch.int32 and lengths.is_contiguous()):
             raise ValueError("decode attention takes contiguous caches, int64 rows and int32 lengths")
-        if rows.shape[1] > MAX_CONTEXT:
+        if not self.accepts_context(rows.shape[1]):
             raise ValueError(f"context {rows.shape[1]} over the kernel's {MAX_CONTEXT}")
         out = torch.empty(D, nh, hd, dtype=q.dtype)  # contiguous, whatever q's row stride
         self._fn(D, nh, k_cache.shape[1], hd, q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),

@@ -145,7 +145,7 @@ def _decode(q: torch.Tensor, attn: AttentionMetadata,
             kv: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     assert kv is not None and attn.decode_kv is not None, "decoding needs the KV cache"
     kern = decode_kernel.load() if q.device.type == "cpu" else None
-    if kern is not None and kern.accepts(q, kv[0]) and attn.decode_kv.shape[1] <= decode_kernel.MAX_CONTEXT:
+    if kern is not None and kern.accepts(q, kv[0]) and kern.accepts_context(attn.decode_kv.shape[1]):
         return kern(q, kv[0], kv[1], attn.decode_kv, attn.decode_lengths())
     decode_kv, mask = attn.padded_decode()
     D, L = decode_kv.shape

@@ -124,7 +124,7 @@ static inline void axpy_i8(float* y, float v, const int8_t* row, int out) {
   for (; o < out; o++) y[o] += v * (float)row[o];
 }
 #else
-/* One row of x against one int8 weight row, four accumulators of 8. */
+/* One row of x against one int8 weight row, two accumulators of 8. */
 static inline float dot1_i8(const int8_t* row, int in, const float* x) {
   v8f a0 = {0}, a1 = {0}, xv;
   int i = 0;

@@ -239,7 +239,7 @@ class FusedDecode:
     def accepts_context(length: int) -> bool:
         """Contexts the decode attention kernel takes (its scores live on the stack); longer ones take the
         layered path, whose attention then runs on torch's SDPA."""
-        return length <= decode_kernel.MAX_CONTEXT
+        return decode_kernel.DecodeAttention.accepts_context(length)
 
     def accepts_lora(self, lora: Optional[NativeLora]) -> bool:
         return lora is None or tuple(lora.in_features) == self.in_features
