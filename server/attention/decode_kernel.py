@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 MAX_GROUP = 16    # query heads per KV head
 MAX_CONTEXT = 1 << 14  # scores of one KV head's query heads live on the stack (up to 1 MB)
 
-_SOURCE = r"""
+# The C helpers both CPU attention kernels use (server/attention/context_kernel.py includes them too).
+COMMON_SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
@@ -80,6 +81,9 @@ static inline void prefetch_row(const float* row, int hd) {
   for (int l = 0; l < hd; l += 16) __builtin_prefetch(row + l);
 }
 static inline void store16(float* p, v16 v) { memcpy(p, &v, sizeof v); }
+"""
+
+_SOURCE = COMMON_SOURCE + r"""
 
 /* One sequence d and one KV head g: out[d, h] = softmax(scale * q[d, h] . K[rows[j]]) . V[rows[j]] over
    j < n for the G query heads h of g together (each K and V row read once). Inlined with G and C
