@@ -16,7 +16,8 @@ A query's numbers depend only on its own query vector and the keys and values it
 summed in the same order whatever the block, its softmax runs over its own keys (those past its
 position are -inf, hence exactly 0), and the values past its position, which its block partner may
 see, add exact zeros. So a prompt's bits do not depend on its batch, on how many of its tokens were
-cached, or on which other prompts share the call.
+cached, or on which other prompts share the call. The engine runs it for prompts after a cached prefix
+only (server/attention/sdpa.py says why not for prompts from position 0).
 """
 from __future__ import annotations
 

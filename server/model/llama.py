@@ -235,9 +235,12 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def score(self, input_ids: torch.Tensor, lora: Optional[LoraDeltas] = None) -> torch.Tensor:
-        """Logits [L, vocab] for every position of one sequence (perplexity, tests); no KV cache."""
+        """Logits [L, vocab] for every position of one sequence (perplexity, tests), computed as a served
+        prompt is: its K/V written to a paged cache of its own, which prompt attention reads."""
         L = input_ids.shape[0]
         ids = input_ids.to(self.device)
-        attn = AttentionMetadata.prefill_only([L], self.device)
-        hidden = self.forward(ids, torch.arange(L, device=self.device), attn, None, lora)
+        block = 16
+        kv = KVCache.allocate(self.config, -(-L // block), block, self.dtype, self.device)
+        attn = AttentionMetadata.prefill_only([L], self.device, slot_mapping=torch.arange(L, device=self.device))
+        hidden = self.forward(ids, torch.arange(L, device=self.device), attn, kv, lora)
         return self.logits(hidden)

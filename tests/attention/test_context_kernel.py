@@ -101,9 +101,13 @@ def test_calls_are_split_to_bound_the_workspace(monkeypatch):
         KERN(q, k, v, [(0, 10)], [_pages(300, g)])
 
 
-def test_paged_attention_serves_a_mixed_step_with_it():
+def test_paged_attention_serves_a_mixed_step_with_it(monkeypatch):
     """A step with a prompt from position 0, one after a cached prefix and a decode token: each equals
-    torch's attention over its own context."""
+    torch's attention over its own context, and the kernel served the prompt after the prefix (only)."""
+    served = []
+    real = context_kernel.ContextAttention.__call__
+    monkeypatch.setattr(context_kernel.ContextAttention, "__call__",
+                        lambda self, q, kc, vc, runs, *a: served.append(list(runs)) or real(self, q, kc, vc, runs, *a))
     k, v = _cache()
     cache = (torch.zeros_like(k), torch.zeros_like(v))
     g = torch.Generator().manual_seed(6)
@@ -126,3 +130,4 @@ def test_paged_attention_serves_a_mixed_step_with_it():
                                rtol=1e-5, atol=2e-6)
     torch.testing.assert_close(out[:1], sdpa_causal(torch.cat([torch.zeros(24, 9, 64), qd]), kd, vd)[24:],
                                rtol=1e-5, atol=2e-6)
+    assert served == [[(41, 20)]]
