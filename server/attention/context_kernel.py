@@ -24,16 +24,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import itertools
-import logging
-import os
 from typing import Optional, Sequence
 
 import torch
 
-from server.attention.decode_kernel import COMMON_SOURCE, MAX_GROUP
-from server.core.native import NativeBuildError, build_and_load
-
-log = logging.getLogger(__name__)
+from server.attention.decode_kernel import COMMON_SOURCE, accepts_shapes, load_kernel
 
 # The keys of a call's sequences, transposed, live in one buffer kept by the calling thread; calls are split so
 # that it stays under this many floats (64 MB), and a sequence needing more goes to torch's path.
@@ -255,11 +250,7 @@ class ContextAttention:
 
     @staticmethod
     def accepts(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-        """fp32 CPU tensors of head widths and groupings the kernel takes."""
-        nh, hd = q.shape[1], q.shape[2]
-        nkv = k_cache.shape[1]
-        return (q.dtype == k_cache.dtype == torch.float32 and q.device.type == k_cache.device.type == "cpu"
-                and hd % 16 == 0 and hd <= 256 and nh % nkv == 0 and nh // nkv <= MAX_GROUP)
+        return accepts_shapes(q, k_cache)
 
     @staticmethod
     def workspace(length: int, k_cache: torch.Tensor) -> int:
@@ -318,15 +309,6 @@ class ContextAttention:
 
 @functools.lru_cache(maxsize=None)
 def load() -> Optional[ContextAttention]:
-    """The kernel, built on first use; None (logged once) where it cannot be had or
-    LORASERVE_CONTEXT_ATTENTION=sdpa asks for torch's path."""
-    if os.environ.get("LORASERVE_CONTEXT_ATTENTION", "") == "sdpa":
-        log.info("prompt attention after a cached prefix: torch SDPA (LORASERVE_CONTEXT_ATTENTION=sdpa)")
-        return None
-    try:
-        kern = ContextAttention(build_and_load("context_attention", _SOURCE))
-    except NativeBuildError as e:
-        log.warning("context attention kernel unavailable (%s); torch SDPA serves", e)
-        return None
-    log.info("prompt attention after a cached prefix: loraserve CPU kernel over the paged cache")
-    return kern
+    """The kernel, built on first use; None where it cannot be had or LORASERVE_CONTEXT_ATTENTION=sdpa."""
+    return load_kernel("context_attention", _SOURCE, ContextAttention, "LORASERVE_CONTEXT_ATTENTION",
+                       "prompt attention after a cached prefix")

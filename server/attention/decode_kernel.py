@@ -21,13 +21,14 @@ import ctypes
 import functools
 import logging
 import os
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 
 from server.core.native import NativeBuildError, build_and_load
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_GROUP = 16    # query heads per KV head
 MAX_CONTEXT = 1 << 14  # scores of one KV head's query heads live on the stack (up to 1 MB)
@@ -171,11 +172,7 @@ class DecodeAttention:
 
     @staticmethod
     def accepts(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-        """fp32 CPU tensors of head widths and groupings the kernel takes."""
-        nh, hd = q.shape[1], q.shape[2]
-        nkv = k_cache.shape[1]
-        return (q.dtype == k_cache.dtype == torch.float32 and q.device.type == k_cache.device.type == "cpu"
-                and hd % 16 == 0 and hd <= 256 and nh % nkv == 0 and nh // nkv <= MAX_GROUP)
+        return accepts_shapes(q, k_cache)
 
     @staticmethod
     def accepts_context(length: int) -> bool:
@@ -200,17 +197,32 @@ class DecodeAttention:
         return out
 
 
-@functools.lru_cache(maxsize=None)
-def load() -> Optional[DecodeAttention]:
-    """The kernel, built on first use; None (logged once) where it cannot be had or
-    LORASERVE_DECODE_ATTENTION=sdpa asks for torch's path."""
-    if os.environ.get("LORASERVE_DECODE_ATTENTION", "") == "sdpa":
-        log.info("decode attention: torch SDPA (LORASERVE_DECODE_ATTENTION=sdpa)")
+def accepts_shapes(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """fp32 CPU tensors of head widths and groupings the CPU attention kernels take (q [T, nh, hd],
+    cache [R, nkv, hd])."""
+    nh, hd = q.shape[1], q.shape[2]
+    nkv = k_cache.shape[1]
+    return (q.dtype == k_cache.dtype == torch.float32 and q.device.type == k_cache.device.type == "cpu"
+            and hd % 16 == 0 and hd <= 256 and nh % nkv == 0 and nh // nkv <= MAX_GROUP)
+
+
+def load_kernel(name: str, source: str, wrap: Callable[[ctypes.CDLL], T], env: str, what: str) -> Optional[T]:
+    """A CPU attention kernel built on first use, or None (logged) where it cannot be had or `env`=sdpa
+    asks for torch's path; `what` names it in the log."""
+    if os.environ.get(env, "") == "sdpa":
+        log.info("%s: torch SDPA (%s=sdpa)", what, env)
         return None
     try:
-        kern = DecodeAttention(build_and_load("decode_attention", _SOURCE))
+        kern = wrap(build_and_load(name, source))
     except NativeBuildError as e:
-        log.warning("decode attention kernel unavailable (%s); torch SDPA serves", e)
+        log.warning("%s kernel unavailable (%s); torch SDPA serves", what, e)
         return None
-    log.info("decode attention: loraserve CPU kernel over the paged cache")
+    log.info("%s: loraserve CPU kernel over the paged cache", what)
     return kern
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> Optional[DecodeAttention]:
+    """The kernel, built on first use; None where it cannot be had or LORASERVE_DECODE_ATTENTION=sdpa."""
+    return load_kernel("decode_attention", _SOURCE, DecodeAttention, "LORASERVE_DECODE_ATTENTION",
+                       "decode attention")
