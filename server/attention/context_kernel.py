@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import itertools
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -260,51 +261,75 @@ class ContextAttention:
     def accepts_context(self, length: int, k_cache: torch.Tensor) -> bool:
         return self.workspace(length, k_cache) <= MAX_WORKSPACE
 
-    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 runs: Sequence[tuple[int, int]], contexts: Sequence[torch.Tensor],
-                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """q [T, nh, hd]; caches [R, nkv, hd] (contiguous); `runs` (start, n): query rows of each sequence;
-        `contexts`: int64 cache rows of each one's whole context in position order, its own n rows last.
-        Writes those rows of `out` ([T, nh, hd], contiguous; made when None) and returns it."""
-        T, nh, hd = q.shape
-        if not (q.stride(2) == 1 and q.stride(1) == hd):
-            q = q.contiguous()
-        if out is None:
-            out = torch.empty(T, nh, hd, dtype=q.dtype)
-        if not (k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous()
-                and all(c.dtype == torch.int64 and c.dim() == 1 for c in contexts)):
-            raise ValueError("context attention takes contiguous caches and output and 1-D int64 rows")
+    def plan(self, runs: Sequence[tuple[int, int]], contexts: Sequence[torch.Tensor],
+             k_cache: torch.Tensor) -> list["ContextCall"]:
+        """The calls for these sequences (`runs` (start, n): query rows of each; `contexts`: int64 cache rows
+        of each one's whole context in position order, its own n rows last), split so that each call's
+        transposed keys fit MAX_WORKSPACE. The same for every layer of a step: made once a step."""
         for (_, n), c in zip(runs, contexts):
-            if not n <= c.shape[0] or not self.accepts_context(c.shape[0], k_cache):
-                raise ValueError(f"a context of {c.shape[0]} rows for {n} queries: it must hold its queries' "
-                                 f"rows and fit the kernel's workspace ({MAX_WORKSPACE} floats)")
+            if c.dtype != torch.int64 or c.dim() != 1 or not n <= c.shape[0] or not self.accepts_context(c.shape[0],
+                                                                                                       k_cache):
+                raise ValueError(f"a context of {tuple(c.shape)} {c.dtype} rows for {n} queries: 1-D int64 rows that "
+                                 f"hold the queries' own and fit the kernel's workspace ({MAX_WORKSPACE} floats)")
+        calls: list[ContextCall] = []
         group: list[int] = []
         used = 0
         for i, c in enumerate(contexts):
             need = self.workspace(c.shape[0], k_cache)
             if group and used + need > MAX_WORKSPACE:
-                self._call(q, k_cache, v_cache, [runs[j] for j in group], [contexts[j] for j in group], out)
+                calls.append(ContextCall.of([runs[j] for j in group], [contexts[j] for j in group]))
                 group, used = [], 0
             group.append(i)
             used += need
         if group:
-            self._call(q, k_cache, v_cache, [runs[j] for j in group], [contexts[j] for j in group], out)
+            calls.append(ContextCall.of([runs[j] for j in group], [contexts[j] for j in group]))
+        return calls
+
+    def run(self, calls: Sequence["ContextCall"], q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            out: torch.Tensor) -> torch.Tensor:
+        """q [T, nh, hd]; caches [R, nkv, hd] (contiguous); writes the planned sequences' rows of `out`
+        ([T, nh, hd], contiguous) and returns it."""
+        T, nh, hd = q.shape
+        if not (q.stride(2) == 1 and q.stride(1) == hd):
+            q = q.contiguous()
+        if not (k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous()):
+            raise ValueError("context attention takes contiguous caches and output")
+        for c in calls:
+            rc = self._fn(c.count, c.nq.data_ptr(), c.nctx.data_ptr(), c.q0.data_ptr(), c.r0.data_ptr(), nh,
+                          k_cache.shape[1], hd, q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                          c.rows.data_ptr(), hd ** -0.5, out.data_ptr())
+            if rc != 0:
+                raise MemoryError("context attention: no memory for its workspace")
         return out
 
-    def _call(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              runs: Sequence[tuple[int, int]], contexts: Sequence[torch.Tensor], out: torch.Tensor) -> None:
-        S, (_, nh, hd) = len(runs), q.shape
+    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 runs: Sequence[tuple[int, int]], contexts: Sequence[torch.Tensor],
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`plan` and `run` at once (tests, one-off calls); `out` is made when None."""
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype)
+        return self.run(self.plan(runs, contexts, k_cache), q, k_cache, v_cache, out)
+
+
+@dataclass(frozen=True)
+class ContextCall:
+    """One kernel call's arguments: per sequence its query count, context length, first query row and
+    first context row in `rows` (all of the call's contexts, concatenated)."""
+
+    count: int
+    nq: torch.Tensor
+    nctx: torch.Tensor
+    q0: torch.Tensor
+    r0: torch.Tensor
+    rows: torch.Tensor
+
+    @classmethod
+    def of(cls, runs: Sequence[tuple[int, int]], contexts: Sequence[torch.Tensor]) -> "ContextCall":
         lengths = [c.shape[0] for c in contexts]
-        nq = torch.tensor([n for _, n in runs], dtype=torch.int32)
-        nctx = torch.tensor(lengths, dtype=torch.int32)
-        q0 = torch.tensor([s for s, _ in runs], dtype=torch.int64)
-        r0 = torch.tensor([0, *itertools.accumulate(lengths[:-1])], dtype=torch.int64)
-        rows = torch.cat(list(contexts)) if S > 1 else contexts[0].contiguous()
-        rc = self._fn(S, nq.data_ptr(), nctx.data_ptr(), q0.data_ptr(), r0.data_ptr(), nh, k_cache.shape[1], hd,
-                      q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), rows.data_ptr(),
-                      hd ** -0.5, out.data_ptr())
-        if rc != 0:
-            raise MemoryError("context attention: no memory for its workspace")
+        return cls(len(runs), torch.tensor([n for _, n in runs], dtype=torch.int32),
+                   torch.tensor(lengths, dtype=torch.int32), torch.tensor([s for s, _ in runs], dtype=torch.int64),
+                   torch.tensor([0, *itertools.accumulate(lengths[:-1])], dtype=torch.int64),
+                   torch.cat(list(contexts)) if len(contexts) > 1 else contexts[0].contiguous())
 
 
 @functools.lru_cache(maxsize=None)

@@ -29,6 +29,15 @@ from server.attention import context_kernel, decode_kernel
 DECODE_KV_ALIGN = 64  # decode contexts are padded to a multiple of this (AttentionMetadata.padded_decode)
 
 
+@dataclass(frozen=True)
+class InPlacePrefills:
+    """Which prefill runs (indices into `AttentionMetadata.prefill`) the context kernel serves, and its calls."""
+
+    kernel: Optional[context_kernel.ContextAttention]
+    runs: frozenset[int]
+    calls: list[context_kernel.ContextCall]
+
+
 @dataclass
 class AttentionMetadata:
     """Where each token's K/V goes and what each query may read.
@@ -57,6 +66,21 @@ class AttentionMetadata:
     prompt_from: Optional[int] = None
     _decode_padded: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False, compare=False)
     _decode_lengths: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+    _in_place: Optional["InPlacePrefills"] = field(default=None, repr=False, compare=False)
+
+    def in_place_prefills(self, q: torch.Tensor, kv: Optional[tuple[torch.Tensor, torch.Tensor]]) -> "InPlacePrefills":
+        """The prefills after a cached prefix that the CPU context kernel computes, and its planned calls:
+        the same for every layer, so made once a step."""
+        if self._in_place is None:
+            kern = context_kernel.load() if q.device.type == "cpu" and kv is not None else None
+            runs: list[int] = []
+            if kern is not None and kv is not None and kern.accepts(q, kv[0]):
+                runs = [i for i, ctx in enumerate(self.prefill_context)
+                        if ctx is not None and kern.accepts_context(ctx.shape[0], kv[0])]
+            calls = kern.plan([self.prefill[i] for i in runs], [self.prefill_context[i] for i in runs], kv[0]) \
+                if runs and kern is not None and kv is not None else []
+            self._in_place = InPlacePrefills(kern if runs else None, frozenset(runs), calls)
+        return self._in_place
 
     def decode_lengths(self) -> torch.Tensor:
         """int32 [D]: each decoding sequence's context length (its mask's true prefix). Once a step."""
@@ -123,21 +147,17 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: Att
     if attn.all_decode:
         return _decode(q, attn, kv)
     out = torch.empty_like(q)
-    kern = context_kernel.load() if q.device.type == "cpu" and kv is not None else None
-    if kern is not None and not kern.accepts(q, kv[0]):
-        kern = None
-    in_place: list[int] = []  # runs after a cached prefix, for the kernel in one call
+    in_place = attn.in_place_prefills(q, kv)
     for i, (start, n) in enumerate(attn.prefill):
         context = attn.prefill_context[i] if attn.prefill_context else None
         if context is None:
             out[start:start + n] = _prefill_fn(q[start:start + n], k[start:start + n], v[start:start + n])
-        elif kern is not None and kern.accepts_context(context.shape[0], kv[0]):
-            in_place.append(i)
-        else:
+        elif i not in in_place.runs:
             assert kv is not None, "a prefill after a cached prefix needs the KV cache"
             out[start:start + n] = _prefill_after_prefix(q[start:start + n], kv, context)
-    if in_place:
-        kern(q, kv[0], kv[1], [attn.prefill[i] for i in in_place], [attn.prefill_context[i] for i in in_place], out)
+    if in_place.calls:
+        assert kv is not None and in_place.kernel is not None
+        in_place.kernel.run(in_place.calls, q, kv[0], kv[1], out)
     if attn.decode_rows is not None:
         out.index_copy_(0, attn.decode_rows, _decode(q.index_select(0, attn.decode_rows), attn, kv))
     return out

@@ -91,12 +91,9 @@ def test_calls_are_split_to_bound_the_workspace(monkeypatch):
         start += n
     q = torch.randn(start, 9, 64, generator=g)
     whole = KERN(q, k, v, runs, ctx)
-    calls = []
-    real = KERN._call
     monkeypatch.setattr(context_kernel, "MAX_WORKSPACE", KERN.workspace(140, k))
-    monkeypatch.setattr(KERN, "_call", lambda *a: calls.append(1) or real(*a))
+    assert len(KERN.plan(runs, ctx, k)) == 3
     assert torch.equal(KERN(q, k, v, runs, ctx), whole)
-    assert len(calls) == 3
     with pytest.raises(ValueError, match="workspace"):
         KERN(q, k, v, [(0, 10)], [_pages(300, g)])
 
@@ -104,10 +101,11 @@ def test_calls_are_split_to_bound_the_workspace(monkeypatch):
 def test_paged_attention_serves_a_mixed_step_with_it(monkeypatch):
     """A step with a prompt from position 0, one after a cached prefix and a decode token: each equals
     torch's attention over its own context, and the kernel served the prompt after the prefix (only)."""
-    served = []
-    real = context_kernel.ContextAttention.__call__
-    monkeypatch.setattr(context_kernel.ContextAttention, "__call__",
-                        lambda self, q, kc, vc, runs, *a: served.append(list(runs)) or real(self, q, kc, vc, runs, *a))
+    planned, ran = [], []
+    plan, run = context_kernel.ContextAttention.plan, context_kernel.ContextAttention.run
+    monkeypatch.setattr(context_kernel.ContextAttention, "plan",
+                        lambda self, runs, *a: planned.append(list(runs)) or plan(self, runs, *a))
+    monkeypatch.setattr(context_kernel.ContextAttention, "run", lambda self, *a: ran.append(1) or run(self, *a))
     k, v = _cache()
     cache = (torch.zeros_like(k), torch.zeros_like(v))
     g = torch.Generator().manual_seed(6)
@@ -123,11 +121,12 @@ def test_paged_attention_serves_a_mixed_step_with_it(monkeypatch):
         slot_mapping=torch.cat([d_rows[24:], a_rows, b_rows[50:]]), prefill=((1, 40), (41, 20)),
         prefill_context=(None, b_rows), decode_rows=torch.tensor([0]), decode_kv=d_rows[None],
         decode_mask=torch.ones(1, 1, 1, 25, dtype=torch.bool), prompt_from=1)
-    out = paged_attention(torch.cat([qd, qa, qb]), torch.cat([kd[24:], ka, kb[50:]]),
-                          torch.cat([vd[24:], va, vb[50:]]), attn, cache)
+    q, k_new, v_new = torch.cat([qd, qa, qb]), torch.cat([kd[24:], ka, kb[50:]]), torch.cat([vd[24:], va, vb[50:]])
+    out = paged_attention(q, k_new, v_new, attn, cache)
+    assert torch.equal(paged_attention(q, k_new, v_new, attn, cache), out)  # the next layer: planned once a step
     torch.testing.assert_close(out[1:41], sdpa_causal(qa, ka, va), rtol=1e-5, atol=2e-6)
     torch.testing.assert_close(out[41:], sdpa_causal(torch.cat([torch.zeros(50, 9, 64), qb]), kb, vb)[50:],
                                rtol=1e-5, atol=2e-6)
     torch.testing.assert_close(out[:1], sdpa_causal(torch.cat([torch.zeros(24, 9, 64), qd]), kd, vd)[24:],
                                rtol=1e-5, atol=2e-6)
-    assert served == [[(41, 20)]]
+    assert planned == [[(41, 20)]] and ran == [1, 1]
