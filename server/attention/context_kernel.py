@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import itertools
+import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -336,4 +337,4 @@ class ContextCall:
 def load() -> Optional[ContextAttention]:
     """The kernel, built on first use; None where it cannot be had or LORASERVE_CONTEXT_ATTENTION=sdpa."""
     return load_kernel("context_attention", _SOURCE, ContextAttention, "LORASERVE_CONTEXT_ATTENTION",
-                       "prompt attention after a cached prefix")
+                       "prompt attention after a cached prefix", logging.getLogger(__name__))

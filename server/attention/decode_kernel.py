@@ -206,18 +206,19 @@ def accepts_shapes(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
             and hd % 16 == 0 and hd <= 256 and nh % nkv == 0 and nh // nkv <= MAX_GROUP)
 
 
-def load_kernel(name: str, source: str, wrap: Callable[[ctypes.CDLL], T], env: str, what: str) -> Optional[T]:
-    """A CPU attention kernel built on first use, or None (logged) where it cannot be had or `env`=sdpa
-    asks for torch's path; `what` names it in the log."""
+def load_kernel(name: str, source: str, wrap: Callable[[ctypes.CDLL], T], env: str, what: str,
+                logger: logging.Logger = log) -> Optional[T]:
+    """A CPU attention kernel built on first use, or None (logged to `logger`) where it cannot be had or
+    `env`=sdpa asks for torch's path; `what` names it in the log."""
     if os.environ.get(env, "") == "sdpa":
-        log.info("%s: torch SDPA (%s=sdpa)", what, env)
+        logger.info("%s: torch SDPA (%s=sdpa)", what, env)
         return None
     try:
         kern = wrap(build_and_load(name, source))
     except NativeBuildError as e:
-        log.warning("%s kernel unavailable (%s); torch SDPA serves", what, e)
+        logger.warning("%s kernel unavailable (%s); torch SDPA serves", what, e)
         return None
-    log.info("%s: loraserve CPU kernel over the paged cache", what)
+    logger.info("%s: loraserve CPU kernel over the paged cache", what)
     return kern
 
 
