@@ -31,29 +31,19 @@ from typing import Optional, Sequence
 import torch
 
 from server.attention.decode_kernel import COMMON_SOURCE, accepts_shapes, load_kernel
+from server.core.native import C_GROW_BUFFER
 
 # The keys of a call's sequences, transposed, live in one buffer kept by the calling thread; calls are split so
 # that it stays under this many floats (64 MB), and a sequence needing more goes to torch's path.
 MAX_WORKSPACE = 1 << 24
 
 _TEMPLATE = r"""
-#include <stdlib.h>
 
 #define QB 2  /* queries a block: with 3 query heads a KV head, 6 query vectors share each key and value load */
 
 /* Grown, never shrunk, per thread: the transposed keys on the calling thread, the scores on each worker. */
 static __thread float* tl_keys; static __thread size_t tl_keys_cap;
 static __thread float* tl_scores; static __thread size_t tl_scores_cap;
-
-static float* grow(float** buf, size_t* cap, size_t n) {
-  if (n > *cap) {
-    free(*buf);
-    size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
-    *buf = (float*)aligned_alloc(64, bytes);
-    *cap = *buf ? n : 0;
-  }
-  return *buf;
-}
 
 /* 16 x 16 transpose in registers: at each level b, rows r and r + b (r & b == 0) swap the elements whose
    column has bit b set in one and not the other, so after all four levels (r, c) has moved to (c, r). */
@@ -235,7 +225,7 @@ def _source() -> str:
             cases.append(f"  if (G == {G} && C == {C} && QN == {QN}) "
                          f"{{ block_{G}_{C}_{QN}(g, i0, n, L, nh, nkv, q, qs, kt, vc, rw, scale, s, out); return; }}")
     blocks.append(f"static void block_any(const int G, const int C, const int QN, {_BLOCK_ARGS}) {{\n{_BLOCK_BODY}}}\n")
-    return COMMON_SOURCE + _TEMPLATE.replace("@BLOCKS@", "\n".join(blocks)).replace("@DISPATCH@", "\n".join(cases))
+    return COMMON_SOURCE + C_GROW_BUFFER + _TEMPLATE.replace("@BLOCKS@", "\n".join(blocks)).replace("@DISPATCH@", "\n".join(cases))
 
 
 _SOURCE = _source()

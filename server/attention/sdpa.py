@@ -66,20 +66,20 @@ class AttentionMetadata:
     prompt_from: Optional[int] = None
     _decode_padded: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False, compare=False)
     _decode_lengths: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
-    _in_place: Optional["InPlacePrefills"] = field(default=None, repr=False, compare=False)
+    _in_place: Optional[InPlacePrefills] = field(default=None, repr=False, compare=False)
 
-    def in_place_prefills(self, q: torch.Tensor, kv: Optional[tuple[torch.Tensor, torch.Tensor]]) -> "InPlacePrefills":
+    def in_place_prefills(self, q: torch.Tensor, kv: Optional[tuple[torch.Tensor, torch.Tensor]]) -> InPlacePrefills:
         """The prefills after a cached prefix that the CPU context kernel computes, and its planned calls:
         the same for every layer, so made once a step."""
         if self._in_place is None:
-            kern = context_kernel.load() if q.device.type == "cpu" and kv is not None else None
-            runs: list[int] = []
-            if kern is not None and kv is not None and kern.accepts(q, kv[0]):
+            kern = context_kernel.load() if q.device.type == "cpu" else None
+            if kern is None or kv is None or not kern.accepts(q, kv[0]):
+                self._in_place = InPlacePrefills(None, frozenset(), [])
+            else:
                 runs = [i for i, ctx in enumerate(self.prefill_context)
                         if ctx is not None and kern.accepts_context(ctx.shape[0], kv[0])]
-            calls = kern.plan([self.prefill[i] for i in runs], [self.prefill_context[i] for i in runs], kv[0]) \
-                if runs and kern is not None and kv is not None else []
-            self._in_place = InPlacePrefills(kern if runs else None, frozenset(runs), calls)
+                calls = kern.plan([self.prefill[i] for i in runs], [self.prefill_context[i] for i in runs], kv[0])
+                self._in_place = InPlacePrefills(kern, frozenset(runs), calls)
         return self._in_place
 
     def decode_lengths(self) -> torch.Tensor:

@@ -21,6 +21,20 @@ import torch
 
 NATIVE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
+# C for a buffer kept by one thread for its life and grown to the largest need (OpenMP's threads persist):
+# `grow(&buf, &cap, n)` returns it with room for n floats, 64-byte aligned, or NULL when memory ran out.
+C_GROW_BUFFER = r"""
+#include <stdlib.h>
+static float* grow(float** buf, size_t* cap, size_t n) {
+  if (n > *cap) {
+    free(*buf);
+    *buf = (float*)aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64);
+    *cap = *buf ? n : 0;
+  }
+  return *buf;
+}
+"""
+
 
 class NativeBuildError(RuntimeError):
     """The library could not be built or loaded; the message says why (compiler output included)."""

@@ -49,7 +49,7 @@ from typing import Optional
 
 import torch
 
-from server.core.native import NATIVE_FLAGS, NativeBuildError, build_and_load
+from server.core.native import C_GROW_BUFFER, NATIVE_FLAGS, NativeBuildError, build_and_load
 from server.lora.segments import LoraSegments
 
 log = logging.getLogger(__name__)
@@ -207,18 +207,9 @@ static inline float hsumv(vf a) {  /* element access, so the sums stay in regist
 #endif
 }
 
-/* A thread's fp32 copy of one slot's rank rows and its tokens' rank values, kept for the thread's life
-   and grown to the largest need (OpenMP's threads persist). */
+/* A thread's fp32 copy of one slot's rank rows and its tokens' rank values (grow: C_GROW_BUFFER). */
 static __thread float* ws_buf;
-static __thread long ws_cap;
-static float* workspace(long n) {
-  if (n > ws_cap) {
-    free(ws_buf);
-    ws_buf = (float*)malloc((size_t)n * sizeof(float));
-    ws_cap = ws_buf ? n : 0;
-  }
-  return ws_buf;
-}
+static __thread size_t ws_cap;
 """
 
 # The kernels, written once for a weight type: WT (the element), W(h) (an element as a float), RS_A / RS_B (a
@@ -375,7 +366,7 @@ int loraserve_prompt_@SUF@(int nb, const int64_t* blocks, const int32_t* pages, 
   for (int b = 0; b < nb; b++) {
     const long row = blocks[3 * b], m = blocks[3 * b + 1], s = blocks[3 * b + 2];
     if (s == 0) continue;
-    float* ws = workspace(need);
+    float* ws = grow(&ws_buf, &ws_cap, (size_t)need);
     if (!ws) { failed = 1; continue; }
     const int32_t* pg = pages + s * pages_stride;
     const int rs = slot_rank(pg, r);
@@ -388,7 +379,7 @@ int loraserve_prompt_@SUF@(int nb, const int64_t* blocks, const int32_t* pages, 
 
 MAX_RANK = 1024  # the kernels' rank buffers
 PROMPT_BLOCK = 32  # prompt rows of one adapter per work item: its rank rows converted once for them
-_SOURCE = (_HEADER.replace("@PROMPT_BLOCK@", str(PROMPT_BLOCK)).replace("@MAX_RANK@", str(MAX_RANK))
+_SOURCE = (C_GROW_BUFFER + _HEADER.replace("@PROMPT_BLOCK@", str(PROMPT_BLOCK)).replace("@MAX_RANK@", str(MAX_RANK))
            + "#define WT uint16_t\n#define W(h) bf(h)\n#define RS_A(T, p) 1.f\n#define RS_B(T, p) 1.f\n"
            + "#define DOT1(row, in, x, acc) _Pragma(\"omp simd reduction(+:acc)\") \\\n"
            + "  for (int i = 0; i < in; i++) acc += x[i] * bf(row[i])\n"

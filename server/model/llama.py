@@ -239,8 +239,7 @@ class LlamaForCausalLM(nn.Module):
         prompt is: its K/V written to a paged cache of its own, which prompt attention reads."""
         L = input_ids.shape[0]
         ids = input_ids.to(self.device)
-        block = 16
-        kv = KVCache.allocate(self.config, -(-L // block), block, self.dtype, self.device)
+        kv = KVCache.allocate(self.config, 1, L, self.dtype, self.device)  # one block: rows 0..L-1
         attn = AttentionMetadata.prefill_only([L], self.device, slot_mapping=torch.arange(L, device=self.device))
         hidden = self.forward(ids, torch.arange(L, device=self.device), attn, kv, lora)
         return self.logits(hidden)
