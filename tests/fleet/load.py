@@ -1,10 +1,11 @@
 """Steady client load through the proxy while a test breaks things, with every call recorded."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import grpc
 
@@ -75,16 +76,43 @@ class Load:
         self.calls: list[Call] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._go = threading.Event()
+        self._go.set()
+        self._in_flight = 0
         self._threads = [threading.Thread(target=self._run, args=(k, threads), daemon=True) for k in range(threads)]
 
     def _run(self, k: int, n: int) -> None:
         i = k
         while not self._stop.is_set():
+            self._go.wait()
+            with self._lock:
+                if not self._go.is_set():
+                    continue
+                self._in_flight += 1
             c = call(self.stub, self.adapters[i % len(self.adapters)], "stream" if k % 2 else "unary",
                      max_new_tokens=self.max_new_tokens)
             with self._lock:
                 self.calls.append(c)
+                self._in_flight -= 1
             i += n
+
+    @contextlib.contextmanager
+    def paused(self, timeout: float = 60) -> Iterator[None]:
+        """No call of this load in flight inside the block: the proxy sees only what the test sends."""
+        with self._lock:
+            self._go.clear()
+        t0 = time.monotonic()
+        while True:
+            with self._lock:
+                if not self._in_flight:
+                    break
+            if time.monotonic() - t0 > timeout:
+                raise AssertionError(f"load calls still in flight after {timeout}s")
+            time.sleep(0.01)
+        try:
+            yield
+        finally:
+            self._go.set()
 
     def __enter__(self) -> "Load":
         for t in self._threads:
@@ -93,6 +121,7 @@ class Load:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
+        self._go.set()
         for t in self._threads:
             t.join(90)
         self.channel.close()
