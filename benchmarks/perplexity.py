@@ -2,9 +2,14 @@
 
     python -m benchmarks.perplexity [--model default] [--modes none,int8,int4] [--json out.json]
 
-The text (benchmarks/data/perplexity_text.txt) is original prose shipped with the repo,
-so every run scores the same tokens. The forward pass is loraserve's own decoder
-(`LlamaForCausalLM.score`), fp32 activations on the CPU, exactly as served.
+The text (benchmarks/data/perplexity_text.txt) is original prose shipped with the repo (narrative,
+instructions, dialogue, science; about 3,700 tokens), so every run scores the same tokens. It is scored in
+windows of WINDOW tokens, each a prompt from position 0, through loraserve's own decoder
+(`LlamaForCausalLM.score`), fp32 activations on the CPU, exactly as a served prompt is computed.
+
+Why this length: dynamic int8 turns any last-bit change upstream into a new draw of its rounding noise.
+On the first 631 tokens alone, eight such draws (the embedding scaled by 1 + k x 1.2e-7) spread int8 from
++0.53% to +1.50% of `none`; over the whole text the same draws spread +0.33% to +0.63%.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 DATA = Path(__file__).resolve().parent / "data" / "perplexity_text.txt"
+WINDOW = 1024  # tokens a prompt; SmolLM2 reads 8192, but a served prompt is chunked by --max-batch-tokens
 
 
 @dataclass
@@ -45,6 +51,19 @@ def text_token_ids(tokenizer, text: Optional[str] = None) -> torch.Tensor:
 def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, float]:
     """(perplexity, mean NLL) of ids[1:] under logits[:-1]."""
     nll = F.cross_entropy(logits[:-1].float(), ids[1:].to(logits.device), reduction="mean").item()
+    return float(torch.exp(torch.tensor(nll)).item()), nll
+
+
+def windowed_perplexity(model: torch.nn.Module, ids: torch.Tensor, window: int = WINDOW) -> tuple[float, float]:
+    """(perplexity, mean NLL) over every token after the first of each window; each window a prompt of its own."""
+    total, count = 0.0, 0
+    for start in range(0, ids.numel(), window):
+        w = ids[start:start + window]
+        if w.numel() < 2:
+            break
+        nll = perplexity(model.score(w), w)[1]
+        total, count = total + nll * (w.numel() - 1), count + w.numel() - 1
+    nll = total / count
     return float(torch.exp(torch.tensor(nll)).item()), nll
 
 
@@ -88,7 +107,7 @@ def run(model_spec: str = "default", modes: tuple[str, ...] = ("none", "int8", "
     for mode in modes:
         t0 = time.perf_counter()
         model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype, device="cpu", quantize=mode)
-        ppl, nll = perplexity(model.score(ids), ids)
+        ppl, nll = windowed_perplexity(model, ids)
         if mode == "none":
             base = ppl
         results.append(ModeResult(
@@ -103,7 +122,7 @@ def run(model_spec: str = "default", modes: tuple[str, ...] = ("none", "int8", "
                     "threads": torch.get_num_threads()},
         "model": {"spec": model_spec, "dir": str(model_dir), "fingerprint": model_fingerprint(model_dir, home=home)},
         "text": {"path": str(DATA.relative_to(DATA.parents[2])) if DATA.is_relative_to(DATA.parents[2]) else str(DATA),
-                 "chars": len(DATA.read_text(encoding="utf-8")), "tokens": int(ids.numel())},
+                 "chars": len(DATA.read_text(encoding="utf-8")), "tokens": int(ids.numel()), "window": WINDOW},
         "dtype": str(dtype).removeprefix("torch."),
         "modes": [asdict(r) for r in results],
     }
@@ -117,7 +136,7 @@ def format_table(report: dict) -> str:
                     f"{r['linear_bytes'] / 1e6:>11.1f} {r['seconds']:>6.1f}  {r['kernel']}")
     t = report["text"]
     return (f"model {report['model']['spec']} ({report['model']['dir']}), text {t['path']}: "
-            f"{t['tokens']} tokens, {report['dtype']} activations\n" + "\n".join(rows))
+            f"{t['tokens']} tokens in windows of {t['window']}, {report['dtype']} activations\n" + "\n".join(rows))
 
 
 def main(argv: Optional[list[str]] = None) -> int:

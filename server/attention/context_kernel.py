@@ -1,10 +1,10 @@
-"""Prompt attention on CPU straight from the paged KV cache: the prefill of a sequence after its cached prefix.
+"""Prompt attention on CPU straight from the paged KV cache, for prompts from position 0 and after a cached prefix.
 
-A request that hits the prefix cache computes only its last n prompt tokens, each attending over the
-whole context (the cached prefix and the earlier new tokens): n x L scores a head. torch's path
-gathers the context's K and V out of the pages (index_select), builds a bottom-right causal mask and
-runs masked SDPA; measured on SmolLM2's shapes (32 new tokens over 544, 2 threads) that took 0.5 ms a
-layer, 16 ms of a 46 ms hit, attention at a third of the rate of the same SDPA on a from-scratch prompt.
+A prompt computes its n new tokens, each attending over its whole context (a cached prefix if it hit the
+prefix cache, then the earlier new tokens): n x L scores a head. For a hit, torch's path gathers the
+context's K and V out of the pages (index_select), builds a bottom-right causal mask and runs masked SDPA;
+measured on SmolLM2's shapes (32 new tokens over 544, 2 threads) that took 0.5 ms a layer, 16 ms of a 46 ms
+hit. From position 0, causal SDPA over a 544-token prompt takes 3.4 ms a layer, this kernel 2.0.
 
 This kernel reads the cache rows in place. For each KV head it first lays the context's keys out
 transposed, 16 keys a vector, so a query's scores for 16 keys are one chain of FMAs over the head
@@ -16,8 +16,8 @@ A query's numbers depend only on its own query vector and the keys and values it
 summed in the same order whatever the block, its softmax runs over its own keys (those past its
 position are -inf, hence exactly 0), and the values past its position, which its block partner may
 see, add exact zeros. So a prompt's bits do not depend on its batch, on how many of its tokens were
-cached, or on which other prompts share the call. The engine runs it for prompts after a cached prefix
-only (server/attention/sdpa.py says why not for prompts from position 0).
+cached, or on which other prompts share the call: a prompt after a prefix-cache hit gets the bits it
+would have had from scratch.
 """
 from __future__ import annotations
 
@@ -327,4 +327,4 @@ class ContextCall:
 def load() -> Optional[ContextAttention]:
     """The kernel, built on first use; None where it cannot be had or LORASERVE_CONTEXT_ATTENTION=sdpa."""
     return load_kernel("context_attention", _SOURCE, ContextAttention, "LORASERVE_CONTEXT_ATTENTION",
-                       "prompt attention after a cached prefix", logging.getLogger(__name__))
+                       "prompt attention over the paged cache", logging.getLogger(__name__))

@@ -1,19 +1,17 @@
 """Attention over a flat mixed batch with a paged KV cache.
 
-A prefilling sequence that starts at position 0 needs only its own new tokens: one causal SDPA call
-each. One that starts after a cached prefix (the prefix cache) reads its whole context, cached rows
-and its own just-written rows, from the paged cache: on CPU (fp32) in place, by
-`server.attention.context_kernel` (one call for all of a step's such sequences), elsewhere gathered
-for one SDPA call with a bottom-right causal mask (query i, at position c + i, sees keys 0..c + i).
+On CPU (fp32) every prefilling sequence's prompt tokens read their context's K/V in place from the paged
+cache, whether the sequence starts at position 0 (its context: its own just-written rows) or after a cached
+prefix (the cached rows, then its own): one call of `server.attention.context_kernel` for the step's
+prefills. A token's bits then depend only on its query and the keys it sees, so a prompt computed after a
+prefix-cache hit is bit-identical to the same prompt computed from scratch. Elsewhere (or where the kernel
+does not serve) torch SDPA does: a sequence from position 0 needs only its own new tokens, one causal SDPA
+call each; one after a cached prefix gathers its whole context for one SDPA call with a bottom-right causal
+mask (query i, at position c + i, sees keys 0..c + i).
 Decoding sequences read their whole context from the paged cache: on CPU (fp32) in place,
 by `server.attention.decode_kernel`, elsewhere gathered and padded for one batched, masked
 SDPA call. On CUDA, `server.attention.xformers_probe` may swap in xformers for the
 from-scratch prefills.
-
-The context kernel is faster than causal SDPA on from-scratch prompts too (a 544-token SmolLM2 prompt:
-2.0 against 3.4 ms a layer), but it is not used there: its last bits differ from SDPA's, and int8's
-dynamic activation quantization turns any such change into a new draw of its rounding noise, which
-on the perplexity benchmark moved int8 from +0.53% to +0.98% of `none` (the bound is 1%).
 """
 from __future__ import annotations
 
@@ -69,18 +67,28 @@ class AttentionMetadata:
     _in_place: Optional[InPlacePrefills] = field(default=None, repr=False, compare=False)
 
     def in_place_prefills(self, q: torch.Tensor, kv: Optional[tuple[torch.Tensor, torch.Tensor]]) -> InPlacePrefills:
-        """The prefills after a cached prefix that the CPU context kernel computes, and its planned calls:
-        the same for every layer, so made once a step."""
+        """The prefills the CPU context kernel computes, and its planned calls: the same for every layer,
+        so made once a step."""
         if self._in_place is None:
             kern = context_kernel.load() if q.device.type == "cpu" else None
             if kern is None or kv is None or not kern.accepts(q, kv[0]):
                 self._in_place = InPlacePrefills(None, frozenset(), [])
             else:
-                runs = [i for i, ctx in enumerate(self.prefill_context)
+                contexts = [self.context_rows(i) for i in range(len(self.prefill))]
+                runs = [i for i, ctx in enumerate(contexts)
                         if ctx is not None and kern.accepts_context(ctx.shape[0], kv[0])]
-                calls = kern.plan([self.prefill[i] for i in runs], [self.prefill_context[i] for i in runs], kv[0])
+                calls = kern.plan([self.prefill[i] for i in runs], [contexts[i] for i in runs], kv[0])
                 self._in_place = InPlacePrefills(kern, frozenset(runs), calls)
         return self._in_place
+
+    def context_rows(self, i: int) -> Optional[torch.Tensor]:
+        """Prefill run i's whole context as flat cache rows: its cached prefix's, then its own (a run from
+        position 0: its own slot-mapping rows, written before attention reads them); None without a cache."""
+        ctx = self.prefill_context[i] if self.prefill_context else None
+        if ctx is None and self.slot_mapping is not None:
+            start, n = self.prefill[i]
+            ctx = self.slot_mapping[start:start + n]
+        return ctx
 
     def decode_lengths(self) -> torch.Tensor:
         """int32 [D]: each decoding sequence's context length (its mask's true prefix). Once a step."""
@@ -149,10 +157,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: Att
     out = torch.empty_like(q)
     in_place = attn.in_place_prefills(q, kv)
     for i, (start, n) in enumerate(attn.prefill):
+        if i in in_place.runs:
+            continue
         context = attn.prefill_context[i] if attn.prefill_context else None
         if context is None:
             out[start:start + n] = _prefill_fn(q[start:start + n], k[start:start + n], v[start:start + n])
-        elif i not in in_place.runs:
+        else:
             assert kv is not None, "a prefill after a cached prefix needs the KV cache"
             out[start:start + n] = _prefill_after_prefix(q[start:start + n], kv, context)
     if in_place.calls:

@@ -6,8 +6,8 @@ microseconds of dispatch on a few KB; one C call each does the same arithmetic. 
 bits, not just its values: built without contraction, so each product and sum rounds as torch's
 ops round, and the RMSNorm sum adds the squares in the order of torch's CPU sum kernel (lanes of
 8 or 16 floats, four interleaved accumulators cascaded in levels, then the tail, then the lanes).
-That order matters: a C RMSNorm with its own order (agreeing to 2e-7) moved the int8 model's
-perplexity from +0.53% to +1.39% over `none`, because int8 activations amplify any last-bit change.
+Keeping torch's bits keeps the engine's int8 numbers those of the model it loads: int8 activations
+amplify any last-bit change (docs/operations.md, Quantization).
 Which lane width torch uses is not visible from Python (on AVX-512 machines torch 2.13 sums with
 8-float lanes), so loading checks the kernel against `F.rms_norm` on random rows and keeps the
 width that matches bit for bit; if none does, torch's op serves. Used where the base runs the

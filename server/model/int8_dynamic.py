@@ -12,7 +12,7 @@ Numerics, the same on every path:
   transform at load. The transform is orthogonal up to a power of two, so the product is
   unchanged, but a few outlier channels no longer set the whole row's scale: on SmolLM2,
   per-token int8 of the raw activations cost +3.6% perplexity, of the rotated ones +0.3%
-  (weight-only int8 +0.02%; benchmarks/perplexity.py).
+  (weight-only int8 +0.02%; benchmarks/perplexity.py on its first 631 tokens, when it had no more).
 * A row's scale is its own absmax / 127 (per token, never per batch), q = rint(x * 127/absmax).
 * The integer dot products are exact (int32), and the result is ((float)acc * w_scale[n]) *
   x_scale[m]: one fixed formula per output element. A row's numbers therefore never depend on

@@ -9,7 +9,7 @@ quantized too, per token after a block Hadamard rotation, and multiplied in inte
 (AVX-512 VNNI / AMX / AVX2), so a decode step streams int8 weights near memory speed and a
 prefill runs on the integer units (measured single threaded on this repo's AMX Xeon: a
 512-token SmolLM2 prefill 2.0 s -> 0.41 s of CPU time, an 8-token decode step 107-170 ->
-53 ms). Perplexity on the default model: +0.53% against `none` (benchmarks/perplexity.py).
+53 ms). Perplexity on the default model: +0.6% against `none` (benchmarks/perplexity.py).
 Every row takes the same formula whatever its batch (integer sums are exact), so no token's
 numbers depend on what else was in its batch.
 
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 QUANT_MODES = ("none", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128)
-# 32, by perplexity on the default model (benchmarks/perplexity.py, fp32, 631 tokens, none = 23.03):
+# 32, by perplexity on the default model (benchmarks/perplexity.py then scoring 631 tokens, none = 23.03):
 # G=32 +0.07%, G=64 +36%, G=128 +92% (int8 lm_head in each). SmolLM2's GGUF is Q4_1, already on a
 # 4-bit min/scale grid in blocks of 32, which G=32 reproduces exactly and wider groups smear.
 DEFAULT_INT4_GROUP = 32

@@ -100,7 +100,7 @@ def test_calls_are_split_to_bound_the_workspace(monkeypatch):
 
 def test_paged_attention_serves_a_mixed_step_with_it(monkeypatch):
     """A step with a prompt from position 0, one after a cached prefix and a decode token: each equals
-    torch's attention over its own context, and the kernel served the prompt after the prefix (only)."""
+    torch's attention over its own context, and the kernel served both prompts in one call a layer."""
     planned, ran = [], []
     plan, run = context_kernel.ContextAttention.plan, context_kernel.ContextAttention.run
     monkeypatch.setattr(context_kernel.ContextAttention, "plan",
@@ -129,4 +129,4 @@ def test_paged_attention_serves_a_mixed_step_with_it(monkeypatch):
                                rtol=1e-5, atol=2e-6)
     torch.testing.assert_close(out[:1], sdpa_causal(torch.cat([torch.zeros(24, 9, 64), qd]), kd, vd)[24:],
                                rtol=1e-5, atol=2e-6)
-    assert planned == [[(41, 20)]] and ran == [1, 1]
+    assert planned == [[(1, 40), (41, 20)]] and ran == [1, 1]
