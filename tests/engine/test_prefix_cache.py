@@ -201,3 +201,27 @@ def test_a_step_computes_one_shared_prefix_and_its_waiters_join_it():
     assert step() == [("s2q0", 0), ("s2q1", 8), ("s2q2", 8)]
     assert sched.prefix.hits == 6 and sched.prefix.misses == 4
     assert not sched.waiting
+
+
+def test_int8_hits_have_the_bits_of_the_same_prompts_without_the_cache(tiny_dir, tiny_adapters):
+    """Under the CPU int8 default, a prompt computed after a cached prefix gets the numbers it gets from scratch
+    (one attention kernel for both, every other op row by row): every token and its logprob equal, bit for bit."""
+    names = [None, "all_r8", "mlp_rs"]
+    prompts = [SYSTEM + [5, 6], SYSTEM + list(range(60, 75)), SYSTEM[:24] + [9]]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True, logprobs=2)
+    results = {}
+    for on in (False, True):
+        eng = make_engine(tiny_dir, kv_block_size=8, prefix_cache=on, quantize="int8")
+        try:
+            outs = []
+            for _ in range(2):  # the second round hits blocks cached by the first (cache on)
+                streams = [eng.submit(Request(list(p), params, local_adapter(eng, n, tiny_adapters.get(n))
+                                              if n else None)) for p in prompts for n in names]
+                outs.append([(o.token_ids, [(lp.logprob, lp.top) for lp in o.logprobs])
+                             for o in (s.collect() for s in streams)])
+            assert (eng.stats().prefix.hits > 0) == on
+            results[on] = outs
+        finally:
+            eng.shutdown()
+    assert results[True] == results[False]
+    assert results[False][0] == results[False][1]
