@@ -102,16 +102,18 @@ static inline __m512 i8x16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
 }
 
-/* One row of x against one int8 weight row, two accumulators of 16. */
+/* One row of x against one int8 weight row, four accumulators of 16 (an FMA's latency hidden). */
 static inline float dot1_i8(const int8_t* row, int in, const float* x) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
   int i = 0;
-  for (; i + 32 <= in; i += 32) {
+  for (; i + 64 <= in; i += 64) {
     a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), i8x16(row + i), a0);
     a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), i8x16(row + i + 16), a1);
+    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 32), i8x16(row + i + 32), a2);
+    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 48), i8x16(row + i + 48), a3);
   }
   for (; i + 16 <= in; i += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), i8x16(row + i), a0);
-  float t = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+  float t = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
   for (; i < in; i++) t += x[i] * (float)row[i];
   return t;
 }
