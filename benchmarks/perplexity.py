@@ -9,7 +9,9 @@ windows of WINDOW tokens, each a prompt from position 0, through loraserve's own
 
 Why this length: dynamic int8 turns any last-bit change upstream into a new draw of its rounding noise.
 On the first 631 tokens alone, eight such draws (the embedding scaled by 1 + k x 1.2e-7) spread int8 from
-+0.53% to +1.50% of `none`; over the whole text the same draws spread +0.33% to +0.63%.
++0.53% to +1.50% of `none`; over the whole text the same draws spread +0.32% to +0.61%. `--draws N` scores
+every quantized mode N more times that way (N = 7: k = -3..4 beside the plain run's 0), so one figure can be told from
+its spread.
 """
 from __future__ import annotations
 
@@ -40,6 +42,16 @@ class ModeResult:
     linear_bytes: int  # the base linears and the lm_head, the part quantization shrinks
     kernel: str
     seconds: float
+    draws: Optional[list[float]] = None  # rel_change with the embedding scaled by 1 + k * DRAW_STEP, k in draw_ks
+
+
+DRAW_STEP = 1.2e-7  # about one float32 ulp at 1: each k changes some last bits of the input and nothing else
+
+
+def draw_ks(n: int) -> list[int]:
+    """n scale steps around 0, which is the plain run: 7 -> -3..4 without 0 (with it, 8 draws)."""
+    steps = [k * sign for k in range(1, n + 1) for sign in (1, -1)]  # 1, -1, 2, -2, ...
+    return sorted(steps[:n])
 
 
 def text_token_ids(tokenizer, text: Optional[str] = None) -> torch.Tensor:
@@ -93,7 +105,7 @@ def kernel_summary(model: torch.nn.Module) -> str:
 
 
 def run(model_spec: str = "default", modes: tuple[str, ...] = ("none", "int8", "int4"),
-        dtype: torch.dtype = torch.float32, home: Optional[Path] = None) -> dict:
+        dtype: torch.dtype = torch.float32, home: Optional[Path] = None, draws: int = 0) -> dict:
     from server.core.paths import resolve_home
     from server.model.llama import LlamaForCausalLM
     from server.model.loader import load_tokenizer, model_fingerprint, resolve_model
@@ -110,12 +122,23 @@ def run(model_spec: str = "default", modes: tuple[str, ...] = ("none", "int8", "
         ppl, nll = windowed_perplexity(model, ids)
         if mode == "none":
             base = ppl
+        seconds = time.perf_counter() - t0
+        drawn = None
+        if draws and mode != "none":
+            embed = model.embed.detach().clone()
+            drawn = []
+            for k in draw_ks(draws):
+                with torch.no_grad():
+                    model.embed.copy_(embed * (1 + k * DRAW_STEP))
+                drawn.append(windowed_perplexity(model, ids)[0])
         results.append(ModeResult(
             mode=mode, ppl=ppl, nll=nll, rel_change=float("nan"), weight_bytes=module_nbytes(model),
-            linear_bytes=linear_bytes(model), kernel=kernel_summary(model), seconds=time.perf_counter() - t0))
+            linear_bytes=linear_bytes(model), kernel=kernel_summary(model), seconds=seconds, draws=drawn))
         del model
     for r in results:
         r.rel_change = (r.ppl / base - 1.0) if base else float("nan")
+        if r.draws is not None:
+            r.draws = [(d / base - 1.0) if base else float("nan") for d in r.draws]
     return {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
@@ -124,6 +147,7 @@ def run(model_spec: str = "default", modes: tuple[str, ...] = ("none", "int8", "
         "text": {"path": str(DATA.relative_to(DATA.parents[2])) if DATA.is_relative_to(DATA.parents[2]) else str(DATA),
                  "chars": len(DATA.read_text(encoding="utf-8")), "tokens": int(ids.numel()), "window": WINDOW},
         "dtype": str(dtype).removeprefix("torch."),
+        "draw_ks": draw_ks(draws) if draws else [], "draw_step": DRAW_STEP,
         "modes": [asdict(r) for r in results],
     }
 
@@ -134,6 +158,11 @@ def format_table(report: dict) -> str:
         change = "-" if r["rel_change"] != r["rel_change"] else f"{100 * r['rel_change']:+.2f}%"
         rows.append(f"{r['mode']:<6} {r['ppl']:>9.3f} {change:>9} {r['weight_bytes'] / 1e6:>11.1f} "
                     f"{r['linear_bytes'] / 1e6:>11.1f} {r['seconds']:>6.1f}  {r['kernel']}")
+    for r in report["modes"]:
+        if r.get("draws"):
+            d = [100 * v for v in r["draws"] + [r["rel_change"]]]
+            rows.append(f"{r['mode']}: {len(d)} draws (embedding x (1 + k x {report['draw_step']:g}), k = 0 and "
+                        f"{report['draw_ks']}): {min(d):+.2f}% to {max(d):+.2f}%, mean {sum(d) / len(d):+.2f}%")
     t = report["text"]
     return (f"model {report['model']['spec']} ({report['model']['dir']}), text {t['path']}: "
             f"{t['tokens']} tokens in windows of {t['window']}, {report['dtype']} activations\n" + "\n".join(rows))
@@ -145,6 +174,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--modes", default="none,int8,int4", help="comma-separated quantization modes")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--json", type=Path, help="write the report here")
+    ap.add_argument("--draws", type=int, default=0,
+                    help="score each quantized mode this many more times with last-bit changes of its input")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from server.model.quant import QUANT_MODES
@@ -153,7 +184,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     bad = [m for m in modes if m not in QUANT_MODES]
     if bad:
         ap.error(f"unknown mode(s) {', '.join(bad)}: choose from {', '.join(QUANT_MODES)}")
-    report = run(args.model, modes, getattr(torch, args.dtype))
+    report = run(args.model, modes, getattr(torch, args.dtype), draws=args.draws)
     print(format_table(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
