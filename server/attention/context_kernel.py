@@ -327,4 +327,4 @@ class ContextCall:
 def load() -> Optional[ContextAttention]:
     """The kernel, built on first use; None where it cannot be had or LORASERVE_CONTEXT_ATTENTION=sdpa."""
     return load_kernel("context_attention", _SOURCE, ContextAttention, "LORASERVE_CONTEXT_ATTENTION",
-                       "prompt attention over the paged cache", logging.getLogger(__name__))
+                       "prompt attention", logging.getLogger(__name__))
