@@ -225,7 +225,8 @@ def _source() -> str:
             cases.append(f"  if (G == {G} && C == {C} && QN == {QN}) "
                          f"{{ block_{G}_{C}_{QN}(g, i0, n, L, nh, nkv, q, qs, kt, vc, rw, scale, s, out); return; }}")
     blocks.append(f"static void block_any(const int G, const int C, const int QN, {_BLOCK_ARGS}) {{\n{_BLOCK_BODY}}}\n")
-    return COMMON_SOURCE + C_GROW_BUFFER + _TEMPLATE.replace("@BLOCKS@", "\n".join(blocks)).replace("@DISPATCH@", "\n".join(cases))
+    body = _TEMPLATE.replace("@BLOCKS@", "\n".join(blocks)).replace("@DISPATCH@", "\n".join(cases))
+    return COMMON_SOURCE + C_GROW_BUFFER + body
 
 
 _SOURCE = _source()
@@ -257,16 +258,14 @@ class ContextAttention:
         """The calls for these sequences (`runs` (start, n): query rows of each; `contexts`: int64 cache rows
         of each one's whole context in position order, its own n rows last), split so that each call's
         transposed keys fit MAX_WORKSPACE. The same for every layer of a step: made once a step."""
-        for (_, n), c in zip(runs, contexts):
-            if c.dtype != torch.int64 or c.dim() != 1 or not n <= c.shape[0] or not self.accepts_context(c.shape[0],
-                                                                                                       k_cache):
-                raise ValueError(f"a context of {tuple(c.shape)} {c.dtype} rows for {n} queries: 1-D int64 rows that "
-                                 f"hold the queries' own and fit the kernel's workspace ({MAX_WORKSPACE} floats)")
         calls: list[ContextCall] = []
         group: list[int] = []
         used = 0
-        for i, c in enumerate(contexts):
+        for i, ((_, n), c) in enumerate(zip(runs, contexts)):
             need = self.workspace(c.shape[0], k_cache)
+            if c.dtype != torch.int64 or c.dim() != 1 or not n <= c.shape[0] or need > MAX_WORKSPACE:
+                raise ValueError(f"a context of {tuple(c.shape)} {c.dtype} rows for {n} queries: 1-D int64 rows that "
+                                 f"hold the queries' own and fit the kernel's workspace ({MAX_WORKSPACE} floats)")
             if group and used + need > MAX_WORKSPACE:
                 calls.append(ContextCall.of([runs[j] for j in group], [contexts[j] for j in group]))
                 group, used = [], 0
