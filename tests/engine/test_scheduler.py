@@ -126,15 +126,18 @@ def test_tenant_fairness_lone_request_overtakes_a_flood(tiny_dir):
                  for _ in range(40)]
         time.sleep(0.05)
         t0 = time.monotonic()
+        # How many finish during the sleep is the host's speed (4 to 8 seen), not the scheduler's choice.
+        finished_at_submit = sum(1 for f in flood if f.finished)
         lone = eng.submit(Request([4] * 8, SamplingParams(max_new_tokens=30, ignore_eos=True), tenant="quiet"))
         lone.collect()
         lone_latency = time.monotonic() - t0
-        finished_before = sum(1 for f in flood if f.finished)
+        finished_meanwhile = sum(1 for f in flood if f.finished) - finished_at_submit
         for f in flood:
             f.collect()
         total = time.monotonic() - t0
-        # FIFO would finish ~36 noisy requests first; VTC admits the quiet tenant at the next free batch slot.
-        assert finished_before <= 12, finished_before
+        # FIFO would finish every noisy request queued before it first; VTC admits the quiet tenant at the next
+        # free batch slot: the 4 running finish, and the 3 admitted beside it finish with it (7 in every run seen).
+        assert finished_meanwhile <= 8, (finished_at_submit, finished_meanwhile)
         assert lone_latency < total / 2
     finally:
         eng.shutdown()
