@@ -18,7 +18,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Mapping, Optional
+from typing import Any, AsyncIterator, Callable, Mapping, Optional, Sequence
 
 import grpc
 
@@ -160,10 +160,6 @@ class Generation:
     def adapter(self) -> Optional[AdapterVersion]:
         return self.request.adapter
 
-    def _submit(self, engine: Any, stream_interval: int = 1) -> None:
-        self._engine = engine
-        self._stream = engine.submit(self.request, loop=asyncio.get_running_loop(), stream_interval=stream_interval)
-
     async def deltas(self, coalesce: bool = False) -> AsyncIterator[Delta]:
         """The engine's deltas; an engine error is raised (after it is counted) as its typed error.
         `coalesce`: deltas waiting when the consumer looks come merged (RequestStream.coalesced)."""
@@ -226,32 +222,70 @@ class GenerationService:
         `make_input` and `tenant_of` are called here, after the serving check, so that their
         errors (a malformed message, a bad key) are counted like every other refusal.
         """
-        record = CallRecord(method, self.metrics, client_id)
-        gen: Optional[Generation] = None
+        return self.start_many(method, [make_input], tenant_of, client_id, stream)[0]
+
+    def start_many(self, method: str, make_inputs: Sequence[Callable[[], GenerateInput]],
+                   tenant_of: Callable[[], str], client_id: str = "", stream: bool = False,
+                   same_adapter: bool = False) -> list[Generation]:
+        """Submit several engine requests as one arrival (a prompt's choices, a list of prompts): all are
+        accepted or none, and the engine schedules them side by side. `same_adapter`: every request
+        runs on the adapter version the first one resolved, even if a new version lands meanwhile."""
+        gens: list[Generation] = []
+        records: list[CallRecord] = []
         names: Mapping[str, str] = {}
         try:
             engine = self.state.check_serving()
-            inp = make_input()
-            names = inp.field_names
-            check_request_id(inp.request_id)
-            tenant = record.tenant = tenant_of()
-            request = self._request(engine, inp, tenant)
-            record.client_id = inp.request_id or request.request_id
-            record.engine_id = request.request_id
-            record.adapter = request.adapter
-            record.prompt_tokens = len(request.prompt_token_ids)
-            gen = Generation(self.state, record, request, record.client_id)
-            if self.state.admit is not None:
-                gen._release = self.state.admit(tenant, len(request.prompt_token_ids), request.params.max_new_tokens)
-            gen._submit(engine, self.state.stream_interval if stream else 1)
-            return gen
+            for make_input in make_inputs:
+                records.append(CallRecord(method, self.metrics, client_id))
+                pinned = gens[0].adapter if same_adapter and gens else None
+                gen, names = self._prepare(engine, records[-1], make_input, tenant_of, pinned)
+                gens.append(gen)
+            interval = self.state.stream_interval if stream else 1
+            streams = engine.submit_many([g.request for g in gens], asyncio.get_running_loop(), interval)
         except Exception as e:  # noqa: BLE001 - counted, then the front-end maps it
             if isinstance(e, InvalidRequestError):
                 e = _renamed(e, names)
-            record.done(*status_for(e))
-            if gen is not None:
-                gen.close()
+            if not records:
+                records.append(CallRecord(method, self.metrics, client_id))
+            code, message = status_for(e)
+            for record in records:
+                record.done(code, message)  # none was submitted: each counts the refusal
+            for g in gens:
+                g.close()
             raise e from None
+        for g, stream_ in zip(gens, streams):
+            g._engine, g._stream = engine, stream_
+        return gens
+
+    def _prepare(self, engine: Any, record: CallRecord, make_input: Callable[[], GenerateInput],
+                 tenant_of: Callable[[], str], pinned: Optional[AdapterVersion]
+                 ) -> tuple[Generation, Mapping[str, str]]:
+        """A Generation ready to submit (input read, tenant and adapter resolved, quota taken), and the
+        protocol's names for the engine's fields, for errors."""
+        names: Mapping[str, str] = {}
+        try:
+            inp = make_input()
+            names = inp.field_names
+            if pinned is not None:
+                inp.adapter_id = pinned.ref
+            check_request_id(inp.request_id)
+            tenant = record.tenant = tenant_of()
+            request = self._request(engine, inp, tenant)
+        except InvalidRequestError as e:
+            raise _renamed(e, names) from None
+        record.client_id = inp.request_id or request.request_id
+        record.engine_id = request.request_id
+        record.adapter = request.adapter
+        record.prompt_tokens = len(request.prompt_token_ids)
+        gen = Generation(self.state, record, request, record.client_id)
+        if self.state.admit is not None:
+            try:
+                gen._release = self.state.admit(tenant, len(request.prompt_token_ids), request.params.max_new_tokens)
+            except Exception as e:  # noqa: BLE001 - counted as itself, not as the close's CANCELLED
+                record.done(*status_for(e))
+                gen.close()
+                raise
+        return gen, names
 
     def _request(self, engine: Any, inp: GenerateInput, tenant: str) -> Request:
         vocab = engine.model_config.vocab_size

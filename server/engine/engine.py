@@ -174,27 +174,43 @@ class Engine:
                stream_interval: int = 1) -> RequestStream:
         """Queue `request`; its deltas come through the returned stream (on `loop` for async consumers),
         grouped `stream_interval` tokens at a time after the first (RequestStream)."""
+        return self.submit_many([request], loop, stream_interval)[0]
+
+    def submit_many(self, requests: list[Request], loop: Optional[asyncio.AbstractEventLoop] = None,
+                    stream_interval: int = 1) -> list[RequestStream]:
+        """Queue several requests as one arrival: all or none (a refusal queues nothing), and the loop
+        sees them together, so the next step schedules them side by side (a prompt's several choices,
+        a burst that shares a prefix) instead of whichever the loop happened to find first."""
         if not self._accepting:
             raise UnavailableError("the engine is not accepting requests (starting or shutting down)")
-        if not request.request_id:
-            request.request_id = uuid.uuid4().hex
-        self.validate(request)
+        for request in requests:
+            if not request.request_id:
+                request.request_id = uuid.uuid4().hex
+            self.validate(request)
+        ids = [r.request_id for r in requests]
         with self._lock:
-            if request.request_id in self._live:
-                raise InvalidRequestError("request_id", f"{request.request_id!r} is already in flight")
-            if len(self._live) - len(self.scheduler.running) >= self.config.max_waiting:
+            for i, rid in enumerate(ids):
+                if rid in self._live:
+                    raise InvalidRequestError("request_id", f"{rid!r} is already in flight")
+                if rid in ids[:i]:
+                    raise InvalidRequestError("request_id", f"{rid!r} is given to two requests")
+            if len(self._live) - len(self.scheduler.running) + len(ids) > self.config.max_waiting:
                 raise CapacityError(f"the waiting queue is full ({self.config.max_waiting} requests); retry later")
-            self._live.add(request.request_id)
+            self._live.update(ids)
+        seqs = [self._sequence(r, loop, stream_interval) for r in requests]
+        self._inbox.put(("add", seqs))
+        self._wake.set()
+        return [s.stream for s in seqs]
+
+    def _sequence(self, request: Request, loop: Optional[asyncio.AbstractEventLoop],
+                  stream_interval: int) -> Sequence:
         stream = RequestStream(request.request_id, loop, stream_interval=stream_interval)
         p = request.params
         seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        seq = Sequence(
+        return Sequence(
             request=request, stream=stream, detok=IncrementalDetokenizer(self.tokenizer, p.stop),
             generator=make_generator(seed) if p.temperature > 0 else None,
             token_ids=list(request.prompt_token_ids), num_prompt=len(request.prompt_token_ids))
-        self._inbox.put(("add", seq))
-        self._wake.set()
-        return stream
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -273,7 +289,8 @@ class Engine:
             except queue.Empty:
                 return
             if kind == "add":
-                self.scheduler.add(item)
+                for seq in item:
+                    self.scheduler.add(seq)
             else:
                 seq = self.scheduler.find(item)
                 if seq is not None:

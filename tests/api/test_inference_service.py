@@ -66,6 +66,9 @@ class FakeEngine:
         threading.Thread(target=run, daemon=True).start()
         return stream
 
+    def submit_many(self, requests, loop=None, stream_interval=1) -> list[RequestStream]:
+        return [self.submit(r, loop, stream_interval) for r in requests]
+
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 

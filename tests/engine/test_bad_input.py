@@ -73,3 +73,18 @@ def test_queue_full_is_capacity_error_and_duplicate_ids_rejected(engine):
         engine.abort(s.request_id)
     for s in streams:
         assert s.collect().finish_reason == "abort"
+
+
+def test_submit_many_queues_all_or_nothing(engine):
+    """A refused request refuses its whole arrival: nothing of it is queued, and the rest can come again."""
+    params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    with pytest.raises(InvalidRequestError, match="temperature"):
+        engine.submit_many([Request([1, 2], params, request_id="ok1"),
+                            Request([1, 2], SamplingParams(temperature=-1), request_id="bad")])
+    with pytest.raises(InvalidRequestError, match="given to two requests"):
+        engine.submit_many([Request([1, 2], params, request_id="twice"), Request([3], params, request_id="twice")])
+    with pytest.raises(CapacityError, match="queue is full"):  # 4 waiting would pass max_waiting=3
+        engine.submit_many([Request([1, 2], params, request_id=f"m{i}") for i in range(4)])
+    assert engine.stats().waiting == 0 and engine.stats().running == 0
+    streams = engine.submit_many([Request([1, 2], params, request_id=i) for i in ("ok1", "twice", "m0")])
+    assert [len(s.collect().token_ids) for s in streams] == [2, 2, 2]

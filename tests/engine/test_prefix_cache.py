@@ -87,6 +87,26 @@ def test_a_burst_sharing_a_prompt_equals_peft_alone(engine, tiny_dir, tiny_adapt
     assert after.hits - before.hits >= 5 and after.tokens_saved - before.tokens_saved >= 5 * 32
 
 
+def test_one_arrival_computes_its_shared_prompt_once_in_one_step(engine, tiny_dir, tiny_adapters):
+    """Six questions over one new system prompt, submitted as one arrival (`submit_many`, as an HTTP
+    request's choices are): one step answers all six, the prompt's blocks computed once; outputs are PEFT's."""
+    adapter = local_adapter(engine, "qv_r4", tiny_adapters["qv_r4"])
+    _ask(engine, [3, 4], adapter, 1).collect()  # the adapter in its slot before the arrival
+    system = [(11 * i + 5) % 250 + 2 for i in range(37)]  # cached by no other test
+    prompts = [system + [70 + i] for i in range(6)]
+    before = engine.stats()
+    streams = engine.submit_many([Request(p, SamplingParams(max_new_tokens=1, ignore_eos=True), adapter)
+                                  for p in prompts])
+    outs = [s.collect().token_ids for s in streams]
+    after = engine.stats()
+    assert after.steps - before.steps == 1
+    assert after.prefix.misses - before.prefix.misses == 1
+    assert after.prefix.hits - before.prefix.hits == 5
+    assert after.prefix.tokens_saved - before.prefix.tokens_saved == 5 * 32
+    for p, got in zip(prompts, outs):
+        assert got == peft_greedy(tiny_dir, tiny_adapters["qv_r4"], p, 1)
+
+
 def test_hot_swap_of_a_name_never_serves_the_old_versions_blocks(engine, tiny_dir, tiny_adapters):
     """Same prompt, same adapter name: v1, then v2 (other weights), then v1 again, each equal to its version alone."""
     v1 = local_adapter(engine, "swap", tiny_adapters["all_r8"], version=1)

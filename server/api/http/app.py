@@ -143,21 +143,14 @@ class OpenAIApi:
 
     def _start(self, method: str, inputs: list[GenerateInput], caller: Caller, model: str,
                stream: bool = False) -> list[Generation]:
-        """Start every choice; all choices run on the adapter version the first one resolved."""
-        gens: list[Generation] = []
+        """Start every choice as one arrival, all on the adapter version the first one resolved."""
         try:
-            for i, inp in enumerate(inputs):
-                if i and gens[0].adapter is not None:
-                    inp.adapter_id = gens[0].adapter.ref
-                gens.append(self.service.start(method, lambda inp=inp: inp, lambda: caller.acting_for,
-                                               stream=stream))
-        except BaseException as e:
-            for g in gens:
-                g.close()
-            if isinstance(e, InvalidRequestError) and e.field == "model":
+            return self.service.start_many(method, [lambda inp=inp: inp for inp in inputs],
+                                           lambda: caller.acting_for, stream=stream, same_adapter=True)
+        except InvalidRequestError as e:
+            if e.field == "model":
                 raise AdapterNotFoundError(model) from None  # a malformed id names no model either
             raise
-        return gens
 
     async def _collect(self, gens: Sequence[Generation]) -> list[_Choice]:
         choices = [_Choice() for _ in gens]
