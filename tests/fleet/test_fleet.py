@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Optional
 
 import grpc
 import httpx
@@ -245,6 +246,7 @@ def test_kill_9_fails_only_what_was_in_flight_and_moves_its_adapters(fleet, refe
     own = owners(fleet)
     victim_name = max(set(own.values()), key=lambda r: sum(1 for v in own.values() if v == r))
     victim = fleet.replica(victim_name)
+    http_client: Optional[httpx.Client] = None
     try:
         moved = [a for a, r in own.items() if r == victim_name]
         long: dict = {}
@@ -310,7 +312,6 @@ def test_kill_9_fails_only_what_was_in_flight_and_moves_its_adapters(fleet, refe
             load.wait_calls(60, after=time.monotonic())
             t.join(60)
             t_http.join(60)
-        http_client.close()
         # HAProxy 2.6 ends the cut stream without a status (gRPC: UNKNOWN "Stream removed"); our clients say UNAVAILABLE
         assert long["code"] == "UNAVAILABLE" and 0 < long["tokens"] < 480 and long["finish"] == 0, long
         assert long["grpc_code"] in ("UNAVAILABLE", "UNKNOWN"), long
@@ -344,6 +345,8 @@ def test_kill_9_fails_only_what_was_in_flight_and_moves_its_adapters(fleet, refe
               f"{len([c for c in calls if c.ok])} succeeded; moved to {after}; "
               f"restarted and serving in {restart_s:.1f}s")
     finally:
+        if http_client is not None:
+            http_client.close()
         if not victim.alive():  # a failed assertion above: later tests still find the whole fleet
             fleet.restart(victim_name)
 
