@@ -17,8 +17,14 @@ the adapter's rank rows to fp32 once for the block, then multiplies in register 
 8 on AVX2), so every weight loaded serves 4 tokens and every x 4 ranks. Measured on SmolLM2's shapes (8
 adapters of rank 16, 8 x 64 prompt rows, 30 layers, int8 rows, 2 threads): 39.8-41.7 ms against 54.6-59.0 ms
 for the previous kernel (blocks of 4 tokens, 8 lanes, a weight converted per use); bf16 rows 38.6-41.2
-against 54.9-55.3 ms. Every row of every step takes one of the two kernels, by kind, and a token's
-arithmetic never depends on the rest of its batch (tested: the same numbers alone and batched).
+against 54.9-55.3 ms. With AVX-512 a token's four rank sums of a tile are reduced together (horizontal adds
+across the four accumulators): the kernel alone 27.5-28.6 against 30.1-30.4 ms over 30 layers (rows in cache),
+LoRA's share of that prefill in the engine 33.5 / 34.7 against 37.5 / 37.9 ms (rank 8: 19.8 against 23.7 ms).
+Of the rest: gate/up's expand runs at about 95 G MAC/s where q/k/v's reaches 220; an order keeping B^T's
+columns in L1 changed nothing, so its y traffic (6 MB read and written for 512 rows) is the likely bound; the
+shrink runs at about 40% of the FMA peak (ranks outer, tokens inner measured no better). Every row of every
+step takes one of the two kernels, by kind, and a token's arithmetic never depends on the rest of its batch
+(tested: the same numbers alone and batched).
 
 Both read an adapter's ranks through the pool's page table (`server/lora/stacks.py`): rank j of slot
 s is row pages[s, j], one pointer per row of in or out values, so an adapter's rows may lie anywhere in
@@ -199,6 +205,28 @@ typedef float vfu __attribute__((vector_size(VW * 4), aligned(4), may_alias));  
 #define EX1_FMA(k) c##k += vr[k][j] * w;
 #define EX1_STORE(k) if (t0 + k < m) STU(yr[k] + o, c##k);
 
+#if VW == 16 && TR == 4
+/* One token's four rank sums at once (a tile row): halves added, then three horizontal adds across the four
+   accumulators, instead of four separate reductions (a third of the shrink's instructions went to them). */
+static inline void hsum4v(vf a, vf b, vf c, vf d, float* s) {
+#define HALVES_(v) _mm256_add_ps(_mm512_castps512_ps256((__m512)(v)), \
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd((__m512)(v)), 1)))
+  const __m256 ab = _mm256_hadd_ps(HALVES_(a), HALVES_(b)), cd = _mm256_hadd_ps(HALVES_(c), HALVES_(d));
+  const __m256 abcd = _mm256_hadd_ps(ab, cd);
+  _mm_storeu_ps(s, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
+#undef HALVES_
+}
+#define SH_PUT(k, q) { const float* a_ = af + (long)(j0 + q) * in; \
+    float t_ = s##k[q]; \
+    for (int i = iv; i < in; i++) t_ += xr[k][i] * a_[i]; \
+    v[(long)(t0 + k) * rp + j0 + q] = t_ * fr[j0 + q]; }
+#define SH_OUTK(k) if (t0 + k < m) { float s##k[4]; hsum4v(acc##k##0, acc##k##1, acc##k##2, acc##k##3, s##k); \
+    PER_KQ(SH_PUT, k) }
+#define SH_OUT_TILE PER_K(SH_OUTK)
+#else
+#define SH_OUT_TILE PER_TILE(SH_OUT)
+#endif
+
 static inline float hsumv(vf a) {  /* element access, so the sums stay in registers */
 #if VW == 16
   const v8f h = {a[0] + a[8], a[1] + a[9], a[2] + a[10], a[3] + a[11], a[4] + a[12], a[5] + a[13], a[6] + a[14],
@@ -320,7 +348,7 @@ static void prompt_block_@SUF@(int m, const float* x, long xs, float* y, long ys
         PER_K(SH_X)
         PER_TILE(SH_FMA)
       }
-      PER_TILE(SH_OUT)
+      SH_OUT_TILE
     }
   }
   for (int t0 = 0; t0 < m; t0 += TT) {
