@@ -270,6 +270,20 @@ def _generated(srv) -> float:
                             {"adapter": a}) for a in ("base", "all_r8", "qv", "secret"))
 
 
+def test_a_refused_prompt_starts_none_of_its_request(http, srv):
+    """A request's prompts go in as one arrival: one bad prompt refuses the request, and none of it runs."""
+    srv.wait_idle()
+    before = _generated(srv)
+    body = {"model": "all_r8", "prompt": [[5, 6, 7], [5, 10**9]], "max_tokens": 50, "ignore_eos": True}
+    assert "allowed range" in _error(http.post("/v1/completions", json=body), 400, "prompt", "invalid_value")
+    srv.wait_idle()
+    assert _generated(srv) == before
+    ok = http.post("/v1/completions", json={**body, "prompt": [[5, 6, 7], [5, 8]], "max_tokens": 3})
+    assert ok.status_code == 200 and [c["index"] for c in ok.json()["choices"]] == [0, 1]
+    srv.wait_idle()
+    assert _generated(srv) == before + 6
+
+
 def test_client_disconnect_aborts_at_once(http, srv):
     srv.wait_idle()
     before = _generated(srv)
