@@ -12,8 +12,8 @@ Adapters are read from disk once and kept in host memory (as the registry's host
 load is the copy into rank rows. Each arm first warms up (one 2-token request per adapter it uses, all sent at
 once: kernels built, adapters loaded as far as they fit), then runs the timed workload. Reported per arm: generated
 tokens/s, TTFT p50/p99 (submit to first token), the loads, evictions and slot misses of the timed run, and generated
-tokens per second of the process's CPU time (steadier than wall time on a shared machine). With
---rounds > 1 the arms alternate order from round to round and the table shows medians. Goals: by-rank TTFT p99
+tokens per second of the process's CPU time (steadier than wall time on a shared machine). The arms run
+--rounds times (5), alternating order from round to round; the table shows medians. Goals: by-rank TTFT p99
 within 1.5x of one-adapter's, tokens/s within 5%, each judged on the median of per-round ratios (a round runs
 both arms back to back), reported with every round's ratio and the ratio of the arms' medians. Writes benchmarks/results/adapter_slots.json (after each arm, so
 a run cut short keeps what it measured), with the load average before and after (the machine is shared).
@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-min", type=int, default=8)
     p.add_argument("--prompt-max", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=5,
+                   help="rounds of all arms (the goals are judged on the median of per-round ratios)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     p.add_argument("--fixed-slots", type=int, default=8, help="the fixed arm's --max-adapters-on-device")
     p.add_argument("--seed", type=int, default=0)
