@@ -19,7 +19,7 @@ def test_arms_run_the_same_workload_and_the_file_says_so(tiny_dir, tmp_path):
     out = tmp_path / "adapter_slots.json"
     code = adapter_slots.main(["--model", str(tiny_dir), "--adapters", "5", "--rank", "4", "--max-rank", "8",
                                "--requests", "12", "--concurrency", "3", "--new-tokens", "3", "--fixed-slots", "2",
-                               "--out", str(out)])
+                               "--rounds", "1", "--out", str(out)])
     assert code == 0
     data = json.loads(out.read_text())
     runs = {r["arm"]: r for r in data["runs"]}
