@@ -191,11 +191,12 @@ typedef float vfu __attribute__((vector_size(VW * 4), aligned(4), may_alias));  
 #define SH_W(q) const vf w##q = LDU(af + (long)(j0 + q) * in + i);
 #define SH_X(k) const vf x##k = LDU(xr[k] + i);
 #define SH_FMA(k, q) acc##k##q += x##k * w##q;
-#define SH_OUT(k, q) if (t0 + k < m) { \
-    const float* a_ = af + (long)(j0 + q) * in; \
-    float t_ = hsumv(acc##k##q); \
+/* A rank value from its lanes' sum: the columns past the last full vector added, then scaled. */
+#define SH_FINISH(k, q, sum) { const float* a_ = af + (long)(j0 + q) * in; \
+    float t_ = (sum); \
     for (int i = iv; i < in; i++) t_ += xr[k][i] * a_[i]; \
     v[(long)(t0 + k) * rp + j0 + q] = t_ * fr[j0 + q]; }
+#define SH_OUT(k, q) if (t0 + k < m) SH_FINISH(k, q, hsumv(acc##k##q))
 #define EX_LOAD(k, q) vf c##k##q = LDU(yr[k] + o + q * VW);
 #define EX_W(q) const vf w##q = LDU(bf_ + (long)j * out + o + q * VW);
 #define EX_V(k) const float v##k = vr[k][j];
@@ -216,10 +217,7 @@ static inline void hsum4v(vf a, vf b, vf c, vf d, float* s) {
   _mm_storeu_ps(s, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
 #undef HALVES_
 }
-#define SH_PUT(k, q) { const float* a_ = af + (long)(j0 + q) * in; \
-    float t_ = s##k[q]; \
-    for (int i = iv; i < in; i++) t_ += xr[k][i] * a_[i]; \
-    v[(long)(t0 + k) * rp + j0 + q] = t_ * fr[j0 + q]; }
+#define SH_PUT(k, q) SH_FINISH(k, q, s##k[q])
 #define SH_OUTK(k) if (t0 + k < m) { float s##k[4]; hsum4v(acc##k##0, acc##k##1, acc##k##2, acc##k##3, s##k); \
     PER_KQ(SH_PUT, k) }
 #define SH_OUT_TILE PER_K(SH_OUTK)
