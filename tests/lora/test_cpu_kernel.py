@@ -212,3 +212,68 @@ def test_int8_rows_match_the_reference_on_their_dequantized_weights(kernel, rank
     assert torch.allclose(y, want, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="row scales"):
         cpu_kernel.KernelPlan(parts, plan.pages)
+
+
+@needs_cc
+@pytest.mark.parametrize("rank", [16, 5, 20])
+@pytest.mark.parametrize("rows", ["bf16", "int8"])
+def test_prompt_rows_on_amx_tiles_get_the_reference_to_bf16_activations(kernel, rank, rows):
+    """On a CPU with AMX, prompt rows of shapes the tiles take (in a multiple of 32, outputs of 16) go through bf16
+    tiles: each row's delta within 1% of the reference's (x and the rank values rounded to bf16, the weights
+    exact), a row's numbers the same alone as in any block, and no row outside the blocks touched, also where
+    a block ends inside a tile of 16 rows."""
+    from server.lora.stacks import quantize_rows
+
+    if not kernel.prompt_amx:
+        pytest.skip("this CPU has no AMX bf16 tiles (or Linux refused them): the vector path serves, tested above")
+    torch.manual_seed(7)
+    n, R, k, outs = 6, 32, 96, (48, 16, 32)
+    offs = (0, 48, 64)
+    parts, scales, deq = [], [], []
+    for off, o in zip(offs, outs):
+        a, bt, sc = torch.randn(n * R, k), torch.randn(n * R, o) * 0.1, torch.rand(n)
+        if rows == "int8":
+            (qa, sa), (qb, sb) = quantize_rows(a), quantize_rows(bt)
+            parts.append((qa, qb, sc, off))
+            scales.append((sa, sb))
+            a, bt = qa.float() * sa[:, None], qb.float() * sb[:, None]
+        else:
+            a, bt = a.bfloat16(), bt.bfloat16()
+            parts.append((a, bt, sc, off))
+        deq.append((a.float().view(n, R, k), bt.float().view(n, R, o), sc))
+    plan = cpu_kernel.KernelPlan(parts, torch.arange(n * R, dtype=torch.int32).view(n, R), scales or None)
+    decode_rows = 2
+    # runs: a block and a 5-row tail (a partial second tile), one row, 20 rows (a full tile and 4), exactly 16
+    prompt = [1] * (cpu_kernel.PROMPT_BLOCK + 5) + [0] * 3 + [4] + [2] * 20 + [5] * 16 + [3] * 7
+    x = torch.randn(decode_rows + len(prompt), k)
+    y0 = torch.randn(decode_rows + len(prompt), sum(outs))
+    blocks = kernel.prompt_blocks(LoraSegments.from_token_slots([4, 1] + prompt), decode_rows)
+    kernel.check_slots(blocks[:, 2].contiguous(), rank, plan)
+    assert kernel.accepts(y0, x, plan, x.shape[0])
+    y = y0.clone()
+    kernel.run_prompt(y, x, blocks, plan, rank)
+    want = y0.clone()
+    seg = LoraSegments.from_token_slots(prompt)
+    for (a, bt, sc), lo, o in zip(deq, offs, outs):
+        want[decode_rows:, lo:lo + o] = torch_ref.apply_lora(
+            want[decode_rows:, lo:lo + o].clone(), x[decode_rows:], a[:, :rank], bt.transpose(1, 2)[:, :, :rank], sc, seg)
+    got_delta, want_delta = (y - y0)[decode_rows:], (want - y0)[decode_rows:]
+    adapted = torch.tensor([s != 0 for s in prompt])
+    err = (got_delta - want_delta).norm(dim=1) / want_delta.norm(dim=1).clamp(min=1e-12)
+    assert (err[adapted] < 1e-2).all(), err
+    assert (err[adapted] > 0).any(), "the rows went through the tiles (bf16 activations), not the fp32 vector path"
+    assert torch.equal(y[:decode_rows], y0[:decode_rows]) and torch.equal(y[decode_rows:][~adapted], y0[decode_rows:][~adapted])
+    for row in range(decode_rows, x.shape[0]):
+        alone = y0[row:row + 1].clone()
+        kernel.run_prompt(alone, x[row:row + 1], kernel.prompt_blocks(LoraSegments.from_token_slots([prompt[row - decode_rows]]), 0),
+                          plan, rank)
+        assert torch.equal(alone, y[row:row + 1]), row
+    kernel.set_prompt_amx(False)  # the vector path: fp32 activations, the reference's numbers to fp32 rounding
+    try:
+        assert not kernel.prompt_amx
+        vec = y0.clone()
+        kernel.run_prompt(vec, x, blocks, plan, rank)
+        assert torch.allclose(vec, want, rtol=1e-5, atol=1e-4)
+    finally:
+        kernel.set_prompt_amx(True)
+    assert kernel.prompt_amx
