@@ -78,7 +78,7 @@ def _model_facts(engine) -> dict[str, Any]:
                for name, mod in m.layers[0].named_children()}
     nbytes = sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
     return {"base_linears": linears, "base_kernel": kernel_description(m), "model_bytes": nbytes, "lora_pool_bytes": engine.pool.nbytes,
-            "lora_backend": engine.lora_backend.name}
+            "lora_backend": engine.lora_backend.name, "lora_kernel": engine.lora_backend.description}
 
 
 def engine_systems(cfg: BenchConfig, quantize: str, prompts: list[list[int]], adapter_dirs: list[Path],

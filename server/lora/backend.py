@@ -55,6 +55,7 @@ class LoraBackend(ABC):
 
     def __init__(self, pool: AdapterPool):
         self.pool = pool
+        self.description = self.name  # what runs, in words (the factory says why; logs and benchmark files)
 
     def prepare(self, adapter_slots: list[int], num_decode: int) -> Optional[LoraStep]:
         """The LoRA of one step (see `StepRows`); None when no row has an adapter."""

@@ -57,7 +57,8 @@ def build_lora_backend(config: EngineConfig, model_config: ModelConfig, device: 
         backend = TritonBackend(pool)
     else:
         backend = TorchBackend(pool)
-    log.info("LoRA backend: %s (%s)", backend.name, why)
+    backend.description = f"{backend.name} ({why})"
+    log.info("LoRA backend: %s", backend.description)
     return backend
 
 
@@ -82,7 +83,8 @@ def _choose(config: EngineConfig, device: torch.device, dtype: torch.dtype
         problem = "the C kernel could not be built or loaded (see the warning above)"
     if problem is None:
         weights = str(_kernel_copies(config, device)).replace("torch.", "")
-        return "cpu", f"--lora-backend {asked}, {weights} C kernel", kernel
+        prompts = "AMX bf16 tiles" if kernel.prompt_amx else "vector FMA"
+        return "cpu", f"--lora-backend {asked}, {weights} C kernel, prompt rows on {prompts}", kernel
     if asked == "cpu":
         raise InvalidRequestError("lora_backend", f"the cpu backend cannot run: {problem}")
     return "torch", problem, None

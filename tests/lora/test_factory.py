@@ -31,6 +31,10 @@ def test_auto_takes_the_kernel_where_the_base_is_quantized(kernel_home, caplog):
     quantized = _backend(kernel_home, quantize="int8")
     assert quantized.name == "cpu" and quantized.pool.kernel_stacks is not None
     assert "LoRA backend: cpu" in caplog.text
+    # the log and the benchmarks' files say which prompt path runs
+    prompts = "AMX bf16 tiles" if quantized.kernel.prompt_amx else "vector FMA"
+    assert quantized.description.startswith("cpu (") and f"prompt rows on {prompts}" in quantized.description
+    assert quantized.description in caplog.text
     assert list((kernel_home / "kernels").glob("lora_cpu_*.so")), "built into the engine's home, not elsewhere"
     exact = _backend(kernel_home, quantize="none")
     assert exact.name == "torch" and exact.pool.kernel_stacks is None  # the PEFT-exact setting
