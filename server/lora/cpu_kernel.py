@@ -487,8 +487,8 @@ static void prompt_block_@SUF@(int m, const float* x, long xs, float* y, long ys
 /* Prompt rows of one slot (m <= 32 of them, x already bf16 in xb, 32 rows) for one target on AMX tiles: the
    shrink v = x . A^T in tiles of 16 tokens x 16 ranks over in / 32 steps; v scaled (fr) and rounded to bf16;
    then y += v . B^T in tiles of 16 tokens x 16 output columns, loaded from y and stored back. Weights enter
-   as bf16 exactly; x and v are rounded to bf16 (2^-9 relative, a tenth of int8 rows' own rounding), sums are
-   fp32. A token's row of a tile never meets another's, so its numbers are the same in any block. */
+   as bf16 exactly; x and v are rounded to bf16 (about 0.2% of a delta, a fifth of int8 rows' own rounding),
+   sums are fp32. A token's row of a tile never meets another's, so its numbers are the same in any block. */
 static void prompt_block_amx_@SUF@(int m, const uint16_t* xb, float* y, long ys, int r, int in,
                                    const lora_target* T, long s, const int32_t* pg, char* ws) {
   const WT* A = (const WT*)T->a;
