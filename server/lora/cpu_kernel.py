@@ -65,7 +65,7 @@ from typing import Optional
 
 import torch
 
-from server.core.native import C_GROW_BUFFER, NATIVE_FLAGS, NativeBuildError, build_and_load
+from server.core.native import C_AMX_TILES, C_GROW_BUFFER, NATIVE_FLAGS, NativeBuildError, build_and_load
 from server.lora.segments import LoraSegments
 
 log = logging.getLogger(__name__)
@@ -251,16 +251,12 @@ static __thread size_t ws_cap;
 
 /* Prompt rows on AMX (bf16 tiles, fp32 sums) where the CPU has it: see prompt_block_amx_*. */
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
+@AMX_TILES@
 #define HAVE_AMX_BF16 1
-typedef struct { uint8_t palette; uint8_t start_row; uint8_t reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; }
-  __attribute__((packed)) amx_tiles;
 static int amx_granted = 0, amx_on = 0;
 
-/* Linux hands out AMX state only on request (once per process; the int8 base asks too). */
 int loraserve_amx_init(void) {
-  amx_granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  amx_granted = amx_request();
   amx_on = amx_granted;
   return amx_granted;
 }
@@ -269,12 +265,9 @@ int loraserve_amx_init(void) {
    of x; 4: 16 pairs of in values x 16 ranks (A^T, VNNI); 5-6: 16 tokens x 16 bf16 rank values; 7: 8 pairs of
    ranks x 16 output columns (B^T, VNNI). */
 static void amx_prompt_tiles(void) {
-  amx_tiles c;
-  memset(&c, 0, sizeof c);
-  c.palette = 1;
-  for (int t = 0; t < 7; t++) { c.rows[t] = 16; c.colsb[t] = t == 5 || t == 6 ? 32 : 64; }
-  c.rows[7] = 8; c.colsb[7] = 64;
-  _tile_loadconfig(&c);
+  static const uint8_t rows[8] = {16, 16, 16, 16, 16, 16, 16, 8};
+  static const uint16_t colsb[8] = {64, 64, 64, 64, 64, 32, 32, 64};
+  amx_load_tiles(rows, colsb);
 }
 
 /* 16 rows of 16 dwords in registers, transposed in place (r[q] becomes column q). */
@@ -309,9 +302,10 @@ static inline long amx_ws_bytes(int in, int rp16, long out_max) {
 }
 static inline char* align64(char* p) { return (char*)(((uintptr_t)p + 63) & ~(uintptr_t)63); }
 
-/* x rows t0..t0+m (m <= 32) as bf16 (round to nearest even), rows past m zero; in a multiple of 32. */
+/* x rows t0..t0+m (m <= 32) as bf16 (round to nearest even), the rows past m up to the tiles' 16 or 32 zero;
+   in a multiple of 32. */
 static void amx_x_rows(int m, const float* x, long xs, int in, uint16_t* xb) {
-  for (int t = 0; t < 32; t++) {
+  for (int t = 0; t < (m > 16 ? 32 : 16); t++) {
     uint16_t* d = xb + (long)t * in;
     if (t >= m) { memset(d, 0, (size_t)in * 2); continue; }
     const float* r = x + (long)t * xs;
@@ -655,6 +649,7 @@ PROMPT_BLOCK = 32  # prompt rows of one adapter per work item: its rank rows con
 # 2.63-2.93, 4 rows 2.65-2.71, 6 rows 2.45-2.70, 10 rows 2.59-2.69, 16 rows 2.63-2.71.
 PF_ROWS = 6
 _SOURCE = (C_GROW_BUFFER + _HEADER.replace("@PROMPT_BLOCK@", str(PROMPT_BLOCK)).replace("@MAX_RANK@", str(MAX_RANK))
+           .replace("@AMX_TILES@", C_AMX_TILES)
            + f"#define PF_ROWS {PF_ROWS}\n"
            + "#define WT uint16_t\n#define W(h) bf(h)\n#define RS_A(T, p) 1.f\n#define RS_B(T, p) 1.f\n"
            + "#define W16F(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32("
@@ -764,6 +759,11 @@ class CpuLoraKernel:
         """Whether prompt rows go through AMX bf16 tiles (where the CPU has them and the shapes fit)."""
         return bool(self._prompt_amx())
 
+    @property
+    def prompt_path(self) -> str:
+        """The prompt rows' path in words, for the start-up log and benchmark files."""
+        return "AMX bf16 tiles" if self.prompt_amx else "vector FMA"
+
     def set_prompt_amx(self, on: bool) -> None:
         """Tests: the vector path for prompt rows on an AMX machine too (on: AMX again where granted)."""
         self._set_prompt_amx(int(on))
@@ -825,6 +825,5 @@ def load(cache_dir: Path) -> Optional[CpuLoraKernel]:
     except NativeBuildError as e:
         log.warning("CPU LoRA kernel unavailable (%s)", e)
         return None
-    log.info("CPU LoRA kernel: built into %s; prompt rows on %s", cache_dir,
-             "AMX bf16 tiles" if kernel.prompt_amx else "vector FMA")
+    log.info("CPU LoRA kernel: built into %s; prompt rows on %s", cache_dir, kernel.prompt_path)
     return kernel

@@ -83,8 +83,7 @@ def _choose(config: EngineConfig, device: torch.device, dtype: torch.dtype
         problem = "the C kernel could not be built or loaded (see the warning above)"
     if problem is None:
         weights = str(_kernel_copies(config, device)).replace("torch.", "")
-        prompts = "AMX bf16 tiles" if kernel.prompt_amx else "vector FMA"
-        return "cpu", f"--lora-backend {asked}, {weights} C kernel, prompt rows on {prompts}", kernel
+        return "cpu", f"--lora-backend {asked}, {weights} C kernel, prompt rows on {kernel.prompt_path}", kernel
     if asked == "cpu":
         raise InvalidRequestError("lora_backend", f"the cpu backend cannot run: {problem}")
     return "torch", problem, None

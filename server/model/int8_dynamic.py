@@ -38,7 +38,7 @@ from typing import Optional
 
 import torch
 
-from server.core.native import NATIVE_FLAGS, NativeBuildError, build_and_load
+from server.core.native import C_AMX_TILES, NATIVE_FLAGS, NativeBuildError, build_and_load
 
 log = logging.getLogger(__name__)
 
@@ -270,26 +270,21 @@ static void block_rows(int m, int kp, const uint8_t* xu, const int8_t* wp, const
 }
 
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512F__)
-#include <sys/syscall.h>
-#include <unistd.h>
+@AMX_TILES@
 /* AMX: 16 rows x 64 bytes of x (A) times 16 k-groups x 64 bytes of a packed block (B, which is
    exactly the VNNI layout tdpbusd wants) into 16 x 16 int32 (C). Tiles 0-3: C, 4-5: A, 6-7: B. */
-typedef struct { uint8_t palette; uint8_t start_row; uint8_t reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; }
-  __attribute__((packed)) tile_config;
 static int amx_ready = 0;
 
-int lsq_amx_init(void) {  /* Linux hands out AMX state only on request, once per process */
-  amx_ready = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+int lsq_amx_init(void) {
+  amx_ready = amx_request();
   return amx_ready;
 }
 
 /* Tiles 0-5 (C and A) hold `rows` token rows; the B tiles always 16 k-groups. */
 static void amx_config(int rows) {
-  tile_config cfg;
-  memset(&cfg, 0, sizeof cfg);
-  cfg.palette = 1;
-  for (int t = 0; t < 8; t++) { cfg.rows[t] = t < 6 ? rows : 16; cfg.colsb[t] = 64; }
-  _tile_loadconfig(&cfg);
+  const uint8_t r = (uint8_t)rows, rs[8] = {r, r, r, r, r, r, 16, 16};
+  const uint16_t colsb[8] = {64, 64, 64, 64, 64, 64, 64, 64};
+  amx_load_tiles(rs, colsb);
 }
 
 static void amx_epilogue(int rows, const int32_t* acc, const int32_t* wsum, const float* ws, const float* xsc,
@@ -402,7 +397,7 @@ void lsq_linear(int m, int k, int kp, int b, const float* x, long xs, uint8_t* q
   lsq_quantize(m, k, kp, b, x, xs, q, s);
   lsq_gemm(m, n, kp, q, s, wp, wsum, ws, y, ys);
 }
-"""
+""".replace("@AMX_TILES@", C_AMX_TILES)
 
 
 def padded_k(k: int) -> int:

@@ -33,6 +33,7 @@ def test_auto_takes_the_kernel_where_the_base_is_quantized(kernel_home, caplog):
     assert "LoRA backend: cpu" in caplog.text
     # the log and the benchmarks' files say which prompt path runs
     prompts = "AMX bf16 tiles" if quantized.kernel.prompt_amx else "vector FMA"
+    assert quantized.kernel.prompt_path == prompts
     assert quantized.description.startswith("cpu (") and f"prompt rows on {prompts}" in quantized.description
     assert quantized.description in caplog.text
     assert list((kernel_home / "kernels").glob("lora_cpu_*.so")), "built into the engine's home, not elsewhere"
