@@ -189,11 +189,13 @@ class Engine:
             self.validate(request)
         ids = [r.request_id for r in requests]
         with self._lock:
-            for i, rid in enumerate(ids):
+            seen: set[str] = set()
+            for rid in ids:
                 if rid in self._live:
                     raise InvalidRequestError("request_id", f"{rid!r} is already in flight")
-                if rid in ids[:i]:
+                if rid in seen:
                     raise InvalidRequestError("request_id", f"{rid!r} is given to two requests")
+                seen.add(rid)
             if len(self._live) - len(self.scheduler.running) + len(ids) > self.config.max_waiting:
                 raise CapacityError(f"the waiting queue is full ({self.config.max_waiting} requests); retry later")
             self._live.update(ids)
