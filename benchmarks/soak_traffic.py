@@ -323,7 +323,7 @@ class Traffic:
 
     def _build_catalogue(self) -> list[tuple[str, Any, str, Callable[[], Awaitable[Any]]]]:
         A, I = self.adapters, self.inference
-        acme, md = self.md("acme"), self.md
+        acme = self.md("acme")
 
         def gen(adapter: str = "acme-01", metadata=None, **params: Any):
             p = ipb.SamplingParams(max_new_tokens=params.pop("max_new_tokens", 4), **params)

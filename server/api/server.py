@@ -214,12 +214,20 @@ class LoraServer:
         stopper = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait([loader, stopper], return_when=asyncio.FIRST_COMPLETED)
         if loader.done() and loader.exception() is not None:
-            log.error("start-up failed: %s", loader.exception(), exc_info=loader.exception())
+            error = loader.exception()
+            if isinstance(error, LoraServeError):  # the operator's input (a bad --adapter, say): what to fix
+                log.error(json.dumps({"event": "start_failed", "error": str(error)}))
+            else:
+                log.error("start-up failed: %s", error, exc_info=error)
             await self._set_health(NOT_SERVING)
             if self.grpc is not None:
                 await self.grpc.stop(0)
             await self._stop_http()
-            return 1
+            if self.engine is not None:
+                await _in_thread(self.engine.shutdown, 10.0)
+            if self.registry is not None:
+                await _in_thread(self.registry.close)
+            return 2 if isinstance(error, LoraServeError) else 1
         await stopper
         if not loader.done():
             loader.cancel()  # the loading thread finishes on its own; nothing will use it
@@ -349,13 +357,19 @@ async def _in_thread(fn: Any, *args: Any) -> Any:
     loop = asyncio.get_running_loop()
     fut: asyncio.Future = loop.create_future()
 
+    def settle(error: Optional[BaseException], result: Any) -> None:
+        if not fut.done():
+            fut.set_exception(error) if error is not None else fut.set_result(result)
+
     def work() -> None:
+        # The exception is passed as an argument: a closure over `except ... as e` would find the name unbound
+        # by the time the loop runs it (Python deletes it when the handler ends), and the await would hang.
         try:
             result = fn(*args)
         except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(e))
+            loop.call_soon_threadsafe(settle, e, None)
         else:
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
+            loop.call_soon_threadsafe(settle, None, result)
 
     threading.Thread(target=work, name=f"loraserve-{getattr(fn, '__name__', 'work')}", daemon=True).start()
     return await fut

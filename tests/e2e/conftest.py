@@ -21,6 +21,8 @@ from typing import Any, Callable, Optional
 import grpc
 import pytest
 
+from server.fleet.replica import metric_value
+
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = float(os.environ.get("LORASERVE_TEST_START_TIMEOUT", "300"))
 
@@ -113,21 +115,8 @@ class ServerProcess:
 
 
 def parse_metric(text: str, name: str, labels: Optional[dict[str, str]] = None) -> float:
-    want = labels or {}
-    for line in text.splitlines():
-        if line.startswith("#") or not line.startswith(name):
-            continue
-        head, _, value = line.rpartition(" ")
-        metric, _, lab = head.partition("{")
-        if metric != name:
-            continue
-        got = {}
-        for part in filter(None, lab.rstrip("}").split(",")):
-            k, _, v = part.partition("=")
-            got[k] = v.strip('"')
-        if all(got.get(k) == v for k, v in want.items()):
-            return float(value)
-    return 0.0
+    """The sum of the samples of `name` whose labels include `labels` (what the fleet's router reads)."""
+    return metric_value(text, name, labels)
 
 
 def server_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:

@@ -83,3 +83,44 @@ def test_health_transitions_and_graceful_sigterm(tmp_path: Path) -> None:
         assert sp.wait_event("stopped", 5)["cancelled_in_flight"] == 0
     finally:
         sp.stop(10)
+
+
+def test_a_bad_startup_adapter_stops_start_up_with_a_message(tmp_path: Path, tiny_dir: Path) -> None:
+    """`--adapter NAME=PATH` naming a folder without weights: exit code 2 within seconds of loading, one line
+    saying what is wrong, no traceback (it used to hang NOT_SERVING for ever: the loader's error was lost)."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO, server_env
+
+    bad = tmp_path / "bad-adapter"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text("{}")
+    proc = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_dir), "--port", "0",
+                           "--metrics-port", "-1", "--http-port", "-1", "--registry", str(tmp_path / "reg"),
+                           "--adapter", f"support={bad}"], cwd=REPO, env=server_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "start_failed" in proc.stderr and "adapter_model.safetensors not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_work_off_the_event_loop_hands_back_its_error() -> None:
+    """The start-up steps run in a thread; an exception there reaches the awaiting coroutine every time."""
+    import asyncio
+
+    from server.api.server import _in_thread
+
+    def fails() -> None:
+        raise ValueError("bad input")
+
+    async def main() -> list[str]:
+        seen = []
+        for _ in range(20):
+            with pytest.raises(ValueError, match="bad input"):
+                await asyncio.wait_for(_in_thread(fails), 10)
+            seen.append("raised")
+        assert await _in_thread(lambda: 7) == 7
+        return seen
+
+    assert len(asyncio.run(main())) == 20

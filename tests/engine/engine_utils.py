@@ -13,8 +13,6 @@ from server.model.loader import load_tokenizer
 
 
 def make_engine(model_dir: Path, **overrides) -> Engine:
-    import torch
-
     cfg = EngineConfig(**{"quantize": "none", "dtype": "float32", "device": "cpu", "max_rank": 16,
                           "max_adapters_on_device": 4, "kv_cache_tokens": 4096, **overrides})
     device = cfg.resolve_device()

@@ -4,7 +4,6 @@ from __future__ import annotations
 import random
 import time
 
-import pytest
 
 from server.engine.types import Request, SamplingParams
 from tests.engine.engine_utils import local_adapter, make_engine

@@ -6,7 +6,6 @@ failure lands while the object files are written or in SQLite's journal when the
 """
 from __future__ import annotations
 
-import pytest
 
 from adapter_registry import Registry
 from server.core.errors import StorageFullError
