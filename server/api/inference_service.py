@@ -104,7 +104,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             message = stalls.message
             if current:
                 current[0].record.done(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
-            asyncio.ensure_future(_abort_quietly(context, grpc.StatusCode.RESOURCE_EXHAUSTED, message))
+            abort = asyncio.ensure_future(_abort_quietly(context, grpc.StatusCode.RESOURCE_EXHAUSTED, message))
+            _PENDING_ABORTS.add(abort)  # the loop holds tasks weakly: kept until done, so it cannot be collected
+            abort.add_done_callback(_PENDING_ABORTS.discard)
             if task is not None:
                 task.cancel()
 
@@ -128,6 +130,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             code, message = status_for(e)
             await context.abort(code, message)
         return model_info(engine, self.state)
+
+
+_PENDING_ABORTS: set[asyncio.Future] = set()
 
 
 async def _abort_quietly(context: Any, code: grpc.StatusCode, message: str) -> None:
