@@ -119,7 +119,7 @@ def run_rank(args, model_dir: Path, device: torch.device, rank: int) -> dict:
                                                during=lambda: load_all(in_host))
     finally:
         engine.shutdown()
-        del engine
+        engine = None  # the closures above hold it too: drop it so the device memory can go
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
