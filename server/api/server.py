@@ -120,19 +120,28 @@ class LoraServer:
                     self.limiter)
         await self._set_health(NOT_SERVING)
         address = f"{_bracket(s.host)}:{s.port}"
-        if self.tls is not None:
-            self.port = self.grpc.add_secure_port(address, self.tls.grpc_credentials())
-        else:
-            self.port = self.grpc.add_insecure_port(address)
+        try:
+            if self.tls is not None:
+                self.port = self.grpc.add_secure_port(address, self.tls.grpc_credentials())
+            else:
+                self.port = self.grpc.add_insecure_port(address)
+        except RuntimeError:  # grpcio raises where it used to return 0
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot bind gRPC to {s.host}:{s.port}")
+            raise OSError(f"cannot bind gRPC to {address}: the port is in use or the address is not this "
+                          "machine's (--host, --port)")
         await self.grpc.start()
         self.state.stalls.start()
         if s.http_port >= 0:
             self.http_port = await self._start_http()
         if s.metrics_port >= 0:
             metrics_ssl = self.tls.ssl_context() if self.tls is not None and s.metrics_tls else None
-            self.metrics_port = self.metrics.serve_http(s.metrics_host or s.host, s.metrics_port, metrics_ssl)
+            metrics_host = s.metrics_host or s.host
+            try:
+                self.metrics_port = self.metrics.serve_http(metrics_host, s.metrics_port, metrics_ssl)
+            except OSError as e:
+                raise OSError(f"cannot bind /metrics to {metrics_host}:{s.metrics_port}: {e.strerror} "
+                              "(--metrics-host, --metrics-port)") from None
         host = _bracket(s.host)
         scheme = "https" if self.tls is not None else "http"
         log.info(json.dumps({"event": "listening", "host": s.host, "grpc_port": self.port,
@@ -209,7 +218,12 @@ class LoraServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
-        await self.start()
+        try:
+            await self.start()
+        except OSError as e:  # a port in use, an address not this machine's: the operator's to fix
+            log.error(json.dumps({"event": "start_failed", "error": str(e)}))
+            await self._stop_listeners()
+            return 2
         loader = asyncio.ensure_future(self.load())
         stopper = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait([loader, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -220,9 +234,7 @@ class LoraServer:
             else:
                 log.error("start-up failed: %s", error, exc_info=error)
             await self._set_health(NOT_SERVING)
-            if self.grpc is not None:
-                await self.grpc.stop(0)
-            await self._stop_http()
+            await self._stop_listeners()
             if self.engine is not None:
                 await _in_thread(self.engine.shutdown, 10.0)
             if self.registry is not None:
@@ -275,6 +287,12 @@ class LoraServer:
     async def _stop_http(self) -> None:
         if self.http is not None:
             await self.http.stop()
+
+    async def _stop_listeners(self) -> None:
+        """Start-up failed: close the gRPC and HTTP ports (the /metrics thread ends with the process)."""
+        if self.grpc is not None:
+            await self.grpc.stop(0)
+        await self._stop_http()
 
     def _admit(self, tenant_name: str, prompt_tokens: int, max_new_tokens: int) -> Any:
         """Hold a concurrent-request quota slot; the returned release charges the tokens actually used."""

@@ -124,3 +124,28 @@ def test_work_off_the_event_loop_hands_back_its_error() -> None:
         return seen
 
     assert len(asyncio.run(main())) == 20
+
+
+@pytest.mark.parametrize("flag,words", [("--port", "cannot bind gRPC"), ("--http-port", "cannot bind HTTP"),
+                                        ("--metrics-port", "cannot bind /metrics")])
+def test_a_port_in_use_stops_start_up_with_a_message(tmp_path: Path, tiny_dir: Path, flag: str, words: str) -> None:
+    """Another process on one of the three ports: exit code 2 and a line naming the address and the flag, before
+    the model loads (it used to end in a traceback from grpcio or prometheus_client)."""
+    import socket
+    import subprocess
+    import sys
+
+    from .conftest import REPO, server_env
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ports = {"--port": "0", "--http-port": "-1", "--metrics-port": "-1", flag: str(port)}
+        proc = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_dir),
+                               "--registry", str(tmp_path / "reg"), *[x for kv in ports.items() for x in kv]],
+                              cwd=REPO, env=server_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "start_failed" in proc.stderr and f"{words} to 127.0.0.1:{port}" in proc.stderr
+    assert flag in proc.stderr.split("start_failed", 1)[1]
+    assert "Traceback" not in proc.stderr

@@ -43,7 +43,7 @@ class HttpServer:
             sock.bind((host.strip("[]"), port))
         except OSError as e:
             sock.close()
-            raise OSError(f"cannot bind HTTP to {host}:{port}: {e.strerror}") from None
+            raise OSError(f"cannot bind HTTP to {host}:{port}: {e.strerror} (--host, --http-port)") from None
         sock.listen(2048)
         sock.setblocking(False)
         config = uvicorn.Config(self.app, lifespan="off", log_config=None, access_log=False,
