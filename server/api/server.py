@@ -34,7 +34,7 @@ from server.api.router_metrics import RouterMetrics
 from server.api.stalls import StallMonitor
 from server.api.tls import ServerTls
 from server.core.config import Config, parse_adapter_flags, startup_warnings
-from server.core.errors import LoraServeError, UnavailableError
+from server.core.errors import LoraServeError, StartupError, UnavailableError
 from server.metrics import ServerMetrics
 
 log = logging.getLogger("loraserve.server")
@@ -128,8 +128,8 @@ class LoraServer:
         except RuntimeError:  # grpcio raises where it used to return 0
             self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot bind gRPC to {address}: the port is in use or the address is not this "
-                          "machine's (--host, --port)")
+            raise StartupError(f"cannot bind gRPC to {address}: the port is in use or the address is not this "
+                               "machine's (--host, --port)")
         await self.grpc.start()
         self.state.stalls.start()
         if s.http_port >= 0:
@@ -140,8 +140,8 @@ class LoraServer:
             try:
                 self.metrics_port = self.metrics.serve_http(metrics_host, s.metrics_port, metrics_ssl)
             except OSError as e:
-                raise OSError(f"cannot bind /metrics to {metrics_host}:{s.metrics_port}: {e.strerror} "
-                              "(--metrics-host, --metrics-port)") from None
+                raise StartupError(f"cannot bind /metrics to {metrics_host}:{s.metrics_port}: {e.strerror} "
+                                   "(--metrics-host, --metrics-port)") from None
         host = _bracket(s.host)
         scheme = "https" if self.tls is not None else "http"
         log.info(json.dumps({"event": "listening", "host": s.host, "grpc_port": self.port,
@@ -220,26 +220,20 @@ class LoraServer:
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
         try:
             await self.start()
-        except OSError as e:  # a port in use, an address not this machine's: the operator's to fix
-            log.error(json.dumps({"event": "start_failed", "error": str(e)}))
+        except StartupError as e:
             await self._stop_listeners()
-            return 2
+            return _start_failure(e)
         loader = asyncio.ensure_future(self.load())
         stopper = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait([loader, stopper], return_when=asyncio.FIRST_COMPLETED)
         if loader.done() and loader.exception() is not None:
-            error = loader.exception()
-            if isinstance(error, LoraServeError):  # the operator's input (a bad --adapter, say): what to fix
-                log.error(json.dumps({"event": "start_failed", "error": str(error)}))
-            else:
-                log.error("start-up failed: %s", error, exc_info=error)
             await self._set_health(NOT_SERVING)
             await self._stop_listeners()
             if self.engine is not None:
                 await _in_thread(self.engine.shutdown, 10.0)
             if self.registry is not None:
                 await _in_thread(self.registry.close)
-            return 2 if isinstance(error, LoraServeError) else 1
+            return _start_failure(loader.exception())
         await stopper
         if not loader.done():
             loader.cancel()  # the loading thread finishes on its own; nothing will use it
@@ -393,10 +387,20 @@ async def _in_thread(fn: Any, *args: Any) -> Any:
     return await fut
 
 
+def _start_failure(error: BaseException) -> int:
+    """How a failed start-up ends, logged; returns the exit code. A LoraServeError is the operator's to fix (a bad
+    tenants or certificate file, an --adapter that does not load, a port in use): one `start_failed` line saying
+    what, exit code 2. Anything else is a bug: its traceback, exit code 1."""
+    if isinstance(error, LoraServeError):
+        log.error(json.dumps({"event": "start_failed", "error": str(error)}))
+        return 2
+    log.error("start-up failed: %s", error, exc_info=error)
+    return 1
+
+
 async def serve(cfg: Config) -> int:
     try:
         server = LoraServer(cfg)
-    except LoraServeError as e:  # a bad tenants or certificate file: the operator's to fix, no traceback
-        log.error(json.dumps({"event": "start_failed", "error": str(e)}))
-        return 2
+    except LoraServeError as e:
+        return _start_failure(e)
     return await server.run()

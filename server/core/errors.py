@@ -64,3 +64,8 @@ class AuthenticationError(LoraServeError):
 
 class PermissionDeniedError(LoraServeError):
     """Valid credentials without the right to do this."""
+
+
+class StartupError(UnavailableError):
+    """The server cannot start as configured: a port another process holds, an address not this machine's (it ends
+    start-up with exit code 2 before any call is taken)."""

@@ -18,6 +18,7 @@ CASES = [
     (E.QuotaExceededError("max_concurrent_requests"), grpc.StatusCode.RESOURCE_EXHAUSTED),
     (E.UnavailableError("draining"), grpc.StatusCode.UNAVAILABLE),
     (E.AdapterLoadError("disk read failed"), grpc.StatusCode.UNAVAILABLE),
+    (E.StartupError("cannot bind HTTP to 127.0.0.1:8000"), grpc.StatusCode.UNAVAILABLE),
     (E.AdapterInUseError("pinned"), grpc.StatusCode.FAILED_PRECONDITION),
     (E.AuthenticationError("missing API key"), grpc.StatusCode.UNAUTHENTICATED),
     (E.PermissionDeniedError("admin only"), grpc.StatusCode.PERMISSION_DENIED),

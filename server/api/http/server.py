@@ -15,6 +15,7 @@ from typing import Any, Optional
 import uvicorn
 
 from server.api.http.streaming import AbandonedResponseFilter
+from server.core.errors import StartupError
 
 log = logging.getLogger("loraserve.http")
 logging.getLogger("uvicorn.error").addFilter(AbandonedResponseFilter())
@@ -43,7 +44,7 @@ class HttpServer:
             sock.bind((host.strip("[]"), port))
         except OSError as e:
             sock.close()
-            raise OSError(f"cannot bind HTTP to {host}:{port}: {e.strerror} (--host, --http-port)") from None
+            raise StartupError(f"cannot bind HTTP to {host}:{port}: {e.strerror} (--host, --http-port)") from None
         sock.listen(2048)
         sock.setblocking(False)
         config = uvicorn.Config(self.app, lifespan="off", log_config=None, access_log=False,
