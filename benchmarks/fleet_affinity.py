@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import tempfile
@@ -34,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from benchmarks.common import write_json
 from benchmarks.workload import WorkloadConfig, percentiles, prompt_ids, slora_requests, summarize
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fleet_affinity.json"
@@ -233,8 +233,7 @@ def main(argv: Optional[list[str]] = None) -> int:
            platform.machine(), "cpus": os.cpu_count(), "load_average_start": load_start, "load_average_end": os.getloadavg(),
            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
            "workload": wl.to_dict(), "trace": shape, "arms": [asdict(a) for a in arms]}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
+    write_json(args.out, out)
     print(f"\nwrote {args.out}")
     return 0
 

@@ -105,9 +105,17 @@ def bench_us(fn, device: torch.device, warmup: int = 5, iters: int = 50) -> floa
 
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
+    """The results file, replaced whole (written beside it, then renamed): a run killed mid-write leaves the
+    previous file, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -16,7 +16,6 @@ its spread.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -27,6 +26,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from benchmarks.common import write_json
 
 DATA = Path(__file__).resolve().parent / "data" / "perplexity_text.txt"
 WINDOW = 1024  # tokens a prompt; SmolLM2 reads 8192, but a served prompt is chunked by --max-batch-tokens
@@ -187,8 +188,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     report = run(args.model, modes, getattr(torch, args.dtype), draws=args.draws)
     print(format_table(report))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+        write_json(args.json, report)
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
 

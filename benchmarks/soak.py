@@ -329,8 +329,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.warmup = min(args.duration / 4, 120.0)
     report = asyncio.run(soak(args))
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=2, default=str))
+        from benchmarks.common import write_json
+
+        write_json(args.output, report)
     print(json.dumps({k: report[k] for k in ("requests", "statuses_by_kind", "unexpected", "greedy_replay", "end_state",
                                              "rss", "latency", "checks", "passed")}, indent=2, default=str))
     return 0 if report["passed"] else 1
