@@ -149,6 +149,16 @@ def start_server(tmp_dir: Path, *args: str, env: Optional[dict[str, str]] = None
     return sp
 
 
+def start_refused(*args: str) -> str:
+    """Run `python -m server.cli serve ARGS` to its end, which must be a refused start-up: exit code 2, a
+    `start_failed` line, no traceback. Returns the log from that line on (the error says what to fix)."""
+    proc = subprocess.run([sys.executable, "-m", "server.cli", "serve", *args], cwd=REPO, env=server_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "start_failed" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return proc.stderr.split("start_failed", 1)[1]
+
+
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     from server.core.paths import resolve_home

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server.api.gen.loraserve.v1 import inference_pb2 as pb
 from server.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
 
-from .conftest import start_server
+from .conftest import start_refused, start_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -88,21 +88,12 @@ def test_health_transitions_and_graceful_sigterm(tmp_path: Path) -> None:
 def test_a_bad_startup_adapter_stops_start_up_with_a_message(tmp_path: Path, tiny_dir: Path) -> None:
     """`--adapter NAME=PATH` naming a folder without weights: exit code 2 within seconds of loading, one line
     saying what is wrong, no traceback (it used to hang NOT_SERVING for ever: the loader's error was lost)."""
-    import subprocess
-    import sys
-
-    from .conftest import REPO, server_env
-
     bad = tmp_path / "bad-adapter"
     bad.mkdir()
     (bad / "adapter_config.json").write_text("{}")
-    proc = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_dir), "--port", "0",
-                           "--metrics-port", "-1", "--http-port", "-1", "--registry", str(tmp_path / "reg"),
-                           "--adapter", f"support={bad}"], cwd=REPO, env=server_env(), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "start_failed" in proc.stderr and "adapter_model.safetensors not found" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    error = start_refused("--model", str(tiny_dir), "--port", "0", "--metrics-port", "-1", "--http-port", "-1",
+                          "--registry", str(tmp_path / "reg"), "--adapter", f"support={bad}")
+    assert "adapter_model.safetensors not found" in error
 
 
 def test_work_off_the_event_loop_hands_back_its_error() -> None:
@@ -132,20 +123,12 @@ def test_a_port_in_use_stops_start_up_with_a_message(tmp_path: Path, tiny_dir: P
     """Another process on one of the three ports: exit code 2 and a line naming the address and the flag, before
     the model loads (it used to end in a traceback from grpcio or prometheus_client)."""
     import socket
-    import subprocess
-    import sys
-
-    from .conftest import REPO, server_env
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         ports = {"--port": "0", "--http-port": "-1", "--metrics-port": "-1", flag: str(port)}
-        proc = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_dir),
-                               "--registry", str(tmp_path / "reg"), *[x for kv in ports.items() for x in kv]],
-                              cwd=REPO, env=server_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "start_failed" in proc.stderr and f"{words} to 127.0.0.1:{port}" in proc.stderr
-    assert flag in proc.stderr.split("start_failed", 1)[1]
-    assert "Traceback" not in proc.stderr
+        error = start_refused("--model", str(tiny_dir), "--registry", str(tmp_path / "reg"),
+                              *[x for kv in ports.items() for x in kv])
+    assert f"{words} to 127.0.0.1:{port}" in error and flag in error
