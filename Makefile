@@ -43,11 +43,11 @@ serve: $(STAMP)
 	      "(health and metrics on http://$(HOST):$(HTTP_PORT)/health, /metrics)"
 	$(VENV)/bin/loraserve serve --model default --host $(HOST) --port $(PORT) --http-port $(HTTP_PORT)
 
-# Everything (the 60 s soak included) but the 30 kill -9 restarts (`make reliability`): CI stays within 15 minutes.
+# Everything (the 30 s soak included) but the 30 kill -9 restarts (`make reliability`): CI stays within 15 minutes.
 test: $(STAMP) tools
 	$(PY) -m pytest -q -ra -m "not long"
 
-# The long fault runs: 30 kill -9 restarts and the 60 s soak (about 5 minutes on 2 cores), figures printed.
+# The long fault runs: 30 kill -9 restarts and the 30 s soak (about 4 minutes on 2 cores), figures printed.
 reliability: $(STAMP)
 	$(PY) -m pytest -q -s -ra -p no:cacheprovider tests/reliability tests/benchmarks/test_soak.py
 

@@ -106,7 +106,10 @@ def kernel_summary(model: torch.nn.Module) -> str:
 
 
 def run(model_spec: str = "default", modes: tuple[str, ...] = ("none", "int8", "int4"),
-        dtype: torch.dtype = torch.float32, home: Optional[Path] = None, draws: int = 0) -> dict:
+        dtype: torch.dtype = torch.float32, home: Optional[Path] = None, draws: int = 0,
+        draw_modes: Optional[tuple[str, ...]] = None) -> dict:
+    """Perplexity of the text in each mode; `draws` more runs of each quantized mode in `draw_modes` (default:
+    all of them) with its input's last bits changed, to show the spread of its rounding noise."""
     from server.core.paths import resolve_home
     from server.model.llama import LlamaForCausalLM
     from server.model.loader import load_tokenizer, model_fingerprint, resolve_model
@@ -125,7 +128,7 @@ def run(model_spec: str = "default", modes: tuple[str, ...] = ("none", "int8", "
             base = ppl
         seconds = time.perf_counter() - t0
         drawn = None
-        if draws and mode != "none":
+        if draws and mode != "none" and (draw_modes is None or mode in draw_modes):
             embed = model.embed.detach().clone()
             drawn = []
             for k in draw_ks(draws):

@@ -15,7 +15,7 @@ adapter quota. Then it checks, and writes to JSON:
 - no internal error or traceback in the server log;
 and reports p50/p99 latency and time to first token per tenant. Exit code 0 when every check passes.
 
-`make test` (CI) runs 60 s of it on a tiny random Llama (tests/benchmarks/test_soak.py; `make reliability`
+`make test` (CI) runs 30 s of it on a tiny random Llama (tests/benchmarks/test_soak.py; `make reliability`
 prints its figures); docs/reliability.md quotes a 20-minute run on the same model (`make soak` runs one on the
 default model).
 """

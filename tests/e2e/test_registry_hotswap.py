@@ -1,4 +1,4 @@
-"""Hot-swap through the real server: a new version every 200 ms under 8 streaming clients for 30 s.
+"""Hot-swap through the real server: a new version every 200 ms under 8 streaming clients for 15 s.
 
 Zero failed requests; every output equals what its reported version gives alone; a
 request that starts after a version was acknowledged is served by that version or a
@@ -20,7 +20,7 @@ from tests.registry.client import Client
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-DURATION_S = 30.0
+DURATION_S = 15.0
 PERIOD_S = 0.2
 CLIENTS = 8
 PROMPTS = ("hot swap, please",)  # one prompt: each served version is checked alone once
