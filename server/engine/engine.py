@@ -53,9 +53,7 @@ class Engine:
         self.device, self.dtype = model.device, model.dtype
         bs = config.kv_block_size
         kv_tokens = config.kv_cache_tokens or self._auto_kv_tokens()
-        self.max_model_len = min(config.max_model_len or min(self.model_config.max_position_embeddings,
-                                                              MAX_DEFAULT_CONTEXT),
-                                 model.max_len, kv_tokens)
+        self.max_model_len = self._context_length(kv_tokens)
         self.blocks = BlockAllocator(-(-kv_tokens // bs), bs)
         # One spare block past the allocator's range: padded decode rows write there (cuda_graphs.py).
         self.kv = KVCache.allocate(self.model_config, self.blocks.num_blocks + 1, bs, self.dtype, self.device)
@@ -125,6 +123,28 @@ class Engine:
         """What the KV of a prompt depends on besides the adapter: the base weights as loaded and computed.
         The cache lives only as long as this process, so the model's path stands in for its weights."""
         return f"{self.model_dir}|{self.model.quantize}|{self.dtype}|{self.device.type}"
+
+    def _context_length(self, kv_tokens: int) -> int:
+        """The longest sequence (prompt + generated) served. An explicit --max-model-len the model or the KV
+        cache cannot hold is refused at start-up (a request near it could never run); the default (the
+        model's, capped at MAX_DEFAULT_CONTEXT) shrinks to what the KV cache holds, with a warning."""
+        model_max, asked = self.model_config.max_position_embeddings, self.config.max_model_len
+        kv_source = ("--kv-cache-tokens" if self.config.kv_cache_tokens else
+                     "sized from free GPU memory; set --kv-cache-tokens" if self.device.type == "cuda" else
+                     "the CPU default; set --kv-cache-tokens")
+        if asked > model_max:
+            raise InvalidRequestError("engine.max_model_len", f"--max-model-len {asked} is more than the model's "
+                                      f"{model_max} positions (max_position_embeddings); use {model_max} or less")
+        if asked > kv_tokens:
+            raise InvalidRequestError("engine.max_model_len", f"--max-model-len {asked} is more than the KV cache "
+                                      f"holds ({kv_tokens} tokens, {kv_source}): raise the KV cache to at least "
+                                      f"{asked} tokens or lower --max-model-len")
+        context = asked or min(model_max, MAX_DEFAULT_CONTEXT, self.model.max_len)
+        if context > kv_tokens:
+            log.warning("context limited to %d tokens, what the KV cache holds (%s); the model supports %d: "
+                        "longer requests are refused", kv_tokens, kv_source, context)
+            context = kv_tokens
+        return min(context, self.model.max_len)
 
     def _auto_kv_tokens(self) -> int:
         if self.device.type != "cuda":
