@@ -34,7 +34,11 @@ int8, 2 threads): the kernel alone over 30 layers 14.9-15.2 ms against 24.8-25.1
 LoRA share of that prefill in the engine 18.1 against 30.9 ms, of 8 x 544 rows 149 against 295 ms. What is
 left is y: every tile of output is read and written once (gate/up: 12.6 MB a layer at 512 rows), at about the
 rate the caches give; x and the rank values rounded to bf16 move a delta by about 0.2% (int8 rows' own
-rounding: about 1%). `set_prompt_amx(False)` keeps the vector kernel (tests use it).
+rounding: about 1%). Laying a slot's rows out for the tiles was 16-27% of the kernel's time when it was done
+for every block of 32 rows; it is done once a span of up to AMX_SPAN (128) rows of one slot, the same bits:
+8 x 64 rows 32.1-38.0 ms against 35.4-41.0 ms (the two kernels alternating in one process, a slow host that
+day), one 544-row prompt 33.8-37.5 against 40.2-44.2 ms, 16 x 32 rows unchanged. `set_prompt_amx(False)` keeps
+the vector kernel (tests use it).
 
 Both read an adapter's ranks through the pool's page table (`server/lora/stacks.py`): rank j of slot
 s is row pages[s, j], one pointer per row of in or out values, so an adapter's rows may lie anywhere in
@@ -249,7 +253,7 @@ static inline float hsumv(vf a) {  /* element access, so the sums stay in regist
 static __thread float* ws_buf;
 static __thread size_t ws_cap;
 
-/* Prompt rows on AMX (bf16 tiles, fp32 sums) where the CPU has it: see prompt_block_amx_*. */
+/* Prompt rows on AMX (bf16 tiles, fp32 sums) where the CPU has it: see amx_layout_* and amx_rows_*. */
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
 @AMX_TILES@
 #define HAVE_AMX_BF16 1
@@ -294,13 +298,31 @@ static inline void transpose16(__m512i* r) {
   }
 }
 
-/* Bytes of the AMX path's workspace, 64-byte aligned parts (see prompt_block_amx_*). */
-#define AMX_X_BYTES(in) ((long)32 * (in) * 2)
+/* Prompt rows of one slot the AMX path takes at a time (a span: up to AMX_SPAN / 32 blocks on consecutive rows):
+   the slot's rank rows are laid out for the tiles once a span and target, not once a block. */
+#define AMX_SPAN @AMX_SPAN@
+/* Bytes of the AMX path's workspace, 64-byte aligned parts (see amx_layout_* and amx_rows_*). */
+#define AMX_X_BYTES(in) ((long)AMX_SPAN * (in) * 2)
 static inline long amx_ws_bytes(int in, int rp16, long out_max) {
   return AMX_X_BYTES(in) + (long)rp16 * in * 2 + (long)rp16 * out_max * 2 + 32L * rp16 * 4 + 32L * rp16 * 2
-         + 16 * 16 * 4 * 2 + 5 * 64;
+         + 16 * 16 * 4 * 2 + (long)rp16 * 4 + 6 * 64;
 }
 static inline char* align64(char* p) { return (char*)(((uintptr_t)p + 63) & ~(uintptr_t)63); }
+
+/* The AMX path's workspace after x (ws from amx_layout_* on, 64-byte aligned parts): A^T and B^T of one slot and
+   target as the tiles read them, the rank values of 32 tokens in fp32 and bf16, two partial output tiles, and
+   each rank's scale. */
+typedef struct { uint32_t* at; uint32_t* bv; float* v; uint16_t* vb; float* tmp; float* fr; } amx_ws;
+static inline amx_ws amx_parts(char* ws, int rp, int in, long out) {
+  amx_ws w;
+  w.at = (uint32_t*)ws;                                                        /* [rp/16][in/2][16] */
+  w.bv = (uint32_t*)align64((char*)(w.at + (long)rp / 16 * (in / 2) * 16));   /* [rp/2][out] */
+  w.v = (float*)align64((char*)(w.bv + (long)rp / 2 * out));                   /* [32][rp] */
+  w.vb = (uint16_t*)align64((char*)(w.v + 32L * rp));                          /* [32][rp] */
+  w.tmp = (float*)align64((char*)(w.vb + 32L * rp));                           /* [2][16][16] */
+  w.fr = (float*)align64((char*)(w.tmp + 2 * 16 * 16));                        /* [rp] */
+  return w;
+}
 
 /* x rows t0..t0+m (m <= 32) as bf16 (round to nearest even), the rows past m up to the tiles' 16 or 32 zero;
    in a multiple of 32. */
@@ -478,38 +500,59 @@ static void prompt_block_@SUF@(int m, const float* x, long xs, float* y, long ys
 /* 32 weights of a rank row from p on as bf16, in order (so its 16 pairs; exact: int8 and bf16 values are bf16). */
 #define ROW32_@SUF@(p) ((__m512i)_mm512_cvtne2ps_pbh(W16F((p) + 16), W16F(p)))
 
-/* Prompt rows of one slot (m <= 32 of them, x already bf16 in xb, 32 rows) for one target on AMX tiles: the
-   shrink v = x . A^T in tiles of 16 tokens x 16 ranks over in / 32 steps; v scaled (fr) and rounded to bf16;
-   then y += v . B^T in tiles of 16 tokens x 16 output columns, loaded from y and stored back. Weights enter
-   as bf16 exactly; x and v are rounded to bf16 (about 0.2% of a delta, a fifth of int8 rows' own rounding),
-   sums are fp32. A token's row of a tile never meets another's, so its numbers are the same in any block. */
-static void prompt_block_amx_@SUF@(int m, const uint16_t* xb, float* y, long ys, int r, int in,
-                                   const lora_target* T, long s, const int32_t* pg, char* ws) {
+/* One slot's rank rows of one target laid out for the tiles (weights exact in bf16): A^T in the B-tile layout
+   (row q of a k-step holds pair q of every rank of a group of 16), B^T with ranks 2p and 2p + 1 of every output
+   column interleaved in row p, and each rank's scale (the slot's, times the rows' own for int8 rows). */
+static void amx_layout_@SUF@(int r, int in, const lora_target* T, long s, const int32_t* pg, char* ws) {
   const WT* A = (const WT*)T->a;
   const WT* BT = (const WT*)T->bt;
   const long out = T->out;
-  const int rp = (r + 15) / 16 * 16, two = m > 16, m0 = m < 16 ? m : 16, m1 = m - 16;
-  uint32_t* at = (uint32_t*)ws;                                              /* [rp/16][in/2][16] */
-  uint32_t* bv = (uint32_t*)align64((char*)(at + (long)rp / 16 * (in / 2) * 16));  /* [rp/2][out] */
-  float* v = (float*)align64((char*)(bv + (long)rp / 2 * out));              /* [32][rp] */
-  uint16_t* vb = (uint16_t*)align64((char*)(v + 32L * rp));                 /* [32][rp] */
-  float* tmp = (float*)align64((char*)(vb + 32L * rp));                     /* [2][16][16] */
-  float fr[MAX_RANK_C];
+  const int rp = (r + 15) / 16 * 16;
+  const amx_ws w = amx_parts(ws, rp, in, out);
   for (int g = 0; g < rp / 16; g++) {
-    /* A^T for ranks 16g..16g+15 in the B-tile layout: row q of a k-step holds pair q of every rank. */
     const WT* rows[16];
     for (int n = 0; n < 16; n++) {
       const int j = 16 * g + n;
       rows[n] = j < r ? A + (long)pg[j] * T->a_row : NULL;
-      fr[j] = j < r ? T->scale[s] * RS_A(T, pg[j]) * RS_B(T, pg[j]) : 0.f;
+      w.fr[j] = j < r ? T->scale[s] * RS_A(T, pg[j]) * RS_B(T, pg[j]) : 0.f;
     }
-    uint32_t* atg = at + (long)g * (in / 2) * 16;
+    uint32_t* atg = w.at + (long)g * (in / 2) * 16;
     for (int k = 0; k < in; k += 32) {
       __m512i rr[16];
       for (int n = 0; n < 16; n++) rr[n] = rows[n] ? ROW32_@SUF@(rows[n] + k) : _mm512_setzero_si512();
       transpose16(rr);
       for (int q = 0; q < 16; q++) _mm512_store_si512(atg + (long)(k / 2 + q) * 16, rr[q]);
     }
+  }
+  const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
+  for (int p = 0; p < rp / 2; p++) {
+    const WT* r0 = 2 * p < r ? BT + (long)pg[2 * p] * T->bt_row : NULL;
+    const WT* r1 = 2 * p + 1 < r ? BT + (long)pg[2 * p + 1] * T->bt_row : NULL;
+    uint32_t* d = w.bv + (long)p * out;
+    for (long o = 0; o < out; o += 16) {
+      const __m512i lo = r0 ? _mm512_srli_epi32(_mm512_castps_si512(W16F(r0 + o)), 16) : _mm512_setzero_si512();
+      const __m512i hi = r1 ? _mm512_and_si512(_mm512_castps_si512(W16F(r1 + o)), high) : _mm512_setzero_si512();
+      _mm512_store_si512(d + o, _mm512_or_si512(lo, hi));
+    }
+  }
+}
+
+/* Prompt rows of one slot (m <= 32 of them, x already bf16 in xb, 32 rows) for one target on AMX tiles, its rank
+   rows laid out in ws by amx_layout_*: the shrink v = x . A^T in tiles of 16 tokens x 16 ranks over in / 32
+   steps; v scaled (fr) and rounded to bf16; then y += v . B^T in tiles of 16 tokens x 16 output columns, loaded
+   from y and stored back. Weights enter as bf16 exactly; x and v are rounded to bf16 (about 0.2% of a delta, a
+   fifth of int8 rows' own rounding), sums are fp32. A token's row of a tile never meets another's, so its numbers
+   are the same in any block. */
+static void amx_rows_@SUF@(int m, const uint16_t* xb, float* y, long ys, int r, int in, const lora_target* T,
+                           char* ws) {
+  const long out = T->out;
+  const int rp = (r + 15) / 16 * 16, two = m > 16, m0 = m < 16 ? m : 16, m1 = m - 16;
+  const amx_ws w = amx_parts(ws, rp, in, out);
+  uint32_t* bv = w.bv;
+  float* v = w.v;
+  uint16_t* vb = w.vb;
+  for (int g = 0; g < rp / 16; g++) {
+    const uint32_t* atg = w.at + (long)g * (in / 2) * 16;
     _tile_zero(0);
     _tile_zero(1);
     for (int k = 0; k < in; k += 32) {
@@ -524,26 +567,14 @@ static void prompt_block_amx_@SUF@(int m, const uint16_t* xb, float* y, long ys,
   for (int t = 0; t < (two ? 32 : 16); t++)
     for (int j = 0; j < rp; j += 16)
       _mm256_store_si256((__m256i*)(vb + (long)t * rp + j), (__m256i)_mm512_cvtneps_pbh(
-          _mm512_mul_ps(_mm512_load_ps(v + (long)t * rp + j), _mm512_loadu_ps(fr + j))));
-  /* B^T in the B-tile layout: row p holds ranks 2p and 2p + 1 of every output column, interleaved. */
-  const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
-  for (int p = 0; p < rp / 2; p++) {
-    const WT* r0 = 2 * p < r ? BT + (long)pg[2 * p] * T->bt_row : NULL;
-    const WT* r1 = 2 * p + 1 < r ? BT + (long)pg[2 * p + 1] * T->bt_row : NULL;
-    uint32_t* d = bv + (long)p * out;
-    for (long o = 0; o < out; o += 16) {
-      const __m512i lo = r0 ? _mm512_srli_epi32(_mm512_castps_si512(W16F(r0 + o)), 16) : _mm512_setzero_si512();
-      const __m512i hi = r1 ? _mm512_and_si512(_mm512_castps_si512(W16F(r1 + o)), high) : _mm512_setzero_si512();
-      _mm512_store_si512(d + o, _mm512_or_si512(lo, hi));
-    }
-  }
+          _mm512_mul_ps(_mm512_load_ps(v + (long)t * rp + j), _mm512_load_ps(w.fr + j))));
   const int chunks = rp / 16;
   if (chunks == 1) {
     _tile_loadd(5, vb, rp * 2);
     if (two) _tile_loadd(6, vb + 16L * rp, rp * 2);
   }
-  float* t0 = tmp;
-  float* t1 = tmp + 256;
+  float* t0 = w.tmp;
+  float* t1 = w.tmp + 256;
   for (long o = 0; o < out; o += 16) {
     float* y0 = y + T->y_off + o;
     float* y1 = y0 + 16 * ys;
@@ -602,25 +633,47 @@ int loraserve_prompt_@SUF@(int nb, const int64_t* blocks, const int32_t* pages, 
   if (fits) {
     const int rp16 = (r + 15) / 16 * 16;
     const size_t need = (size_t)(amx_ws_bytes(in, rp16, out_max) + 3) / 4;
+    /* spans: consecutive blocks of one slot on consecutive rows, up to AMX_SPAN rows (a block starts a new span
+       when its slot or row breaks the run, or the span is full), so a block's rows keep their place in it */
+    int64_t few[3 * 64];
+    int64_t* spans = nb <= 64 ? few : (int64_t*)malloc(sizeof(int64_t) * 3 * (size_t)nb);
+    if (!spans) return -1;
+    int ns = 0;
+    for (int b = 0; b < nb; b++) {
+      const int64_t row = blocks[3 * b], m = blocks[3 * b + 1], s = blocks[3 * b + 2];
+      if (s == 0) continue;
+      int64_t* last = spans + 3 * (ns - 1);
+      if (ns && last[2] == s && last[0] + last[1] == row && last[1] % 32 == 0 && last[1] + m <= AMX_SPAN) {
+        last[1] += m;
+      } else {
+        spans[3 * ns] = row; spans[3 * ns + 1] = m; spans[3 * ns + 2] = s;
+        ns++;
+      }
+    }
     #pragma omp parallel
     {
       amx_prompt_tiles();
-      #pragma omp for schedule(static)
-      for (int b = 0; b < nb; b++) {
-        const long row = blocks[3 * b], m = blocks[3 * b + 1], s = blocks[3 * b + 2];
-        if (s == 0) continue;
+      #pragma omp for schedule(dynamic, 1)
+      for (int b = 0; b < ns; b++) {
+        const long row = spans[3 * b], m = spans[3 * b + 1], s = spans[3 * b + 2];
         char* ws = (char*)grow(&ws_buf, &ws_cap, need);
         if (!ws) { failed = 1; continue; }
         uint16_t* xb = (uint16_t*)ws;
-        amx_x_rows((int)m, x + row * x_stride, x_stride, in, xb);
+        for (long t = 0; t < m; t += 32)  /* each block's x once for all targets */
+          amx_x_rows((int)(m - t < 32 ? m - t : 32), x + (row + t) * x_stride, x_stride, in, xb + t * in);
         const int32_t* pg = pages + s * pages_stride;
         const int rs = slot_rank(pg, r);
-        for (int g = 0; g < nt; g++)
-          prompt_block_amx_@SUF@((int)m, xb, y + row * y_stride, y_stride, rs, in, tg + g, s, pg,
-                                 align64(ws + AMX_X_BYTES(in)));
+        char* w = align64(ws + AMX_X_BYTES(in));
+        for (int g = 0; g < nt; g++) {
+          amx_layout_@SUF@(rs, in, tg + g, s, pg, w);
+          for (long t = 0; t < m; t += 32)
+            amx_rows_@SUF@((int)(m - t < 32 ? m - t : 32), xb + t * in, y + (row + t) * y_stride, y_stride, rs, in,
+                           tg + g, w);
+        }
       }
       _tile_release();
     }
+    if (spans != few) free(spans);
     return failed ? -1 : 0;
   }
 #endif
@@ -644,11 +697,13 @@ int loraserve_prompt_@SUF@(int nb, const int64_t* blocks, const int32_t* pages, 
 
 MAX_RANK = 1024  # the kernels' rank buffers
 PROMPT_BLOCK = 32  # prompt rows of one adapter per work item: its rank rows converted once for them
+AMX_SPAN = 128  # the AMX path's work item: up to this many rows of one adapter (whole blocks), rows laid out once
 # Decode: rank rows asked for ahead of the one read. Measured with kernels swapped run by run in one engine (8
 # sequences on 8 distinct rank-16 adapters, SmolLM2 int8), LoRA's ms a decode step: 1 row 2.81-3.34, 3 rows
 # 2.63-2.93, 4 rows 2.65-2.71, 6 rows 2.45-2.70, 10 rows 2.59-2.69, 16 rows 2.63-2.71.
 PF_ROWS = 6
 _SOURCE = (C_GROW_BUFFER + _HEADER.replace("@PROMPT_BLOCK@", str(PROMPT_BLOCK)).replace("@MAX_RANK@", str(MAX_RANK))
+           .replace("@AMX_SPAN@", str(AMX_SPAN))
            .replace("@AMX_TILES@", C_AMX_TILES)
            + f"#define PF_ROWS {PF_ROWS}\n"
            + "#define WT uint16_t\n#define W(h) bf(h)\n#define RS_A(T, p) 1.f\n#define RS_B(T, p) 1.f\n"

@@ -220,8 +220,8 @@ def test_int8_rows_match_the_reference_on_their_dequantized_weights(kernel, rank
 def test_prompt_rows_on_amx_tiles_get_the_reference_to_bf16_activations(kernel, rank, rows):
     """On a CPU with AMX, prompt rows of shapes the tiles take (in a multiple of 32, outputs of 16) go through bf16
     tiles: each row's delta within 1% of the reference's (x and the rank values rounded to bf16, the weights
-    exact), a row's numbers the same alone as in any block, and no row outside the blocks touched, also where
-    a block ends inside a tile of 16 rows."""
+    exact), a row's numbers the same alone as in any block or span of blocks, and no row outside the blocks
+    touched, also where a block ends inside a tile of 16 rows."""
     from server.lora.stacks import quantize_rows
 
     if not kernel.prompt_amx:
@@ -243,8 +243,10 @@ def test_prompt_rows_on_amx_tiles_get_the_reference_to_bf16_activations(kernel, 
         deq.append((a.float().view(n, R, k), bt.float().view(n, R, o), sc))
     plan = cpu_kernel.KernelPlan(parts, torch.arange(n * R, dtype=torch.int32).view(n, R), scales or None)
     decode_rows = 2
-    # runs: a block and a 5-row tail (a partial second tile), one row, 20 rows (a full tile and 4), exactly 16
-    prompt = [1] * (cpu_kernel.PROMPT_BLOCK + 5) + [0] * 3 + [4] + [2] * 20 + [5] * 16 + [3] * 7
+    # runs: a block and a 5-row tail (a partial second tile), one row, 20 rows (a full tile and 4), exactly 16,
+    # and one longer than a span of blocks (the kernel lays a slot's rows out once a span: a full span, then a tail)
+    prompt = ([1] * (cpu_kernel.PROMPT_BLOCK + 5) + [0] * 3 + [4] + [2] * 20 + [5] * 16 + [3] * 7
+              + [2] * (cpu_kernel.AMX_SPAN + cpu_kernel.PROMPT_BLOCK + 9))
     x = torch.randn(decode_rows + len(prompt), k)
     y0 = torch.randn(decode_rows + len(prompt), sum(outs))
     blocks = kernel.prompt_blocks(LoraSegments.from_token_slots([4, 1] + prompt), decode_rows)
