@@ -217,7 +217,8 @@ def test_int8_rows_match_the_reference_on_their_dequantized_weights(kernel, rank
 @needs_cc
 @pytest.mark.parametrize("rank", [16, 5, 20])
 @pytest.mark.parametrize("rows", ["bf16", "int8"])
-def test_prompt_rows_on_amx_tiles_get_the_reference_to_bf16_activations(kernel, rank, rows):
+@pytest.mark.parametrize("runs", ["long", "many"])
+def test_prompt_rows_on_amx_tiles_get_the_reference_to_bf16_activations(kernel, rank, rows, runs):
     """On a CPU with AMX, prompt rows of shapes the tiles take (in a multiple of 32, outputs of 16) go through bf16
     tiles: each row's delta within 1% of the reference's (x and the rank values rounded to bf16, the weights
     exact), a row's numbers the same alone as in any block or span of blocks, and no row outside the blocks
@@ -247,6 +248,8 @@ def test_prompt_rows_on_amx_tiles_get_the_reference_to_bf16_activations(kernel, 
     # and one longer than a span of blocks (the kernel lays a slot's rows out once a span: a full span, then a tail)
     prompt = ([1] * (cpu_kernel.PROMPT_BLOCK + 5) + [0] * 3 + [4] + [2] * 20 + [5] * 16 + [3] * 7
               + [2] * (cpu_kernel.AMX_SPAN + cpu_kernel.PROMPT_BLOCK + 9))
+    if runs == "many":  # more blocks than the kernel plans for on its stack: 90 runs of one row, then one of 20
+        prompt = [1 + i % 5 for i in range(90)] + [3] * 20
     x = torch.randn(decode_rows + len(prompt), k)
     y0 = torch.randn(decode_rows + len(prompt), sum(outs))
     blocks = kernel.prompt_blocks(LoraSegments.from_token_slots([4, 1] + prompt), decode_rows)
