@@ -11,8 +11,11 @@ team. Measured in an A/B of 20-30 alternating SmolLM2 int8 decode steps, 8 disti
 adapters: +8-10 ms over the no-adapter step, against +15-17 ms for the fp32 torch path (an
 fp32 version of this kernel gained nothing in the model: the bytes are the cost, not the calls).
 
-The prompt kernel takes prompt rows in blocks of up to PROMPT_BLOCK (32) tokens of one adapter: it converts
-the adapter's rank rows to fp32 once for the block, then multiplies in register tiles of 4 tokens x 4 ranks
+The prompt kernel takes prompt rows in blocks of up to PROMPT_BLOCK (32) tokens of one adapter, a thread a span
+of consecutive blocks of one adapter at a time (up to PROMPT_SPAN, 128 rows): it converts the adapter's rank
+rows to fp32 once for the span (once a block before: 8 x 64 rows 68.8-71.8 against 77.6-85.9 ms, a 544-row
+prompt 59.0-69.1 against 73.3-73.8 ms, alternating in one process on a slow host, the same bits; built for
+AVX2 alone, 75.1 against 76.9 and 98.0 against 105.7 ms), then multiplies in register tiles of 4 tokens x 4 ranks
 (shrink) or 4 tokens x 4 vectors of output columns (expand), AVX-512's 16 lanes where the CPU has them (2 and
 8 on AVX2), so every weight loaded serves 4 tokens and every x 4 ranks. Measured on SmolLM2's shapes (8
 adapters of rank 16, 8 x 64 prompt rows, 30 layers, int8 rows, 2 threads): 39.8-41.7 ms against 54.6-59.0 ms
@@ -35,7 +38,7 @@ LoRA share of that prefill in the engine 18.1 against 30.9 ms, of 8 x 544 rows 1
 left is y: every tile of output is read and written once (gate/up: 12.6 MB a layer at 512 rows), at about the
 rate the caches give; x and the rank values rounded to bf16 move a delta by about 0.2% (int8 rows' own
 rounding: about 1%). Laying a slot's rows out for the tiles was 16-27% of the kernel's time when it was done
-for every block of 32 rows; it is done once a span of up to AMX_SPAN (128) rows of one slot, the same bits:
+for every block of 32 rows; it is done once a span of up to PROMPT_SPAN (128) rows of one slot, the same bits:
 8 x 64 rows 32.1-38.0 ms against 35.4-41.0 ms (the two kernels alternating in one process, a slow host that
 day), one 544-row prompt 33.8-37.5 against 40.2-44.2 ms, 16 x 32 rows unchanged. `set_prompt_amx(False)` keeps
 the vector kernel (tests use it).
@@ -185,6 +188,31 @@ static inline void axpy_i8(float* y, float v, const int8_t* row, int out) {
 #endif
 #define TT 4
 #define PROMPT_BLOCK @PROMPT_BLOCK@
+/* Prompt rows of one slot a thread takes at a time (a span: whole blocks on consecutive rows, up to PROMPT_SPAN
+   rows): the slot's rank rows are converted (vector path) or laid out for the tiles (AMX) once a span and target,
+   not once a block. */
+#define PROMPT_SPAN @PROMPT_SPAN@
+
+/* The spans of a prompt kernel's blocks (see loraserve_prompt_*) into spans (same triples), slot 0 left out: a block
+   joins the span before it when it has the same slot, starts where that span ends, that span holds whole blocks
+   and the two fit in PROMPT_SPAN rows. So a row's place within its block is the same in any span. */
+static int prompt_spans(int nb, const int64_t* blocks, int64_t* spans) {
+  int ns = 0;
+  for (int b = 0; b < nb; b++) {
+    const int64_t row = blocks[3 * b], m = blocks[3 * b + 1], s = blocks[3 * b + 2];
+    if (s == 0) continue;
+    int64_t* last = spans + 3 * (ns - 1);
+    if (ns && last[2] == s && last[0] + last[1] == row && last[1] % PROMPT_BLOCK == 0 && last[1] + m <= PROMPT_SPAN) {
+      last[1] += m;
+    } else {
+      spans[3 * ns] = row;
+      spans[3 * ns + 1] = m;
+      spans[3 * ns + 2] = s;
+      ns++;
+    }
+  }
+  return ns;
+}
 #define MAX_RANK_C @MAX_RANK@
 typedef float vf __attribute__((vector_size(VW * 4)));
 typedef float vfu __attribute__((vector_size(VW * 4), aligned(4), may_alias));  /* a vf anywhere in a float array */
@@ -298,11 +326,8 @@ static inline void transpose16(__m512i* r) {
   }
 }
 
-/* Prompt rows of one slot the AMX path takes at a time (a span: up to AMX_SPAN / 32 blocks on consecutive rows):
-   the slot's rank rows are laid out for the tiles once a span and target, not once a block. */
-#define AMX_SPAN @AMX_SPAN@
 /* Bytes of the AMX path's workspace, 64-byte aligned parts (see amx_layout_* and amx_rows_*). */
-#define AMX_X_BYTES(in) ((long)AMX_SPAN * (in) * 2)
+#define AMX_X_BYTES(in) ((long)PROMPT_SPAN * (in) * 2)
 static inline long amx_ws_bytes(int in, int rp16, long out_max) {
   return AMX_X_BYTES(in) + (long)rp16 * in * 2 + (long)rp16 * out_max * 2 + 32L * rp16 * 4 + 32L * rp16 * 2
          + 16 * 16 * 4 * 2 + (long)rp16 * 4 + 6 * 64;
@@ -628,28 +653,15 @@ int loraserve_prompt_@SUF@(int nb, const int64_t* blocks, const int32_t* pages, 
     out_max = tg[g].out > out_max ? tg[g].out : out_max;
     fits = fits && tg[g].out % 16 == 0;
   }
+  int64_t few[3 * 64];
+  int64_t* spans = nb <= 64 ? few : (int64_t*)malloc(sizeof(int64_t) * 3 * (size_t)nb);
+  if (!spans) return -1;
+  const int ns = prompt_spans(nb, blocks, spans);
   int failed = 0;
 #if HAVE_AMX_BF16
   if (fits) {
     const int rp16 = (r + 15) / 16 * 16;
     const size_t need = (size_t)(amx_ws_bytes(in, rp16, out_max) + 3) / 4;
-    /* spans: consecutive blocks of one slot on consecutive rows, up to AMX_SPAN rows (a block starts a new span
-       when its slot or row breaks the run, or the span is full), so a block's rows keep their place in it */
-    int64_t few[3 * 64];
-    int64_t* spans = nb <= 64 ? few : (int64_t*)malloc(sizeof(int64_t) * 3 * (size_t)nb);
-    if (!spans) return -1;
-    int ns = 0;
-    for (int b = 0; b < nb; b++) {
-      const int64_t row = blocks[3 * b], m = blocks[3 * b + 1], s = blocks[3 * b + 2];
-      if (s == 0) continue;
-      int64_t* last = spans + 3 * (ns - 1);
-      if (ns && last[2] == s && last[0] + last[1] == row && last[1] % 32 == 0 && last[1] + m <= AMX_SPAN) {
-        last[1] += m;
-      } else {
-        spans[3 * ns] = row; spans[3 * ns + 1] = m; spans[3 * ns + 2] = s;
-        ns++;
-      }
-    }
     #pragma omp parallel
     {
       amx_prompt_tiles();
@@ -673,37 +685,37 @@ int loraserve_prompt_@SUF@(int nb, const int64_t* blocks, const int32_t* pages, 
       }
       _tile_release();
     }
-    if (spans != few) free(spans);
-    return failed ? -1 : 0;
-  }
+  } else
 #endif
-  (void)fits;
-  const long rp = (r + TR - 1) / TR * TR;
-  const long need = rp * in + (long)r * out_max + PROMPT_BLOCK * rp;
-  #pragma omp parallel for schedule(static)
-  for (int b = 0; b < nb; b++) {
-    const long row = blocks[3 * b], m = blocks[3 * b + 1], s = blocks[3 * b + 2];
-    if (s == 0) continue;
-    float* ws = (float*)grow(&ws_buf, &ws_cap, (size_t)need);
-    if (!ws) { failed = 1; continue; }
-    const int32_t* pg = pages + s * pages_stride;
-    const int rs = slot_rank(pg, r);
-    for (int g = 0; g < nt; g++)
-      prompt_block_@SUF@((int)m, x + row * x_stride, x_stride, y + row * y_stride, y_stride, rs, in, tg + g, s, pg, ws);
+  {
+    const long rp = (r + TR - 1) / TR * TR;
+    const long need = rp * in + (long)r * out_max + PROMPT_SPAN * rp;
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (int b = 0; b < ns; b++) {
+      const long row = spans[3 * b], m = spans[3 * b + 1], s = spans[3 * b + 2];
+      float* ws = (float*)grow(&ws_buf, &ws_cap, (size_t)need);
+      if (!ws) { failed = 1; continue; }
+      const int32_t* pg = pages + s * pages_stride;
+      const int rs = slot_rank(pg, r);
+      for (int g = 0; g < nt; g++)
+        prompt_block_@SUF@((int)m, x + row * x_stride, x_stride, y + row * y_stride, y_stride, rs, in, tg + g, s, pg, ws);
+    }
   }
+  (void)fits;
+  if (spans != few) free(spans);
   return failed ? -1 : 0;
 }
 """
 
 MAX_RANK = 1024  # the kernels' rank buffers
 PROMPT_BLOCK = 32  # prompt rows of one adapter per work item: its rank rows converted once for them
-AMX_SPAN = 128  # the AMX path's work item: up to this many rows of one adapter (whole blocks), rows laid out once
+PROMPT_SPAN = 128  # a thread's work item: up to this many rows of one adapter (whole blocks), its rows prepared once
 # Decode: rank rows asked for ahead of the one read. Measured with kernels swapped run by run in one engine (8
 # sequences on 8 distinct rank-16 adapters, SmolLM2 int8), LoRA's ms a decode step: 1 row 2.81-3.34, 3 rows
 # 2.63-2.93, 4 rows 2.65-2.71, 6 rows 2.45-2.70, 10 rows 2.59-2.69, 16 rows 2.63-2.71.
 PF_ROWS = 6
 _SOURCE = (C_GROW_BUFFER + _HEADER.replace("@PROMPT_BLOCK@", str(PROMPT_BLOCK)).replace("@MAX_RANK@", str(MAX_RANK))
-           .replace("@AMX_SPAN@", str(AMX_SPAN))
+           .replace("@PROMPT_SPAN@", str(PROMPT_SPAN))
            .replace("@AMX_TILES@", C_AMX_TILES)
            + f"#define PF_ROWS {PF_ROWS}\n"
            + "#define WT uint16_t\n#define W(h) bf(h)\n#define RS_A(T, p) 1.f\n#define RS_B(T, p) 1.f\n"

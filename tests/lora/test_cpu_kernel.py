@@ -80,15 +80,16 @@ def test_one_call_for_a_fused_projection_equals_each_target_alone(kernel, rank):
 @needs_cc
 @pytest.mark.parametrize("rank", [16, 5])
 def test_prompt_rows_match_the_reference_whatever_their_blocks(kernel, rank):
-    """Prompt rows of several adapters (runs of 1 to 37 rows, so full blocks, remainders and partial
-    register tiles, slot 0 among them, widths not a multiple of the vector width) equal the torch reference on
-    the same bf16 weights, and a row gets the same numbers alone as inside a run of its adapter."""
+    """Prompt rows of several adapters (runs of 1 to 163 rows, so full blocks, spans of blocks, remainders and
+    partial register tiles, slot 0 among them, widths not a multiple of the vector width) equal the torch
+    reference on the same bf16 weights, and a row gets the same numbers alone as inside a run of its adapter."""
     torch.manual_seed(3)
     n, R, k, outs = 6, 16, 72, (40, 21)
     stacks = [(torch.randn(n, R, k).bfloat16(), torch.randn(n, R, o).bfloat16(), torch.rand(n)) for o in outs]
     plan = per_slot_plan([(a, bt, sc, off) for (a, bt, sc), off in zip(stacks, (0, outs[0]))])
     decode_rows = 2  # before the prompt rows: the prompt kernel must leave them alone
-    prompt = [1] * (cpu_kernel.PROMPT_BLOCK + 5) + [0] * 3 + [4] * 5 + [2] + [5] * 4
+    long_run = cpu_kernel.PROMPT_SPAN + cpu_kernel.PROMPT_BLOCK + 3  # a full span of blocks, then two more blocks
+    prompt = [1] * (cpu_kernel.PROMPT_BLOCK + 5) + [0] * 3 + [4] * 5 + [2] + [5] * 4 + [3] * long_run
     x = torch.randn(decode_rows + len(prompt), k)
     y0 = torch.randn(decode_rows + len(prompt), sum(outs))
     # The step's segments; the last decode row shares slot 1 with the first prompt rows (one segment).
@@ -108,8 +109,10 @@ def test_prompt_rows_match_the_reference_whatever_their_blocks(kernel, rank):
             part, x[decode_rows:], a.float()[:, :rank], bt.float().transpose(1, 2)[:, :, :rank], sc, seg)
     assert torch.equal(y[:decode_rows], y0[:decode_rows])
     assert torch.allclose(y, want, rtol=1e-5, atol=1e-4)
-    last = decode_rows + cpu_kernel.PROMPT_BLOCK + 4  # the last of the long run, in its second block
-    for row in (decode_rows + 0, decode_rows + 6, last, last + 6):  # first of a run, mid-tile, second block, a middle one
+    last = decode_rows + cpu_kernel.PROMPT_BLOCK + 4  # the last of the first run, in its second block
+    second_span = x.shape[0] - long_run + cpu_kernel.PROMPT_SPAN  # the long run's first row past its first span
+    # first of a run, mid-tile, second block, a middle one, first and last of the long run's second span
+    for row in (decode_rows + 0, decode_rows + 6, last, last + 6, second_span, x.shape[0] - 1):
         alone = y0[row:row + 1].clone()
         one = kernel.prompt_blocks(LoraSegments.from_token_slots([prompt[row - decode_rows]]), 0)
         assert kernel.accepts(alone, x[row:row + 1], plan, 1)
@@ -247,7 +250,7 @@ def test_prompt_rows_on_amx_tiles_get_the_reference_to_bf16_activations(kernel, 
     # runs: a block and a 5-row tail (a partial second tile), one row, 20 rows (a full tile and 4), exactly 16,
     # and one longer than a span of blocks (the kernel lays a slot's rows out once a span: a full span, then a tail)
     prompt = ([1] * (cpu_kernel.PROMPT_BLOCK + 5) + [0] * 3 + [4] + [2] * 20 + [5] * 16 + [3] * 7
-              + [2] * (cpu_kernel.AMX_SPAN + cpu_kernel.PROMPT_BLOCK + 9))
+              + [2] * (cpu_kernel.PROMPT_SPAN + cpu_kernel.PROMPT_BLOCK + 9))
     if runs == "many":  # more blocks than the kernel plans for on its stack: 90 runs of one row, then one of 20
         prompt = [1 + i % 5 for i in range(90)] + [3] * 20
     x = torch.randn(decode_rows + len(prompt), k)
