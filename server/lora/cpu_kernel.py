@@ -193,9 +193,10 @@ static inline void axpy_i8(float* y, float v, const int8_t* row, int out) {
    not once a block. */
 #define PROMPT_SPAN @PROMPT_SPAN@
 
-/* The spans of a prompt kernel's blocks (see loraserve_prompt_*) into spans (same triples), slot 0 left out: a block
-   joins the span before it when it has the same slot, starts where that span ends, that span holds whole blocks
-   and the two fit in PROMPT_SPAN rows. So a row's place within its block is the same in any span. */
+/* A prompt kernel's blocks (see loraserve_prompt_*) gathered into spans, the same (row, rows, slot) triples, slot 0
+   left out: a block joins the span before it when it has the same slot, starts where that span ends, that span
+   holds whole blocks and the two fit in PROMPT_SPAN rows; returns how many spans. A row keeps its place within
+   its block, so its numbers are those of the block alone. */
 static int prompt_spans(int nb, const int64_t* blocks, int64_t* spans) {
   int ns = 0;
   for (int b = 0; b < nb; b++) {
