@@ -65,13 +65,15 @@ def rope_tables(config: ModelConfig, max_len: int) -> tuple[torch.Tensor, torch.
     (linear, llama3, yarn, ...) exact; dynamic scaling depends on the sequence
     length at run time and is refused because one table cannot express it.
     """
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
     scaling = config.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind in ("dynamic", "longrope"):
         raise ValueError(f"rope_scaling type {kind!r} depends on sequence length and is not supported")
+    if kind == "default":
+        return default_rope_tables(config.rope_theta, config.head_dim, max_len)
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
     raw = dict(config.raw)
     raw.pop("architectures", None)
     hf_cfg = LlamaConfig(**raw)
@@ -80,6 +82,16 @@ def rope_tables(config: ModelConfig, max_len: int) -> tuple[torch.Tensor, torch.
     dummy = torch.zeros(1, dtype=torch.float32)
     cos, sin = rotary(dummy, pos)
     return cos[0].float().contiguous(), sin[0].float().contiguous()
+
+
+def default_rope_tables(theta: float, head_dim: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The original RoPE's cos/sin [max_len, head_dim], in the fp32 operations of transformers'
+    LlamaRotaryEmbedding, so with its bits (tests/model/test_llama.py holds them equal), without importing
+    transformers' modeling code: that import was about 4 s of every start-up."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    freqs = torch.arange(max_len, dtype=torch.long)[:, None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().contiguous(), emb.sin().contiguous()
 
 
 class DecoderLayer(nn.Module):

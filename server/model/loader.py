@@ -426,11 +426,28 @@ def load_state_dict(model_dir: Path, dtype: Optional[torch.dtype] = None) -> dic
     return out
 
 
-def load_tokenizer(model_dir: Path) -> Any:
-    """The tokenizer saved beside the weights (chat template included), never fetched from a hub."""
-    from transformers import AutoTokenizer
+# tokenizer_config.json classes that are transformers' generic tokenizers-library tokenizer (as the converted
+# default model's is): loaded as that class directly, AutoTokenizer would only arrive at it.
+GENERIC_TOKENIZER_CLASSES = frozenset({"TokenizersBackend", "PreTrainedTokenizerFast"})
 
+
+def load_tokenizer(model_dir: Path) -> Any:
+    """The tokenizer saved beside the weights (chat template included), never fetched from a hub.
+
+    Where tokenizer_config.json names the generic fast tokenizer, it is loaded as that class: AutoTokenizer
+    resolves the class through the model's configuration, which imports transformers' modeling code (about 4 s
+    of a start-up) to arrive at the same tokenizer. Other classes take AutoTokenizer."""
     try:
+        declared = json.loads((Path(model_dir) / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        declared = None
+    try:
+        if declared in GENERIC_TOKENIZER_CLASSES:
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(str(model_dir), local_files_only=True)
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"{model_dir}: cannot load its tokenizer ({type(e).__name__}: {e})") from e
