@@ -322,12 +322,17 @@ def test_kill_9_fails_only_what_was_in_flight_and_moves_its_adapters(fleet, refe
         # Only calls in flight when it died can fail (at most one per client thread: with bounded loads a call of
         # another replica's adapter may have spilled over to the victim), and never as OK.
         assert len(failed) <= 4, failed
+        def complete(c) -> bool:
+            return (len(c.tokens) == 24 and c.finish == pb.FINISH_REASON_LENGTH
+                    and c.tokens[:len(references[c.adapter])] == references[c.adapter])
+
         for c in failed:
             assert c.start < t_kill, c
             assert c.code == "UNAVAILABLE" and c.grpc_code in ("UNAVAILABLE", "UNKNOWN"), c
-            assert c.finish == 0  # no final chunk: a partial stream is never presented as complete
-        wrong = [c for c in calls if c.ok and (len(c.tokens) != 24 or c.finish != pb.FINISH_REASON_LENGTH
-                                               or c.tokens[:len(references[c.adapter])] != references[c.adapter])]
+            # A partial stream is never presented as complete: no final chunk, unless the kill fell between a
+            # stream's last chunk and its status (seen once in CI), and then the answer is whole and right.
+            assert c.finish == 0 or complete(c), c
+        wrong = [c for c in calls if c.ok and not complete(c)]
         assert not wrong, wrong[:3]
         assert [c for c in calls if c.start > t_kill and c.ok], "nothing was served after the kill"
         # its adapters moved, each to one surviving replica (the next on the ring)
