@@ -139,12 +139,12 @@ class Engine:
             raise InvalidRequestError("engine.max_model_len", f"--max-model-len {asked} is more than the KV cache "
                                       f"holds ({kv_tokens} tokens, {kv_source}): raise the KV cache to at least "
                                       f"{asked} tokens or lower --max-model-len")
-        context = asked or min(model_max, MAX_DEFAULT_CONTEXT, self.model.max_len)
+        context = min(asked or min(model_max, MAX_DEFAULT_CONTEXT), self.model.max_len)
         if context > kv_tokens:
             log.warning("context limited to %d tokens, what the KV cache holds (%s); the model supports %d: "
                         "longer requests are refused", kv_tokens, kv_source, context)
             context = kv_tokens
-        return min(context, self.model.max_len)
+        return context
 
     def _auto_kv_tokens(self) -> int:
         if self.device.type != "cuda":

@@ -441,8 +441,8 @@ void loraserve_decode_@SUF@(int n, const int64_t* slots, const int32_t* pages, i
   }
 }
 
-/* Prompt rows of one slot, m <= PROMPT_BLOCK of them, for one target: the slot's rank rows are converted
-   to fp32 once for the block (A: [rp][in], B^T: [r][out] in the thread's workspace), then tiles of TT tokens
+/* Prompt rows of one slot, m <= PROMPT_SPAN of them, for one target: the slot's rank rows are converted
+   to fp32 once for the span (A: [rp][in], B^T: [r][out] in the thread's workspace), then tiles of TT tokens
    x TR ranks (shrink) or TT tokens x TR vectors of output columns (expand) keep their sums in vector
    registers, so every weight loaded serves TT tokens and every x loaded TR ranks. A token's sums run in
    the same order whatever its block, tile or position in it (rows past m alias row m - 1 and are never
@@ -709,7 +709,7 @@ int loraserve_prompt_@SUF@(int nb, const int64_t* blocks, const int32_t* pages, 
 """
 
 MAX_RANK = 1024  # the kernels' rank buffers
-PROMPT_BLOCK = 32  # prompt rows of one adapter per work item: its rank rows converted once for them
+PROMPT_BLOCK = 32  # prompt rows of one adapter a block (the AMX path's two tiles of 16 rows)
 PROMPT_SPAN = 128  # a thread's work item: up to this many rows of one adapter (whole blocks), its rows prepared once
 # Decode: rank rows asked for ahead of the one read. Measured with kernels swapped run by run in one engine (8
 # sequences on 8 distinct rank-16 adapters, SmolLM2 int8), LoRA's ms a decode step: 1 row 2.81-3.34, 3 rows

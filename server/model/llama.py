@@ -86,7 +86,7 @@ def rope_tables(config: ModelConfig, max_len: int) -> tuple[torch.Tensor, torch.
 
 def default_rope_tables(theta: float, head_dim: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The original RoPE's cos/sin [max_len, head_dim], in the fp32 operations of transformers'
-    LlamaRotaryEmbedding, so with its bits (tests/model/test_llama.py holds them equal), without importing
+    LlamaRotaryEmbedding, so with its bits (tests/model/test_start_up_imports.py holds them equal), without importing
     transformers' modeling code: that import was about 4 s of every start-up."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
     freqs = torch.arange(max_len, dtype=torch.long)[:, None].float() * inv_freq
