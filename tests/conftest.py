@@ -10,6 +10,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from server.core.paths import KERNEL_CACHE_ENV, resolve_kernel_cache  # noqa: E402
+
+# One kernel cache for the run, whatever home a test's engine or server has: kernels depend on the CPU only,
+# and a fresh home would otherwise compile all of them again (about 6 s each time).
+os.environ.setdefault(KERNEL_CACHE_ENV, str(resolve_kernel_cache()))
+
 from tests.helpers import make_peft_adapter, make_tiny_model_dir  # noqa: E402
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

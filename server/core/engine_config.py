@@ -15,7 +15,7 @@ import torch
 from server.core import knobs
 from server.core.errors import InvalidRequestError
 from server.core.knobs import knob
-from server.core.paths import resolve_home
+from server.core.paths import resolve_home, resolve_kernel_cache
 from server.core.sizes import parse_budget
 
 # Adapters of --max-rank that `--adapter-memory auto` holds when --max-adapters-on-device does not say.
@@ -51,6 +51,8 @@ class EngineConfig:
     max_waiting: int = knob(1024, help="queued requests before RESOURCE_EXHAUSTED", lo=1)
     home: str = knob("", help="cache directory: converted models, CPU kernels, the default registry "
                               "(env LORASERVE_HOME; default ~/.cache/loraserve)")
+    kernel_cache: str = knob("", help="directory of the compiled CPU kernels (default: the home's kernels/); "
+                                      "servers with different homes on one machine may share one")
     seed: int = knob(0, help="seed for sampled requests that give none (mixed with the request id)")
     cpu_threads: int = knob(0, help="intra-op threads of the engine loop on CPU (0 = torch's default, the "
                                     "physical cores)", lo=0)
@@ -129,6 +131,10 @@ class EngineConfig:
     def resolve_home(self) -> Path:
         """The cache root (`server.core.paths.resolve_home`): `home`, else $LORASERVE_HOME, else ~/.cache/loraserve."""
         return resolve_home(self.home)
+
+    def resolve_kernel_cache(self) -> Path:
+        """Where the CPU kernels are built and found (`server.core.paths.resolve_kernel_cache`)."""
+        return resolve_kernel_cache(self.kernel_cache, self.home)
 
 
 def cpu_has_native_bf16() -> bool:

@@ -1,16 +1,21 @@
 """Build a small C library once per machine and load it with ctypes, beside torch.
 
-The build is `cc -O3 -march=native -fopenmp` into `$LORASERVE_HOME/kernels/` (or
-~/.cache/loraserve/kernels), under a name hashed from the source, the flags, this CPU's
-flags and the torch version: `-march=native` code is valid only on the CPU it was built
-for. Loaded after torch, its OpenMP calls bind to torch's own libgomp; a library that
-brings a second OpenMP runtime is refused (two runtimes would fight over the cores).
+The build is `cc -O3 -march=native -fopenmp` into the kernel cache (`--kernel-cache`, else the
+home's `kernels/`: `server.core.paths.resolve_kernel_cache`), under a name hashed from the
+source, the flags, this CPU's flags and the torch version: `-march=native` code is valid only
+on the CPU it was built for. The engine names the cache once (`set_cache_dir`) and every library
+of the process is built there. Where it cannot be written (a read-only home), the build goes to
+a private directory under the system's temporary one, with a warning. Loaded after torch, its
+OpenMP calls bind to torch's own libgomp; a library that brings a second OpenMP runtime is
+refused (two runtimes would fight over the cores).
 """
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
+import stat
 import shutil
 import subprocess
 import tempfile
@@ -18,6 +23,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+
+from server.core.paths import resolve_kernel_cache
+
+log = logging.getLogger(__name__)
 
 NATIVE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
@@ -66,9 +75,41 @@ class NativeBuildError(RuntimeError):
     """The library could not be built or loaded; the message says why (compiler output included)."""
 
 
+_cache_dir: Optional[Path] = None  # set by the engine from its configuration; None: resolved from the environment
+_warned_fallback: set[Path] = set()
+
+
+def set_cache_dir(directory: Path) -> None:
+    """Build and find this process's kernels in `directory` from now on (the engine calls it at start-up)."""
+    global _cache_dir
+    _cache_dir = Path(directory).expanduser()
+
+
 def cache_dir() -> Path:
-    home = os.environ.get("LORASERVE_HOME", "")
-    return (Path(home).expanduser() if home else Path("~/.cache/loraserve").expanduser()) / "kernels"
+    """The kernel cache: what `set_cache_dir` named, else `resolve_kernel_cache()` (env, then the home's)."""
+    return _cache_dir if _cache_dir is not None else resolve_kernel_cache()
+
+
+def _writable(directory: Path) -> bool:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(directory, os.W_OK | os.X_OK)
+
+
+def _private_fallback() -> Path:
+    """A directory only this user can write, under the system's temporary one: where kernels go when the cache
+    is read-only. Refused (NativeBuildError) if someone else owns it or may write to it."""
+    directory = Path(tempfile.gettempdir()) / f"loraserve-kernels-{os.getuid()}"
+    try:
+        directory.mkdir(mode=0o700, exist_ok=True)
+        st = directory.lstat()
+    except OSError as e:
+        raise NativeBuildError(f"no writable kernel directory: {e}") from e
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise NativeBuildError(f"{directory} is not a private directory of this user: not building kernels into it")
+    return directory
 
 
 def cpu_flags() -> str:
@@ -112,7 +153,15 @@ def build_and_load(name: str, source: str, flags: Sequence[str] = NATIVE_FLAGS,
     (default `cache_dir()`; the engine passes its own home's `kernels/`)."""
     flags = tuple(flags)
     digest = hashlib.sha256("\0".join([source, *flags, cpu_flags(), torch.__version__]).encode()).hexdigest()
-    target = (Path(directory).expanduser() if directory is not None else cache_dir()) / f"{name}_{digest[:16]}.so"
+    directory = Path(directory).expanduser() if directory is not None else cache_dir()
+    target = directory / f"{name}_{digest[:16]}.so"
+    if not target.exists() and not _writable(directory):
+        target = _private_fallback() / target.name
+        if directory not in _warned_fallback:
+            _warned_fallback.add(directory)
+            log.warning("kernel cache %s cannot be written: CPU kernels are built into %s instead (point "
+                        "--kernel-cache or LORASERVE_KERNEL_CACHE at a writable directory to keep them)",
+                        directory, target.parent)
     try:
         if not target.exists():
             _build(source, flags, target)

@@ -1,7 +1,8 @@
 """Where loraserve keeps its files: one answer for the server, the trainer, the benchmarks and the tests.
 
-The home holds `models/` (converted base models, file digests), `kernels/` (the
-compiled CPU LoRA kernel) and, unless `--registry` says otherwise, `registry/`.
+The home holds `models/` (converted base models, file digests), `kernels/` (the compiled CPU
+kernels, unless `--kernel-cache` puts them elsewhere) and, unless `--registry` says otherwise,
+`registry/`.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Mapping, Optional, Union
 
 HOME_ENV = "LORASERVE_HOME"
 DEFAULT_HOME = "~/.cache/loraserve"
+KERNEL_CACHE_ENV = "LORASERVE_KERNEL_CACHE"
 
 
 def resolve_home(home: Union[str, os.PathLike, None] = None, env: Optional[Mapping[str, str]] = None) -> Path:
@@ -24,3 +26,13 @@ def resolve_home(home: Union[str, os.PathLike, None] = None, env: Optional[Mappi
         return Path(home).expanduser()
     env = os.environ if env is None else env
     return Path(env.get(HOME_ENV) or DEFAULT_HOME).expanduser()
+
+
+def resolve_kernel_cache(kernel_cache: Union[str, os.PathLike, None] = None,
+                         home: Union[str, os.PathLike, None] = None,
+                         env: Optional[Mapping[str, str]] = None) -> Path:
+    """Where compiled CPU kernels live: `kernel_cache` when given, else $LORASERVE_KERNEL_CACHE, else the
+    home's `kernels/`. Kernels depend on the CPU, not on the home, so homes on one machine may share one."""
+    env = os.environ if env is None else env
+    chosen = kernel_cache or env.get(KERNEL_CACHE_ENV)
+    return Path(chosen).expanduser() if chosen else resolve_home(home, env) / "kernels"

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import torch
 
+from server.core import native
 from server.core.engine_config import EngineConfig
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.detokenizer import IncrementalDetokenizer
@@ -92,6 +93,7 @@ class Engine:
 
         device = cfg.resolve_device()
         dtype = cfg.resolve_dtype(device)
+        native.set_cache_dir(cfg.resolve_kernel_cache())  # before any kernel is built, by the model or the LoRA
         model_dir = resolve_model(cfg.model, cfg.resolve_home())
         t0 = time.perf_counter()
         tokenizer = load_tokenizer(model_dir)

@@ -14,13 +14,15 @@ from typing import Optional, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from server.core.paths import HOME_ENV, KERNEL_CACHE_ENV
 from server.fleet.postgres import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def replica_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORASERVE_") or k == "LORASERVE_HOME"}
+    kept = (HOME_ENV, KERNEL_CACHE_ENV)  # where this machine's files are, not how a replica serves
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORASERVE_") or k in kept}
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                 "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false"})
     env.update(extra or {})

@@ -886,7 +886,7 @@ class CpuLoraKernel:
 
 @functools.lru_cache(maxsize=None)
 def load(cache_dir: Path) -> Optional[CpuLoraKernel]:
-    """The compiled kernel, built into `cache_dir` on first use (the engine passes `<home>/kernels`);
+    """The compiled kernel, built into `cache_dir` on first use (the engine passes its kernel cache);
     None (logged once) when it cannot be had."""
     try:
         kernel = CpuLoraKernel(build_and_load("lora_cpu", _SOURCE, NATIVE_FLAGS, directory=cache_dir))

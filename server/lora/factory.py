@@ -10,7 +10,7 @@
     triton  the Triton kernels; refused unless the device is CUDA and triton imports
 The choice decides the pool's layout too (bf16 copies for the C kernel), so pool and backend are built
 together here, and so does the cost of a rank row, which `--adapter-memory` is shared out in. The C kernel
-is built into the engine's home (`EngineConfig.resolve_home()`).
+is built into the engine's kernel cache (`EngineConfig.resolve_kernel_cache()`).
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def _choose(config: EngineConfig, device: torch.device, dtype: torch.dtype
             raise InvalidRequestError("lora_backend", f"triton cannot run: {problem}")
         return "torch", f"triton cannot run: {problem}", None
     problem = _cpu_kernel_problem(config, device, dtype, asked)
-    kernel = cpu_kernel.load(config.resolve_home() / "kernels") if problem is None else None
+    kernel = cpu_kernel.load(config.resolve_kernel_cache()) if problem is None else None
     if problem is None and kernel is None:
         problem = "the C kernel could not be built or loaded (see the warning above)"
     if problem is None:

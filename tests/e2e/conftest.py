@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 import grpc
 import pytest
 
+from server.core.paths import KERNEL_CACHE_ENV, resolve_kernel_cache
 from server.fleet.replica import metric_value
 
 REPO = Path(__file__).resolve().parents[2]
@@ -125,6 +126,8 @@ def server_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
                 "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2")})
     for k in [k for k in env if k.startswith("LORASERVE_") and k != "LORASERVE_HOME"]:
         del env[k]  # a developer's shell must not change what the tests start
+    # Every server of the run finds the kernels this process's tests build: a fresh home compiles none.
+    env[KERNEL_CACHE_ENV] = str(resolve_kernel_cache())
     env.update(extra or {})
     return env
 

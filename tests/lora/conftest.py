@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from server.core.paths import resolve_kernel_cache
 from server.lora import cpu_kernel
 
 
@@ -21,10 +22,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def kernel_home(tmp_path_factory):
-    """An engine home (`--home`) for the tests: the C kernel is built into its kernels/ once."""
+    """An engine home (`--home`) for the tests (their kernels come from the run's kernel cache)."""
     return tmp_path_factory.mktemp("home")
 
 
 @pytest.fixture(scope="session")
-def kernel(kernel_home):
-    return cpu_kernel.load(kernel_home / "kernels")
+def kernel():
+    return cpu_kernel.load(resolve_kernel_cache())

@@ -36,7 +36,8 @@ def test_auto_takes_the_kernel_where_the_base_is_quantized(kernel_home, caplog):
     assert quantized.kernel.prompt_path == prompts
     assert quantized.description.startswith("cpu (") and f"prompt rows on {prompts}" in quantized.description
     assert quantized.description in caplog.text
-    assert list((kernel_home / "kernels").glob("lora_cpu_*.so")), "built into the engine's home, not elsewhere"
+    kernels = EngineConfig(home=str(kernel_home)).resolve_kernel_cache()
+    assert list(kernels.glob("lora_cpu_*.so")), "built into the engine's kernel cache, not elsewhere"
     exact = _backend(kernel_home, quantize="none")
     assert exact.name == "torch" and exact.pool.kernel_stacks is None  # the PEFT-exact setting
     assert _backend(kernel_home, quantize="none", lora_decode_dtype="bfloat16").name == "cpu"

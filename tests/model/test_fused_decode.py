@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from server.core.identity import AdapterVersion
+from server.core.paths import resolve_kernel_cache
 from server.lora import cpu_kernel
 from server.lora.cpu_backend import CpuKernelBackend
 from server.lora.pool import AdapterPool
@@ -76,8 +77,8 @@ def test_fused_decode_steps_are_the_layered_bits(model):
 
 
 @pytest.fixture(scope="module", params=[torch.bfloat16, torch.int8], ids=["bf16-rows", "int8-rows"])
-def cpu_lora(model, tmp_path_factory, request):
-    kernel = cpu_kernel.load(tmp_path_factory.mktemp("home") / "kernels")
+def cpu_lora(model, request):
+    kernel = cpu_kernel.load(resolve_kernel_cache())
     assert kernel is not None
     pool = AdapterPool(model.config, num_slots=4, max_rank=16, device=torch.device("cpu"), dtype=torch.float32,
                        kernel_copies=request.param)
