@@ -118,7 +118,9 @@ def test_a_step_wakes_each_loop_once_and_keeps_order():
 
         t = threading.Thread(target=engine)
         t.start()
-        got = [[d.token_ids for d in [x async for x in s]] for s in streams]
+        got = []
+        for s in streams:  # not a comprehension around `async for`: Python 3.10 refuses that
+            got.append([d.token_ids async for d in s])
         t.join()
         return calls, held, got
 
