@@ -15,8 +15,8 @@ import ctypes
 import hashlib
 import logging
 import os
-import stat
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -150,7 +150,7 @@ def _build(source: str, flags: Sequence[str], target: Path) -> None:
 def build_and_load(name: str, source: str, flags: Sequence[str] = NATIVE_FLAGS,
                    directory: Optional[Path] = None) -> ctypes.CDLL:
     """The compiled `source` as a loaded library, built on first use (cached per machine) in `directory`
-    (default `cache_dir()`; the engine passes its own home's `kernels/`)."""
+    (default `cache_dir()`, the one the engine named; the LoRA kernel's loader passes the engine's kernel cache)."""
     flags = tuple(flags)
     digest = hashlib.sha256("\0".join([source, *flags, cpu_flags(), torch.__version__]).encode()).hexdigest()
     directory = Path(directory).expanduser() if directory is not None else cache_dir()
