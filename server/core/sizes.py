@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30,
           "t": 1 << 40, "tib": 1 << 40, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12}
@@ -56,3 +56,30 @@ def available_host_memory() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+def free_memory(device: Any) -> int:
+    """Bytes free on `device` (a torch.device) now: free GPU memory on CUDA, MemAvailable elsewhere."""
+    if device.type == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info(device)[0])
+    return available_host_memory()
+
+
+def human_bytes(n: float) -> str:
+    """`n` bytes as an operator reads them: 1.5 GiB, 300 MiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def check_fits(what: str, nbytes: int, free_bytes: int, where: str) -> Optional[str]:
+    """Why `nbytes` for `what` cannot be allocated out of `free_bytes` free on `where`, or None when it fits or
+    the free memory is unknown (0). Asked before allocating: a CPU allocation larger than memory is not refused
+    by Linux, it is killed later by the OOM killer with no message at all."""
+    if free_bytes <= 0 or nbytes <= free_bytes:
+        return None
+    return f"{what} needs {human_bytes(nbytes)}, more than the {human_bytes(free_bytes)} free on {where}"

@@ -35,6 +35,7 @@ from server.engine.types import (FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Delta
                                  Request, RequestStream, SamplingParams, TokenLogprob)
 from server.core.errors import CapacityError, InvalidRequestError, LoraServeError, UnavailableError
 from server.core.limits import check_request_id
+from server.core.sizes import check_fits, free_memory
 from server.lora.factory import build_lora_backend
 from server.model.config import ModelConfig
 from server.model.llama import KVCache, LlamaForCausalLM
@@ -55,6 +56,7 @@ class Engine:
         bs = config.kv_block_size
         kv_tokens = config.kv_cache_tokens or self._auto_kv_tokens()
         self.max_model_len = self._context_length(kv_tokens)
+        self._check_kv_fits(kv_tokens)
         self.blocks = BlockAllocator(-(-kv_tokens // bs), bs)
         # One spare block past the allocator's range: padded decode rows write there (cuda_graphs.py).
         self.kv = KVCache.allocate(self.model_config, self.blocks.num_blocks + 1, bs, self.dtype, self.device)
@@ -147,6 +149,17 @@ class Engine:
                         "longer requests are refused", kv_tokens, kv_source, context)
             context = kv_tokens
         return context
+
+    def _check_kv_fits(self, kv_tokens: int) -> None:
+        """Refuse a KV cache larger than the free memory by name (on CPU the allocation would succeed, and the
+        OOM killer end the process later without a word)."""
+        bs = self.config.kv_block_size
+        per_token = KVCache.bytes_per_token(self.model_config, self.dtype)
+        nbytes = (-(-kv_tokens // bs) + 1) * bs * per_token  # the allocator's blocks and one spare
+        problem = check_fits(f"a KV cache of {kv_tokens} tokens ({per_token} bytes a token)", nbytes,
+                             free_memory(self.device), self.device.type)
+        if problem is not None:
+            raise InvalidRequestError("engine.kv_cache_tokens", f"{problem}: lower --kv-cache-tokens")
 
     def _auto_kv_tokens(self) -> int:
         if self.device.type != "cuda":

@@ -21,7 +21,7 @@ import torch
 
 from server.core.engine_config import EngineConfig
 from server.core.errors import InvalidRequestError
-from server.core.sizes import available_host_memory
+from server.core.sizes import check_fits, free_memory
 from server.lora import cpu_kernel
 from server.lora.backend import LoraBackend
 from server.lora.cpu_backend import CpuKernelBackend
@@ -43,7 +43,12 @@ def build_lora_backend(config: EngineConfig, model_config: ModelConfig, device: 
     copies = _kernel_copies(config, device) if name == "cpu" else None
     if copies is not None:
         row_bytes += RowStacks.bytes_per_row(model_config, copies)  # the kernel's bf16 or int8 copies
-    rows = config.resolve_adapter_rows(row_bytes, lambda: _free_memory(device))
+    rows = config.resolve_adapter_rows(row_bytes, lambda: free_memory(device))
+    problem = check_fits(f"adapter memory of {rows + 1} rank rows of {row_bytes / 1e6:.2f} MB (--adapter-memory "
+                         f"{config.adapter_memory})", (rows + 1) * row_bytes, free_memory(device), device.type)
+    if problem is not None:
+        raise InvalidRequestError("engine.adapter_memory", f"{problem}: lower --adapter-memory (a size such as "
+                                  "2GiB, or a fraction of free memory such as 0.25)")
     pool = AdapterPool(model_config, config.resolve_adapter_slots(rows), config.max_rank, device, dtype,
                        kernel_copies=copies, num_rows=rows)
     log.info("adapter memory: %d rank rows of %.2f MB (%.0f MB, %d slots at most)", rows, row_bytes / 1e6,
@@ -107,13 +112,6 @@ def _cpu_kernel_problem(config: EngineConfig, device: torch.device, dtype: torch
     if asked == "auto" and weights not in cpu_kernel.WEIGHT_DTYPES:
         return "fp32 LoRA weights (--lora-decode-dtype auto with --quantize none, or float32)"
     return None
-
-
-def _free_memory(device: torch.device) -> int:
-    """Bytes free on the device now (what a fractional --adapter-memory is a fraction of)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    return available_host_memory()
 
 
 def _triton_problem() -> Optional[str]:
