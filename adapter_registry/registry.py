@@ -254,9 +254,10 @@ class Registry:
         try:
             d = path.resolve(strict=True)
         except (OSError, RuntimeError):
-            raise denied from None
+            # The operator's own path (`--adapter`) is told what is wrong; a caller's learns nothing of the disk.
+            raise (AdapterRejectedError(f"{path} does not exist") if allow_any else denied) from None
         if not inside(d) or not d.is_dir():
-            raise denied
+            raise AdapterRejectedError(f"{path} is not a directory") if allow_any else denied
         st = d / WEIGHTS_NAME
         if not st.exists():
             if (d / "adapter_model.bin").exists():

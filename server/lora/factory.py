@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from server.core.engine_config import EngineConfig
+from server.core.engine_config import DEFAULT_ADAPTERS, EngineConfig
 from server.core.errors import InvalidRequestError
 from server.core.sizes import check_fits, free_memory
 from server.lora import cpu_kernel
@@ -47,8 +47,11 @@ def build_lora_backend(config: EngineConfig, model_config: ModelConfig, device: 
     problem = check_fits(f"adapter memory of {rows + 1} rank rows of {row_bytes / 1e6:.2f} MB (--adapter-memory "
                          f"{config.adapter_memory})", (rows + 1) * row_bytes, free_memory(device), device.type)
     if problem is not None:
-        raise InvalidRequestError("engine.adapter_memory", f"{problem}: lower --adapter-memory (a size such as "
-                                  "2GiB, or a fraction of free memory such as 0.25)")
+        fix = ("lower --adapter-memory (a size such as 2GiB, or a fraction of free memory such as 0.25)"
+               if config.adapter_memory != "auto" else
+               f"auto holds {config.max_adapters_on_device or DEFAULT_ADAPTERS} adapters of --max-rank "
+               f"{config.max_rank}: lower --max-rank or --max-adapters-on-device, or give --adapter-memory a size")
+        raise InvalidRequestError("engine.adapter_memory", f"{problem}: {fix}")
     pool = AdapterPool(model_config, config.resolve_adapter_slots(rows), config.max_rank, device, dtype,
                        kernel_copies=copies, num_rows=rows)
     log.info("adapter memory: %d rank rows of %.2f MB (%.0f MB, %d slots at most)", rows, row_bytes / 1e6,

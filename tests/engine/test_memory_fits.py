@@ -38,3 +38,12 @@ def test_adapter_memory_larger_than_memory_is_refused():
         build_lora_backend(config, TINY, torch.device("cpu"), torch.float32)
     assert e.value.field == "engine.adapter_memory"
     assert "free on cpu: lower --adapter-memory" in str(e.value) and f"--adapter-memory {TOO_MUCH}" in str(e.value)
+
+
+@pytest.mark.skipif(available_host_memory() == 0, reason="MemAvailable cannot be read here")
+def test_auto_adapter_memory_past_memory_names_the_rank():
+    """`auto` is 8 adapters of --max-rank: the flag to change is the rank, not a budget nobody gave."""
+    rank = TOO_MUCH // (8 * 1000)  # rank rows of the tiny model take more than 1000 bytes
+    with pytest.raises(InvalidRequestError) as e:
+        build_lora_backend(EngineConfig(max_rank=rank), TINY, torch.device("cpu"), torch.float32)
+    assert "lower --max-rank or --max-adapters-on-device" in str(e.value)

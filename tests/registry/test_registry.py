@@ -247,8 +247,14 @@ def test_register_path_only_inside_import_dirs(registry, tmp_path):
     (binonly / "adapter_model.bin").write_bytes(b"PK\x03\x04")
     with pytest.raises(AdapterRejectedError, match="convert it with"):
         registry.register_path("t", "x", binonly)
-    # the server's own start-up flags may name any path
+    # the server's own start-up flags may name any path, and are told exactly what is wrong with it
     assert registry.register_path("t", "boot", outside, allow_any_path=True).version == 1
+    with pytest.raises(AdapterRejectedError, match="does not exist"):
+        registry.register_path("t", "boot", tmp_path / "typo", allow_any_path=True)
+    with pytest.raises(AdapterRejectedError, match="is not a directory"):
+        registry.register_path("t", "boot", outside / "adapter_config.json", allow_any_path=True)
+    with pytest.raises(PermissionDeniedError, match="not an adapter directory inside"):  # a caller learns nothing
+        registry.register_path("t", "x", imports / "typo")
     # the stored weights are exactly PEFT's reading of the directory
     weights_equal(registry.resolve("t", "good").load(), load_peft_adapter(inside, TINY, 16))
 
