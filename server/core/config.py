@@ -279,4 +279,7 @@ def startup_warnings(cfg: Config) -> list[str]:
     if s.tenants and not s.tls_cert and not is_loopback(s.host):
         out.append(f"INSECURE: --tenants on {s.host} without --tls-cert/--tls-key: API keys cross the network "
                    "in clear text and anyone on the path can read and replay them; serve with TLS")
+    for d in s.import_dirs:
+        if not Path(d).expanduser().is_dir():
+            out.append(f"--import-dir {d} is not a directory (yet): registering adapters from it fails until it is")
     return out

@@ -83,6 +83,12 @@ def test_warns_loudly_when_tenants_keys_would_cross_the_network_in_clear() -> No
     assert config.startup_warnings(config.load(parse("--tenants", "t.toml"), env={})) == []  # loopback
 
 
+def test_warns_of_an_import_dir_that_is_not_there(tmp_path) -> None:
+    assert config.startup_warnings(config.load(parse("--import-dir", str(tmp_path)), env={})) == []
+    warn = config.startup_warnings(config.load(parse("--import-dir", str(tmp_path / "typo")), env={}))
+    assert len(warn) == 1 and f"--import-dir {tmp_path / 'typo'} is not a directory" in warn[0]
+
+
 def test_tls_flags_env_and_toml(tmp_path) -> None:
     cfg = config.load(parse("--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-client-ca", "ca.pem",
                             "--metrics-tls"), env={})
