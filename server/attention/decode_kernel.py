@@ -25,7 +25,7 @@ from typing import Callable, Optional, TypeVar
 
 import torch
 
-from server.core.native import NativeBuildError, build_and_load
+from server.core.native import NativeBuildError, build_and_load, c_source
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,134 +34,9 @@ MAX_GROUP = 16    # query heads per KV head
 MAX_CONTEXT = 1 << 14  # scores of one KV head's query heads live on the stack (up to 1 MB)
 
 # The C helpers both CPU attention kernels use (server/attention/context_kernel.py includes them too).
-COMMON_SOURCE = r"""
-#include <stdint.h>
-#include <string.h>
-#include <math.h>
+COMMON_SOURCE = c_source(__file__, "attention_common.h")
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t i16 __attribute__((vector_size(64)));
-
-#define MAXG 16
-
-/* Cephes expf on 16 lanes; inputs below -87.3 give exactly 0 (masked and far-below-max scores). */
-static inline v16 vexp(v16 x) {
-  const v16 lo = (v16){0} - 87.3f;
-  const i16 under = x < lo;
-  x = (v16)((~under & (i16)x) | (under & (i16)lo));
-  v16 n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  /* round to nearest */
-  v16 r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  v16 p = 1.9875691500E-4f * r + 1.3981999507E-3f;
-  p = p * r + 8.3334519073E-3f;
-  p = p * r + 4.1665795894E-2f;
-  p = p * r + 1.6666665459E-1f;
-  p = p * r + 5.0000001201E-1f;
-  p = p * (r * r) + r + 1.f;
-  i16 e = (__builtin_convertvector(n, i16) + 127) << 23;
-  return (v16)(~under & (i16)(p * (v16)e));
-}
-
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
-
-static inline float hsum(v16 v) {  /* halves added in a fixed order */
-  v8 a, b;
-  memcpy(&a, &v, 32); memcpy(&b, (const char*)&v + 32, 32);
-  a += b;
-  v4 c, d;
-  memcpy(&c, &a, 16); memcpy(&d, (const char*)&a + 16, 16);
-  c += d;
-  return (c[0] + c[2]) + (c[1] + c[3]);
-}
-
-static inline v16 load16(const float* p) { v16 v; memcpy(&v, p, sizeof v); return v; }
-
-#define PF 8  /* cache rows prefetched ahead */
-static inline void prefetch_row(const float* row, int hd) {
-  for (int l = 0; l < hd; l += 16) __builtin_prefetch(row + l);
-}
-static inline void store16(float* p, v16 v) { memcpy(p, &v, sizeof v); }
-"""
-
-_SOURCE = COMMON_SOURCE + r"""
-
-/* One sequence d and one KV head g: out[d, h] = softmax(scale * q[d, h] . K[rows[j]]) . V[rows[j]] over
-   j < n for the G query heads h of g together (each K and V row read once). Inlined with G and C
-   (= hd / 16) as constants for the common shapes, so q and the accumulators stay in registers (3x
-   faster than runtime-sized arrays on SmolLM2's shapes). The instance is chosen by the model's shape
-   alone, so a token's bits still depend only on its own context. */
-static inline __attribute__((always_inline)) void head_group(const int G, const int C, int d, int g, int nh,
-    int nkv, int hd, const float* q, long qs, const float* kc, const float* vc, const int64_t* rw, int n,
-    float scale, float* out) {
-  const int nv = (n + 15) / 16;
-  float s[G][nv * 16];
-  v16 qv[G][C];
-  for (int h = 0; h < G; h++)
-    for (int c = 0; c < C; c++) qv[h][c] = load16(q + (long)d * qs + (long)(g * G + h) * hd + 16 * c);
-  for (int j = 0; j < n; j++) {
-    /* Rows are scattered over the paged cache, so the hardware prefetcher cannot follow them: ask for the
-       row PF ahead (K, then V's first rows as K's end nears). Measured on SmolLM2 decode steps (8 x ~80
-       tokens, 30 layers): this kernel's time a step 3.1-3.3 -> 2.4 ms. */
-    if (j + PF < n) prefetch_row(kc + (rw[j + PF] * nkv + g) * hd, hd);
-    else if (j + PF - n < n) prefetch_row(vc + (rw[j + PF - n] * nkv + g) * hd, hd);
-    const float* kr = kc + (rw[j] * nkv + g) * hd;
-    v16 kv[C];
-    for (int c = 0; c < C; c++) kv[c] = load16(kr + 16 * c);
-    for (int h = 0; h < G; h++) {
-      v16 a = qv[h][0] * kv[0];
-      for (int c = 1; c < C; c++) a += qv[h][c] * kv[c];
-      s[h][j] = hsum(a) * scale;
-    }
-  }
-  float inv[MAXG];
-  for (int h = 0; h < G; h++) {
-    float m = s[h][0];
-    for (int j = 1; j < n; j++) m = s[h][j] > m ? s[h][j] : m;
-    for (int j = n; j < nv * 16; j++) s[h][j] = -INFINITY;
-    v16 sum = {0};
-    for (int b = 0; b < nv; b++) {
-      const v16 e = vexp(load16(s[h] + 16 * b) - m);
-      store16(s[h] + 16 * b, e);
-      sum += e;
-    }
-    inv[h] = hsum(sum);
-  }
-  v16 acc[G][C];
-  for (int h = 0; h < G; h++)
-    for (int c = 0; c < C; c++) acc[h][c] = (v16){0};
-  for (int j = 0; j < n; j++) {
-    if (j + PF < n) prefetch_row(vc + (rw[j + PF] * nkv + g) * hd, hd);
-    const float* vr = vc + (rw[j] * nkv + g) * hd;
-    v16 vv[C];
-    for (int c = 0; c < C; c++) vv[c] = load16(vr + 16 * c);
-    for (int h = 0; h < G; h++) {
-      const float p = s[h][j];
-      for (int c = 0; c < C; c++) acc[h][c] += p * vv[c];
-    }
-  }
-  for (int h = 0; h < G; h++)
-    for (int c = 0; c < C; c++) store16(out + ((long)d * nh + g * G + h) * hd + 16 * c, acc[h][c] / inv[h]);
-}
-
-/* out[d, h] for every decoding sequence d and query head h. q: [D, nh, hd], rows qs floats apart (a view
-   of the fused qkv output needs no copy); out: [D, nh, hd]; caches: [rows, nkv, hd]; hd a multiple of 16
-   and at most 256. */
-void lsq_decode_attention(int D, int nh, int nkv, int hd, const float* q, long qs, const float* kc, const float* vc,
-                          const int64_t* rows, long row_stride, const int32_t* len, float scale, float* out) {
-  const int G = nh / nkv, C = hd / 16;
-  #pragma omp parallel for schedule(static) collapse(2) if(D * nkv > 1)
-  for (int d = 0; d < D; d++)
-    for (int g = 0; g < nkv; g++) {
-      const int64_t* rw = rows + (long)d * row_stride;
-      if (G == 3 && C == 4) head_group(3, 4, d, g, nh, nkv, hd, q, qs, kc, vc, rw, len[d], scale, out);
-      else if (G == 4 && C == 4) head_group(4, 4, d, g, nh, nkv, hd, q, qs, kc, vc, rw, len[d], scale, out);
-      else if (G == 8 && C == 4) head_group(8, 4, d, g, nh, nkv, hd, q, qs, kc, vc, rw, len[d], scale, out);
-      else if (G == 4 && C == 8) head_group(4, 8, d, g, nh, nkv, hd, q, qs, kc, vc, rw, len[d], scale, out);
-      else head_group(G, C, d, g, nh, nkv, hd, q, qs, kc, vc, rw, len[d], scale, out);
-    }
-}
-"""
+_SOURCE = COMMON_SOURCE + c_source(__file__, "decode_kernel.c")
 
 
 class DecodeAttention:

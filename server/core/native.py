@@ -30,45 +30,21 @@ log = logging.getLogger(__name__)
 
 NATIVE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
+
+def c_source(module_file: str, name: str) -> str:
+    """The C text in `name`, a file beside the Python module `module_file` (the kernels' C lives in .c and .h
+    files, so that editors and tools read it as C; a file holding @NAME@ markers is a template its module fills)."""
+    return (Path(module_file).parent / name).read_text(encoding="utf-8")
+
 # C for a buffer kept by one thread for its life and grown to the largest need (OpenMP's threads persist):
 # `grow(&buf, &cap, n)` returns it with room for n floats, 64-byte aligned, or NULL when memory ran out.
-C_GROW_BUFFER = r"""
-#include <stdlib.h>
-static float* grow(float** buf, size_t* cap, size_t n) {
-  if (n > *cap) {
-    free(*buf);
-    *buf = (float*)aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64);
-    *cap = *buf ? n : 0;
-  }
-  return *buf;
-}
-"""
+C_GROW_BUFFER = c_source(__file__, "native_grow_buffer.h")
 
 
 # C for AMX tiles, for sources to include where the compiler has them (inside their own `#if __AMX_TILE__`):
 # `amx_request()` asks Linux for the tile state (once per process; asking again is harmless) and says whether it
 # was granted; `amx_load_tiles(rows, colsb)` configures tiles 0-7 (palette 1) for the calling thread.
-C_AMX_TILES = r"""
-#include <stdint.h>
-#include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#include <immintrin.h>
-typedef struct { uint8_t palette; uint8_t start_row; uint8_t reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; }
-  __attribute__((packed)) amx_tile_config;
-static int amx_request(void) {
-  return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-}
-static void amx_load_tiles(const uint8_t rows[8], const uint16_t colsb[8]) {
-  amx_tile_config c;
-  memset(&c, 0, sizeof c);
-  c.palette = 1;
-  for (int t = 0; t < 8; t++) { c.rows[t] = rows[t]; c.colsb[t] = colsb[t]; }
-  /* not _tile_loadconfig: gcc 12's intrinsic tells the compiler it reads 8 bytes, so the stores to rows and
-     colsb above may be dropped as dead (seen at -O3); this operand is the whole 64-byte configuration */
-  __asm__ volatile("ldtilecfg %0" :: "m"(c));
-}
-"""
+C_AMX_TILES = c_source(__file__, "native_amx_tiles.h")
 
 
 class NativeBuildError(RuntimeError):

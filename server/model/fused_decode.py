@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from server.attention import decode_kernel
-from server.core.native import NativeBuildError, build_and_load
+from server.core.native import NativeBuildError, build_and_load, c_source
 
 log = logging.getLogger(__name__)
 
@@ -39,85 +39,7 @@ class PagedKV(Protocol):
     k: list[torch.Tensor]
     v: list[torch.Tensor]
 
-_SOURCE = r"""
-#include <stdint.h>
-#include <string.h>
-
-typedef void (*linear_fn)(int m, int k, int kp, int b, const float* x, long xs, uint8_t* q, float* s, int n,
-                          const int8_t* wp, const int32_t* wsum, const float* ws, float* y, long ys);
-typedef void (*norm_fn)(int t, long n, const float* x, long xs, const float* r, long rs, float* h, long hs,
-                        const float* w, float eps, float* y, long ys, int W);
-typedef void (*rope_fn)(int t, int nr, int hd, float* x, long rs, const float* cos, const float* sin);
-typedef void (*silu_fn)(int t, long n, const float* g, long gs, const float* u, long us, float* y, long ys, int V);
-typedef void (*attn_fn)(int D, int nh, int nkv, int hd, const float* q, long qs, const float* kc, const float* vc,
-                        const int64_t* rows, long row_stride, const int32_t* len, float scale, float* out);
-typedef void (*lora_fn)(int n, const int64_t* slots, const int32_t* pages, int pages_stride, int r, int in,
-                        const float* x, long x_stride, float* y, long y_stride, int nt, const void* tg);
-
-typedef struct { int k, kp, b, n; const int8_t* wp; const int32_t* wsum; const float* ws; } linear_t;
-typedef struct { const float* in_norm; const float* post_norm; linear_t lin[4]; float* kc; float* vc; } layer_t;
-typedef struct { const int32_t* pages; int pages_stride; int in; int nt; const void* targets; } lora_plan_t;
-
-typedef struct {
-  linear_fn linear; norm_fn norm; rope_fn rope; silu_fn silu; attn_fn attn;
-  int layers, hidden, nh, nkv, hd, inter, norm_lanes, silu_vector;
-  float eps, attn_scale;
-  const layer_t* layer; const float* final_norm;
-} model_t;
-
-typedef struct {
-  int m;                                  /* decode tokens, one per sequence */
-  float* h;                               /* [m, hidden]: the embeddings in, the residual stream after */
-  const float* cos; const float* sin;     /* [m, hd] at each token's position */
-  const int64_t* new_rows;                /* [m] cache row of each token's K/V */
-  const int64_t* ctx_rows; long ctx_stride; const int32_t* ctx_len;  /* each sequence's context rows */
-  uint8_t* q8; float* qs8;                /* the int8 kernel's scratch: m * max kp bytes, m scales */
-  float *x, *qkv, *att, *o, *gu, *a, *d;  /* work rows */
-  float* out;                             /* [m, hidden]: the final norm */
-  lora_fn lora_call; const lora_plan_t* lora; const int64_t* slots; int rank;  /* lora NULL: no adapter */
-} step_t;
-
-static void linear(const model_t* M, const linear_t* L, int m, const float* x, long xs, const step_t* S,
-                   float* y, long ys) {
-  M->linear(m, L->k, L->kp, L->b, x, xs, S->q8, S->qs8, L->n, L->wp, L->wsum, L->ws, y, ys);
-}
-
-static void lora(const step_t* S, const lora_plan_t* P, const float* x, long xs, float* y,
-                 long ys) {
-  if (P) S->lora_call(S->m, S->slots, P->pages, P->pages_stride, S->rank, P->in, x, xs, y, ys, P->nt, P->targets);
-}
-
-/* The layered path's calls (server/model/llama.py DecoderLayer.forward), layer after layer. */
-void lsq_decode_layers(const model_t* M, const step_t* S) {
-  const int m = S->m, H = M->hidden, I = M->inter, qs = M->nh * M->hd, kvs = M->nkv * M->hd;
-  const long wq = qs + 2 * kvs, wgu = 2L * I;
-  const float* delta = 0;
-  for (int l = 0; l < M->layers; l++) {
-    const layer_t* L = M->layer + l;
-    const lora_plan_t* P = S->lora ? S->lora + 4 * l : 0;
-    M->norm(m, H, S->h, H, delta, H, S->h, H, L->in_norm, M->eps, S->x, H, M->norm_lanes);
-    linear(M, &L->lin[0], m, S->x, H, S, S->qkv, wq);
-    lora(S, P ? P + 0 : 0, S->x, H, S->qkv, wq);
-    M->rope(m, M->nh + M->nkv, M->hd, S->qkv, wq, S->cos, S->sin);
-    for (int i = 0; i < m; i++) {
-      memcpy(L->kc + S->new_rows[i] * kvs, S->qkv + i * wq + qs, sizeof(float) * kvs);
-      memcpy(L->vc + S->new_rows[i] * kvs, S->qkv + i * wq + qs + kvs, sizeof(float) * kvs);
-    }
-    M->attn(m, M->nh, M->nkv, M->hd, S->qkv, wq, L->kc, L->vc, S->ctx_rows, S->ctx_stride, S->ctx_len,
-            M->attn_scale, S->att);
-    linear(M, &L->lin[1], m, S->att, qs, S, S->o, H);
-    lora(S, P ? P + 1 : 0, S->att, qs, S->o, H);
-    M->norm(m, H, S->h, H, S->o, H, S->h, H, L->post_norm, M->eps, S->x, H, M->norm_lanes);
-    linear(M, &L->lin[2], m, S->x, H, S, S->gu, wgu);
-    lora(S, P ? P + 2 : 0, S->x, H, S->gu, wgu);
-    M->silu(m, I, S->gu, wgu, S->gu + I, wgu, S->a, I, M->silu_vector);
-    linear(M, &L->lin[3], m, S->a, I, S, S->d, H);
-    lora(S, P ? P + 3 : 0, S->a, I, S->d, H);
-    delta = S->d;
-  }
-  M->norm(m, H, S->h, H, delta, H, S->h, H, M->final_norm, M->eps, S->out, H, M->norm_lanes);
-}
-"""
+_SOURCE = c_source(__file__, "fused_decode.c")
 
 _p, _i, _l, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
 

@@ -1,0 +1,301 @@
+/* loraserve: the CPU LoRA kernels' shared part. A template: server/lora/cpu_kernel.py fills in its markers
+   (the prompt block and span, the largest rank, the AMX tile code), then appends cpu_kernel_typed.c once per
+   weight type. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+static inline float bf(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+
+/* One targeted linear of a group that reads the same x (q/k/v, gate/up, or one alone): its rank rows
+   A: row p at a + p * a_row (in values), B^T: row p at bt + p * bt_row (out values), bf16 or int8; scale:
+   [slots] fp32; its output columns are y[:, y_off : y_off + out]. Slot s's rank j is row pages[s * R + j].
+   int8 rows carry one fp32 scale each (a_sc[p], bt_sc[p]; NULL for bf16 rows). */
+typedef struct {
+  const void* a; long a_row;
+  const void* bt; long bt_row;
+  const float* scale;
+  long out; long y_off;
+  const float* a_sc; const float* bt_sc;
+} lora_target;
+
+/* A slot's rank in this step: r, less the page-table entries past its own rank (row 0, the zero row,
+   which adds nothing; only a slot's last entries are 0). */
+static inline int slot_rank(const int32_t* pg, int r) { while (r > 0 && pg[r - 1] == 0) r--; return r; }
+
+static inline void prefetch_bytes(const void* row, long bytes) {
+  for (long l = 0; l < bytes; l += 64) __builtin_prefetch((const char*)row + l);
+}
+typedef float v8f __attribute__((vector_size(32)));
+
+static inline float hsum8(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+/* 8 int8 weights as 8 floats: sign-extend and convert (two instructions with AVX2). */
+#if defined(__AVX2__)
+#include <immintrin.h>
+static inline v8f i8x8(const int8_t* p) {
+  const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+  v8f w;
+  memcpy(&w, &f, sizeof w);
+  return w;
+}
+#else
+static inline v8f i8x8(const int8_t* p) { v8f w; for (int e = 0; e < 8; e++) w[e] = (float)p[e]; return w; }
+#endif
+
+#if defined(__AVX512F__)
+/* 16 int8 weights as 16 floats (two instructions). */
+static inline __m512 i8x16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+
+/* One row of x against one int8 weight row, four accumulators of 16 (an FMA's latency hidden). */
+static inline float dot1_i8(const int8_t* row, int in, const float* x) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  int i = 0;
+  for (; i + 64 <= in; i += 64) {
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), i8x16(row + i), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), i8x16(row + i + 16), a1);
+    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 32), i8x16(row + i + 32), a2);
+    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 48), i8x16(row + i + 48), a3);
+  }
+  for (; i + 16 <= in; i += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), i8x16(row + i), a0);
+  float t = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  for (; i < in; i++) t += x[i] * (float)row[i];
+  return t;
+}
+
+/* y[0..out) += v * row, 16 int8 weights at a time. */
+static inline void axpy_i8(float* y, float v, const int8_t* row, int out) {
+  const __m512 vv = _mm512_set1_ps(v);
+  int o = 0;
+  for (; o + 16 <= out; o += 16) _mm512_storeu_ps(y + o, _mm512_fmadd_ps(vv, i8x16(row + o), _mm512_loadu_ps(y + o)));
+  for (; o < out; o++) y[o] += v * (float)row[o];
+}
+#else
+/* One row of x against one int8 weight row, two accumulators of 8. */
+static inline float dot1_i8(const int8_t* row, int in, const float* x) {
+  v8f a0 = {0}, a1 = {0}, xv;
+  int i = 0;
+  for (; i + 16 <= in; i += 16) {
+    memcpy(&xv, x + i, 32); a0 += xv * i8x8(row + i);
+    memcpy(&xv, x + i + 8, 32); a1 += xv * i8x8(row + i + 8);
+  }
+  for (; i + 8 <= in; i += 8) { memcpy(&xv, x + i, 32); a0 += xv * i8x8(row + i); }
+  float t = hsum8(a0 + a1);
+  for (; i < in; i++) t += x[i] * (float)row[i];
+  return t;
+}
+
+/* y[0..out) += v * row, 8 int8 weights at a time. */
+static inline void axpy_i8(float* y, float v, const int8_t* row, int out) {
+  int o = 0;
+  for (; o + 8 <= out; o += 8) {
+    v8f yv;
+    memcpy(&yv, y + o, 32);
+    yv += v * i8x8(row + o);
+    memcpy(y + o, &yv, 32);
+  }
+  for (; o < out; o++) y[o] += v * (float)row[o];
+}
+
+#endif
+
+/* The prompt kernel's register tiles: vectors of VW floats, TT tokens x TR ranks or TR vectors of output
+   columns (16 + 4 vectors in flight of AVX-512's 32 registers, 8 + 2 of AVX2's 16). */
+#if defined(__AVX512F__)
+#define VW 16
+#define TR 4
+#else
+#define VW 8
+#define TR 2
+#endif
+#define TT 4
+#define PROMPT_BLOCK @PROMPT_BLOCK@
+/* Prompt rows of one slot a thread takes at a time (a span: whole blocks on consecutive rows, up to PROMPT_SPAN
+   rows): the slot's rank rows are converted (vector path) or laid out for the tiles (AMX) once a span and target,
+   not once a block. */
+#define PROMPT_SPAN @PROMPT_SPAN@
+
+/* A prompt kernel's blocks (see loraserve_prompt_*) gathered into spans, the same (row, rows, slot) triples, slot 0
+   left out: a block joins the span before it when it has the same slot, starts where that span ends, that span
+   holds whole blocks and the two fit in PROMPT_SPAN rows; returns how many spans. A row keeps its place within
+   its block, so its numbers are those of the block alone. */
+static int prompt_spans(int nb, const int64_t* blocks, int64_t* spans) {
+  int ns = 0;
+  for (int b = 0; b < nb; b++) {
+    const int64_t row = blocks[3 * b], m = blocks[3 * b + 1], s = blocks[3 * b + 2];
+    if (s == 0) continue;
+    int64_t* last = spans + 3 * (ns - 1);
+    if (ns && last[2] == s && last[0] + last[1] == row && last[1] % PROMPT_BLOCK == 0 && last[1] + m <= PROMPT_SPAN) {
+      last[1] += m;
+    } else {
+      spans[3 * ns] = row;
+      spans[3 * ns + 1] = m;
+      spans[3 * ns + 2] = s;
+      ns++;
+    }
+  }
+  return ns;
+}
+#define MAX_RANK_C @MAX_RANK@
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef float vfu __attribute__((vector_size(VW * 4), aligned(4), may_alias));  /* a vf anywhere in a float array */
+#define LDU(p) (*(const vfu*)(p))
+#define STU(p, v) (*(vfu*)(p) = (v))
+/* The tiles spelled out (an array of vector accumulators stays in memory): k a token, q a rank or a vector of
+   output columns. Shrink: acc_kq = sum over i of x_k[i] * A_q[i]; expand: c_kq += v_k[j] * B^T_j[q's columns]. */
+#if TR == 4
+#define PER_Q(M) M(0) M(1) M(2) M(3)
+#define PER_KQ(M, k) M(k, 0) M(k, 1) M(k, 2) M(k, 3)
+#else
+#define PER_Q(M) M(0) M(1)
+#define PER_KQ(M, k) M(k, 0) M(k, 1)
+#endif
+#define PER_K(M) M(0) M(1) M(2) M(3)
+#define PER_TILE(M) PER_KQ(M, 0) PER_KQ(M, 1) PER_KQ(M, 2) PER_KQ(M, 3)
+#define SH_DECL(k, q) vf acc##k##q = {0};
+#define SH_W(q) const vf w##q = LDU(af + (long)(j0 + q) * in + i);
+#define SH_X(k) const vf x##k = LDU(xr[k] + i);
+#define SH_FMA(k, q) acc##k##q += x##k * w##q;
+/* A rank value from its lanes' sum: the columns past the last full vector added, then scaled. */
+#define SH_FINISH(k, q, sum) { const float* a_ = af + (long)(j0 + q) * in; \
+    float t_ = (sum); \
+    for (int i = iv; i < in; i++) t_ += xr[k][i] * a_[i]; \
+    v[(long)(t0 + k) * rp + j0 + q] = t_ * fr[j0 + q]; }
+#define SH_OUT(k, q) if (t0 + k < m) SH_FINISH(k, q, hsumv(acc##k##q))
+#define EX_LOAD(k, q) vf c##k##q = LDU(yr[k] + o + q * VW);
+#define EX_W(q) const vf w##q = LDU(bf_ + (long)j * out + o + q * VW);
+#define EX_V(k) const float v##k = vr[k][j];
+#define EX_FMA(k, q) c##k##q += v##k * w##q;
+#define EX_STORE(k, q) if (t0 + k < m) STU(yr[k] + o + q * VW, c##k##q);
+#define EX1_LOAD(k) vf c##k = LDU(yr[k] + o);
+#define EX1_FMA(k) c##k += vr[k][j] * w;
+#define EX1_STORE(k) if (t0 + k < m) STU(yr[k] + o, c##k);
+
+#if VW == 16 && TR == 4
+/* One token's four rank sums at once (a tile row): halves added, then three horizontal adds across the four
+   accumulators, instead of four separate reductions (a third of the shrink's instructions went to them). */
+static inline void hsum4v(vf a, vf b, vf c, vf d, float* s) {
+#define HALVES_(v) _mm256_add_ps(_mm512_castps512_ps256((__m512)(v)), \
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd((__m512)(v)), 1)))
+  const __m256 ab = _mm256_hadd_ps(HALVES_(a), HALVES_(b)), cd = _mm256_hadd_ps(HALVES_(c), HALVES_(d));
+  const __m256 abcd = _mm256_hadd_ps(ab, cd);
+  _mm_storeu_ps(s, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
+#undef HALVES_
+}
+#define SH_PUT(k, q) SH_FINISH(k, q, s##k[q])
+#define SH_OUTK(k) if (t0 + k < m) { float s##k[4]; hsum4v(acc##k##0, acc##k##1, acc##k##2, acc##k##3, s##k); \
+    PER_KQ(SH_PUT, k) }
+#define SH_OUT_TILE PER_K(SH_OUTK)
+#else
+#define SH_OUT_TILE PER_TILE(SH_OUT)
+#endif
+
+static inline float hsumv(vf a) {  /* element access, so the sums stay in registers */
+#if VW == 16
+  const v8f h = {a[0] + a[8], a[1] + a[9], a[2] + a[10], a[3] + a[11], a[4] + a[12], a[5] + a[13], a[6] + a[14],
+                 a[7] + a[15]};
+  return hsum8(h);
+#else
+  return hsum8(a);
+#endif
+}
+
+/* A thread's fp32 copy of one slot's rank rows and its tokens' rank values (grow: C_GROW_BUFFER). */
+static __thread float* ws_buf;
+static __thread size_t ws_cap;
+
+/* Prompt rows on AMX (bf16 tiles, fp32 sums) where the CPU has it: see amx_layout_* and amx_rows_*. */
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
+@AMX_TILES@
+#define HAVE_AMX_BF16 1
+static int amx_granted = 0, amx_on = 0;
+
+int loraserve_amx_init(void) {
+  amx_granted = amx_request();
+  amx_on = amx_granted;
+  return amx_granted;
+}
+
+/* Tiles 0-1: C, 16 tokens x 16 fp32 (rank values, or output columns read from y); 2-3: 16 tokens x 32 bf16
+   of x; 4: 16 pairs of in values x 16 ranks (A^T, VNNI); 5-6: 16 tokens x 16 bf16 rank values; 7: 8 pairs of
+   ranks x 16 output columns (B^T, VNNI). */
+static void amx_prompt_tiles(void) {
+  static const uint8_t rows[8] = {16, 16, 16, 16, 16, 16, 16, 8};
+  static const uint16_t colsb[8] = {64, 64, 64, 64, 64, 32, 32, 64};
+  amx_load_tiles(rows, colsb);
+}
+
+/* 16 rows of 16 dwords in registers, transposed in place (r[q] becomes column q). */
+static inline void transpose16(__m512i* r) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  /* u[i + c], lane L: rows i..i+3 of column 4L + c */
+    u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int c = 0; c < 4; c++) {
+    const __m512i abl = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), abh = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
+    const __m512i cdl = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
+    const __m512i cdh = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_i32x4(abl, cdl, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(abl, cdl, 0xDD);
+    r[8 + c] = _mm512_shuffle_i32x4(abh, cdh, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(abh, cdh, 0xDD);
+  }
+}
+
+/* Bytes of the AMX path's workspace, 64-byte aligned parts (see amx_layout_* and amx_rows_*). */
+#define AMX_X_BYTES(in) ((long)PROMPT_SPAN * (in) * 2)
+static inline long amx_ws_bytes(int in, int rp16, long out_max) {
+  return AMX_X_BYTES(in) + (long)rp16 * in * 2 + (long)rp16 * out_max * 2 + 32L * rp16 * 4 + 32L * rp16 * 2
+         + 16 * 16 * 4 * 2 + (long)rp16 * 4 + 6 * 64;
+}
+static inline char* align64(char* p) { return (char*)(((uintptr_t)p + 63) & ~(uintptr_t)63); }
+
+/* The AMX path's workspace after x (ws from amx_layout_* on, 64-byte aligned parts): A^T and B^T of one slot and
+   target as the tiles read them, the rank values of 32 tokens in fp32 and bf16, two partial output tiles, and
+   each rank's scale. */
+typedef struct { uint32_t* at; uint32_t* bv; float* v; uint16_t* vb; float* tmp; float* fr; } amx_ws;
+static inline amx_ws amx_parts(char* ws, int rp, int in, long out) {
+  amx_ws w;
+  w.at = (uint32_t*)ws;                                                        /* [rp/16][in/2][16] */
+  w.bv = (uint32_t*)align64((char*)(w.at + (long)rp / 16 * (in / 2) * 16));   /* [rp/2][out] */
+  w.v = (float*)align64((char*)(w.bv + (long)rp / 2 * out));                   /* [32][rp] */
+  w.vb = (uint16_t*)align64((char*)(w.v + 32L * rp));                          /* [32][rp] */
+  w.tmp = (float*)align64((char*)(w.vb + 32L * rp));                           /* [2][16][16] */
+  w.fr = (float*)align64((char*)(w.tmp + 2 * 16 * 16));                        /* [rp] */
+  return w;
+}
+
+/* x rows t0..t0+m (m <= 32) as bf16 (round to nearest even), the rows past m up to the tiles' 16 or 32 zero;
+   in a multiple of 32. */
+static void amx_x_rows(int m, const float* x, long xs, int in, uint16_t* xb) {
+  for (int t = 0; t < (m > 16 ? 32 : 16); t++) {
+    uint16_t* d = xb + (long)t * in;
+    if (t >= m) { memset(d, 0, (size_t)in * 2); continue; }
+    const float* r = x + (long)t * xs;
+    for (int i = 0; i < in; i += 32)
+      _mm512_storeu_si512(d + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(r + i + 16), _mm512_loadu_ps(r + i)));
+  }
+}
+#else
+#define HAVE_AMX_BF16 0
+int loraserve_amx_init(void) { return 0; }
+static const int amx_on = 0;
+#endif
+
+/* Tests: the vector path for prompt rows on an AMX machine too (it stays the path elsewhere). */
+void loraserve_set_prompt_amx(int on) {
+#if HAVE_AMX_BF16
+  amx_on = on && amx_granted;
+#else
+  (void)on;
+#endif
+}
+int loraserve_prompt_amx(void) { return amx_on; }
