@@ -279,6 +279,10 @@ def startup_warnings(cfg: Config) -> list[str]:
     if s.tenants and not s.tls_cert and not is_loopback(s.host):
         out.append(f"INSECURE: --tenants on {s.host} without --tls-cert/--tls-key: API keys cross the network "
                    "in clear text and anyone on the path can read and replay them; serve with TLS")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cfg.engine.cpu_threads > cores:
+        out.append(f"--cpu-threads {cfg.engine.cpu_threads} is more than the {cores} cores this process may use: "
+                   "the engine's threads will take turns on them and every step waits for the slowest")
     for d in s.import_dirs:
         if not Path(d).expanduser().is_dir():
             out.append(f"--import-dir {d} is not a directory (yet): registering adapters from it fails until it is")

@@ -165,3 +165,12 @@ def test_resolve_only_derives() -> None:
         torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
     assert config.EngineConfig(dtype="float16").resolve_dtype(torch.device("cuda")) == torch.float16
     assert config.EngineConfig(device="cpu").resolve_device() == cpu
+
+
+def test_warns_of_more_threads_than_cores() -> None:
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    assert config.startup_warnings(config.load(parse("--cpu-threads", str(cores)), env={})) == []
+    warn = config.startup_warnings(config.load(parse("--cpu-threads", str(cores + 1)), env={}))
+    assert len(warn) == 1 and f"more than the {cores} cores" in warn[0]
