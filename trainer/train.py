@@ -319,6 +319,19 @@ class _Progress:
         return self.elapsed_before + (time.perf_counter() - self.loop_started)
 
 
+def unwritable_reason(path: Path) -> Optional[str]:
+    """Why `path` cannot become a directory this user writes into (its nearest existing ancestor decides), or None.
+    Nothing is created."""
+    p = path.expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is not a directory"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"{p} cannot be written"
+    return None
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         cfg.validate()
@@ -326,6 +339,9 @@ class Trainer:
             cfg.epochs = 1
         self.cfg = cfg
         self.out = Path(cfg.output)
+        problem = unwritable_reason(self.out)
+        if problem is not None:  # found now, not when the first checkpoint or the adapter is written
+            raise TrainingConfigError(f"--output: {problem}; give a directory this user can write")
         self.dist = setup_distributed(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.dist.device)
 

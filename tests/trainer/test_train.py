@@ -265,3 +265,14 @@ def test_time_limit_stops_cleanly_and_resume_finishes_the_same_run(tiny_dir, dat
     a, b = adapter_tensors(tmp_path / "cut"), adapter_tensors(tmp_path / "whole")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_an_output_that_cannot_be_written_stops_before_training(tiny_dir, data, tmp_path, capsys):
+    """Found before the first step, not when the first checkpoint is written (it used to end in a traceback)."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    rc = cli_main(["--data", str(data["train"]), "--output", str(blocked / "out"), "--model", str(tiny_dir),
+                   "--home", str(tmp_path / "home"), "--max-steps", "2", "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"--output: {blocked} is not a directory" in err and "Traceback" not in err
