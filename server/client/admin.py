@@ -57,6 +57,9 @@ def register(stub: pb_grpc.AdaptersStub, name: str, path: Path, meta: dict[str, 
         reqs: Any = iter([pb.RegisterAdapterRequest(header=pb.RegisterAdapterHeader(
             name=name, server_path=str(path), metadata=meta, tenant=tenant))])
     else:
+        if not path.is_dir():
+            raise SystemExit(f"error: {path} {'is not a directory' if path.exists() else 'does not exist'}; "
+                             "expected a PEFT adapter directory")
         for f in (CONFIG_NAME, WEIGHTS_NAME):
             if not (path / f).is_file():
                 raise SystemExit(f"error: {path} has no {f}; expected a PEFT adapter directory "
