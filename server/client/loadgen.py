@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import sys
@@ -268,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _num(v: float, digits: int) -> str:
+    """A figure for the table; '-' where there was no sample to take it from."""
+    return "-" if math.isnan(v) else f"{v:.{digits}f}"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.requests < 1 or args.concurrency < 1:
@@ -277,13 +283,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = [("protocol", s.protocol), ("requests ok / sent", f"{s.ok} / {s.requests}"), ("errors", json.dumps(s.errors) if s.errors else "none"),
             ("wall seconds", f"{s.seconds:.2f}"), ("requests/s", f"{s.requests_per_s:.2f}"),
             ("generated tokens/s", f"{s.generated_tokens_per_s:.1f}"),
-            ("TTFT p50 / p99 (s)", f"{s.ttft_p50_s:.3f} / {s.ttft_p99_s:.3f}"),
-            ("inter-token p50 / p99 (s)", f"{s.itl_p50_s:.4f} / {s.itl_p99_s:.4f}"),
-            ("latency p50 / p99 (s)", f"{s.latency_p50_s:.3f} / {s.latency_p99_s:.3f}")]
+            ("TTFT p50 / p99 (s)", f"{_num(s.ttft_p50_s, 3)} / {_num(s.ttft_p99_s, 3)}"),
+            ("inter-token p50 / p99 (s)", f"{_num(s.itl_p50_s, 4)} / {_num(s.itl_p99_s, 4)}"),
+            ("latency p50 / p99 (s)", f"{_num(s.latency_p50_s, 3)} / {_num(s.latency_p99_s, 3)}")]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(asdict(s), indent=2, default=str))
+        # A percentile with no sample is null, not NaN (which is not JSON: jq and strict parsers refuse it).
+        summary = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(s).items()}
+        args.output.write_text(json.dumps(summary, indent=2, default=str, allow_nan=False))
     return 0 if s.ok == s.requests else 1
