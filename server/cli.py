@@ -76,9 +76,15 @@ def serve_main(argv: list[str]) -> int:
 # ---- generate --------------------------------------------------------------------------------------
 def _read_messages(path: str) -> list[dict[str, str]]:
     """A JSON list of {role, content} or a JSONL file with one message per line ('-' = stdin)."""
-    text = sys.stdin.read() if path == "-" else Path(path).read_text()
-    text = text.strip()
-    data = json.loads(text) if text.startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
+    try:
+        text = (sys.stdin.read() if path == "-" else Path(path).read_text()).strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        data = json.loads(text) if text.startswith("[") else [json.loads(line) for line in text.splitlines()
+                                                              if line.strip()]
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {path}: not JSON or JSONL ({e})") from None
     if isinstance(data, dict) and "messages" in data:
         data = data["messages"]
     if not isinstance(data, list) or not all(isinstance(m, dict) and "role" in m for m in data):
