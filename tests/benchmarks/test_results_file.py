@@ -19,7 +19,7 @@ def test_a_write_that_dies_midway_leaves_the_previous_results(tmp_path: Path, mo
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Path, "write_text", dies_midway)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="No space left on device"):
         write_json(out, {"run": 2, "tok_s": 512.0, "rows": list(range(100))})
     monkeypatch.undo()
     assert json.loads(out.read_text()) == {"run": 1, "tok_s": 493.0}

@@ -66,9 +66,10 @@ def test_punica_mixes():
 
 
 def test_bad_configs_are_refused():
-    for bad in (dict(num_adapters=0), dict(alpha=0), dict(rate=0), dict(cv=-1), dict(input_range=(5, 5)),
-                dict(output_range=(0, 4))):
-        with pytest.raises(ValueError):
+    for bad, words in ((dict(num_adapters=0), "num_adapters is 0"), (dict(alpha=0), "alpha is 0"),
+                       (dict(rate=0), "must both be > 0"), (dict(cv=-1), "must both be > 0"),
+                       (dict(input_range=(5, 5)), "input_range is"), (dict(output_range=(0, 4)), "output_range is")):
+        with pytest.raises(ValueError, match=words):
             slora_requests(WorkloadConfig(**bad))
 
 
@@ -95,7 +96,7 @@ def test_roofline_bytes():
     assert one["lora"] * 32 == none["lora"]
     tps = roofline.roofline_tokens_per_s(none["total"], 32, 3.35e12)
     assert tps == pytest.approx(32 * 3.35e12 / none["total"])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="quantize must be none, int8 or int4, not 'fp8'"):
         roofline.weight_bytes_per_param("fp8", 2)
 
 

@@ -61,9 +61,9 @@ def test_padding_rows_touch_only_the_scratch_row():
     assert x.decode_mask[:, 0, 0, :].sum(1).tolist() == [5, 2, 1, 1]  # padding attends to one (scratch) row
     assert (x.decode_kv[2:] == scratch).all()
     assert (x.decode_kv[~x.decode_mask[:, 0, 0, :]] == scratch).all()  # masked columns read the scratch row
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="2 sequences do not fit a bucket of 1"):
         pad_decode_inputs([a, b], blocks, batch=1, context=8, scratch_kv_row=scratch)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="does not fit a bucket of 4"):
         pad_decode_inputs([a], blocks, batch=2, context=4, scratch_kv_row=scratch)
 
 
@@ -77,7 +77,7 @@ def test_knob_defaults_on_and_has_a_no_flag():
 def test_capture_refuses_cpu(tiny_dir):
     eng = make_engine(tiny_dir)
     try:
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
             DecodeGraphs(eng.model, eng.kv, eng.blocks, eng.lora_backend, 4, eng.max_model_len,
                          eng.blocks.num_blocks * eng.blocks.block_size, capture=True)
         assert eng.runner.decode_graphs is None  # the knob is ignored on CPU

@@ -141,13 +141,13 @@ def test_refuses_layouts_it_cannot_read(kernel):
     assert not kernel.accepts(y, torch.zeros(2, 9), plan)  # width mismatch
     assert not kernel.accepts(y.double(), x, plan)
     assert not kernel.accepts(torch.zeros(2, 7), x, plan, 2)  # y wider than the plan
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="rank 5 outside"):
         kernel.check_slots(torch.tensor([1, 2]), 5, plan)  # rank over the stack's R
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="slot out of range"):
         kernel.check_slots(torch.tensor([1, 3]), 2, plan)  # slot out of range
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="slot out of range"):
         kernel.check_slots(torch.tensor([1, -1]), 2, plan)  # negative slot
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="contiguous 1-D int64"):
         kernel.check_slots(torch.tensor([1, 2], dtype=torch.int32), 2, plan)  # not int64
     assert not kernel.accepts(y, x, plan, 3)  # more tokens than rows
 

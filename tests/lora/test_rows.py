@@ -24,15 +24,15 @@ def test_adjacent_rows_first_then_any_free_ones():
 def test_bad_frees_and_sizes_are_refused():
     rows = RowAllocator(4)
     got = rows.allocate(2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="row 0 is not an allocated row"):
         rows.free([0])  # the zero row is never handed out
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="row 3 is not an allocated row"):
         rows.free([3])  # not allocated
     rows.free(got)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="is not an allocated row"):
         rows.free(got)  # twice
     assert rows.allocate(0) is None and rows.num_free == 4
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one rank row"):
         RowAllocator(0)
 
 
