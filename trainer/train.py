@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from server.core.errors import LoraServeError
+from server.core.paths import unwritable_reason
 from server.model.config import TARGET_MODULES, TARGETS
 from trainer import export
 from trainer.data import IGNORE_INDEX, DataConfig, Dataset, collate, load_dataset
@@ -317,19 +318,6 @@ class _Progress:
 
     def train_seconds(self) -> float:
         return self.elapsed_before + (time.perf_counter() - self.loop_started)
-
-
-def unwritable_reason(path: Path) -> Optional[str]:
-    """Why `path` cannot become a directory this user writes into (its nearest existing ancestor decides), or None.
-    Nothing is created."""
-    p = path.expanduser().absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    if not p.is_dir():
-        return f"{p} is not a directory"
-    if not os.access(p, os.W_OK | os.X_OK):
-        return f"{p} cannot be written"
-    return None
 
 
 class Trainer:

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from server.core.paths import resolve_kernel_cache
+from server.core.paths import resolve_kernel_cache, unwritable_reason
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +64,6 @@ def set_cache_dir(directory: Path) -> None:
 def cache_dir() -> Path:
     """The kernel cache: what `set_cache_dir` named, else `resolve_kernel_cache()` (env, then the home's)."""
     return _cache_dir if _cache_dir is not None else resolve_kernel_cache()
-
-
-def _writable(directory: Path) -> bool:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return False
-    return os.access(directory, os.W_OK | os.X_OK)
 
 
 def _private_fallback() -> Path:
@@ -131,7 +123,7 @@ def build_and_load(name: str, source: str, flags: Sequence[str] = NATIVE_FLAGS,
     digest = hashlib.sha256("\0".join([source, *flags, cpu_flags(), torch.__version__]).encode()).hexdigest()
     directory = Path(directory).expanduser() if directory is not None else cache_dir()
     target = directory / f"{name}_{digest[:16]}.so"
-    if not target.exists() and not _writable(directory):
+    if not target.exists() and unwritable_reason(directory) is not None:
         target = _private_fallback() / target.name
         if directory not in _warned_fallback:
             _warned_fallback.add(directory)

@@ -36,3 +36,16 @@ def resolve_kernel_cache(kernel_cache: Union[str, os.PathLike, None] = None,
     env = os.environ if env is None else env
     chosen = kernel_cache or env.get(KERNEL_CACHE_ENV)
     return Path(chosen).expanduser() if chosen else resolve_home(home, env) / "kernels"
+
+
+def unwritable_reason(path: Union[str, os.PathLike]) -> Optional[str]:
+    """Why `path` cannot be (or become) a directory this user writes into, or None. Its nearest existing
+    ancestor decides; nothing is created."""
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is not a directory"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"{p} cannot be written"
+    return None

@@ -56,8 +56,9 @@ class Engine:
         bs = config.kv_block_size
         kv_tokens = config.kv_cache_tokens or self._auto_kv_tokens()
         self.max_model_len = self._context_length(kv_tokens)
-        self._check_kv_fits(kv_tokens)
-        self.blocks = BlockAllocator(-(-kv_tokens // bs), bs)
+        num_blocks = -(-kv_tokens // bs)
+        self._check_kv_fits(kv_tokens, num_blocks + 1)
+        self.blocks = BlockAllocator(num_blocks, bs)
         # One spare block past the allocator's range: padded decode rows write there (cuda_graphs.py).
         self.kv = KVCache.allocate(self.model_config, self.blocks.num_blocks + 1, bs, self.dtype, self.device)
         self.lora_backend = build_lora_backend(config, self.model_config, self.device, self.dtype)
@@ -150,12 +151,11 @@ class Engine:
             context = kv_tokens
         return context
 
-    def _check_kv_fits(self, kv_tokens: int) -> None:
-        """Refuse a KV cache larger than the free memory by name (on CPU the allocation would succeed, and the
-        OOM killer end the process later without a word)."""
-        bs = self.config.kv_block_size
+    def _check_kv_fits(self, kv_tokens: int, blocks: int) -> None:
+        """Refuse a KV cache of `blocks` blocks larger than the free memory by name (on CPU the allocation would
+        succeed, and the OOM killer end the process later without a word)."""
         per_token = KVCache.bytes_per_token(self.model_config, self.dtype)
-        nbytes = (-(-kv_tokens // bs) + 1) * bs * per_token  # the allocator's blocks and one spare
+        nbytes = blocks * self.config.kv_block_size * per_token
         problem = check_fits(f"a KV cache of {kv_tokens} tokens ({per_token} bytes a token)", nbytes,
                              free_memory(self.device), self.device.type)
         if problem is not None:

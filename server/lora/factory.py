@@ -43,9 +43,10 @@ def build_lora_backend(config: EngineConfig, model_config: ModelConfig, device: 
     copies = _kernel_copies(config, device) if name == "cpu" else None
     if copies is not None:
         row_bytes += RowStacks.bytes_per_row(model_config, copies)  # the kernel's bf16 or int8 copies
-    rows = config.resolve_adapter_rows(row_bytes, lambda: free_memory(device))
+    free = free_memory(device)  # what a fractional --adapter-memory is a fraction of, and what any must fit in
+    rows = config.resolve_adapter_rows(row_bytes, lambda: free)
     problem = check_fits(f"adapter memory of {rows + 1} rank rows of {row_bytes / 1e6:.2f} MB (--adapter-memory "
-                         f"{config.adapter_memory})", (rows + 1) * row_bytes, free_memory(device), device.type)
+                         f"{config.adapter_memory})", (rows + 1) * row_bytes, free, device.type)
     if problem is not None:
         fix = ("lower --adapter-memory (a size such as 2GiB, or a fraction of free memory such as 0.25)"
                if config.adapter_memory != "auto" else
