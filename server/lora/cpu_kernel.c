@@ -27,6 +27,10 @@ static inline void prefetch_bytes(const void* row, long bytes) {
 }
 typedef float v8f __attribute__((vector_size(32)));
 
+/* Decode tokens of one slot that a kernel call serves together, sharing each weight vector it converts
+   (16 accumulators of AVX-512's 32 registers for the shrink). */
+#define DECODE_GROUP 4
+
 static inline float hsum8(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
 /* 8 int8 weights as 8 floats: sign-extend and convert (two instructions with AVX2). */
@@ -48,54 +52,91 @@ static inline __m512 i8x16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
 }
 
-/* One row of x against one int8 weight row, four accumulators of 16 (an FMA's latency hidden). */
-static inline float dot1_i8(const int8_t* row, int in, const float* x) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+/* G tokens' rows of x (G <= DECODE_GROUP, a constant where it is inlined) against one int8 weight row: each
+   weight vector is converted once for the G tokens, and each token has its own four accumulators of 16 (an FMA's
+   latency hidden) summed in one fixed order, so its numbers do not depend on G or on the other tokens. */
+static inline __attribute__((always_inline)) void dotg_i8(const int8_t* row, int in, const float* const* x, int G,
+                                                         float* out) {
+  __m512 a[DECODE_GROUP][4];
+  for (int t = 0; t < G; t++) a[t][0] = a[t][1] = a[t][2] = a[t][3] = _mm512_setzero_ps();
   int i = 0;
   for (; i + 64 <= in; i += 64) {
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), i8x16(row + i), a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), i8x16(row + i + 16), a1);
-    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 32), i8x16(row + i + 32), a2);
-    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 48), i8x16(row + i + 48), a3);
+    const __m512 w0 = i8x16(row + i), w1 = i8x16(row + i + 16), w2 = i8x16(row + i + 32), w3 = i8x16(row + i + 48);
+    for (int t = 0; t < G; t++) {
+      a[t][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x[t] + i), w0, a[t][0]);
+      a[t][1] = _mm512_fmadd_ps(_mm512_loadu_ps(x[t] + i + 16), w1, a[t][1]);
+      a[t][2] = _mm512_fmadd_ps(_mm512_loadu_ps(x[t] + i + 32), w2, a[t][2]);
+      a[t][3] = _mm512_fmadd_ps(_mm512_loadu_ps(x[t] + i + 48), w3, a[t][3]);
+    }
   }
-  for (; i + 16 <= in; i += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), i8x16(row + i), a0);
-  float t = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-  for (; i < in; i++) t += x[i] * (float)row[i];
-  return t;
+  for (; i + 16 <= in; i += 16) {
+    const __m512 w = i8x16(row + i);
+    for (int t = 0; t < G; t++) a[t][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x[t] + i), w, a[t][0]);
+  }
+  for (int t = 0; t < G; t++) {
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[t][0], a[t][1]), _mm512_add_ps(a[t][2], a[t][3])));
+    for (int e = i; e < in; e++) s += x[t][e] * (float)row[e];
+    out[t] = s;
+  }
 }
 
-/* y[0..out) += v * row, 16 int8 weights at a time. */
-static inline void axpy_i8(float* y, float v, const int8_t* row, int out) {
-  const __m512 vv = _mm512_set1_ps(v);
+/* y[t][0..out) += v[t] * row for G tokens, 16 int8 weights at a time, each converted once for the G. */
+static inline __attribute__((always_inline)) void axpyg_i8(float* const* y, const float* v, int G, const int8_t* row,
+                                                          int out) {
+  __m512 vv[DECODE_GROUP];
+  for (int t = 0; t < G; t++) vv[t] = _mm512_set1_ps(v[t]);
   int o = 0;
-  for (; o + 16 <= out; o += 16) _mm512_storeu_ps(y + o, _mm512_fmadd_ps(vv, i8x16(row + o), _mm512_loadu_ps(y + o)));
-  for (; o < out; o++) y[o] += v * (float)row[o];
+  for (; o + 16 <= out; o += 16) {
+    const __m512 w = i8x16(row + o);
+    for (int t = 0; t < G; t++) _mm512_storeu_ps(y[t] + o, _mm512_fmadd_ps(vv[t], w, _mm512_loadu_ps(y[t] + o)));
+  }
+  for (; o < out; o++) {
+    const float w = (float)row[o];
+    for (int t = 0; t < G; t++) y[t][o] += v[t] * w;
+  }
 }
 #else
-/* One row of x against one int8 weight row, two accumulators of 8. */
-static inline float dot1_i8(const int8_t* row, int in, const float* x) {
-  v8f a0 = {0}, a1 = {0}, xv;
+/* As the AVX-512 one, with two accumulators of 8 a token. */
+static inline __attribute__((always_inline)) void dotg_i8(const int8_t* row, int in, const float* const* x, int G,
+                                                         float* out) {
+  v8f a[DECODE_GROUP][2], xv;
+  for (int t = 0; t < G; t++) { a[t][0] = (v8f){0}; a[t][1] = (v8f){0}; }
   int i = 0;
   for (; i + 16 <= in; i += 16) {
-    memcpy(&xv, x + i, 32); a0 += xv * i8x8(row + i);
-    memcpy(&xv, x + i + 8, 32); a1 += xv * i8x8(row + i + 8);
+    const v8f w0 = i8x8(row + i), w1 = i8x8(row + i + 8);
+    for (int t = 0; t < G; t++) {
+      memcpy(&xv, x[t] + i, 32); a[t][0] += xv * w0;
+      memcpy(&xv, x[t] + i + 8, 32); a[t][1] += xv * w1;
+    }
   }
-  for (; i + 8 <= in; i += 8) { memcpy(&xv, x + i, 32); a0 += xv * i8x8(row + i); }
-  float t = hsum8(a0 + a1);
-  for (; i < in; i++) t += x[i] * (float)row[i];
-  return t;
+  for (; i + 8 <= in; i += 8) {
+    const v8f w = i8x8(row + i);
+    for (int t = 0; t < G; t++) { memcpy(&xv, x[t] + i, 32); a[t][0] += xv * w; }
+  }
+  for (int t = 0; t < G; t++) {
+    float s = hsum8(a[t][0] + a[t][1]);
+    for (int e = i; e < in; e++) s += x[t][e] * (float)row[e];
+    out[t] = s;
+  }
 }
 
-/* y[0..out) += v * row, 8 int8 weights at a time. */
-static inline void axpy_i8(float* y, float v, const int8_t* row, int out) {
+/* y[t][0..out) += v[t] * row for G tokens, 8 int8 weights at a time, each converted once for the G. */
+static inline __attribute__((always_inline)) void axpyg_i8(float* const* y, const float* v, int G, const int8_t* row,
+                                                          int out) {
   int o = 0;
   for (; o + 8 <= out; o += 8) {
-    v8f yv;
-    memcpy(&yv, y + o, 32);
-    yv += v * i8x8(row + o);
-    memcpy(y + o, &yv, 32);
+    const v8f w = i8x8(row + o);
+    for (int t = 0; t < G; t++) {
+      v8f yv;
+      memcpy(&yv, y[t] + o, 32);
+      yv += v[t] * w;
+      memcpy(y[t] + o, &yv, 32);
+    }
   }
-  for (; o < out; o++) y[o] += v * (float)row[o];
+  for (; o < out; o++) {
+    const float w = (float)row[o];
+    for (int t = 0; t < G; t++) y[t][o] += v[t] * w;
+  }
 }
 
 #endif
@@ -138,6 +179,55 @@ static int prompt_spans(int nb, const int64_t* blocks, int64_t* spans) {
   return ns;
 }
 #define MAX_RANK_C @MAX_RANK@
+
+/* A decode call's tokens as work items: the tokens with a slot (slot 0 is no adapter), ordered by slot and, within
+   a slot, by token; cut into items of at most gmax tokens of one slot, a slot's tokens spread evenly over its
+   items. tok[off[i]..off[i + 1]) are item i's tokens. The calls of one decode step (four a layer) pass the same
+   slots, so each thread keeps its last answer and reuses it while they do not change. Returns the number of
+   items, or -1 when memory for them could not be had. */
+typedef struct { int n, gmax, cap, ni; int64_t* slots; int* tok; int* off; } decode_items_t;
+static __thread decode_items_t items_cache;
+
+static int decode_items(int n, const int64_t* slots, int gmax, const int** tok, const int** off) {
+  decode_items_t* c = &items_cache;
+  if (c->slots && c->n == n && c->gmax == gmax && memcmp(c->slots, slots, sizeof(int64_t) * (size_t)n) == 0) {
+    *tok = c->tok; *off = c->off;
+    return c->ni;
+  }
+  if (n > c->cap) {
+    int64_t* ns = (int64_t*)realloc(c->slots, sizeof(int64_t) * (size_t)n);
+    if (ns) c->slots = ns;
+    int* nt = ns ? (int*)realloc(c->tok, sizeof(int) * (size_t)n) : NULL;
+    if (nt) c->tok = nt;
+    int* no = nt ? (int*)realloc(c->off, sizeof(int) * ((size_t)n + 1)) : NULL;
+    if (no) c->off = no;
+    if (!no) { c->n = -1; return -1; }
+    c->cap = n;
+  }
+  int m = 0;
+  for (int t = 0; t < n; t++) {  /* insertion sort by slot, stable: once a step, n is a batch */
+    if (slots[t] == 0) continue;
+    int k = m++;
+    while (k > 0 && slots[c->tok[k - 1]] > slots[t]) { c->tok[k] = c->tok[k - 1]; k--; }
+    c->tok[k] = t;
+  }
+  int ni = 0;
+  c->off[0] = 0;
+  for (int a = 0; a < m;) {
+    int b = a;
+    while (b < m && slots[c->tok[b]] == slots[c->tok[a]]) b++;
+    const int len = b - a, k = (len + gmax - 1) / gmax, base = len / k, extra = len % k;
+    for (int i = 0, at = a; i < k; i++) {
+      at += base + (i < extra);
+      c->off[++ni] = at;
+    }
+    a = b;
+  }
+  memcpy(c->slots, slots, sizeof(int64_t) * (size_t)n);
+  c->n = n; c->gmax = gmax; c->ni = ni;
+  *tok = c->tok; *off = c->off;
+  return ni;
+}
 typedef float vf __attribute__((vector_size(VW * 4)));
 typedef float vfu __attribute__((vector_size(VW * 4), aligned(4), may_alias));  /* a vf anywhere in a float array */
 #define LDU(p) (*(const vfu*)(p))

@@ -1,6 +1,6 @@
-/* loraserve: the LoRA decode and prompt kernels for one weight type (WT, W, RS_A, RS_B, DOT1, AXPY and W16F
-   are defined before it, its suffix marker names the instance); server/lora/cpu_kernel.py instantiates it for
-   bf16 and int8 rows. */
+/* loraserve: the LoRA decode and prompt kernels for one weight type (WT, W, RS_A, RS_B, W16F, DECODE_G, DOTG and
+   AXPYG are defined before it, its suffix marker names the instance); server/lora/cpu_kernel.py instantiates it
+   for bf16 and int8 rows. */
 /* v[j] = sc * x . A[pg[j]] and y[o] += sum_j v[j] * B^T[pg[j]][o], a row at a time. Blocking four
    rows per pass (four accumulator chains, one pass over y) measured slower here: 4.6 ms a
    SmolLM2 step against 3.7 ms, the loop is bound by streaming the rows, not by FMA latency.
@@ -9,54 +9,87 @@
    prefetcher picks up late; measured on SmolLM2 decode steps of 8 distinct rank-16 adapters, one row ahead took
    the kernel's time a step from 6.6-6.8 ms to 5.2 ms (bf16 rows), and PF_ROWS rows ahead keep more of them in
    flight (see PF_ROWS). */
-static void shrink_@SUF@(const float* x, const lora_target* T, const int32_t* pg, int r, int in, float sc, float* v) {
+/* shrink for G tokens of one slot (G <= DECODE_G, a constant where it is inlined): v[t][j] = sc * x[t] . A[pg[j]],
+   each weight vector converted once for the G tokens, each token's numbers those of it alone. */
+static inline __attribute__((always_inline)) void shrink_@SUF@(const float* const* x, int G, const lora_target* T,
+                                                              const int32_t* pg, int r, int in, float sc,
+                                                              float (*v)[MAX_RANK_C]) {
   const WT* A = (const WT*)T->a;
   const WT* BT = (const WT*)T->bt;
   for (int j = 0; j < r; j++) {
     const WT* row = A + (long)pg[j] * T->a_row;
     if (j + PF_ROWS < r) prefetch_bytes(A + (long)pg[j + PF_ROWS] * T->a_row, in * (long)sizeof(WT));
     else if (j + PF_ROWS - r < r) prefetch_bytes(BT + (long)pg[j + PF_ROWS - r] * T->bt_row, T->out * (long)sizeof(WT));
-    float acc = 0.f;
-    DOT1(row, in, x, acc);
-    v[j] = acc * sc * RS_A(T, pg[j]);
+    float acc[DECODE_GROUP];
+    DOTG(row, in, x, G, acc);
+    for (int t = 0; t < G; t++) v[t][j] = acc[t] * sc * RS_A(T, pg[j]);
   }
 }
 
-static void expand_@SUF@(const float* v, const lora_target* T, const int32_t* pg, int r, float* y) {
+/* y[t] += sum_j v[t][j] * B^T[pg[j]] for G tokens of one slot, a rank row at a time. */
+static inline __attribute__((always_inline)) void expand_@SUF@(float (*v)[MAX_RANK_C], int G, const lora_target* T,
+                                                              const int32_t* pg, int r, float* const* y) {
   const WT* BT = (const WT*)T->bt;
   const int out = (int)T->out;
   for (int j = 0; j < r; j++) {
     const WT* row = BT + (long)pg[j] * T->bt_row;
     if (j + PF_ROWS < r) prefetch_bytes(BT + (long)pg[j + PF_ROWS] * T->bt_row, out * (long)sizeof(WT));
-    const float vj = v[j] * RS_B(T, pg[j]);
-    AXPY(y, vj, row, out);
+    float vj[DECODE_GROUP];
+    for (int t = 0; t < G; t++) vj[t] = v[t][j] * RS_B(T, pg[j]);
+    AXPYG(y, vj, G, row, out);
+  }
+}
+
+/* One work item: G decode tokens tok[0..G) of one slot through every target; next_pg, the next item's page
+   row (or NULL), is asked for while the last target expands. */
+static inline __attribute__((always_inline)) void decode_item_@SUF@(
+    int G, const int* tok, const int64_t* slots, const int32_t* pages, int pages_stride, int r, int in,
+    const float* x, long x_stride, float* y, long y_stride, int nt, const lora_target* tg, const int32_t* next_pg) {
+  const long s = slots[tok[0]];
+  const int32_t* pg = pages + s * pages_stride;
+  const int rs = slot_rank(pg, r);
+  float v[DECODE_GROUP][MAX_RANK_C];
+  const float* xs[DECODE_GROUP];
+  float* ys[DECODE_GROUP];
+  for (int t = 0; t < G; t++) xs[t] = x + tok[t] * x_stride;
+  for (int g = 0; g < nt; g++) {
+    const lora_target* T = tg + g;
+    shrink_@SUF@(xs, G, T, pg, rs, in, T->scale[s], v);
+    /* while this target expands, the next one's first A rows (or the next item's) come in */
+    for (int k = 0; k < PF_ROWS && k < rs; k++) {
+      if (g + 1 < nt) prefetch_bytes((const WT*)tg[g + 1].a + (long)pg[k] * tg[g + 1].a_row, in * (long)sizeof(WT));
+      else if (next_pg) prefetch_bytes((const WT*)tg[0].a + (long)next_pg[k] * tg[0].a_row, in * (long)sizeof(WT));
+    }
+    for (int t = 0; t < G; t++) ys[t] = y + tok[t] * y_stride + T->y_off;
+    expand_@SUF@(v, G, T, pg, rs, ys);
   }
 }
 
 /* For each of n decode tokens t with slot s = slots[t] != 0 and each target g:
-   y[t, g.y_off:][:g.out] += scale_g[s] * (x[t] . A_g,s^T) . B_g,s^T over the first r ranks. */
+   y[t, g.y_off:][:g.out] += scale_g[s] * (x[t] . A_g,s^T) . B_g,s^T over the first r ranks.
+   Tokens of one slot go through together, up to DECODE_G at a time, so a popular adapter's rows are converted
+   once for several of its tokens; a token's numbers are the same whichever tokens share its call. */
 void loraserve_decode_@SUF@(int n, const int64_t* slots, const int32_t* pages, int pages_stride, int r, int in,
                             const float* x, long x_stride, float* y, long y_stride, int nt, const lora_target* tg) {
-  #pragma omp parallel for schedule(static) if(n > 1)
-  for (int t = 0; t < n; t++) {
-    const long s = slots[t];
-    if (s == 0) continue;
-    const int32_t* pg = pages + s * pages_stride;
-    const int rs = slot_rank(pg, r);
-    float v[1024];
-    const float* xs = x + t * x_stride;
-    float* ys = y + t * y_stride;
-    for (int g = 0; g < nt; g++) {
-      const lora_target* T = tg + g;
-      shrink_@SUF@(xs, T, pg, rs, in, T->scale[s], v);
-      /* while this target expands, the next one's first A rows (or the next token's) come in */
-      for (int k = 0; k < PF_ROWS && k < rs; k++) {
-        if (g + 1 < nt) prefetch_bytes((const WT*)tg[g + 1].a + (long)pg[k] * tg[g + 1].a_row, in * (long)sizeof(WT));
-        else if (t + 1 < n && slots[t + 1] != 0)
-          prefetch_bytes((const WT*)tg[0].a + (long)pages[slots[t + 1] * pages_stride + k] * tg[0].a_row,
-                         in * (long)sizeof(WT));
-      }
-      expand_@SUF@(v, T, pg, rs, ys + T->y_off);
+  const int *tok, *off;
+  const int ni = decode_items(n, slots, DECODE_G, &tok, &off);
+  if (ni < 0) {  /* no memory for the items: token by token */
+    #pragma omp parallel for schedule(static) if(n > 1)
+    for (int t = 0; t < n; t++)
+      if (slots[t] != 0) decode_item_@SUF@(1, &t, slots, pages, pages_stride, r, in, x, x_stride, y, y_stride, nt, tg, 0);
+    return;
+  }
+  #pragma omp parallel for schedule(static) if(ni > 1)
+  for (int i = 0; i < ni; i++) {
+    const int* it = tok + off[i];
+    const int32_t* next_pg = i + 1 < ni ? pages + slots[tok[off[i + 1]]] * pages_stride : 0;
+    switch (off[i + 1] - off[i]) {
+#if DECODE_G == 4
+      case 4: decode_item_@SUF@(4, it, slots, pages, pages_stride, r, in, x, x_stride, y, y_stride, nt, tg, next_pg); break;
+      case 3: decode_item_@SUF@(3, it, slots, pages, pages_stride, r, in, x, x_stride, y, y_stride, nt, tg, next_pg); break;
+      case 2: decode_item_@SUF@(2, it, slots, pages, pages_stride, r, in, x, x_stride, y, y_stride, nt, tg, next_pg); break;
+#endif
+      default: decode_item_@SUF@(1, it, slots, pages, pages_stride, r, in, x, x_stride, y, y_stride, nt, tg, next_pg);
     }
   }
 }

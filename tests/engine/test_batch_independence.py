@@ -1,7 +1,8 @@
 """A request's tokens do not depend on what else is in its batches (int8, the engine's default).
 
 The int8 base runs integer products with per-token scales (server/model/int8_dynamic.py), the LoRA
-kernels work token by token, attention sequence by sequence: so a request decoded alone, inside a
+kernels keep each token's sums its own (tokens of one adapter share only the converted weights), attention
+runs sequence by sequence: so a request decoded alone, inside a
 batch that starts with it, arriving while others decode, or with others arriving while it decodes,
 must produce the same greedy tokens. A flat-logit tiny model (small init) makes greedy choices
 sensitive to the last bit of the logits, so any batch-dependent arithmetic shows up as a token flip.

@@ -217,6 +217,47 @@ def test_int8_rows_match_the_reference_on_their_dequantized_weights(kernel, rank
         cpu_kernel.KernelPlan(parts, plan.pages)
 
 
+
+@needs_cc
+@pytest.mark.parametrize("k,outs", [(576, (576, 192)), (72, (40, 21))])
+def test_int8_decode_tokens_get_the_same_bits_whoever_shares_their_adapter(kernel, k, outs):
+    """Decode tokens on one adapter go through together (its int8 rows converted once for up to four of them);
+    a token's output is the same bits alone as beside 1-11 others on its adapter and others, in any order, and
+    matches the reference."""
+    from server.lora.stacks import quantize_rows
+
+    torch.manual_seed(7)
+    n, R, rank = 4, 16, 16
+    parts, scales, deq = [], [], []
+    for off, o in zip((0, outs[0]), outs):
+        (qa, sa), (qb, sb) = quantize_rows(torch.randn(n * R, k)), quantize_rows(torch.randn(n * R, o) * 0.1)
+        sc = torch.rand(n) + 0.5
+        parts.append((qa, qb, sc, off))
+        scales.append((sa, sb))
+        deq.append(((qa.float() * sa[:, None]).view(n, R, k), (qb.float() * sb[:, None]).view(n, R, o), sc))
+    plan = cpu_kernel.KernelPlan(parts, torch.arange(n * R, dtype=torch.int32).view(n, R), scales)
+    tokens = 12
+    x, y0 = torch.randn(tokens, k), torch.randn(tokens, sum(outs))
+
+    def decode(rows: list[int], slots: list[int]) -> torch.Tensor:
+        y = y0[rows].clone()
+        ts = torch.tensor(slots, dtype=torch.int64)
+        kernel.check_slots(ts, rank, plan)
+        kernel.run(y, x[rows].contiguous(), ts, plan, rank)
+        return y
+
+    batches = [[1] * 12, [1, 2, 1, 3, 1, 1, 0, 1, 2, 1, 3, 1], [3, 3, 3, 3, 3, 2, 2, 1, 0, 3, 3, 3], [2] * 5 + [1] * 7]
+    for slots in batches:
+        together = decode(list(range(tokens)), slots)
+        for t, s in enumerate(slots):
+            assert torch.equal(together[t], decode([t], [s])[0]), (slots, t)
+        seg = LoraSegments.from_token_slots(slots)
+        want = y0.clone()
+        for (a, bt, sc), lo, o in zip(deq, (0, outs[0]), outs):
+            want[:, lo:lo + o] = torch_ref.apply_lora(want[:, lo:lo + o].clone(), x, a[:, :rank],
+                                                      bt.transpose(1, 2)[:, :, :rank], sc, seg)
+        assert torch.allclose(together, want, rtol=1e-5, atol=1e-4)
+
 @needs_cc
 @pytest.mark.parametrize("rank", [16, 5, 20])
 @pytest.mark.parametrize("rows", ["bf16", "int8"])
