@@ -44,9 +44,9 @@ class LoraStep(ABC):
         """y += each row's adapter delta for the targets of `projection` (their outputs side by side in
         y, as it lists them), x the projection's input; in place, returns y."""
 
-    def native_decode(self) -> Optional[NativeLora]:
-        """The step as C calls for the model's fused decode driver (server/model/fused_decode.py), where the
-        backend has them and every row is a decode token; None otherwise (the model then calls `apply`)."""
+    def native(self) -> Optional[NativeLora]:
+        """The step as C calls for the model's fused step driver (server/model/fused_decode.py), where the
+        backend has them; None otherwise (the model then calls `apply`)."""
         return None
 
 

@@ -1,7 +1,7 @@
 """The CPU kernel backend: every row of every step through the bf16 or int8 C kernels (`cpu_kernel.py`).
 
-Decode rows (first in the step) go one token at a time, prompt rows in blocks of up to 32 tokens of
-one adapter; one call of each per base projection (q/k/v and gate/up read x once for their targets),
+Decode rows (first in the step) go up to four tokens of one adapter at a time, prompt rows in blocks of up to 32
+tokens of one adapter; one call of each per base projection (q/k/v and gate/up read x once for their targets),
 on `KernelPlan`s packed here once at start-up over the pool's bf16 or int8 copies of the rank rows and its page
 table. A token's LoRA arithmetic depends on its kind (decode or prompt), never on the rest of its batch.
 A projection the plans do not cover, or activations the kernel cannot read, take the torch reference
@@ -55,6 +55,7 @@ class CpuKernelBackend(LoraBackend):
             for layer in self.plans for p in (layer[proj] for proj in order)])
         self.native_in_features = tuple(self.plans[0][proj].in_features for proj in order) if self.plans else ()
         self.native_function = fused_decode.function_address(kernel.decode_function(copies.dtype))
+        self.native_prompt_function = fused_decode.function_address(kernel.prompt_function(copies.dtype))
 
     def prepare_rows(self, rows: StepRows) -> "CpuKernelStep":
         return CpuKernelStep(self, rows)
@@ -70,12 +71,13 @@ class CpuKernelStep(LoraStep):
         kernel.check_slots(self.prompt_blocks[:, 2].contiguous(), rows.rank, any_plan)
         self._reference: Optional[TorchStep] = None  # prepared only if a projection needs it
 
-    def native_decode(self) -> Optional[NativeLora]:
-        rows, backend = self.rows, self.backend
-        if rows.num_decode != len(rows.adapter_slots) or not backend.native_in_features:
+    def native(self) -> Optional[NativeLora]:
+        backend = self.backend
+        if not backend.native_in_features:
             return None
-        return NativeLora(backend.native_function, ctypes.addressof(backend.native_plans), backend.native_in_features,
-                          self.decode_slots, rows.rank)
+        return NativeLora(backend.native_function, backend.native_prompt_function,
+                          ctypes.addressof(backend.native_plans), backend.native_in_features, self.decode_slots,
+                          self.prompt_blocks, self.rows.rank)
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, projection: Projection) -> torch.Tensor:
         kernel = self.backend.kernel

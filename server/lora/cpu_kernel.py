@@ -222,8 +222,12 @@ class CpuLoraKernel:
         self._set_prompt_amx(int(on))
 
     def decode_function(self, dtype: torch.dtype) -> ctypes._CFuncPtr:
-        """The decode call for rows of `dtype`, for the fused decode driver (server/model/fused_decode.py)."""
+        """The decode call for rows of `dtype`, for the fused step driver (server/model/fused_decode.py)."""
         return self._decode[dtype]
+
+    def prompt_function(self, dtype: torch.dtype) -> ctypes._CFuncPtr:
+        """The prompt call for rows of `dtype`, for the fused step driver."""
+        return self._prompt[dtype]
 
     @staticmethod
     def prompt_blocks(segments: LoraSegments, first_row: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""A decode step's whole layer stack in one C call, on the int8 CPU path.
+"""A step's whole layer stack in one C call, on the int8 CPU path.
 
 Why: with the int8 base in C (server/model/int8_dynamic.py), the glue ops in C (cpu_glue.py), decode
 attention in C (server/attention/decode_kernel.py) and the LoRA in C (server/lora/cpu_kernel.py), a
@@ -7,7 +7,14 @@ calls: 13 calls a layer, each with its argument checks, views, allocations and c
 30 layers a step. Here a small C driver makes the same calls, with the same arguments in the same
 order, for every layer: the kernels are the other libraries' own functions (their addresses handed
 over once), so a token's numbers are the layered path's bits (tested), and the layered path stays
-for every step with prompt tokens, for other devices and dtypes, and where any kernel is missing.
+for other devices and dtypes and where any kernel is missing.
+
+Steps with prompt rows take it too (decode rows first, then the prompts'): the same calls, with the
+prompt rows' LoRA through the LoRA kernel's prompt call and their attention through the context kernel
+(server/attention/context_kernel.py). Continuous batching makes such mixed steps common (every arrival's
+prompt joins the running decodes), and the layered path cost them 6-14 ms of Python a step on SmolLM2
+(16 decode rows: 19.6-22.4 ms fused against 28.0-33.8 ms layered). A step whose prompts the context
+kernel does not take (a context past its workspace) stays on the layered path.
 
 The driver owns no arithmetic except copying each token's new K/V rows into the paged cache (what
 `index_copy_` did). The GIL is released for the whole stack (ctypes drops it for a call), so the
@@ -20,13 +27,16 @@ import functools
 import logging
 import os
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import TYPE_CHECKING, Optional, Protocol
 
 import torch
 from torch import nn
 
-from server.attention import decode_kernel
+from server.attention import context_kernel, decode_kernel
 from server.core.native import NativeBuildError, build_and_load, c_source
+
+if TYPE_CHECKING:
+    from server.attention.sdpa import AttentionMetadata
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +69,7 @@ class LoraPlan(ctypes.Structure):
 
 
 class _Model(ctypes.Structure):
-    _fields_ = [("linear", _p), ("norm", _p), ("rope", _p), ("silu", _p), ("attn", _p),
+    _fields_ = [("linear", _p), ("norm", _p), ("rope", _p), ("silu", _p), ("attn", _p), ("ctx_attn", _p),
                 ("layers", _i), ("hidden", _i), ("nh", _i), ("nkv", _i), ("hd", _i), ("inter", _i),
                 ("norm_lanes", _i), ("silu_vector", _i), ("eps", _f), ("attn_scale", _f),
                 ("layer", _p), ("final_norm", _p)]
@@ -68,20 +78,27 @@ class _Model(ctypes.Structure):
 class _Step(ctypes.Structure):
     _fields_ = [("m", _i), ("h", _p), ("cos", _p), ("sin", _p), ("new_rows", _p), ("ctx_rows", _p),
                 ("ctx_stride", _l), ("ctx_len", _p), ("q8", _p), ("qs8", _p),
-                ("x", _p), ("qkv", _p), ("att", _p), ("o", _p), ("gu", _p), ("a", _p), ("d", _p), ("out", _p),
-                ("lora_call", _p), ("lora", _p), ("slots", _p), ("rank", _i)]
+                ("x", _p), ("qkv", _p), ("att", _p), ("o", _p), ("gu", _p), ("a", _p), ("dn", _p), ("out", _p),
+                ("lora_call", _p), ("lora", _p), ("slots", _p), ("rank", _i),
+                ("d", _i), ("ncalls", _i), ("calls", _p), ("lora_prompt", _p), ("blocks", _p), ("nb", _i)]
+
+
+class _ContextCall(ctypes.Structure):
+    _fields_ = [("count", _i), ("nq", _p), ("nctx", _p), ("q0", _p), ("r0", _p), ("rows", _p)]
 
 
 @dataclass(frozen=True)
 class NativeLora:
-    """A decode step's LoRA for the driver: the CPU LoRA kernel's decode function, its plans for every
-    layer's projections ([layers * 4] `LoraPlan`s, q/k/v, o, gate/up, down), each token's slot and the
-    step's rank."""
+    """A step's LoRA for the driver: the CPU LoRA kernel's decode and prompt functions, its plans for every
+    layer's projections ([layers * 4] `LoraPlan`s, q/k/v, o, gate/up, down), each decode token's slot, the
+    prompt rows' blocks and the step's rank."""
 
     function: int
+    prompt_function: int
     plans: int
     in_features: tuple[int, ...]  # of the 4 projections, checked against the model's
-    slots: torch.Tensor  # int64 [m]
+    slots: torch.Tensor  # int64 [decode rows]
+    blocks: torch.Tensor  # int64 [blocks, 3]: (first row, rows, slot) of the prompt rows (cpu_kernel.prompt_blocks)
     rank: int
 
 
@@ -96,18 +113,19 @@ def function_address(fn: ctypes._CFuncPtr) -> int:
 
 
 class FusedDecode:
-    """The driver bound to one model: its weights' pointers packed once; `run` per decode step."""
+    """The driver bound to one model: its weights' pointers packed once; `try_run` per step."""
 
     def __init__(self, lib: ctypes.CDLL, model: nn.Module):
         lib.lsq_decode_layers.argtypes = [_p, _p]
-        lib.lsq_decode_layers.restype = None
+        lib.lsq_decode_layers.restype = ctypes.c_int
         self._fn = lib.lsq_decode_layers
         cfg = model.config
         layers = list(model.layers)
         first = layers[0]
         glue, dyn = first.glue, first.qkv._dyn
         attn = decode_kernel.load()
-        self.hidden, self.hd = cfg.hidden_size, cfg.head_dim
+        self._context = context_kernel.load()  # None: steps with prompt rows take the layered path
+        self.hidden, self.hd, self.nh = cfg.hidden_size, cfg.head_dim, cfg.num_heads
         self.dyn = dyn
         self.max_kp = max(lin._pw.kp for layer in layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
         self.in_features = (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.hidden_size, cfg.intermediate_size)
@@ -121,6 +139,7 @@ class FusedDecode:
         self._model = _Model(
             function_address(dyn._lib.lsq_linear), function_address(glue._norm), function_address(glue._rope),
             function_address(glue._silu_mul), function_address(attn._fn),
+            function_address(self._context._fn) if self._context is not None else 0,
             len(layers), cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
             glue.norm_lanes, glue.silu_vector, cfg.rms_norm_eps, cfg.head_dim ** -0.5,
             ctypes.addressof(self._layers), model.norm.data_ptr())
@@ -166,29 +185,53 @@ class FusedDecode:
     def accepts_lora(self, lora: Optional[NativeLora]) -> bool:
         return lora is None or tuple(lora.in_features) == self.in_features
 
-    def run(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, new_rows: torch.Tensor,
-            ctx_rows: torch.Tensor, ctx_len: torch.Tensor, kv: PagedKV, lora: Optional[NativeLora]
-            ) -> torch.Tensor:
-        """The final-norm hidden states [m, hidden] of m decode tokens (embeddings h, updated in place),
-        their K/V written at cache rows new_rows [m] and attending over ctx_rows [m, L] (ctx_len [m] real)."""
-        m = h.shape[0]
-        if not (h.is_contiguous() and cos.is_contiguous() and sin.is_contiguous() and new_rows.is_contiguous()
-                and new_rows.dtype == ctx_rows.dtype == torch.int64 and ctx_rows.stride(1) == 1
-                and ctx_len.dtype == torch.int32 and ctx_len.is_contiguous() and cos.shape == (m, self.hd)):
-            raise ValueError("fused decode: unexpected step tensors")
+    def try_run(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: "AttentionMetadata",
+                kv: PagedKV, lora: Optional[NativeLora]) -> Optional[torch.Tensor]:
+        """The final-norm hidden states [T, hidden] of the step's T tokens (embeddings h, updated in place), their
+        K/V written at attn.slot_mapping; None where the driver does not take the step (the layered path then
+        serves it): a decode context past the attention kernel's reach, a prompt the context kernel does not
+        take, LoRA the plans do not cover."""
+        T = h.shape[0]
+        if attn.slot_mapping is None or not self.accepts_lora(lora):
+            return None
+        d = 0 if attn.decode_kv is None else attn.decode_kv.shape[0]
+        if d and not self.accepts_context(attn.decode_kv.shape[1]):
+            return None
+        calls: list[context_kernel.ContextCall] = []
+        if attn.prefill:
+            if self._context is None or attn.prompt_from != d:
+                return None
+            probe = torch.empty(0, self.nh, self.hd)
+            in_place = attn.in_place_prefills(probe, (kv.k[0], kv.v[0]))
+            if len(in_place.runs) != len(attn.prefill):
+                return None
+            calls = in_place.calls
+        if not (h.is_contiguous() and cos.is_contiguous() and sin.is_contiguous() and cos.shape == (T, self.hd)
+                and attn.slot_mapping.dtype == torch.int64 and attn.slot_mapping.shape == (T,)):
+            raise ValueError("fused step: unexpected step tensors")
         self._bind(kv)
-        out = torch.empty(m, self.hidden)
-        work = torch.empty(m * sum(self._widths))
+        out = torch.empty(T, self.hidden)
+        work = torch.empty(T * sum(self._widths))
         ptrs, at = [], work.data_ptr()
         for w in self._widths:
             ptrs.append(at)
-            at += 4 * m * w
-        q8, s8 = self.dyn.scratch(m, self.max_kp)
-        step = _Step(m, h.data_ptr(), cos.data_ptr(), sin.data_ptr(), new_rows.data_ptr(), ctx_rows.data_ptr(),
+            at += 4 * T * w
+        q8, s8 = self.dyn.scratch(T, self.max_kp)
+        ctx_rows = attn.decode_kv if d else torch.empty(0, 1, dtype=torch.int64)
+        ctx_len = attn.decode_lengths() if d else torch.empty(0, dtype=torch.int32)
+        if ctx_rows.dtype != torch.int64 or ctx_rows.stride(1) != 1 or ctx_len.dtype != torch.int32:
+            raise ValueError("fused step: unexpected decode context tensors")
+        table = (_ContextCall * len(calls))(*[_ContextCall(c.count, c.nq.data_ptr(), c.nctx.data_ptr(), c.q0.data_ptr(),
+                                                           c.r0.data_ptr(), c.rows.data_ptr()) for c in calls])
+        blocks = lora.blocks if lora is not None else None
+        nb = 0 if blocks is None else blocks.shape[0]
+        step = _Step(T, h.data_ptr(), cos.data_ptr(), sin.data_ptr(), attn.slot_mapping.data_ptr(), ctx_rows.data_ptr(),
                      ctx_rows.stride(0), ctx_len.data_ptr(), q8, s8, *ptrs, out.data_ptr(),
                      lora.function if lora else 0, lora.plans if lora else 0, lora.slots.data_ptr() if lora else 0,
-                     lora.rank if lora else 0)
-        self._fn(ctypes.byref(self._model), ctypes.byref(step))
+                     lora.rank if lora else 0, d, len(calls), ctypes.addressof(table) if calls else 0,
+                     lora.prompt_function if lora else 0, blocks.data_ptr() if nb else 0, nb)
+        if self._fn(ctypes.byref(self._model), ctypes.byref(step)):
+            raise MemoryError("fused step: a kernel could not allocate its workspace")
         return out
 
 

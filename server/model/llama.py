@@ -28,8 +28,8 @@ class LoraDeltas(Protocol):
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, projection: Projection) -> torch.Tensor: ...
 
-    def native_decode(self) -> Optional[fused_decode.NativeLora]:
-        """The step's LoRA as C calls for the fused decode driver, or None if it has none."""
+    def native(self) -> Optional[fused_decode.NativeLora]:
+        """The step's LoRA as C calls for the fused step driver, or None if it has none."""
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -204,7 +204,7 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = rope_tables(config, self.max_len)
         self.register_buffer("cos", cos.to(device), persistent=False)
         self.register_buffer("sin", sin.to(device), persistent=False)
-        # All-decode steps through one C call where every kernel it makes is at hand (fused_decode.py).
+        # Steps through one C call where every kernel it makes is at hand (fused_decode.py).
         self.fused = fused_decode.for_model(self)
 
     @classmethod
@@ -224,12 +224,12 @@ class LlamaForCausalLM(nn.Module):
         h = F.embedding(input_ids, self.embed)
         cos = self.cos.index_select(0, positions).to(self.dtype)
         sin = self.sin.index_select(0, positions).to(self.dtype)
-        if (self.fused is not None and attn.all_decode and kv is not None and attn.slot_mapping is not None
-                and attn.decode_kv is not None and self.fused.accepts_context(attn.decode_kv.shape[1])):
-            native = None if lora is None else lora.native_decode()
-            if (lora is None or native is not None) and self.fused.accepts_lora(native):
-                return self.fused.run(h, cos, sin, attn.slot_mapping, attn.decode_kv, attn.decode_lengths(), kv,
-                                      native)
+        if self.fused is not None and kv is not None:
+            native = None if lora is None else lora.native()
+            if lora is None or native is not None:
+                out = self.fused.try_run(h, cos, sin, attn, kv, native)
+                if out is not None:
+                    return out
         delta = None
         for i, layer in enumerate(self.layers):
             h, delta = layer(h, delta, cos, sin, attn, None if kv is None else (kv.k[i], kv.v[i]), lora)

@@ -8,18 +8,21 @@ import torch
 from server.attention.sdpa import AttentionMetadata
 
 
-def flat_step(model, kv, prefills: list[tuple[int, list[int]]], decodes: list[tuple[int, int, int]], block: int,
+def flat_step(model, kv, prefills: list[tuple], decodes: list[tuple[int, int, int]], block: int,
               lora: Optional[object] = None) -> torch.Tensor:
-    """Decode rows first, then prompt rows (the runner's order). prefills: [(seq, tokens)], decodes: [(seq,
+    """Decode rows first, then prompt rows (the runner's order). prefills: [(seq, tokens)] from position 0, or
+    [(seq, tokens, cached)] after `cached` tokens already in the cache (a prefix-cache hit); decodes: [(seq,
     token, context length)]; sequence s owns cache rows s*block... Returns the model's hidden states."""
-    ids, pos, slots, runs = [], [], [], []
+    ids, pos, slots, runs, contexts = [], [], [], [], []
     for s, tok, ctx in decodes:
         ids.append(tok); pos.append(ctx - 1); slots.append(s * block + ctx - 1)
-    for s, toks in prefills:
+    for s, toks, *cached in prefills:
+        c = cached[0] if cached else 0
         runs.append((len(ids), len(toks)))
-        ids += toks; pos += range(len(toks)); slots += [s * block + j for j in range(len(toks))]
-    attn = AttentionMetadata(slot_mapping=torch.tensor(slots), prefill=tuple(runs), all_decode=not prefills,
-                             prompt_from=len(decodes) if prefills else None)
+        contexts.append(torch.arange(s * block, s * block + c + len(toks)) if c else None)
+        ids += toks; pos += range(c, c + len(toks)); slots += [s * block + c + j for j in range(len(toks))]
+    attn = AttentionMetadata(slot_mapping=torch.tensor(slots), prefill=tuple(runs), prefill_context=tuple(contexts),
+                             all_decode=not prefills, prompt_from=len(decodes) if prefills else None)
     if decodes:
         L = max(ctx for _, _, ctx in decodes)
         attn.decode_kv = torch.stack([torch.arange(s * block, s * block + L) for s, _, _ in decodes])

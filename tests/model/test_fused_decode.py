@@ -1,5 +1,6 @@
-"""The fused decode driver: an all-decode step through one C call gives the layered path's bits (hidden
-states and the K/V it writes), with and without adapters, and only all-decode steps take it."""
+"""The fused step driver: a step through one C call gives the layered path's bits (hidden states and the K/V
+it writes), with and without adapters, for all-decode steps and for steps with prompts (from scratch and after a
+cached prefix); steps it cannot take stay on the layered path."""
 from __future__ import annotations
 
 import shutil
@@ -50,18 +51,32 @@ def _clone(kv: KVCache) -> KVCache:
     return KVCache([k.clone() for k in kv.k], [v.clone() for v in kv.v], kv.block_size)
 
 
-def _both_ways(model, kv, steps, lora_for=lambda i: None):
-    """Run the decode steps fused on kv and layered on a copy; return both hidden states and caches."""
+def _both_ways(model, kv, steps, lora_for=lambda i: None, prefills_for=lambda i: []):
+    """Run the steps fused on kv and layered on a copy; return both hidden states and caches."""
     layered_kv, fused = _clone(kv), model.fused
     got, want = [], []
     for i, decodes in enumerate(steps):
-        got.append(_step(model, kv, [], decodes, lora_for(i)))
+        got.append(_step(model, kv, prefills_for(i), decodes, lora_for(i)))
         model.fused = None
         try:
-            want.append(_step(model, layered_kv, [], decodes, lora_for(i)))
+            want.append(_step(model, layered_kv, prefills_for(i), decodes, lora_for(i)))
         finally:
             model.fused = fused
     return got, want, kv, layered_kv
+
+
+def _count_driver_steps(monkeypatch) -> list[int]:
+    """Rows of every step the driver took (try_run returned an answer), appended as they run."""
+    taken: list[int] = []
+    real = fused_decode.FusedDecode.try_run
+
+    def counting(self, h, *a):
+        out = real(self, h, *a)
+        if out is not None:
+            taken.append(h.shape[0])
+        return out
+    monkeypatch.setattr(fused_decode.FusedDecode, "try_run", counting)
+    return taken
 
 
 def test_fused_decode_steps_are_the_layered_bits(model):
@@ -97,7 +112,7 @@ def test_fused_decode_with_adapters_is_the_layered_bits(model, cpu_lora):
     kv = _primed_cache(model, lengths)
     steps = [[(s, 40 + s, n + 1) for s, n in enumerate(lengths)], [(s, 50 + s, n + 2) for s, n in enumerate(lengths)]]
     step = backend.prepare(rows, len(rows))
-    assert step.native_decode() is not None
+    assert step.native() is not None
     got, want, kv, layered = _both_ways(model, kv, steps, lambda i: step)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
     assert all(torch.equal(a, b) for a, b in zip(kv.k + kv.v, layered.k + layered.v))
@@ -106,17 +121,50 @@ def test_fused_decode_with_adapters_is_the_layered_bits(model, cpu_lora):
     assert changed == [r != 0 for r in rows], "adapter rows moved, the base row did not"
 
 
-def test_only_all_decode_steps_take_the_driver(model, cpu_lora, monkeypatch):
+def _prompt(seed: int, n: int) -> list[int]:
+    return [(13 * seed + 5 * j) % 250 + 1 for j in range(n)]
+
+
+@pytest.mark.parametrize("with_lora", [False, True], ids=["base", "adapters"])
+def test_steps_with_prompts_are_the_layered_bits(model, cpu_lora, with_lora, monkeypatch):
+    """Prompts beside decode rows, prompts alone, and a prompt after a cached prefix: the driver takes every such
+    step and gives the layered path's bits, hidden states and K/V."""
     backend, slots = cpu_lora
-    calls = []
-    real = fused_decode.FusedDecode.run
-    monkeypatch.setattr(fused_decode.FusedDecode, "run", lambda self, *a: calls.append(a[0].shape[0]) or real(self, *a))
-    kv = _primed_cache(model, [4, 6])
-    _step(model, kv, [], [(0, 9, 5), (1, 9, 7)])
-    _step(model, kv, [(2, [1, 2, 3])], [(0, 9, 6), (1, 9, 8)])  # a prompt in the step: the layers
-    assert backend.prepare([slots[0], 0, slots[1]], 2).native_decode() is None  # nor a LoRA step with one
-    _step(model, kv, [], [(0, 9, 7), (1, 9, 9)], backend.prepare([slots[0], slots[1]], 2))
-    assert calls == [2, 2]
+    lengths = [6, 19, 3]
+    kv = _primed_cache(model, lengths + [12])  # sequence 3's first 12 tokens are a cached prefix
+    taken = _count_driver_steps(monkeypatch)
+    # per step: prompts (seq, tokens[, cached]) and their rows' slots, decode rows and theirs
+    plan = [([(4, _prompt(4, 37))], [(s, 60 + s, n + 1) for s, n in enumerate(lengths)]),
+            ([(4, _prompt(5, 5), 37), (3, _prompt(6, 9), 12)], [(0, 61, 8), (2, 62, 5)]),
+            ([(1, _prompt(7, 2), 20)], [])]
+    decode_slots = [[slots[0], 0, slots[1]], [slots[2], slots[0]], []]
+    prompt_slots = [[slots[1]], [slots[0], slots[2]], [0]]
+
+    def lora_for(i):
+        if not with_lora:
+            return None
+        rows = list(decode_slots[i])
+        for (_, toks, *_), s in zip(plan[i][0], prompt_slots[i]):
+            rows += [s] * len(toks)
+        return backend.prepare(rows, len(plan[i][1]))
+    got, want, kv, layered = _both_ways(model, kv, [p[1] for p in plan], lora_for, lambda i: plan[i][0])
+    assert taken == [g.shape[0] for g in got], "the driver took every step"
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert all(torch.equal(a, b) for a, b in zip(kv.k + kv.v, layered.k + layered.v)), "the same K/V written"
+
+
+def test_a_prompt_the_context_kernel_does_not_take_stays_on_the_layered_path(model, monkeypatch):
+    """A prompt whose context would overflow the context kernel's workspace goes through torch's attention on
+    the layered path, and the step with it: same result to rounding as the kernel's."""
+    from server.attention import context_kernel
+
+    kv = _primed_cache(model, [5])
+    want = _step(model, _clone(kv), [(1, _prompt(1, 40))], [(0, 7, 6)])
+    taken = _count_driver_steps(monkeypatch)
+    monkeypatch.setattr(context_kernel, "MAX_WORKSPACE", 16)
+    got = _step(model, kv, [(1, _prompt(1, 40))], [(0, 7, 6)])
+    assert taken == []
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_the_driver_applies_only_to_the_int8_cpu_model(model, tmp_path, monkeypatch):
@@ -139,8 +187,7 @@ def test_a_context_past_the_attention_kernels_reach_decodes_on_torchs_attention(
     real = decode_kernel.DecodeAttention.__call__
     monkeypatch.setattr(decode_kernel, "MAX_CONTEXT", 20)
     monkeypatch.setattr(decode_kernel.DecodeAttention, "__call__", lambda *a: calls.append(1) or real(*a))
-    fused = fused_decode.FusedDecode.run
-    monkeypatch.setattr(fused_decode.FusedDecode, "run", lambda *a: calls.append(2) or fused(*a))
+    taken = _count_driver_steps(monkeypatch)
     got = _step(model, kv, [], steps[0])
-    assert not calls, "neither the driver nor the kernel ran the long context"
+    assert not calls and not taken, "neither the driver nor the kernel ran the long context"
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
