@@ -207,7 +207,8 @@ class FusedDecode:
                 return None
             calls = in_place.calls
         if not (h.is_contiguous() and cos.is_contiguous() and sin.is_contiguous() and cos.shape == (T, self.hd)
-                and attn.slot_mapping.dtype == torch.int64 and attn.slot_mapping.shape == (T,)):
+                and attn.slot_mapping.dtype == torch.int64 and attn.slot_mapping.shape == (T,)
+                and attn.slot_mapping.is_contiguous()):
             raise ValueError("fused step: unexpected step tensors")
         self._bind(kv)
         out = torch.empty(T, self.hidden)
@@ -219,7 +220,8 @@ class FusedDecode:
         q8, s8 = self.dyn.scratch(T, self.max_kp)
         ctx_rows = attn.decode_kv if d else torch.empty(0, 1, dtype=torch.int64)
         ctx_len = attn.decode_lengths() if d else torch.empty(0, dtype=torch.int32)
-        if ctx_rows.dtype != torch.int64 or ctx_rows.stride(1) != 1 or ctx_len.dtype != torch.int32:
+        if (ctx_rows.dtype != torch.int64 or ctx_rows.stride(1) != 1 or ctx_len.dtype != torch.int32
+                or not ctx_len.is_contiguous()):
             raise ValueError("fused step: unexpected decode context tensors")
         table = (_ContextCall * len(calls))(*[_ContextCall(c.count, c.nq.data_ptr(), c.nctx.data_ptr(), c.q0.data_ptr(),
                                                            c.r0.data_ptr(), c.rows.data_ptr()) for c in calls])
