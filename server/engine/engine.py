@@ -57,10 +57,11 @@ class Engine:
         kv_tokens = config.kv_cache_tokens or self._auto_kv_tokens()
         self.max_model_len = self._context_length(kv_tokens)
         num_blocks = -(-kv_tokens // bs)
-        self._check_kv_fits(kv_tokens, num_blocks + 1)
-        self.blocks = BlockAllocator(num_blocks, bs)
         # One spare block past the allocator's range: padded decode rows write there (cuda_graphs.py).
-        self.kv = KVCache.allocate(self.model_config, self.blocks.num_blocks + 1, bs, self.dtype, self.device)
+        cache_blocks = num_blocks + 1
+        self._check_kv_fits(kv_tokens, cache_blocks)
+        self.blocks = BlockAllocator(num_blocks, bs)
+        self.kv = KVCache.allocate(self.model_config, cache_blocks, bs, self.dtype, self.device)
         self.lora_backend = build_lora_backend(config, self.model_config, self.device, self.dtype)
         self.pool = self.lora_backend.pool
         self.prefix_cache = PrefixCache(self.blocks, self._base_identity()) if config.prefix_cache else None
