@@ -31,6 +31,7 @@ typedef struct {
   int layers, hidden, nh, nkv, hd, inter, norm_lanes, silu_vector;
   float eps, attn_scale;
   const layer_t* layer; const float* final_norm;
+  long cache_rows;                        /* rows of each layer's K and V caches (kc, vc) */
 } model_t;
 
 typedef struct {
@@ -62,12 +63,15 @@ static int lora(const step_t* S, const lora_plan_t* P, const float* x, long xs, 
                                 P->targets) : 0;
 }
 
-/* The layered path's calls (server/model/llama.py DecoderLayer.forward), layer after layer. Returns 0, or -1
-   when a kernel had no memory for its workspace (the outputs are then not to be used). */
+/* The layered path's calls (server/model/llama.py DecoderLayer.forward), layer after layer. Returns 0, -1
+   when a kernel had no memory for its workspace, or -2 (before anything is written) when a token's cache row
+   lies outside the caches, as torch's index_copy_ on the layered path would refuse it. */
 int lsq_decode_layers(const model_t* M, const step_t* S) {
   const int m = S->m, H = M->hidden, I = M->inter, qs = M->nh * M->hd, kvs = M->nkv * M->hd;
   const long wq = qs + 2 * kvs, wgu = 2L * I;
   const float* delta = 0;
+  for (int i = 0; i < m; i++)
+    if (S->new_rows[i] < 0 || S->new_rows[i] >= M->cache_rows) return -2;
   for (int l = 0; l < M->layers; l++) {
     const layer_t* L = M->layer + l;
     const lora_plan_t* P = S->lora ? S->lora + 4 * l : 0;

@@ -72,7 +72,7 @@ class _Model(ctypes.Structure):
     _fields_ = [("linear", _p), ("norm", _p), ("rope", _p), ("silu", _p), ("attn", _p), ("ctx_attn", _p),
                 ("layers", _i), ("hidden", _i), ("nh", _i), ("nkv", _i), ("hd", _i), ("inter", _i),
                 ("norm_lanes", _i), ("silu_vector", _i), ("eps", _f), ("attn_scale", _f),
-                ("layer", _p), ("final_norm", _p)]
+                ("layer", _p), ("final_norm", _p), ("cache_rows", _l)]
 
 
 class _Step(ctypes.Structure):
@@ -173,7 +173,10 @@ class FusedDecode:
             for dst, k, v in zip(self._layers, kv.k, kv.v):
                 if not (k.is_contiguous() and v.is_contiguous() and k.dtype == v.dtype == torch.float32):
                     raise ValueError("the fused decode reads contiguous fp32 caches")
+                if k.shape[0] != kv.k[0].shape[0] or v.shape[0] != k.shape[0]:
+                    raise ValueError("the fused decode reads caches of one row count")
                 dst.kc, dst.vc = k.data_ptr(), v.data_ptr()
+            self._model.cache_rows = kv.k[0].shape[0]
             self._bound_kv = key
 
     @staticmethod
@@ -232,7 +235,11 @@ class FusedDecode:
                      lora.function if lora else 0, lora.plans if lora else 0, lora.slots.data_ptr() if lora else 0,
                      lora.rank if lora else 0, d, len(calls), ctypes.addressof(table) if calls else 0,
                      lora.prompt_function if lora else 0, blocks.data_ptr() if nb else 0, nb)
-        if self._fn(ctypes.byref(self._model), ctypes.byref(step)):
+        status = self._fn(ctypes.byref(self._model), ctypes.byref(step))
+        if status == -2:
+            raise IndexError(f"fused step: a K/V row of the slot mapping lies outside the cache's "
+                             f"{self._model.cache_rows} rows")
+        if status:
             raise MemoryError("fused step: a kernel could not allocate its workspace")
         return out
 

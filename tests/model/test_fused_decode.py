@@ -191,3 +191,16 @@ def test_a_context_past_the_attention_kernels_reach_decodes_on_torchs_attention(
     got = _step(model, kv, [], steps[0])
     assert not calls and not taken, "neither the driver nor the kernel ran the long context"
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_cache_row_outside_the_cache_is_refused_before_anything_is_written(model):
+    """A slot mapping past the cache (a scheduler bug) must fail the step, as torch's index_copy_ fails it on the
+    layered path, not write K/V over whatever memory lies beyond the cache."""
+    lengths = [5, 9]
+    kv = _primed_cache(model, lengths)
+    before = [t.clone() for t in kv.k + kv.v]
+    outside = len(lengths) + 1  # the cache holds rows of sequences 0..len(lengths)
+    with pytest.raises(IndexError, match="outside the cache"):
+        _step(model, kv, [], [(0, 11, lengths[0] + 1), (outside, 12, 1)])
+    assert all(torch.equal(a, b) for a, b in zip(kv.k + kv.v, before)), "nothing written"
+    assert _step(model, kv, [], [(0, 11, lengths[0] + 1)]).isfinite().all(), "the model still steps"
