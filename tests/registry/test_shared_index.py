@@ -109,6 +109,21 @@ def test_new_and_deleted_versions_propagate_by_notification(replicas):
     assert b.stats().shared.remote_changes >= 3
 
 
+def test_changes_arrive_and_close_returns_without_waiting_for_the_listeners_poll(replicas, monkeypatch):
+    from adapter_registry import pg_listener
+
+    monkeypatch.setattr(pg_listener, "POLL_S", 60.0)  # the listeners' own clock would wake them a minute later
+    a, b = replicas(), replicas()
+    c1, w1 = make_adapter(seed=1)
+    a.register_bytes("t", "ad", c1, w1)
+    took = wait_until(lambda: resolves_to(b, "ad") == 1)
+    assert took < PROPAGATION_BOUND_S, f"a notification waited for the poll: {took:.3f}s"
+    t0 = time.monotonic()
+    b.close()
+    assert time.monotonic() - t0 < 5.0, "close waited for the listener's poll"
+    assert resolves_to(a, "ad") == 1
+
+
 def test_unused_objects_and_temp_dirs_wait_for_the_grace_period(replicas):
     """A publish in progress elsewhere (a temp dir, an object not yet indexed) is never swept early."""
     a = replicas(object_grace_s=60.0)
