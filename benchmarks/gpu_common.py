@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib.metadata
 import json
 import os
 import platform
@@ -61,10 +62,10 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
         "cuda": torch.version.cuda, "device": str(device), "cpu_count": os.cpu_count(),
     }
-    for mod in ("triton", "xformers", "transformers", "peft"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 (absent or broken: record that)
+    for mod in ("triton", "xformers", "transformers", "peft"):  # read from the installed metadata: importing
+        try:                                                        # peft and transformers costs seconds a child
+            info[mod] = importlib.metadata.version(mod)
+        except importlib.metadata.PackageNotFoundError:
             info[mod] = None
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -179,17 +180,20 @@ def make_random_model_dir(shape: ModelShape, path: str | Path, device: torch.dev
                           dtype: torch.dtype = torch.bfloat16, seed: int = 0, std: float = 0.02) -> Path:
     """Save a random-weight Llama of `shape` (reused when config.json already matches)."""
     from safetensors.torch import save_file
-    from transformers import LlamaConfig
 
     path = Path(path)
-    cfg = LlamaConfig(
-        vocab_size=shape.vocab_size, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads,
-        num_key_value_heads=shape.num_kv_heads, head_dim=shape.head_dim, max_position_embeddings=4096,
-        tie_word_embeddings=shape.tie_word_embeddings, bos_token_id=1, eos_token_id=2, pad_token_id=3,
-        rope_theta=500000.0, rms_norm_eps=1e-5)
+    # config.json written as Hugging Face's LlamaConfig would (importing transformers' config costs a child
+    # of the GPU suite a second); transformers fills every field not named here with Llama's default.
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+           "vocab_size": shape.vocab_size, "hidden_size": shape.hidden_size,
+           "intermediate_size": shape.intermediate_size, "num_hidden_layers": shape.num_layers,
+           "num_attention_heads": shape.num_heads, "num_key_value_heads": shape.num_kv_heads,
+           "head_dim": shape.head_dim, "max_position_embeddings": 4096, "hidden_act": "silu",
+           "tie_word_embeddings": shape.tie_word_embeddings, "bos_token_id": 1, "eos_token_id": 2,
+           "pad_token_id": 3, "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "attention_bias": False,
+           "mlp_bias": False, "torch_dtype": str(dtype).replace("torch.", "")}
     marker = path / ".complete"
-    want = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+    want = json.dumps(cfg, sort_keys=True)
     if marker.is_file() and marker.read_text() == want:
         return path
     path.mkdir(parents=True, exist_ok=True)
@@ -229,8 +233,7 @@ def make_random_model_dir(shape: ModelShape, path: str | Path, device: torch.dev
     if shard:
         flush()
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
-    cfg.torch_dtype = str(dtype).replace("torch.", "")
-    cfg.save_pretrained(path)
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
     _word_tokenizer(shape.vocab_size).save_pretrained(path)
     marker.write_text(want)
     return path
