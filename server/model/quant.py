@@ -13,8 +13,10 @@ prefill runs on the integer units (measured single threaded on this repo's AMX X
 Every row takes the same formula whatever its batch (integer sums are exact), so no token's
 numbers depend on what else was in its batch.
 
-Elsewhere, and with LORASERVE_INT8_DYNAMIC=0, weights are dequantized inside the matmul:
-by torch's fused kernels where they exist (`_weight_int8pack_mm`, `_weight_int4pack_mm[_for_cpu]`),
+int8 on CUDA runs our Triton kernel (`triton`, server/model/int8_triton.py): int8 weight tiles converted in
+registers and multiplied on tensor cores, where torch's CUDA `_weight_int8pack_mm` reads the weights once per
+activation row with scalar FMAs. Elsewhere, and with LORASERVE_INT8_DYNAMIC=0, weights are dequantized inside the
+matmul: by torch's fused kernels where they exist (`_weight_int8pack_mm`, `_weight_int4pack_mm[_for_cpu]`),
 otherwise by dequantizing in row chunks right before `F.linear`.
 
 The kernel is chosen once per module from a fixed table keyed by (device, compute
@@ -54,7 +56,7 @@ INT4_GROUP_SIZES = (32, 64, 128)
 # G=32 +0.07%, G=64 +36%, G=128 +92% (int8 lm_head in each). SmolLM2's GGUF is Q4_1, already on a
 # 4-bit min/scale grid in blocks of 32, which G=32 reproduces exactly and wider groups smear.
 DEFAULT_INT4_GROUP = 32
-KERNELS = ("auto", "dynamic", "fused", "fused_bf16", "dequant")
+KERNELS = ("auto", "dynamic", "triton", "fused", "fused_bf16", "dequant")
 _DEQUANT_CHUNK_ELEMS = 1 << 22  # rows dequantized at once: bounds the temporary to ~16 MB in fp32
 
 
@@ -65,8 +67,9 @@ class QuantConfig:
     mode: str = "int8"
     int4_group_size: int = DEFAULT_INT4_GROUP
     # auto: the table below; dynamic: int8 activations too, per token (server/model/int8_dynamic.py,
-    # CPU int8 only); fused: the weight kernel in x's dtype; fused_bf16: the weight kernel with bf16
-    # activations; dequant: dequantize then F.linear in x's dtype.
+    # CPU int8 only); triton: int8 weights x activations in x's dtype (server/model/int8_triton.py, CUDA
+    # int8; on CPU only under TRITON_INTERPRET=1); fused: the weight kernel in x's dtype; fused_bf16: the
+    # weight kernel with bf16 activations; dequant: dequantize then F.linear in x's dtype.
     kernel: str = "auto"
 
     def __post_init__(self) -> None:
@@ -140,10 +143,19 @@ def _has_op(name: str) -> bool:
     return hasattr(torch.ops.aten, name)
 
 
+def _triton_int8():
+    """server.model.int8_triton when triton imports, else None (imported on first use: CPU start-ups skip it)."""
+    from server.model import int8_triton
+
+    return int8_triton if int8_triton.available() else None
+
+
 def _choose(mode: str, device: torch.device, dtype: torch.dtype, kernel: str) -> str:
-    """The kernel path for (mode, device, compute dtype): 'fused', 'fused_bf16' or 'dequant'."""
+    """The kernel path for (mode, device, compute dtype): 'dynamic', 'triton', 'fused', 'fused_bf16' or 'dequant'."""
     if kernel == "dynamic" and not (mode == "int8" and device.type == "cpu"):
         raise ValueError(f"the dynamic int8 kernel runs int8 on CPU, not {mode} on {device.type}")
+    if kernel == "triton" and not (mode == "int8" and _triton_int8() is not None):
+        raise ValueError(f"the Triton int8 kernel runs int8 where triton imports, not {mode}")
     if kernel != "auto":
         return kernel
     if device.type == "cpu":
@@ -157,6 +169,8 @@ def _choose(mode: str, device: torch.device, dtype: torch.dtype, kernel: str) ->
         # half-precision activations and far the slowest with fp32 ones.
         return "fused" if dtype in (torch.bfloat16, torch.float16) else "fused_bf16"
     if device.type == "cuda":
+        if mode == "int8" and _triton_int8() is not None:
+            return "triton"
         op = "_weight_int8pack_mm" if mode == "int8" else "_weight_int4pack_mm"
         if not _has_op(op):
             return "dequant"
@@ -220,8 +234,8 @@ class QuantLinear(nn.Module):
         # The fused kernels read K in whole vectors (torch 2.13's CPU int8 kernel crashes the process
         # on K % 16 != 0; int4 needs whole groups): pad with zero columns, matched by zero-padded x.
         align = 16 if mode == "int8" else group_size
-        self.padded_in = -(-self.in_features // align) * align if self.kernel != "dequant" or mode == "int4" \
-            else self.in_features
+        self.padded_in = -(-self.in_features // align) * align \
+            if self.kernel not in ("dequant", "triton") or mode == "int4" else self.in_features
         if self.padded_in != self.in_features:
             w = F.pad(w, (0, self.padded_in - self.in_features))
         if mode == "int8":
@@ -344,6 +358,8 @@ class QuantLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     def _kernel_matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "triton":
+            return _triton_int8().int8_matmul(x2, self.qweight, self.scale)
         xk = x2.to(self.kernel_dtype)
         if self.padded_in != self.in_features:
             xk = F.pad(xk, (0, self.padded_in - self.in_features))

@@ -1,8 +1,8 @@
 """Several replicas on one PostgreSQL index and one objects folder (in one process: two Registry objects).
 
 What a fleet needs beyond the single-registry suite: versions allocated across replicas, changes
-propagated by notification (tests/fleet holds the 1 s bound end to end, through real replicas), clean-up that never sweeps another replica's work, and the database
-going away and coming back.
+propagated by notification (tests/fleet holds the 1 s bound end to end, through real replicas), clean-up that
+never sweeps another replica's work, and the database going away and coming back.
 """
 import gc
 import os
