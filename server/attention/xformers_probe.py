@@ -97,6 +97,18 @@ def attention_backend(device: torch.device | str, mode: AttentionMode = "auto") 
     return _decide(dev.type, index, mode)
 
 
+def _sdpa_4d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
+    """Causal SDPA of one sequence (q [n, nh, hd], k/v [n, nkv, hd] -> [n, nh, hd]) as [1, heads, n, hd] with
+    the KV heads repeated: CUDA's fused kernels (flash, memory-efficient: no [n, n] scores) take only 4-D
+    inputs, and memory-efficient (fp32's) no enable_gqa; anything else falls back to the math kernel."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                       is_causal=True, scale=scale)
+    return o[0].transpose(0, 1)
+
+
 def _sdpa_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: Sequence[int],
                  scale: Optional[float]) -> torch.Tensor:
     out = torch.empty_like(q)
@@ -104,10 +116,13 @@ def _sdpa_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: Se
     for n in seq_lens:
         if n:
             s = slice(start, start + n)
-            o = F.scaled_dot_product_attention(
-                q[s].transpose(0, 1), k[s].transpose(0, 1), v[s].transpose(0, 1),
-                is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-            out[s] = o.transpose(0, 1)
+            if q.is_cuda:
+                out[s] = _sdpa_4d(q[s], k[s], v[s], scale)
+            else:  # 3-D, as it always ran here (the CPU bits of the 4-D form differ in the last place)
+                o = F.scaled_dot_product_attention(
+                    q[s].transpose(0, 1), k[s].transpose(0, 1), v[s].transpose(0, 1),
+                    is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+                out[s] = o.transpose(0, 1)
         start += n
     return out
 

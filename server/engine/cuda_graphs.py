@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -126,10 +126,11 @@ _INPUT_FIELDS = ("token_ids", "positions", "slot_mapping", "decode_kv", "decode_
 
 
 class _Graph:
-    """A captured decode step and the static buffers it reads and writes."""
+    """A captured decode step and what it reads and writes: the static buffers, and the LoRA step whose
+    device tensors (segment tables) the kernels read, kept alive as long as the graph."""
 
-    def __init__(self, inputs: DecodeInputs, logits: torch.Tensor, graph: "torch.cuda.CUDAGraph"):
-        self.inputs, self.logits, self.graph = inputs, logits, graph
+    def __init__(self, inputs: DecodeInputs, lora: LoraStep, logits: torch.Tensor, graph: "torch.cuda.CUDAGraph"):
+        self.inputs, self.lora, self.logits, self.graph = inputs, lora, logits, graph
 
     def replay(self, new: DecodeInputs) -> torch.Tensor:
         st = self.inputs
@@ -243,18 +244,27 @@ class DecodeGraphs:
         step.mode = "bgmv"  # type: ignore[attr-defined]  (the Triton step's kernel choice, fixed for capture)
         return step
 
+    def _step_fn(self, st: DecodeInputs, lora: Optional[LoraStep]) -> Callable[[], torch.Tensor]:
+        """The padded decode step on the static buffers `st`, logits of every row: what a graph captures.
+
+        The attention metadata is made anew on every call: it caches what it derives from the buffers (the
+        decode table padded to DECODE_KV_ALIGN, the lengths), and one made once would hand the capture the
+        warm-up's copies, stale and freed, instead of ops that read the buffers."""
+        def step() -> torch.Tensor:
+            attn = self._attention(st.slot_mapping, st.decode_kv, st.decode_mask)
+            hidden = self.model(st.token_ids, st.positions, attn, self.kv, lora)
+            return self.model.logits(hidden)
+
+        return step
+
     def _capture(self, B: int, L: int) -> _Graph:
         dev = self.device
         host = pad_decode_inputs([], self.blocks, B, L, self.scratch_kv_row)  # all padding: scratch row only
         st = self._static_inputs(B, L)
         for f in _INPUT_FIELDS:
             getattr(st, f).copy_(getattr(host, f))
-        attn = self._attention(st.slot_mapping, st.decode_kv, st.decode_mask)
         lora = self._static_lora(st.adapter_slots)
-
-        def step() -> torch.Tensor:
-            hidden = self.model(st.token_ids, st.positions, attn, self.kv, lora)
-            return self.model.logits(hidden)
+        step = self._step_fn(st, lora)
 
         # Warm up on a side stream (Triton compiles, cuBLAS picks algorithms, the allocator settles):
         # none of that may happen during capture.
@@ -268,4 +278,4 @@ class DecodeGraphs:
         with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool):
             logits = step()
         log.debug("captured a CUDA graph for decode: batch %d, context %d", B, L)
-        return _Graph(st, logits, graph)
+        return _Graph(st, lora, logits, graph)

@@ -36,7 +36,7 @@ from server.core.threads import ShortLivedThreads
 from server.core.identity import AdapterVersion
 from server.core.errors import AdapterInUseError, AdapterLoadError, AdapterRejectedError, CapacityError
 from server.lora.rows import RowAllocator
-from server.lora.stacks import RowStacks
+from server.lora.stacks import RowStacks, staged
 from server.lora.weights import LoraWeights
 from server.model.config import TARGETS, ModelConfig
 
@@ -342,7 +342,10 @@ class AdapterPool:
             self._by_key.pop(slot.key, None)
             self._rows.free(slot.rows)
         self._slots[idx] = None
-        self.pages[idx] = 0  # nothing reads an unreferenced slot; this keeps its page-table row honest
+        # Nothing reads an unreferenced slot; this keeps its page-table row honest. On the copy stream, where the
+        # next load of this slot writes the row: on the caller's stream it could land after that write.
+        with torch.cuda.stream(self._copy_stream) if self._copy_stream is not None else contextlib.nullcontext():
+            self.pages[idx].zero_()
 
     def _fail(self, digest: str, err: BaseException) -> None:
         self._failed[digest] = err
@@ -399,8 +402,8 @@ class AdapterPool:
 
     def _copy(self, idx: int, rows: list[int], w: LoraWeights) -> None:
         """Write one adapter into its rows of every stack and its page-table row: zero the rows, then copy each
-        module's A/B and scale. On CUDA the copies run on a side stream from pinned memory, so they never wait
-        behind a step."""
+        module's A/B and scale. On CUDA the copies run on a side stream from pinned host copies already in the
+        stacks' dtype and layout (`staged`), so they never wait behind a step and are plain async DMAs."""
         copies = [s for s in (self.stacks, self.kernel_stacks) if s is not None]
         pinned = self._copy_stream is not None
         page_row = torch.zeros(self.max_rank, dtype=torch.int32)
@@ -413,7 +416,7 @@ class AdapterPool:
                     m = w.modules.get((layer, t))
                     if m is None:
                         continue
-                    a, b = (m.a.pin_memory(), m.b.pin_memory()) if pinned else (m.a, m.b)
+                    a, b = staged(m.a, m.b, self.stacks.dtype) if pinned else (m.a, m.b)
                     for stacks in copies:
                         stacks.write(idx, rows, layer, t, a, b, m.scale, non_blocking=pinned)
             self.pages[idx].copy_(page_row)

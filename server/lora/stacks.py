@@ -162,6 +162,14 @@ def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(torch.int8), scale
 
 
+def staged(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [r, K] and B [w, r] as pinned host copies in the (float) stacks' `dtype`, B^T contiguous as the rows
+    hold it (B is returned as its transpose's view, what `write_rows` takes): a host-to-device copy that must
+    convert or transpose goes through a pageable temporary and blocks; this one is a plain async DMA."""
+    pinned = lambda t: torch.empty(t.shape, dtype=dtype, pin_memory=True).copy_(t)  # noqa: E731
+    return pinned(a), pinned(b.t()).t()
+
+
 class RowStacks:
     """Every layer's projection rows in one dtype on one device, read through one page table.
 

@@ -11,7 +11,8 @@ def _naive(q, k, v, lens):
     out, start = [], 0
     rep = q.shape[1] // k.shape[1]
     for n in lens:
-        qs, ks, vs = q[start:start + n], k[start:start + n].repeat_interleave(rep, 1), v[start:start + n].repeat_interleave(rep, 1)
+        qs = q[start:start + n]
+        ks, vs = k[start:start + n].repeat_interleave(rep, 1), v[start:start + n].repeat_interleave(rep, 1)
         s = torch.einsum("qhd,khd->hqk", qs, ks) / math.sqrt(q.shape[-1])
         s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
         out.append(torch.einsum("hqk,khd->qhd", s.softmax(-1), vs))
@@ -29,6 +30,15 @@ def test_cpu_uses_sdpa_and_varlen_is_block_causal():
     assert torch.allclose(one, got[:3], atol=1e-6)
     with pytest.raises(ValueError, match="sum to"):
         xp.varlen_prefill_attention(q, k, v, [3])
+
+
+def test_cuda_fallback_form_is_causal_gqa_attention():
+    """The 4-D form CUDA's SDPA fallback takes (so fused kernels serve it), checked here on CPU."""
+    q, k, v = torch.randn(9, 8, 16), torch.randn(9, 2, 16), torch.randn(9, 2, 16)
+    assert torch.allclose(xp._sdpa_4d(q, k, v, None), _naive(q, k, v, [9]), atol=1e-5)
+    assert torch.allclose(xp._sdpa_4d(q, k[:, :1].expand(9, 8, 16), v[:, :1].expand(9, 8, 16), None),
+                          xp._sdpa_4d(q, k[:, :1], v[:, :1], None), atol=1e-6)  # MHA and GQA agree
+    assert torch.allclose(xp._sdpa_4d(q, k, v, 0.5), xp._sdpa_4d(q * (0.5 * 4), k, v, None), atol=1e-5)
 
 
 def test_probe_without_cuda_says_why():

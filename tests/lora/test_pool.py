@@ -130,8 +130,8 @@ def _weights(mcfg, rank: int, seed: int, targets=TARGETS) -> LoraWeights:
     for layer in range(mcfg.num_layers):
         for t in targets:
             out_f, in_f = mcfg.target_shape(t)
-            mods[(layer, t)] = LoraModule(a=torch.randn(rank, in_f, generator=g), b=torch.randn(out_f, rank, generator=g),
-                                          scale=0.5)
+            mods[(layer, t)] = LoraModule(a=torch.randn(rank, in_f, generator=g),
+                                          b=torch.randn(out_f, rank, generator=g), scale=0.5)
     return LoraWeights(modules=mods)
 
 
@@ -185,6 +185,28 @@ def test_rows_freed_anywhere_serve_the_next_adapter_exactly(mcfg):
     for (layer, t), m in kept.modules.items():
         assert torch.equal(pool.stacks.slot_a(layer, t, slots[1])[:4], m.a)
         assert not pool.stacks.slot_a(layer, t, slots[1])[4:].any()
+    pool.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_an_adapter_loaded_into_a_freed_slot_reads_back_exactly(mcfg):
+    """On CUDA (pinned host copies on a side stream) an adapter reads back bit-exactly in the stacks' dtype, and
+    a slot freed while the compute stream is busy and loaded again at once keeps the new adapter's page-table
+    row: freeing zeroes that row, and the zeroing must not land after the load wrote it."""
+    pool = AdapterPool(mcfg, num_slots=1, max_rank=8, device=torch.device("cuda"), dtype=torch.bfloat16)
+    idx = pool.load(_version("a", _weights(mcfg, 8, 1)))
+    w = _weights(mcfg, 6, 2)
+    torch.cuda._sleep(1_000_000_000)  # the compute stream busy for a while: what is queued on it runs late
+    assert pool.unload("a")
+    assert pool.load(_version("b", w)) == idx
+    torch.cuda.synchronize()
+    rows = pool.rows_of(idx)
+    assert pool.pages[idx].tolist() == rows + [0, 0]
+    for (layer, t), m in w.modules.items():
+        assert torch.equal(pool.stacks.slot_a(layer, t, idx)[:6].cpu(), m.a.bfloat16())
+        assert torch.equal(pool.stacks.slot_bt(layer, t, idx)[:6].cpu(), m.b.t().bfloat16())
+        assert not pool.stacks.slot_a(layer, t, idx)[6:].any()
     pool.shutdown()
 
 
