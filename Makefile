@@ -13,7 +13,7 @@ PORT   ?= 50051
 HTTP_PORT ?= 50080
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install tools serve test reliability demo bench soak gpu-suite fleet fleet-test protos clean llama-server bench-llama
+.PHONY: install tools serve test reliability demo bench soak gpu-suite gpu-wheels fleet fleet-test protos clean llama-server bench-llama
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -107,6 +107,15 @@ soak: $(STAMP)
 GPU_PYTHON ?= python3
 gpu-suite:
 	$(GPU_PYTHON) -m benchmarks.gpu_suite $(ARGS)
+
+# Here, before a device session: the wheels of everything the suite needs beyond torch/triton/transformers/peft,
+# for the GPU machine's Python (GPU_PYVER), into .whl/ (carry it: the suite installs only what is missing there).
+GPU_PYVER ?= 3.11
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYVER) \
+	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .whl \
+	  $$($(PY) -c "from benchmarks.gpu_suite import REQUIRED; print(' '.join(REQUIRED.values()))") pytest-timeout
+	@du -sh .whl
 
 # PostgreSQL + 3 replicas + HAProxy on loopback, adapters, a mixed load, who served what; Ctrl-C stops it all.
 fleet: $(STAMP) tools

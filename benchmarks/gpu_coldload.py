@@ -9,6 +9,7 @@ to the quiet phase's; each load's seconds and size are reported too.
 Phase "loading_host": the same, with N other adapters already read into host memory
 (their load returns the weights at once), so a load is slot bookkeeping plus the
 host-to-device copy: the issue's "cold load from host memory" (goal: under 5 ms, no stall).
+The JSON is rewritten after each rank, so a run cut short keeps the ranks it finished.
 
     python -m benchmarks.gpu_coldload --shape 1b --cold 16 --rank 16 64
     python -m benchmarks.gpu_coldload --dry-run --out /tmp/cold.json
@@ -144,7 +145,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"preparing random {shape.name} model under {args.workdir} ...", flush=True)
     model_dir = common.make_random_model_dir(shape, Path(args.workdir) / f"model-{shape.name}", device,
                                              seed=args.seed)
-    rows = [run_rank(args, model_dir, device, r) for r in args.rank]
+    rows: list[dict] = []
+    payload = {"benchmark": "gpu_coldload", "machine": common.machine_info(device), "shape": shape.to_dict(),
+               "workload": {"batch": args.batch, "running_adapters": args.running_adapters, "cold": args.cold,
+                            "prompt": args.prompt, "new": args.new, "quantize": args.quantize},
+               "results": rows,
+               "note": "CPU dry run on a tiny shape: numbers are meaningless" if device.type == "cpu" else ""}
+    for r in args.rank:
+        rows.append(run_rank(args, model_dir, device, r))
+        out = common.write_json(args.out, payload)  # after every rank: a run cut short keeps what it measured
     table = [{"rank": r["rank"], "adapter MB": r["adapter_bytes"] / 1e6, "load p50 s": r["load_s"]["p50"],
               "load max s": max((x["seconds"] for x in r["cold_loads"]), default=float("nan")),
               "ITL p50 quiet ms": r["itl_quiet_s"]["p50"] * 1e3, "ITL p99 quiet ms": r["itl_quiet_s"]["p99"] * 1e3,
@@ -154,24 +163,20 @@ def main(argv: list[str] | None = None) -> int:
              for r in rows]
     common.print_table(table, list(table[0]), title=f"cold loads during decode, shape {shape.name}, B={args.batch}, "
                        f"{args.cold} cold adapters")
-    payload = {"benchmark": "gpu_coldload", "machine": common.machine_info(device), "shape": shape.to_dict(),
-               "workload": {"batch": args.batch, "running_adapters": args.running_adapters, "cold": args.cold,
-                            "prompt": args.prompt, "new": args.new, "quantize": args.quantize},
-               "results": rows,
-               "note": "CPU dry run on a tiny shape: numbers are meaningless" if device.type == "cpu" else ""}
-    out = common.write_json(args.out, payload)
-    fig, axes = common.new_figure(2)
-    xs = range(len(rows))
-    axes[0].bar(xs, [r["load_s"]["p50"] for r in rows])
-    axes[0].set_xticks(list(xs), [f"rank {r['rank']}" for r in rows])
-    axes[0].set_ylabel("cold load p50, s")
-    for k, label in (("itl_quiet_s", "quiet"), ("itl_loading_s", "while loading")):
-        axes[1].plot([r["rank"] for r in rows], [r[k]["p99"] * 1e3 for r in rows], marker="o", label=f"ITL p99 {label}")
-    axes[1].set_xlabel("rank")
-    axes[1].set_ylabel("ms")
-    axes[1].legend()
-    png = common.save_figure(fig, common.png_path(out))
-    print(f"wrote {out} and {png}")
+
+    def draw(axes) -> None:
+        xs = range(len(rows))
+        axes[0].bar(xs, [r["load_s"]["p50"] for r in rows])
+        axes[0].set_xticks(list(xs), [f"rank {r['rank']}" for r in rows])
+        axes[0].set_ylabel("cold load p50, s")
+        for k, label in (("itl_quiet_s", "quiet"), ("itl_loading_s", "while loading")):
+            axes[1].plot([r["rank"] for r in rows], [r[k]["p99"] * 1e3 for r in rows], marker="o",
+                         label=f"ITL p99 {label}")
+        axes[1].set_xlabel("rank")
+        axes[1].set_ylabel("ms")
+        axes[1].legend()
+
+    print(common.wrote(out, common.plot(out, 2, draw)))
     return 0
 
 

@@ -4,7 +4,10 @@ No weights can be downloaded, so models are random-weight Llama shapes saved in
 Hugging Face format (config.json + safetensors + a word-level tokenizer that
 covers the whole vocabulary, so any generated id detokenizes), and adapters are
 random PEFT LoRA directories. Every script writes one JSON (machine, shape,
-workload, results), prints a table and draws a PNG.
+workload, results), rewritten after every configuration it finishes so that a run cut
+short keeps what it measured, prints a table and, where matplotlib imports, draws a PNG.
+Where $OUT is set (the device machine returns only files written under it) the JSON
+goes there by default.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -33,9 +36,16 @@ def add_common_args(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--tiny", action="store_true", help="tiny shape and sizes (with --device cpu: a smoke run)")
     p.add_argument("--dry-run", action="store_true", help="same as --device cpu --tiny")
-    p.add_argument("--out", default=default_out, help="JSON path; the PNG goes beside it")
+    p.add_argument("--out", default=default_results_path(default_out), help="JSON path; the PNG goes beside it")
     p.add_argument("--workdir", default="/tmp/loraserve-bench", help="random models and adapters go here")
     p.add_argument("--seed", type=int, default=0)
+
+
+def default_results_path(default: str) -> str:
+    """`default`, or the same file name under $OUT where that is set: on the device machine only files
+    written under $OUT come back."""
+    out = os.environ.get("OUT")
+    return str(Path(out) / Path(default).name) if out else default
 
 
 def resolve_args(args: argparse.Namespace) -> torch.device:
@@ -141,23 +151,28 @@ def png_path(json_path: str | Path) -> Path:
     return Path(json_path).with_suffix(".png")
 
 
-def new_figure(ncols: int = 1):
-    import matplotlib
+def plot(json_path: str | Path, ncols: int, draw: Callable[[Sequence[Any]], None]) -> Optional[Path]:
+    """Draw `ncols` side-by-side axes with `draw(axes)` into the PNG beside the JSON; None (said on stderr)
+    where matplotlib does not import: plots are optional, the JSON is the result."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        print(f"no plot: matplotlib does not import ({e})", file=sys.stderr)
+        return None
     fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.2), squeeze=False)
-    return fig, axes[0]
-
-
-def save_figure(fig, path: str | Path) -> Path:
-    import matplotlib.pyplot as plt
-
+    draw(axes[0])
     fig.tight_layout()
+    path = png_path(json_path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return Path(path)
+    return path
+
+
+def wrote(out: Path, png: Optional[Path]) -> str:
+    return f"wrote {out}" + (f" and {png}" if png else "")
 
 
 # ----------------------------------------------------------------------------- random models

@@ -6,7 +6,9 @@ seven targets of a random-weight Llama shape and report microseconds per call,
 per target and summed over the layer. `triton_fused` times what the server's
 Triton backend runs: `apply_lora_fused` once per base projection (q/k/v, o,
 gate/up, down) on the pool's stacks, for every projection whose targets are all
-measured. Each method is checked against the reference before it is timed.
+measured. Each method is checked against the reference before it is timed. The JSON is rewritten
+after every (mix, B), so a run cut short keeps what it measured. First, the int8 base's own matmul per
+projection (our Triton kernel vs the dense weight vs torch's `_weight_int8pack_mm`), with its GB/s.
 
     python -m benchmarks.gpu_kernels --shape 1b --out results/gpu_kernels_1b.json
     python -m benchmarks.gpu_kernels --dry-run --out /tmp/k.json   # CPU, interpreter, tiny
@@ -17,6 +19,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -100,12 +103,15 @@ def _random_weights(args: argparse.Namespace, shape, n_slots: int, device: torch
     return weights
 
 
+Emit = Callable[[list[dict]], None]  # records the rows of one finished (mix, B) (and rewrites the JSON)
+
+
 def _time_methods(args: argparse.Namespace, K, shape, methods: dict, weights: dict, device: torch.device,
-                  dtype: torch.dtype, g: torch.Generator) -> list[dict]:
+                  dtype: torch.dtype, g: torch.Generator, emit: Emit) -> None:
     """One row per (mix, B, target, method): microseconds per call and error against the fp32 reference."""
-    rows = []
     for mix in args.mixes:
         for B in args.batch:
+            rows = []
             # Sequence i uses slot adapter+1; the runner sorts sequences by slot.
             slots = sorted(s + 1 for s in punica_mix(mix, B, seed=args.seed))
             per_seq = args.prefill or 1
@@ -126,7 +132,7 @@ def _time_methods(args: argparse.Namespace, K, shape, methods: dict, weights: di
                     rows.append({"mix": mix, "B": B, "tokens": T, "target": t, "method": name,
                                  "adapters": len(set(slots)), "us": us, "rel_err": err,
                                  "mode": K.pick_mode(seg) if name == "triton" else ""})
-    return rows
+            emit(rows)
 
 
 def _per_layer(rows: list[dict]) -> dict[tuple[str, int, str], float]:
@@ -151,29 +157,30 @@ def _print_layer_table(args: argparse.Namespace, layer: dict, names: list[str], 
                              f"{'prefill ' + str(args.prefill) if args.prefill else 'decode'}, {dtype}")
 
 
-def _plot(args: argparse.Namespace, layer: dict, names: list[str], out) -> Path:
-    fig, axes = common.new_figure(len(args.mixes))
-    for ax, mix in zip(axes, args.mixes):
-        for n in names:
-            ax.plot(args.batch, [layer[(mix, B, n)] for B in args.batch], marker="o", label=n)
-        ax.set_title(mix)
-        ax.set_xlabel("tokens in batch (B)")
-        ax.set_xscale("log", base=2)
-        ax.set_ylabel("us per layer")
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    return common.save_figure(fig, common.png_path(out))
+def _plot(args: argparse.Namespace, layer: dict, names: list[str], out) -> Optional[Path]:
+    def draw(axes) -> None:
+        for ax, mix in zip(axes, args.mixes):
+            for n in names:
+                ax.plot(args.batch, [layer[(mix, B, n)] for B in args.batch], marker="o", label=n)
+            ax.set_title(mix)
+            ax.set_xlabel("tokens in batch (B)")
+            ax.set_xscale("log", base=2)
+            ax.set_ylabel("us per layer")
+            ax.grid(alpha=0.3)
+        axes[0].legend()
+
+    return common.plot(out, len(args.mixes), draw)
 
 
 def _time_fused(args: argparse.Namespace, K, shape, methods: dict, weights: dict, device: torch.device,
-                dtype: torch.dtype, g: torch.Generator) -> tuple[list[dict], dict]:
+                dtype: torch.dtype, g: torch.Generator, emit: Emit) -> dict:
     """`triton_fused` rows: `apply_lora_fused` once per projection whose targets are all measured,
-    checked against the reference target by target; also returns the projections it covered."""
+    checked against the reference target by target; returns the projections it covered."""
     fused = {targets: K.FusedLora.of(_projection_stacks(targets, weights, shape, args.rank, dtype, device))
              for targets in PROJECTIONS if all(t in args.targets for t in targets)}
-    rows = []
     for mix in args.mixes:
         for B in args.batch:
+            rows = []
             slots = sorted(s + 1 for s in punica_mix(mix, B, seed=args.seed))
             seg = LoraSegments.from_sequences(slots, [args.prefill or 1] * B, device)
             T = seg.num_tokens
@@ -194,7 +201,41 @@ def _time_fused(args: argparse.Namespace, K, shape, methods: dict, weights: dict
                                      warmup=min(5, args.iters - 1), iters=args.iters)
                 rows.append({"mix": mix, "B": B, "tokens": T, "target": "+".join(targets), "method": "triton_fused",
                              "adapters": len(set(slots)), "us": us, "rel_err": err, "mode": K.pick_mode(seg)})
-    return rows, fused
+            emit(rows)
+    return fused
+
+
+def _time_base_linears(args: argparse.Namespace, shape, device: torch.device, dtype: torch.dtype,
+                       g: torch.Generator) -> list[dict]:
+    """The int8 base's matmul per fused projection (q/k/v, o, gate/up, down) at each decode B: our Triton kernel
+    (server/model/int8_triton.py, what QuantLinear runs on CUDA) vs the dense weight in the run's dtype (cuBLAS,
+    `--quantize none`) vs torch's
+    `_weight_int8pack_mm` (what ran before), with the weight bytes each reads and the GB/s that makes: a decode
+    step is memory-bound, so GB/s against the device's copy bandwidth is its roofline share."""
+    from server.model import int8_triton
+    from server.model.quant import quantize_int8
+
+    rows = []
+    for targets in PROJECTIONS:
+        proj = "+".join(targets)
+        outs = [shape.target_shape(t) for t in targets]
+        n, k = sum(o for o, _ in outs), outs[0][1]
+        w = torch.randn(n, k, device=device, generator=g) / k ** 0.5
+        q, scale = quantize_int8(w, dtype)
+        dense = w.to(dtype)
+        methods = {"int8_triton": (lambda x: int8_triton.int8_matmul(x, q, scale), n * k),
+                   "dense": (lambda x: torch.nn.functional.linear(x, dense), dense.element_size() * n * k)}
+        if device.type == "cuda" and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+            methods["int8pack_mm"] = (lambda x: torch._weight_int8pack_mm(x, q, scale), n * k)
+        for B in args.batch:
+            x = torch.randn(B, k, device=device, generator=g).to(dtype)
+            want = x.float() @ (q.float() * scale.float()[:, None]).t()
+            for name, (fn, nbytes) in methods.items():
+                err = float((fn(x).float() - want).abs().max() / want.abs().max()) if name != "dense" else 0.0
+                us = common.bench_us(lambda: fn(x), device, warmup=min(5, args.iters - 1), iters=args.iters)
+                rows.append({"projection": proj, "n": n, "k": k, "B": B, "method": name, "us": us,
+                             "weight_mb": nbytes / 1e6, "gb_per_s": nbytes / us / 1e3, "rel_err": err})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,29 +249,40 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator(device=device).manual_seed(args.seed)
     methods = _methods(K, device, dtype, with_triton=device.type == "cuda" or can_interpret)
     weights = _random_weights(args, shape, max(args.batch) + 1, device, dtype, g)
-    rows = _time_methods(args, K, shape, methods, weights, device, dtype, g)
-    fused: dict = {}
-    if "triton" in methods:
-        fused_rows, fused = _time_fused(args, K, shape, methods, weights, device, dtype, g)
-        rows += fused_rows
+    rows: list[dict] = []
+    payload = {"benchmark": "gpu_kernels", "machine": common.machine_info(device), "shape": shape.to_dict(),
+               "workload": {"batch": args.batch, "mixes": args.mixes, "rank": args.rank, "targets": args.targets,
+                            "prefill_tokens_per_seq": args.prefill, "dtype": str(dtype), "iters": args.iters,
+                            "seed": args.seed},
+               "per_target": rows, "per_layer": [], "max_rel_err": None,
+               "note": "CPU dry run under the Triton interpreter: times are meaningless"
+                       if device.type == "cpu" else ""}
+
+    def emit(new_rows: list[dict]) -> None:
+        rows.extend(new_rows)
+        payload["per_layer"] = [{"mix": m, "B": B, "method": meth, "layer_us": us}
+                                for (m, B, meth), us in _per_layer(rows).items()]
+        payload["max_rel_err"] = max(r["rel_err"] for r in rows)
+        common.write_json(args.out, payload)  # after every (mix, B): a run cut short keeps what it measured
+
+    if device.type == "cuda" or can_interpret:  # the int8 base first: the e2e step's int8 rows depend on it
+        base = _time_base_linears(args, shape, device, dtype, g)
+        payload["base_linears"] = base
+        common.write_json(args.out, payload)
+        common.print_table(base, ["projection", "B", "method", "us", "weight_mb", "gb_per_s", "rel_err"],
+                           title=f"base linears of one layer, shape {shape.name}, {dtype}: int8 (ours, torch's) "
+                                 "vs dense")
+    _time_methods(args, K, shape, methods, weights, device, dtype, g, emit)
+    fused = _time_fused(args, K, shape, methods, weights, device, dtype, g, emit) if "triton" in methods else {}
     layer = _per_layer(rows)
     # The fused method's layer sum compares with the others only when its projections cover every target.
     covers_all = {t for targets in fused for t in targets} == set(args.targets)
     names = list(methods) + (["triton_fused"] if fused and covers_all else [])
     _print_layer_table(args, layer, names, shape, dtype)
-    worst = max(r["rel_err"] for r in rows)
+    worst = payload["max_rel_err"]
     print(f"max relative error vs reference over all runs: {worst:.2e}")
-
-    layer_rows = [{"mix": m, "B": B, "method": meth, "layer_us": us} for (m, B, meth), us in layer.items()]
-    payload = {"benchmark": "gpu_kernels", "machine": common.machine_info(device), "shape": shape.to_dict(),
-               "workload": {"batch": args.batch, "mixes": args.mixes, "rank": args.rank, "targets": args.targets,
-                            "prefill_tokens_per_seq": args.prefill, "dtype": str(dtype), "iters": args.iters,
-                            "seed": args.seed},
-               "per_target": rows, "per_layer": layer_rows, "max_rel_err": worst,
-               "note": "CPU dry run under the Triton interpreter: times are meaningless" if device.type == "cpu" else ""}
-    out = common.write_json(args.out, payload)
-    png = _plot(args, layer, names, out)
-    print(f"wrote {out} and {png}")
+    out = Path(args.out)  # written by the last emit
+    print(common.wrote(out, _plot(args, layer, names, out)))
     if worst > (2e-2 if dtype != torch.float32 else 1e-4):
         print(f"FAIL: a method disagrees with the reference (max relative error {worst:.2e})", file=sys.stderr)
         return 1

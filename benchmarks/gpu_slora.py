@@ -4,7 +4,8 @@ Requests from `benchmarks.workload.slora_requests` are submitted at their arriva
 times to one engine whose device slots hold fewer adapters than the trace uses,
 so adapters load and evict while traffic runs. Reports throughput (requests/s,
 tokens/s), p50/p90/p99 first-token and end-to-end latency, SLO attainment, and
-the pool's loads/evictions, for each adapter count.
+the pool's loads/evictions, for each adapter count (the JSON rewritten after each, so a run cut
+short keeps the counts it finished).
 
     python -m benchmarks.gpu_slora --shape 1b --num-adapters 100 1000 --rate 4 --num-requests 400
     python -m benchmarks.gpu_slora --dry-run --out /tmp/slora.json
@@ -103,33 +104,36 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = common.make_random_model_dir(shape, work / f"model-{shape.name}", device, seed=args.seed)
     adapters = common.make_random_adapters(shape, work / f"adapters-{shape.name}", max(args.num_adapters),
                                            args.rank, seed=args.seed)
-    rows = [run_one(args, model_dir, adapters, device, n) for n in args.num_adapters]
+    rows: list[dict] = []
+    payload = {"benchmark": "gpu_slora", "machine": common.machine_info(device), "shape": shape.to_dict(),
+               "engine": {"slots": args.slots, "rank": args.rank, "quantize": args.quantize}, "results": rows,
+               "note": "CPU dry run on a tiny shape: numbers are meaningless" if device.type == "cpu" else ""}
+    for n in args.num_adapters:
+        rows.append(run_one(args, model_dir, adapters, device, n))
+        out = common.write_json(args.out, payload)  # after every count: a run cut short keeps what it measured
     table = [{"adapters": r["num_adapters"], "req/s": r["req_s"], "tok/s": r["tok_s"],
               "ttft p50": r["ttft_s"]["p50"], "ttft p99": r["ttft_s"]["p99"], "e2e p50": r["e2e_s"]["p50"],
               "e2e p99": r["e2e_s"]["p99"], "slo": r["slo_attainment"], "loads": r["adapter_loads"],
               "evictions": r["adapter_evictions"], "failed": r["failed"]} for r in rows]
     common.print_table(table, list(table[0]), title=f"S-LoRA workload, shape {shape.name}, rate {args.rate}/s, "
                        f"cv {args.cv}, alpha {args.alpha}, {args.slots} slots, quantize {args.quantize}")
-    payload = {"benchmark": "gpu_slora", "machine": common.machine_info(device), "shape": shape.to_dict(),
-               "engine": {"slots": args.slots, "rank": args.rank, "quantize": args.quantize}, "results": rows,
-               "note": "CPU dry run on a tiny shape: numbers are meaningless" if device.type == "cpu" else ""}
-    out = common.write_json(args.out, payload)
-    fig, axes = common.new_figure(2)
-    xs = [r["num_adapters"] for r in rows]
-    axes[0].plot(xs, [r["tok_s"] for r in rows], marker="o")
-    axes[0].set_xlabel("adapters in the trace")
-    axes[0].set_ylabel("tokens/s")
-    for q in ("p50", "p99"):
-        axes[1].plot(xs, [r["ttft_s"][q] for r in rows], marker="o", label=f"first token {q}")
-        axes[1].plot(xs, [r["e2e_s"][q] for r in rows], marker="s", label=f"end to end {q}")
-    axes[1].set_xlabel("adapters in the trace")
-    axes[1].set_ylabel("seconds")
-    axes[1].legend()
-    for ax in axes:
-        ax.set_xscale("log")
-        ax.grid(alpha=0.3)
-    png = common.save_figure(fig, common.png_path(out))
-    print(f"wrote {out} and {png}")
+
+    def draw(axes) -> None:
+        xs = [r["num_adapters"] for r in rows]
+        axes[0].plot(xs, [r["tok_s"] for r in rows], marker="o")
+        axes[0].set_xlabel("adapters in the trace")
+        axes[0].set_ylabel("tokens/s")
+        for q in ("p50", "p99"):
+            axes[1].plot(xs, [r["ttft_s"][q] for r in rows], marker="o", label=f"first token {q}")
+            axes[1].plot(xs, [r["e2e_s"][q] for r in rows], marker="s", label=f"end to end {q}")
+        axes[1].set_xlabel("adapters in the trace")
+        axes[1].set_ylabel("seconds")
+        axes[1].legend()
+        for ax in axes:
+            ax.set_xscale("log")
+            ax.grid(alpha=0.3)
+
+    print(common.wrote(out, common.plot(out, 2, draw)))
     failed = sum(r["failed"] for r in rows)
     if failed:
         print(f"FAIL: {failed} requests failed; first: {rows[0]['first_error']}")

@@ -3,19 +3,28 @@
 GPU time comes in short, scarce slots, so everything the GPU issue asks for runs from
 here in one go (under 8 minutes on an H100/H200), in order, each step in a child
 process with its own time budget. After every step the suite rewrites one JSON
-(benchmarks/results/gpu_suite.json): a step that fails, hangs or crashes the
-driver costs only itself, and what finished before it is kept. At the end it
-prints one table of steps and one of the issue's goals, each figure beside its goal.
+(gpu_suite.json, the steps' own JSONs in suite/ beside it): a step that fails, hangs
+or crashes the driver costs only itself, and what finished before it is kept. A step
+past its budget gets SIGINT (pytest then writes its report) and, GRACE_S later, SIGKILL;
+the benchmarks rewrite their JSON after every configuration, so a cut-short one keeps
+what it measured. At the end it prints one table of steps and one of the issue's goals,
+each figure beside its goal.
+
+Where the environment sets $OUT (the device machine returns only what is written
+under it), everything goes under $OUT by default; elsewhere under benchmarks/results/.
 
     python -m benchmarks.gpu_suite                 # on the GPU machine (or: make gpu-suite)
     python -m benchmarks.gpu_suite --dry-run       # tiny CPU version of every step (CI runs it)
     python -m benchmarks.gpu_suite --only e2e slora
 
 What the GPU machine needs beyond torch, triton, transformers and peft is `REQUIRED`
-below (`OPTIONAL` only improves coverage). It reaches no package registry, so those
-come as wheels in the ignored .whl/ folder (docs/benchmarks.md, "Carrying wheels"):
-the suite installs them with `pip install --no-index --find-links .whl --target .whl/site`
-and puts that folder on the children's path, leaving the machine's environment alone.
+below (`OPTIONAL` only improves coverage: matplotlib draws PNGs beside the JSONs). It
+reaches no package registry, so those come as wheels in the ignored .whl/ folder
+(docs/benchmarks.md, "Carrying wheels"): the suite installs each missing one alone with
+`pip install --no-deps --no-index --find-links .whl --target .whl/site` and puts that
+folder on the children's path, leaving the machine's environment alone; with --no-deps
+no dependency's copy (numpy's above all) lands there ahead of the machine's own. It
+also prints whether Triton can build its launcher here (a C compiler, Python.h).
 """
 from __future__ import annotations
 
@@ -24,8 +33,11 @@ import importlib.util
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import sysconfig
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -35,15 +47,21 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parent.parent
 WHEELS = ROOT / ".whl"
 WHEEL_SITE = WHEELS / "site"
-# Import name -> pip name, for what the suite's steps import beyond torch/triton/transformers/peft.
-REQUIRED = {"pytest": "pytest", "safetensors": "safetensors", "tokenizers": "tokenizers", "numpy": "numpy",
-            "matplotlib": "matplotlib", "tqdm": "tqdm"}
-OPTIONAL = {"xformers": "xformers", "pytest_timeout": "pytest-timeout"}
-# The tests the first step runs with -m gpu (kernels vs the torch reference, engine vs PEFT, CUDA graphs).
-GPU_TEST_FILES = ("tests/lora/test_triton_sgmv.py", "tests/engine/test_engine_cuda.py",
-                  "tests/engine/test_cuda_graphs.py", "tests/attention/test_xformers_probe.py",
-                  "tests/benchmarks/test_lora_variants.py")
+# Import name -> pip name, for what the suite's steps import beyond torch/triton/transformers/peft; pytest's own
+# dependencies are named, as each missing package is installed alone without its dependencies.
+REQUIRED = {"pytest": "pytest", "pluggy": "pluggy", "iniconfig": "iniconfig", "packaging": "packaging",
+            "pygments": "pygments", "safetensors": "safetensors", "tokenizers": "tokenizers", "numpy": "numpy",
+            "tqdm": "tqdm", **({"exceptiongroup": "exceptiongroup", "tomli": "tomli"} if sys.version_info < (3, 11)
+                               else {})}
+OPTIONAL = {"xformers": "xformers", "pytest_timeout": "pytest-timeout", "matplotlib": "matplotlib"}
+# The tests the first step runs with -m gpu, in this order: CUDA graphs and the engine vs PEFT first, so they run
+# even if the kernel sweep at model sizes (many Triton compiles) runs out of budget.
+GPU_TEST_FILES = ("tests/engine/test_cuda_graphs.py", "tests/engine/test_engine_cuda.py",
+                  "tests/model/test_int8_triton.py", "tests/attention/test_xformers_probe.py",
+                  "tests/lora/test_pool.py",
+                  "tests/benchmarks/test_lora_variants.py", "tests/lora/test_triton_sgmv.py")
 GOAL_X_PEFT, GOAL_OVERHEAD, GOAL_ROOFLINE, GOAL_COLD_HOST_S = 100.0, 0.10, 0.70, 0.005
+GRACE_S = 5.0  # a step past its budget: SIGINT, then SIGKILL this much later
 
 
 @dataclass
@@ -72,25 +90,27 @@ def steps(results: Path, workdir: Path) -> list[Step]:
              # No CUDA here: the dry run checks that every GPU test still collects (imports, fixtures, marks).
              py + ["pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "--collect-only", f"--junitxml={junit}",
                    *GPU_TEST_FILES],
-             budget_s=100, dry_budget_s=40),
+             budget_s=125, dry_budget_s=40),
         Step("kernels", "SGMV/BGMV/fused vs torch reference vs torch._grouped_mm, B = 1..64, four adapter mixes",
-             py + ["benchmarks.gpu_kernels", "--shape", "1b", "--iters", "50", *out("gpu_kernels.json")],
+             py + ["benchmarks.gpu_kernels", "--shape", "1b", "--iters", "30", *out("gpu_kernels.json")],
              py + ["benchmarks.gpu_kernels", "--dry-run", *out("gpu_kernels.json")],
-             budget_s=70, dry_budget_s=120, out_json="gpu_kernels.json", env={"TRITON_INTERPRET": ""}),
+             budget_s=55, dry_budget_s=120, out_json="gpu_kernels.json", env={"TRITON_INTERPRET": ""}),
         Step("e2e", "1B shape bf16, int8 and bf16 base: B = 32 and 64 on as many rank-16 adapters, prompt 128, "
-                    "64 new; vs one adapter, vs no adapter, vs PEFT mixed batch; vs HBM roofline",
+                    "64 new; vs one adapter, vs no adapter, vs PEFT mixed batch (B = 32); vs HBM roofline",
+             # PEFT at B = 32 only (the goal's batch): its mixed batch and adapter loads cost it seconds each.
              py + ["benchmarks.gpu_e2e", "--shape", "1b", "--batch", "32", "64", "--adapters", "64",
-                   "--quantize", "int8", "none", *out("gpu_e2e.json")],
+                   "--peft-batch", "32", "--quantize", "int8", "none", *out("gpu_e2e.json")],
              py + ["benchmarks.gpu_e2e", "--dry-run", "--quantize", "int8", "--batch", "2", *out("gpu_e2e.json")],
-             budget_s=150, dry_budget_s=120, out_json="gpu_e2e.json"),
+             budget_s=115, dry_budget_s=120, out_json="gpu_e2e.json"),
         Step("slora", "S-LoRA workload: 256 adapters, power-law popularity, Poisson arrivals, 64 device slots",
              py + ["benchmarks.gpu_slora", "--shape", "1b", "--num-adapters", "256", "--rate", "8",
                    "--num-requests", "240", "--output-range", "8", "256", *out("gpu_slora.json")],
              py + ["benchmarks.gpu_slora", "--dry-run", *out("gpu_slora.json")],
-             budget_s=90, dry_budget_s=120, out_json="gpu_slora.json"),
+             budget_s=75, dry_budget_s=120, out_json="gpu_slora.json"),
         Step("coldload", "cold adapter loads (disk -> device, host memory -> device) during decode of B = 32: "
-                         "load time, ITL stall",
-             py + ["benchmarks.gpu_coldload", "--shape", "1b", "--new", "160", *out("gpu_coldload.json")],
+                         "load time, ITL stall (rank 16, the goal's, first; then 64)",
+             py + ["benchmarks.gpu_coldload", "--shape", "1b", "--new", "160", "--rank", "16", "64",
+                   *out("gpu_coldload.json")],
              py + ["benchmarks.gpu_coldload", "--dry-run", *out("gpu_coldload.json")],
              budget_s=60, dry_budget_s=120, out_json="gpu_coldload.json"),
     ]
@@ -108,15 +128,38 @@ def missing_modules(names: dict[str, str], extra_path: Optional[Path] = None) ->
 
 
 def install_wheels(packages: list[str]) -> tuple[bool, str]:
-    """Install `packages` from .whl/ into .whl/site (no registry, no change to the machine's environment)."""
+    """Install `packages` from .whl/ into .whl/site (no registry, no change to the machine's environment), each
+    alone and without its dependencies: one bad wheel costs only itself, and no copy of a dependency the machine
+    has (numpy) is put on the children's path ahead of the machine's own."""
     if not packages:
         return True, "nothing to install"
     if not WHEELS.is_dir():
         return False, f"{WHEELS} is missing: carry the wheels (docs/benchmarks.md, 'Carrying wheels')"
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(WHEELS),
-           "--target", str(WHEEL_SITE), *packages]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    return proc.returncode == 0, (proc.stdout + proc.stderr)[-2000:]
+    ok, log = True, []
+    for pkg in packages:
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--find-links", str(WHEELS),
+               "--target", str(WHEEL_SITE), pkg]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        ok = ok and proc.returncode == 0
+        log.append(f"{pkg}: {'ok' if proc.returncode == 0 else 'failed'} {(proc.stdout + proc.stderr)[-600:]}".strip())
+    return ok, "\n".join(log)[-2000:]
+
+
+def preflight() -> dict[str, Any]:
+    """What Triton needs to build its launcher on first use, found as it finds them: a C compiler ($CC, else gcc,
+    else clang) and Python.h."""
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
+    version = None
+    if cc:
+        try:
+            proc = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=10)
+            version = (proc.stdout.splitlines() or ["?"])[0] if proc.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            version = None
+    scheme = sysconfig.get_default_scheme()
+    include = sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)["include"]
+    header = Path(include) / "Python.h"
+    return {"cc": cc, "cc_version": version, "python_h": str(header), "python_h_exists": header.is_file()}
 
 
 # ----------------------------------------------------------------------------- running the steps
@@ -146,13 +189,20 @@ def run_step(step: Step, results: Path, dry_run: bool, budget_scale: float = 1.0
     print(f"\n=== {step.name} (budget {budget:.0f} s): {' '.join(argv[2:])}", flush=True)
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(argv, cwd=ROOT, env=child_env(step, dry_run), capture_output=True, text=True,
-                              timeout=budget)
-        rec.update(rc=proc.returncode, status="ok" if proc.returncode == 0 else "failed")
-        output = proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as e:
-        rec.update(rc=None, status="timeout")
-        output = _text(e.stdout) + _text(e.stderr)
+        with subprocess.Popen(argv, cwd=ROOT, env=child_env(step, dry_run), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) as proc:
+            try:
+                stdout, stderr = proc.communicate(timeout=budget)
+                rec.update(rc=proc.returncode, status="ok" if proc.returncode == 0 else "failed")
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGINT)  # pytest stops and writes its junit XML of the tests that ran
+                try:
+                    stdout, stderr = proc.communicate(timeout=GRACE_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    stdout, stderr = proc.communicate()
+                rec.update(rc=None, status="timeout")
+        output = _text(stdout) + _text(stderr)
     except Exception as e:  # noqa: BLE001 (a step that cannot even start is a result too)
         rec.update(rc=None, status="error")
         output = f"{type(e).__name__}: {e}"
@@ -248,11 +298,18 @@ def _tests_summary(t: Optional[dict[str, Any]]) -> str:
     return f"{t['passed']} passed, {len(t['failed'])} failed, {t['skipped']} skipped"
 
 
+def default_out() -> Path:
+    """$OUT/gpu_suite.json where $OUT is set (on the device machine only what is written under it comes back),
+    else benchmarks/results/gpu_suite.json."""
+    out = os.environ.get("OUT")
+    return (Path(out) if out else ROOT / "benchmarks" / "results") / "gpu_suite.json"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description="the whole GPU check, one JSON")
     p.add_argument("--dry-run", action="store_true", help="tiny CPU version of every step (no CUDA needed)")
     p.add_argument("--only", nargs="+", help="run only these steps (tests kernels e2e slora coldload)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_suite.json"))
+    p.add_argument("--out", default=str(default_out()), help="the suite's JSON; the steps' go in suite/ beside it")
     p.add_argument("--workdir", default="/tmp/loraserve-bench", help="random models and adapters go here")
     p.add_argument("--budget-scale", type=float, default=1.0, help="multiply every step's time budget")
     args = p.parse_args(argv)
@@ -269,16 +326,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_suite: CUDA is not available; use --dry-run for the CPU version", file=sys.stderr)
         return common.EXIT_NO_CUDA
+    checks = preflight()
+    print(f"preflight (Triton builds its launcher with both): C compiler {checks['cc'] or 'MISSING'}"
+          f"{' (' + checks['cc_version'] + ')' if checks['cc_version'] else ''}; Python.h {checks['python_h']} "
+          f"{'exists' if checks['python_h_exists'] else 'MISSING'}", flush=True)
     missing = missing_modules(REQUIRED, WHEEL_SITE)
     install_log = ""
     if missing:
         ok, install_log = install_wheels(missing)
-        missing = missing_modules(REQUIRED, WHEEL_SITE)
         print(f"installing {missing} from {WHEELS}: {'ok' if ok else 'failed'}\n{install_log}", flush=True)
+        missing = missing_modules(REQUIRED, WHEEL_SITE)
     payload: dict[str, Any] = {
         "benchmark": "gpu_suite", "dry_run": args.dry_run, "machine": common.machine_info(device),
         "missing_required": missing, "missing_optional": missing_modules(OPTIONAL, WHEEL_SITE),
-        "wheel_install_log": install_log, "steps": [], "goals": [],
+        "wheel_install_log": install_log, "preflight": checks, "steps": [], "goals": [],
         "note": "CPU dry run on tiny shapes: numbers are meaningless" if args.dry_run else ""}
     records: dict[str, dict[str, Any]] = {}
     plan = [s for s in steps(results, workdir) if not args.only or s.name in args.only]

@@ -159,7 +159,7 @@ _cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
 @_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("n, k", [(3072, 2048), (16384, 2048), (2048, 8192), (6144, 4096), (4096, 14336)])
+@pytest.mark.parametrize("n, k", [(3072, 2048), (2048, 8192), (4096, 14336)])  # 1B q/k/v and down, 8B down
 def test_gpu_llama_shapes_match_the_dequantized_weight(dtype, n, k):
     from server.model import int8_triton
 
