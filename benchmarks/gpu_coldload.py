@@ -89,11 +89,12 @@ def run_rank(args, model_dir: Path, device: torch.device, rank: int) -> dict:
     shape = SHAPES[args.shape]
     n_total = args.running_adapters + args.cold
     paths = common.make_random_adapters(shape, Path(args.workdir) / f"adapters-{shape.name}", n_total, rank,
-                                        seed=args.seed)
+                                        seed=args.seed, device=device)
     cfg = EngineConfig(model=str(model_dir), device=device.type,
                        dtype="bfloat16" if device.type == "cuda" else "float32", quantize=args.quantize,
                        max_adapters_on_device=n_total + args.cold, max_rank=rank, max_batch_size=args.batch,
-                       kv_cache_tokens=args.batch * (args.prompt + args.new + 16))
+                       kv_cache_tokens=args.batch * (args.prompt + args.new + 16),
+                       max_model_len=args.prompt + args.new + 16)  # graphs only for the context it reaches
     engine = Engine.from_config(cfg)
     engine.start()
     try:

@@ -256,8 +256,9 @@ def make_random_model_dir(shape: ModelShape, path: str | Path, device: torch.dev
 
 def make_random_adapters(shape: ModelShape, root: str | Path, n: int, rank: int,
                          targets: Iterable[str] = ALL_TARGETS, alpha: Optional[float] = None,
-                         seed: int = 0, std: float = 0.02) -> list[Path]:
-    """n random PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors) under root/a{i}."""
+                         seed: int = 0, std: float = 0.02, device: torch.device | str = "cpu") -> list[Path]:
+    """n random PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors) under root/a{i}, drawn on
+    `device` (on a GPU: a 1B-shape adapter in milliseconds, where one CPU thread takes most of a second)."""
     from safetensors.torch import save_file
 
     targets = tuple(targets)
@@ -268,14 +269,16 @@ def make_random_adapters(shape: ModelShape, root: str | Path, n: int, rank: int,
         if (d / "adapter_model.safetensors").is_file():
             continue
         d.mkdir(parents=True, exist_ok=True)
-        g = torch.Generator().manual_seed(seed * 100_003 + a)
+        g = torch.Generator(device=device).manual_seed(seed * 100_003 + a)
         tensors = {}
         for layer in range(shape.num_layers):
             for t in targets:
                 o, i = shape.target_shape(t)
                 key = f"base_model.model.model.layers.{layer}.{PEFT_MODULES[t]}"
-                tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, i, generator=g) / i ** 0.5).to(torch.bfloat16)
-                tensors[f"{key}.lora_B.weight"] = (torch.randn(o, rank, generator=g) * std).to(torch.bfloat16)
+                a_w = torch.randn(rank, i, generator=g, device=device) / i ** 0.5
+                b_w = torch.randn(o, rank, generator=g, device=device) * std
+                tensors[f"{key}.lora_A.weight"] = a_w.to(torch.bfloat16).cpu()
+                tensors[f"{key}.lora_B.weight"] = b_w.to(torch.bfloat16).cpu()
         save_file(tensors, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
         cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha or 2 * rank,
                "target_modules": [PEFT_MODULES[t].split(".")[1] for t in targets], "lora_dropout": 0.0,
@@ -330,15 +333,23 @@ def run_requests(engine, requests: Sequence[tuple[float, Any]]) -> list[dict[str
         r["ttft"] = (r["first"] if r["first"] is not None else r["end"]) - arrival
         r["e2e"] = r["end"] - arrival
 
-    for i, (offset, req) in enumerate(sorted(requests, key=lambda p: p[0])):
-        delay = offset - (time.perf_counter() - t0)
+    ordered = sorted(requests, key=lambda p: p[0])
+    i = 0
+    while i < len(ordered):
+        # Requests with one offset arrive together (a burst: the next step schedules them side by side).
+        j = i
+        while j < len(ordered) and ordered[j][0] == ordered[i][0]:
+            j += 1
+        delay = ordered[i][0] - (time.perf_counter() - t0)
         if delay > 0:
             time.sleep(delay)
         arrival = time.perf_counter() - t0
-        stream = engine.submit(req)
-        th = threading.Thread(target=collect, args=(i, stream, arrival), daemon=True)
-        th.start()
-        threads.append(th)
+        streams = engine.submit_many([req for _, req in ordered[i:j]])
+        for k, stream in enumerate(streams, start=i):
+            th = threading.Thread(target=collect, args=(k, stream, arrival), daemon=True)
+            th.start()
+            threads.append(th)
+        i = j
     for th in threads:
         th.join()
     return results

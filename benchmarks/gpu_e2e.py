@@ -75,7 +75,10 @@ def run_loraserve(args, model_dir: Path, adapters: list[Path], device: torch.dev
                        dtype="bfloat16" if device.type == "cuda" else "float32", quantize=quantize,
                        max_adapters_on_device=len(adapters), max_rank=args.rank, max_batch_size=max_b,
                        max_batch_tokens=max(max_b * args.prompt, 2048),
-                       kv_cache_tokens=max_b * (args.prompt + args.new + 16), cuda_graphs=not args.no_cuda_graphs)
+                       kv_cache_tokens=max_b * (args.prompt + args.new + 16), cuda_graphs=not args.no_cuda_graphs,
+                       # the context this workload reaches (graphs are captured per context bucket up to it), and
+                       # no prefix cache: repeated prompt seeds across modes would skip prefills
+                       max_model_len=args.prompt + args.new + 16, prefix_cache=False)
     engine = Engine.from_config(cfg)
     engine.start()
     try:
@@ -125,9 +128,11 @@ def run_peft(args, model_dir: Path, adapters: list[Path], device: torch.device, 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
     adapters = adapters[:max(args.peft_batch)]  # only those its batches use: each load_adapter takes a while
-    model = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name="a0")
+    # Adapters in the model's dtype: PEFT's default autocasts bf16 adapter weights to fp32, a slower baseline
+    # than a user would run.
+    model = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name="a0", autocast_adapter_dtype=False)
     for i, p in enumerate(adapters[1:], start=1):
-        model.load_adapter(str(p), adapter_name=f"a{i}")
+        model.load_adapter(str(p), adapter_name=f"a{i}", autocast_adapter_dtype=False, low_cpu_mem_usage=True)
     vocab = model.config.vocab_size
     for B in args.peft_batch:
         ids = torch.tensor([prompt_ids(args.prompt, vocab, seed=i) for i in range(B)], device=device)
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"preparing random {shape.name} model and {args.adapters} adapters under {work} ...", flush=True)
     model_dir = common.make_random_model_dir(shape, work / f"model-{shape.name}", device, seed=args.seed)
     adapters = common.make_random_adapters(shape, work / f"adapters-{shape.name}", args.adapters, args.rank,
-                                           seed=args.seed)
+                                           seed=args.seed, device=device)
     if device.type == "cuda":
         bandwidth, bw_source = measure_bandwidth(device), "measured device copy"
         torch.cuda.empty_cache()  # the copy's 4 GB, cached by the allocator: the engines' now
@@ -198,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for B in args.batch:  # first: every partial file has the roofline its rows are measured against
         for q in args.quantize:
+            # A quantized base reads a quantized copy of the (tied) lm_head (server/model/llama.py)
             parts = decode_step_bytes(shape, B, context, adapters=min(B, args.adapters), rank=args.rank,
-                                      quantize=q, dtype_bytes=dtype_bytes)
+                                      quantize=q, dtype_bytes=dtype_bytes, lm_head_quantized=q != "none")
             rows.append({"system": "roofline", "quantize": q, "B": B, "adapters_in_batch": min(B, args.adapters),
                          "decode_tok_s": roofline_tokens_per_s(parts["total"], B, bandwidth),
                          "tok_s": roofline_tokens_per_s(parts["total"], B, bandwidth), "step_bytes": parts})
@@ -217,10 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         payload["derived"] = _derive(rows, args)
         common.write_json(args.out, payload)  # after every row: a run cut short keeps what it measured
 
-    for q in args.quantize:
+    # PEFT right after the first pass: if the step's budget runs out, the x PEFT goal is not what is lost.
+    for i, q in enumerate(args.quantize):
         run_loraserve(args, model_dir, adapters, device, q, emit)
-    if not args.skip_peft and args.peft_batch:
-        run_peft(args, model_dir, adapters, device, emit)
+        if i == 0 and not args.skip_peft and args.peft_batch:
+            run_peft(args, model_dir, adapters, device, emit)
     derived = payload["derived"] = _derive(rows, args)
     out = common.write_json(args.out, payload)
     common.print_table([r for r in rows if r["system"] != "roofline"] + [r for r in rows if r["system"] == "roofline"],

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"preparing random {shape.name} model and {max(args.num_adapters)} adapters under {work} ...", flush=True)
     model_dir = common.make_random_model_dir(shape, work / f"model-{shape.name}", device, seed=args.seed)
     adapters = common.make_random_adapters(shape, work / f"adapters-{shape.name}", max(args.num_adapters),
-                                           args.rank, seed=args.seed)
+                                           args.rank, seed=args.seed, device=device)
     rows: list[dict] = []
     payload = {"benchmark": "gpu_slora", "machine": common.machine_info(device), "shape": shape.to_dict(),
                "engine": {"slots": args.slots, "rank": args.rank, "quantize": args.quantize}, "results": rows,

@@ -197,6 +197,19 @@ def _decode(q: torch.Tensor, attn: AttentionMetadata,
     # index_select copies whole cache rows (3-6x faster than 2-D advanced indexing on CPU).
     kc = kv[0].index_select(0, rows).view(D, L, *kv[0].shape[1:]).permute(0, 2, 1, 3)  # [D, nkv, L, hd]
     vc = kv[1].index_select(0, rows).view(D, L, *kv[1].shape[1:]).permute(0, 2, 1, 3)
+    if q.is_cuda:
+        return grouped_decode_sdpa(q, kc, vc, mask)
     out = F.scaled_dot_product_attention(q[:, :, None, :], kc, vc, attn_mask=mask,
                                          enable_gqa=q.shape[1] != kc.shape[1])
     return out[:, :, 0, :]
+
+
+def grouped_decode_sdpa(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Decode attention with each KV head's query heads as that head's query rows: q [D, nh, hd], kc/vc
+    [D, nkv, L, hd], mask [D, 1, 1, L] -> [D, nh, hd]. The CUDA form: with a mask, flash attention is out and
+    the memory-efficient kernel takes no enable_gqa, so the GQA form fell back to the math kernel (fp32 scores,
+    K/V repeated per query head); this one, without enable_gqa, the memory-efficient kernel takes."""
+    D, nh, hd = q.shape
+    nkv = kc.shape[1]
+    out = F.scaled_dot_product_attention(q.view(D, nkv, nh // nkv, hd), kc, vc, attn_mask=mask)
+    return out.reshape(D, nh, hd)

@@ -15,6 +15,9 @@ inputs are copied into static buffers the graph reads:
   LoRA       the Triton backend's BGMV kernels (their grid depends only on the row count)
              at the pool's max rank (zero-padded ranks add nothing), per-row slots in a static
              [B] buffer; the slot stacks themselves are static already (loads write in place).
+             A step with no adapter in it replays a second graph captured without LoRA: in the
+             first, every projection's kernels would still launch for rows that all return at
+             once (about a hundred launches, a large share of a small model's GPU step).
 
 Prefill and mixed steps run eagerly. `capture_all` captures every bucket pair at start-up,
 before the engine loop runs and before any adapter loads (which copy on a side stream from
@@ -101,25 +104,25 @@ def pad_decode_inputs(seqs: list[Sequence], blocks: BlockAllocator, batch: int, 
     n = len(seqs)
     if n > batch:
         raise ValueError(f"{n} sequences do not fit a bucket of {batch}")
-    ids = torch.full((batch,), PAD_TOKEN, dtype=torch.long)
-    pos = torch.zeros(batch, dtype=torch.long)
-    new_rows = torch.full((batch,), scratch_kv_row, dtype=torch.long)
-    kv_rows = torch.full((batch, context), scratch_kv_row, dtype=torch.long)
-    lens = torch.ones(batch, dtype=torch.long)  # padding rows attend to the scratch row alone
-    slots = torch.zeros(batch, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        L = len(s.token_ids)
-        if L > context:
-            raise ValueError(f"a context of {L} tokens does not fit a bucket of {context}")
-        ids[i] = s.token_ids[-1]
-        pos[i] = L - 1
-        rows = blocks.rows(s.blocks, 0, L)
-        kv_rows[i, :L] = rows
-        new_rows[i] = rows[L - 1]
-        lens[i] = L
-        slots[i] = s.adapter_slot or 0
-    mask = torch.arange(context)[None, :] < lens[:, None]
-    return DecodeInputs(ids, pos, new_rows, kv_rows, mask[:, None, None, :], slots, n)
+    pad = batch - n
+    lengths = [len(s.token_ids) for s in seqs]
+    if lengths and max(lengths) > context:
+        raise ValueError(f"a context of {max(lengths)} tokens does not fit a bucket of {context}")
+    # Built in a few whole-tensor ops from plain lists (a Python loop of tensor writes per row cost about 3 ms a
+    # step at batch 64, several times a GPU decode step); padding rows attend to the scratch row alone.
+    ids = torch.tensor([s.token_ids[-1] for s in seqs] + [PAD_TOKEN] * pad, dtype=torch.long)
+    lens = torch.tensor(lengths + [1] * pad, dtype=torch.long)
+    slots = torch.tensor([s.adapter_slot or 0 for s in seqs] + [0] * pad, dtype=torch.long)
+    bs = blocks.block_size
+    nb = -(-context // bs)
+    table = torch.tensor([s.blocks[:nb] + [0] * (nb - min(nb, len(s.blocks))) for s in seqs] + [[0] * nb] * pad,
+                         dtype=torch.long)
+    positions = torch.arange(context)
+    mask = positions[None, :] < lens[:, None]
+    kv_rows = torch.where(mask, table[:, positions // bs] * bs + positions % bs, scratch_kv_row)
+    kv_rows[n:] = scratch_kv_row
+    new_rows = kv_rows.gather(1, (lens - 1)[:, None])[:, 0]
+    return DecodeInputs(ids, lens - 1, new_rows, kv_rows, mask[:, None, None, :], slots, n)
 
 
 _INPUT_FIELDS = ("token_ids", "positions", "slot_mapping", "decode_kv", "decode_mask", "adapter_slots")
@@ -129,7 +132,8 @@ class _Graph:
     """A captured decode step and what it reads and writes: the static buffers, and the LoRA step whose
     device tensors (segment tables) the kernels read, kept alive as long as the graph."""
 
-    def __init__(self, inputs: DecodeInputs, lora: LoraStep, logits: torch.Tensor, graph: "torch.cuda.CUDAGraph"):
+    def __init__(self, inputs: DecodeInputs, lora: Optional[LoraStep], logits: torch.Tensor,
+                 graph: "torch.cuda.CUDAGraph"):
         self.inputs, self.lora, self.logits, self.graph = inputs, lora, logits, graph
 
     def replay(self, new: DecodeInputs) -> torch.Tensor:
@@ -155,7 +159,7 @@ class DecodeGraphs:
         self.capture = capture
         self.batch_buckets = batch_buckets(max_batch_size)
         self.context_buckets = context_buckets(max_len, blocks.block_size)
-        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._graphs: dict[tuple[int, int, bool], _Graph] = {}  # (batch, context, with LoRA)
         self.replays = 0  # decode steps run through a captured graph
         self._pool = torch.cuda.graph_pool_handle() if capture else None
         self._flat: Optional[dict[str, torch.Tensor]] = None  # static input buffers, shared by all graphs
@@ -179,24 +183,28 @@ class DecodeGraphs:
         inputs = pad_decode_inputs(seqs, self.blocks, B, L, self.scratch_kv_row)
         if not self.capture:
             return seqs, self._eager(inputs)
-        graph = self._graphs.get((B, L))
+        key = (B, L, any(s.adapter_slot for s in seqs))
+        graph = self._graphs.get(key)
         if graph is None:
-            graph = self._graphs[(B, L)] = self._capture(B, L)
+            graph = self._graphs[key] = self._capture(*key)
         self.replays += 1
         return seqs, graph.replay(inputs)
 
     def capture_all(self) -> float:
-        """Capture every (batch, context) bucket pair, largest first; returns the seconds it took."""
+        """Capture every (batch, context) bucket pair with and without LoRA, largest first; returns the seconds
+        it took."""
         import time
 
         t0 = time.perf_counter()
         for B in reversed(self.batch_buckets):
             for L in reversed(self.context_buckets):
-                if (B, L) not in self._graphs:
-                    self._graphs[(B, L)] = self._capture(B, L)
+                for with_lora in (True, False):
+                    if (B, L, with_lora) not in self._graphs:
+                        self._graphs[(B, L, with_lora)] = self._capture(B, L, with_lora)
         torch.cuda.synchronize(self.device)
         took = time.perf_counter() - t0
-        log.info("captured %d CUDA graphs for decode (batch buckets %s, context buckets %s) in %.1fs",
+        log.info("captured %d CUDA graphs for decode (batch buckets %s, context buckets %s, with and without LoRA) "
+                 "in %.1fs",
                  len(self._graphs), self.batch_buckets, self.context_buckets, took)
         return took
 
@@ -257,13 +265,13 @@ class DecodeGraphs:
 
         return step
 
-    def _capture(self, B: int, L: int) -> _Graph:
+    def _capture(self, B: int, L: int, with_lora: bool) -> _Graph:
         dev = self.device
         host = pad_decode_inputs([], self.blocks, B, L, self.scratch_kv_row)  # all padding: scratch row only
         st = self._static_inputs(B, L)
         for f in _INPUT_FIELDS:
             getattr(st, f).copy_(getattr(host, f))
-        lora = self._static_lora(st.adapter_slots)
+        lora = self._static_lora(st.adapter_slots) if with_lora else None
         step = self._step_fn(st, lora)
 
         # Warm up on a side stream (Triton compiles, cuBLAS picks algorithms, the allocator settles):
@@ -277,5 +285,6 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool):
             logits = step()
-        log.debug("captured a CUDA graph for decode: batch %d, context %d", B, L)
+        log.debug("captured a CUDA graph for decode: batch %d, context %d, %s LoRA", B, L,
+                  "with" if with_lora else "without")
         return _Graph(st, lora, logits, graph)

@@ -73,3 +73,22 @@ def test_q_as_a_view_of_the_fused_qkv_rows_gives_the_contiguous_result():
     lengths = torch.tensor([50, 7, 33, 1], dtype=torch.int32)
     assert torch.equal(KERN(q, k, v, rows, lengths), KERN(q.contiguous(), k, v, rows, lengths))
 
+
+
+@pytest.mark.parametrize("nh,nkv", [(9, 3), (32, 8), (4, 4)])
+def test_the_cuda_form_of_decode_attention_is_the_gqa_result(nh, nkv):
+    """sdpa.grouped_decode_sdpa (what CUDA runs: a KV head's query heads as its query rows, so the
+    memory-efficient kernel takes the mask) gives what SDPA's GQA form gives, here on CPU."""
+    from server.attention.sdpa import grouped_decode_sdpa
+
+    k, v = _cache(nkv=nkv, hd=32)
+    lengths = torch.tensor([1, 30, 64], dtype=torch.int32)
+    g = torch.Generator().manual_seed(2)
+    rows = torch.stack([torch.randperm(512, generator=g)[:64] for _ in lengths])
+    q = torch.randn(len(lengths), nh, 32, generator=g)
+    D, L = rows.shape
+    kc = k.index_select(0, rows.reshape(-1)).view(D, L, nkv, 32).permute(0, 2, 1, 3)
+    vc = v.index_select(0, rows.reshape(-1)).view(D, L, nkv, 32).permute(0, 2, 1, 3)
+    mask = (torch.arange(L)[None, :] < lengths[:, None])[:, None, None, :]
+    torch.testing.assert_close(grouped_decode_sdpa(q, kc, vc, mask), _sdpa(q, k, v, rows, lengths),
+                               atol=2e-6, rtol=1e-5)
