@@ -43,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _decode_itl(engine, versions, args, tag: str, during=None) -> tuple[list[float], list[dict]]:
-    """Run B requests; optionally start `during()` in a thread once every request has its first token."""
+    """Run B requests; optionally start `during()` in a thread once every request has its first token.
+
+    Returns the inter-token gaps and the loads `during` made (each with its start and end on the same clock).
+    With a loader, only the gaps inside its window count, and each load says whether decode was still running
+    when it ended: loads that outlast the decode disturb nothing, so they must not dilute the figure."""
     from server.engine.types import Request, SamplingParams
 
     vocab = engine.model_config.vocab_size
@@ -77,8 +81,14 @@ def _decode_itl(engine, versions, args, tag: str, during=None) -> tuple[list[flo
         th.join()
     if loader is not None:
         loader.join()
-    itl = [b - a for s in stamps for a, b in zip(s, s[1:])]
-    return itl, loads
+    gaps = [(a, b) for s in stamps for a, b in zip(s, s[1:])]
+    if loads:
+        start, end = loads[0]["start"], loads[-1]["end"]
+        decode_end = max((s[-1] for s in stamps if s), default=start)
+        for x in loads:
+            x["during_decode"] = x["end"] <= decode_end
+        gaps = [(a, b) for a, b in gaps if b >= start and a <= end]
+    return [b - a for a, b in gaps], loads
 
 
 def run_rank(args, model_dir: Path, device: torch.device, rank: int) -> dict:
@@ -110,7 +120,8 @@ def run_rank(args, model_dir: Path, device: torch.device, rank: int) -> dict:
             for s in specs:
                 t0 = time.perf_counter()
                 engine.pool.load(s)
-                out.append({"adapter": s.name, "seconds": time.perf_counter() - t0})
+                t1 = time.perf_counter()
+                out.append({"adapter": s.name, "seconds": t1 - t0, "start": t0, "end": t1})
             return out
 
         loading, loads = _decode_itl(engine, running, args, f"loading-r{rank}", during=lambda: load_all(cold))
@@ -132,6 +143,8 @@ def run_rank(args, model_dir: Path, device: torch.device, rank: int) -> dict:
             "itl_quiet_s": {**q, "max": max(quiet, default=float("nan"))},
             "itl_loading_s": {**lo, "max": max(loading, default=float("nan"))},
             "itl_p99_ratio": lo["p99"] / q["p99"] if q["p99"] else float("nan"),
+            "loads_during_decode": sum(x["during_decode"] for x in loads),
+            "host_loads_during_decode": sum(x["during_decode"] for x in host_loads),
             "host_loads": host_loads, "host_load_s": percentiles([x["seconds"] for x in host_loads]),
             "itl_loading_host_s": {**lh, "max": max(loading_host, default=float("nan"))},
             "itl_host_p99_ratio": lh["p99"] / q["p99"] if q["p99"] else float("nan")}
@@ -160,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
               "ITL p50 quiet ms": r["itl_quiet_s"]["p50"] * 1e3, "ITL p99 quiet ms": r["itl_quiet_s"]["p99"] * 1e3,
               "ITL p50 loading ms": r["itl_loading_s"]["p50"] * 1e3,
               "ITL p99 loading ms": r["itl_loading_s"]["p99"] * 1e3, "p99 ratio": r["itl_p99_ratio"],
-              "host load p50 ms": r["host_load_s"]["p50"] * 1e3, "host p99 ratio": r["itl_host_p99_ratio"]}
+              "host load p50 ms": r["host_load_s"]["p50"] * 1e3, "host p99 ratio": r["itl_host_p99_ratio"],
+              "loads in decode": f"{r['loads_during_decode']}+{r['host_loads_during_decode']}"}
              for r in rows]
     common.print_table(table, list(table[0]), title=f"cold loads during decode, shape {shape.name}, B={args.batch}, "
                        f"{args.cold} cold adapters")

@@ -109,7 +109,8 @@ def steps(results: Path, workdir: Path) -> list[Step]:
              budget_s=75, dry_budget_s=120, out_json="gpu_slora.json"),
         Step("coldload", "cold adapter loads (disk -> device, host memory -> device) during decode of B = 32: "
                          "load time, ITL stall (rank 16, the goal's, first; then 64)",
-             py + ["benchmarks.gpu_coldload", "--shape", "1b", "--new", "160", "--rank", "16", "64",
+             # 400 tokens: decode (about a millisecond a step) outlasts the loads it is meant to be disturbed by
+             py + ["benchmarks.gpu_coldload", "--shape", "1b", "--new", "400", "--rank", "16", "64",
                    *out("gpu_coldload.json")],
              py + ["benchmarks.gpu_coldload", "--dry-run", *out("gpu_coldload.json")],
              budget_s=60, dry_budget_s=120, out_json="gpu_coldload.json"),

@@ -36,7 +36,7 @@ from server.core.threads import ShortLivedThreads
 from server.core.identity import AdapterVersion
 from server.core.errors import AdapterInUseError, AdapterLoadError, AdapterRejectedError, CapacityError
 from server.lora.rows import RowAllocator
-from server.lora.stacks import RowStacks, staged
+from server.lora.stacks import RowStacks
 from server.lora.weights import LoraWeights
 from server.model.config import TARGETS, ModelConfig
 
@@ -401,24 +401,22 @@ class AdapterPool:
                  weights.rank, idx, seconds)
 
     def _copy(self, idx: int, rows: list[int], w: LoraWeights) -> None:
-        """Write one adapter into its rows of every stack and its page-table row: zero the rows, then copy each
-        module's A/B and scale. On CUDA the copies run on a side stream from pinned host copies already in the
-        stacks' dtype and layout (`staged`), so they never wait behind a step and are plain async DMAs."""
-        copies = [s for s in (self.stacks, self.kernel_stacks) if s is not None]
+        """Write one adapter into its rows of every stack and its page-table row. The device stacks take it in
+        a few bulk operations (`RowStacks.write_adapter`: one host buffer in their dtype, one copy, one
+        multi-tensor scatter); on CUDA on a side stream from pinned memory, so a load never waits behind a step
+        and a step never waits behind a load. The CPU kernels' int8 copies quantize row by row as before."""
         pinned = self._copy_stream is not None
         page_row = torch.zeros(self.max_rank, dtype=torch.int32)
         page_row[:len(rows)] = torch.tensor(rows, dtype=torch.int32)
         with torch.cuda.stream(self._copy_stream) if pinned else contextlib.nullcontext():
-            for stacks in copies:
-                stacks.clear(idx, rows)
-            for layer in range(self.config.num_layers):
-                for t in TARGETS:
-                    m = w.modules.get((layer, t))
-                    if m is None:
-                        continue
-                    a, b = staged(m.a, m.b, self.stacks.dtype) if pinned else (m.a, m.b)
-                    for stacks in copies:
-                        stacks.write(idx, rows, layer, t, a, b, m.scale, non_blocking=pinned)
+            self.stacks.write_adapter(idx, rows, w.modules, pinned=pinned)
+            if self.kernel_stacks is not None:
+                self.kernel_stacks.clear(idx, rows)
+                for layer in range(self.config.num_layers):
+                    for t in TARGETS:
+                        m = w.modules.get((layer, t))
+                        if m is not None:
+                            self.kernel_stacks.write(idx, rows, layer, t, m.a, m.b, m.scale)
             self.pages[idx].copy_(page_row)
         if self._copy_stream is not None:
             self._copy_stream.synchronize()

@@ -69,3 +69,37 @@ def test_row_stacks_cover_every_projection_of_every_layer():
     assert stacks.nbytes == 9 * RowStacks.bytes_per_row(TINY, torch.bfloat16)
     stacks.clear(1, [3, 4])
     assert not stacks.a[1]["up"].any() and stacks.scale[1]["up"][1] == 0
+
+
+def test_an_adapter_written_in_bulk_is_what_clear_then_write_per_module_leaves():
+    """write_adapter (the pool's path: one staged buffer, one multi-tensor copy) against clear + write per
+    module, bit for bit: over an older adapter's rows, rows in two runs, ranks below the rows (rank_pattern),
+    targets the adapter lacks, and rounding to bf16."""
+    from server.lora.weights import LoraModule
+
+    g = torch.Generator().manual_seed(5)
+    rows = [3, 4, 5, 8, 9]
+    modules = {}
+    for layer in range(TINY.num_layers):
+        for t, r in (("q", 5), ("v", 3), ("up", 5), ("down", 2)):  # k, o, gate absent
+            out_f, in_f = TINY.target_shape(t)
+            modules[(layer, t)] = LoraModule(torch.randn(r, in_f, generator=g), torch.randn(out_f, r, generator=g),
+                                             0.5 + layer)
+    old = {k: LoraModule(torch.ones(5, m.a.shape[1]), torch.ones(m.b.shape[0], 5), 9.0) for k, m in modules.items()}
+    old[(0, "gate")] = LoraModule(torch.ones(5, 64), torch.ones(160, 5), 9.0)
+    for dtype in (torch.float32, torch.bfloat16):
+        pages = torch.zeros(3, 8, dtype=torch.int32)
+        bulk, per_module = (RowStacks(TINY, num_rows=12, pages=pages, dtype=dtype, device="cpu") for _ in range(2))
+        for st in (bulk, per_module):
+            for (layer, t), m in old.items():  # an older adapter's rows and scales in the same slot
+                st.write(1, rows, layer, t, m.a, m.b, m.scale)
+        bulk.write_adapter(1, rows, modules)
+        per_module.clear(1, rows)
+        for (layer, t), m in modules.items():
+            per_module.write(1, rows, layer, t, m.a, m.b, m.scale)
+        for layer in range(TINY.num_layers):
+            for targets, st in bulk.projections[layer].items():
+                ref = per_module.projections[layer][targets]
+                assert torch.equal(st.a, ref.a) and torch.equal(st.bt, ref.bt), (layer, targets, dtype)
+                assert torch.equal(st.scale, ref.scale), (layer, targets, dtype)
+        assert bulk.scale[1]["up"][1] == 1.5 and bulk.scale[0]["gate"][1] == 0.0
