@@ -69,8 +69,8 @@ class EngineConfig:
                                           "resolves to bf16 or int8 and dtype is float32; the torch reference otherwise)",
                              choices=("auto", "torch", "cpu", "triton"))
     cuda_graphs: bool = knob(True, help="replay captured CUDA graphs for decode-only steps, one per batch and "
-                                        "context bucket (CUDA with the triton LoRA backend; ignored on CPU; "
-                                        "--no-cuda-graphs runs every step eagerly)")
+                                        "context bucket, with and without LoRA (CUDA with the triton LoRA "
+                                        "backend; ignored on CPU; --no-cuda-graphs runs every step eagerly)")
 
     def __post_init__(self) -> None:
         knobs.check(self, "engine")
