@@ -130,3 +130,38 @@ def fill_filesystem(path: Path, leave: int = 0) -> Path:
             except OSError:
                 break
     return filler
+
+
+def interpreter_child_cases(namespace: dict) -> int:
+    """How many interpreter-only cases (marked interpreter_child, parametrizations counted) a test module defines."""
+    n_all = 0
+    for name, fn in list(namespace.items()):
+        marks = getattr(fn, "pytestmark", [])
+        if name.startswith("test_") and any(m.name == "interpreter_child" for m in marks):
+            n = 1
+            for m in marks:
+                if m.name == "parametrize":
+                    n *= len(m.args[1])
+            n_all += n
+    return n_all
+
+
+def run_under_triton_interpreter(test_file: str, expected_cases: int) -> None:
+    """Run `test_file`'s non-GPU tests in a child pytest with TRITON_INTERPRET=1 and no CUDA (Triton's interpreter
+    must be chosen before triton is first imported, so it cannot run in this process) and assert that the child
+    passed at least `expected_cases` tests and failed none."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu",
+                           str(Path(test_file).resolve())], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0 and " failed" not in proc.stdout, tail
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    assert passed is not None and int(passed.group(1)) >= expected_cases, tail

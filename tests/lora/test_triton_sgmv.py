@@ -13,10 +13,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,8 +21,8 @@ pytest.importorskip("triton")
 
 from server.lora import torch_ref  # noqa: E402
 from server.lora.segments import LoraSegments  # noqa: E402
+from tests.helpers import interpreter_child_cases, run_under_triton_interpreter  # noqa: E402
 
-_ROOT = Path(__file__).resolve().parents[2]
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Relative error bound against the largest reference value, per dtype.
 _TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
@@ -39,32 +35,7 @@ interp = pytest.mark.interpreter_child
 @pytest.mark.slow
 @pytest.mark.skipif(_INTERPRET, reason="this is the child")
 def test_kernels_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu",
-         str(Path(__file__).resolve())],
-        cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0, tail
-    assert " failed" not in proc.stdout, tail
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    n_child = sum(1 for _ in _child_cases())
-    assert passed is not None and int(passed.group(1)) >= n_child, tail
-
-
-def _child_cases():
-    """The parametrized interpreter cases this file defines (what the child must have run)."""
-    import inspect
-
-    for name, fn in list(globals().items()):
-        if name.startswith("test_") and any(m.name == "interpreter_child" for m in getattr(fn, "pytestmark", [])):
-            marks = [m for m in fn.pytestmark if m.name == "parametrize"]
-            n = 1
-            for m in marks:
-                n *= len(m.args[1])
-            for _ in range(n):
-                yield inspect.getsourcefile(fn)
+    run_under_triton_interpreter(__file__, interpreter_child_cases(globals()))
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,6 @@ CUDA. Run the interpreter cases directly with:
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,26 +16,17 @@ import torch
 pytest.importorskip("triton")
 
 from server.model import quant  # noqa: E402
+from tests.helpers import interpreter_child_cases, run_under_triton_interpreter  # noqa: E402
 
-_ROOT = Path(__file__).resolve().parents[2]
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 interp = pytest.mark.interpreter_child
-_CHILD_CASES = 5  # the interpreter cases below, parametrizations counted
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(_INTERPRET, reason="this is the child")
 def test_kernel_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu",
-                           str(Path(__file__).resolve())], cwd=_ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0 and " failed" not in proc.stdout, tail
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed is not None and int(passed.group(1)) >= _CHILD_CASES, tail
+    run_under_triton_interpreter(__file__, interpreter_child_cases(globals()))
 
 
 def _weights(n: int, k: int, pad: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
