@@ -74,6 +74,9 @@ class ServerConfig:
     metrics_adapter_labels: int = knob(32, help="distinct adapter label values in metrics before the rest count as "
                                                 "'other'", lo=0)
     log_level: str = knob("info", help="debug | info | warning | error", choices=("debug", "info", "warning", "error"))
+    event_loop: str = knob("auto", choices=("auto", "uvloop", "asyncio"),
+                           help="the servers' event loop: uvloop (auto: where it imports) spends less CPU a streamed "
+                                "message than asyncio's own loop, CPU the engine shares on small machines")
     stream_interval: int = knob(1, lo=1, hi=256, help="tokens a streamed message carries: a stream's first token goes "
                                                       "out at once, then a message every this many tokens, and the "
                                                       "last at once (1 = every token; more = fewer messages, less "

@@ -44,3 +44,14 @@ def test_generate_requires_prompt_or_messages(capsys: pytest.CaptureFixture) -> 
         cli.main(["generate", "--target", "127.0.0.1:1"])
     assert e.value.code == 2
     assert "--prompt" in capsys.readouterr().err
+
+
+def test_the_servers_run_on_uvloop_unless_asked_for_asyncios_loop() -> None:
+    import asyncio
+
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    assert cli.run_event_loop(loop_module(), "auto").startswith("uvloop")
+    assert cli.run_event_loop(loop_module(), "uvloop").startswith("uvloop")
+    assert cli.run_event_loop(loop_module(), "asyncio").startswith("asyncio")
