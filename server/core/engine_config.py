@@ -66,7 +66,8 @@ class EngineConfig:
                           choices=("auto", "sdpa", "xformers"))
     lora_backend: str = knob("auto", help="auto | torch | cpu | triton: what computes the LoRA deltas (auto: triton on "
                                           "CUDA when it imports; on CPU the C kernel where --lora-decode-dtype "
-                                          "resolves to bf16 or int8 and dtype is float32; the torch reference otherwise)",
+                                          "resolves to bf16 or int8 and dtype is float32; the torch reference "
+                                          "otherwise)",
                              choices=("auto", "torch", "cpu", "triton"))
     cuda_graphs: bool = knob(True, help="replay captured CUDA graphs for decode-only steps, one per batch and "
                                         "context bucket, with and without LoRA (CUDA with the triton LoRA "
