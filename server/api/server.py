@@ -151,7 +151,8 @@ class LoraServer:
                              "grpc_target": f"{host}:{self.port}",
                              "http_url": f"{scheme}://{host}:{self.http_port}/v1" if s.http_port >= 0 else None,
                              "tls": self.tls.describe() if self.tls is not None else None,
-                             "metrics_tls": bool(self.tls is not None and s.metrics_tls)}))
+                             "metrics_tls": bool(self.tls is not None and s.metrics_tls),
+                             "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0]}))
 
     async def load(self) -> None:
         """Load the model off the event loop (health stays answerable), then go SERVING."""
