@@ -113,14 +113,10 @@ def pad_decode_inputs(seqs: list[Sequence], blocks: BlockAllocator, batch: int, 
     ids = torch.tensor([s.token_ids[-1] for s in seqs] + [PAD_TOKEN] * pad, dtype=torch.long)
     lens = torch.tensor(lengths + [1] * pad, dtype=torch.long)
     slots = torch.tensor([s.adapter_slot or 0 for s in seqs] + [0] * pad, dtype=torch.long)
-    bs = blocks.block_size
-    nb = -(-context // bs)
-    table = torch.tensor([s.blocks[:nb] + [0] * (nb - min(nb, len(s.blocks))) for s in seqs] + [[0] * nb] * pad,
-                         dtype=torch.long)
-    positions = torch.arange(context)
-    mask = positions[None, :] < lens[:, None]
-    kv_rows = torch.where(mask, table[:, positions // bs] * bs + positions % bs, scratch_kv_row)
-    kv_rows[n:] = scratch_kv_row
+    mask = torch.arange(context)[None, :] < lens[:, None]
+    kv_rows = torch.full((batch, context), scratch_kv_row, dtype=torch.long)
+    if n:
+        kv_rows[:n] = torch.where(mask[:n], blocks.context_rows([s.blocks for s in seqs], context), scratch_kv_row)
     new_rows = kv_rows.gather(1, (lens - 1)[:, None])[:, 0]
     return DecodeInputs(ids, lens - 1, new_rows, kv_rows, mask[:, None, None, :], slots, n)
 

@@ -92,6 +92,16 @@ class BlockAllocator:
             del self._idle[block]
             self._free.append(block)
 
+    def context_rows(self, tables: list[list[int]], length: int) -> torch.Tensor:
+        """[len(tables), length] flat cache rows of positions 0..length-1 of each sequence, in one tensor op: block
+        tables cut or padded to the blocks `length` needs, so positions past a sequence's own blocks read block 0's
+        rows (the caller masks them)."""
+        nb = self.blocks_for(length)
+        table = torch.tensor([t[:nb] + [0] * (nb - min(nb, len(t))) for t in tables], dtype=torch.long)
+        positions = torch.arange(length)
+        return table.view(len(tables), nb)[:, positions // self.block_size] * self.block_size \
+            + positions % self.block_size
+
     def rows(self, blocks: list[int], start: int, end: int) -> torch.Tensor:
         """Flat cache rows [end - start] of token positions [start, end) of a sequence with block table `blocks`."""
         pos = torch.arange(start, end)

@@ -96,12 +96,8 @@ class ModelRunner:
             L = max(ctx)
             # Every sequence's context rows at once: block tables padded to the longest, rows past a
             # sequence's own length zero (read by nothing: the mask and the kernel's lengths stop before).
-            nb = self.blocks.blocks_for(L)
-            table = torch.tensor([s.blocks[:nb] + [0] * (nb - min(nb, len(s.blocks))) for s in decode_seqs],
-                                 dtype=torch.long)
-            positions = torch.arange(L)
-            mask = positions[None, :] < torch.tensor(ctx)[:, None]
-            context_kv_rows = (table[:, positions // bs] * bs + positions % bs) * mask
+            mask = torch.arange(L)[None, :] < torch.tensor(ctx)[:, None]
+            context_kv_rows = self.blocks.context_rows([s.blocks for s in decode_seqs], L) * mask
             attn.decode_kv = context_kv_rows.to(dev)
             attn.decode_mask = mask[:, None, None, :].to(dev)
             if prefill_runs:
