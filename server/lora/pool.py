@@ -344,8 +344,12 @@ class AdapterPool:
         self._slots[idx] = None
         # Nothing reads an unreferenced slot; this keeps its page-table row honest. On the copy stream, where the
         # next load of this slot writes the row: on the caller's stream it could land after that write.
-        with torch.cuda.stream(self._copy_stream) if self._copy_stream is not None else contextlib.nullcontext():
+        with self._on_copy_stream():
             self.pages[idx].zero_()
+
+    def _on_copy_stream(self) -> contextlib.AbstractContextManager:
+        """Where every write to the slot stacks and page table goes: the copy stream on CUDA, in order."""
+        return torch.cuda.stream(self._copy_stream) if self._copy_stream is not None else contextlib.nullcontext()
 
     def _fail(self, digest: str, err: BaseException) -> None:
         self._failed[digest] = err
@@ -408,7 +412,7 @@ class AdapterPool:
         pinned = self._copy_stream is not None
         page_row = torch.zeros(self.max_rank, dtype=torch.int32)
         page_row[:len(rows)] = torch.tensor(rows, dtype=torch.int32)
-        with torch.cuda.stream(self._copy_stream) if pinned else contextlib.nullcontext():
+        with self._on_copy_stream():
             self.stacks.write_adapter(idx, rows, w.modules, pinned=pinned)
             if self.kernel_stacks is not None:
                 self.kernel_stacks.clear(idx, rows)

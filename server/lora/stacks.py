@@ -240,33 +240,26 @@ class RowStacks:
                                 shapes.append(dst[-1].shape)
                     for first, _, n in runs(rows[r:]):
                         zeros += [a_rows[first:first + n], bt_rows[first:first + n]]
-        total = sum(s.numel() for s in shapes)
-        flat = torch.empty(total, dtype=self.dtype, pin_memory=pinned and torch.cuda.is_available())
-        views, off = [], 0
-        for shape, src in zip(shapes, srcs):
-            n = shape.numel()
-            views.append(flat[off:off + n].view(shape))
-            off += n
-        torch._foreach_copy_(views, srcs)  # host: converts to the stacks' dtype, B^T made contiguous
-        device = self.pages.device
-        on_device = flat.to(device, non_blocking=pinned) if flat.device != device else flat
+        device, pin = self.pages.device, pinned and torch.cuda.is_available()
+        offsets = [0]
+        for shape in shapes:
+            offsets.append(offsets[-1] + shape.numel())
+
+        def views(buf: torch.Tensor) -> list[torch.Tensor]:
+            return [buf[o:o + s.numel()].view(s) for o, s in zip(offsets, shapes)]
+
         if dst:
-            off = 0
-            placed = []
-            for shape in shapes:
-                n = shape.numel()
-                placed.append(on_device[off:off + n].view(shape))
-                off += n
-            torch._foreach_copy_(dst, placed)
+            flat = torch.empty(offsets[-1], dtype=self.dtype, pin_memory=pin)
+            torch._foreach_copy_(views(flat), srcs)  # host: converts to the stacks' dtype, B^T made contiguous
+            torch._foreach_copy_(dst, views(flat.to(device, non_blocking=pinned)))  # .to: a no-op on the same device
         if zeros:
             torch._foreach_zero_(zeros)
-        host_scales = torch.tensor([v for vals in scale_src for v in vals], dtype=torch.float32,
-                                   pin_memory=pinned and torch.cuda.is_available())
-        scales = host_scales.to(device, non_blocking=pinned) if device.type != "cpu" else host_scales
-        off = 0
+        scales = torch.tensor([v for vals in scale_src for v in vals], dtype=torch.float32, pin_memory=pin)
+        scales = scales.to(device, non_blocking=pinned)
+        at = 0
         for d in scale_dst:
-            d.copy_(scales[off:off + d.numel()])
-            off += d.numel()
+            d.copy_(scales[at:at + d.numel()])
+            at += d.numel()
 
     def write(self, slot: int, rows: list[int], layer: int, target: str, a: torch.Tensor, b: torch.Tensor,
               scale: float, non_blocking: bool = False) -> None:
