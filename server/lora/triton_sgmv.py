@@ -46,7 +46,6 @@ and put the table (us per call for B = 1..64, Distinct/Uniform/Identical) here.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -54,14 +53,13 @@ import torch
 import triton
 import triton.language as tl
 
+from server.core import triton_grid
 from server.lora.segments import LoraSegments
 from server.lora.stacks import ProjectionStacks
 
 # Below this average adapter-segment length, `auto` uses the per-token gather kernels.
 BGMV_MAX_AVG_SEGMENT = 2.0
-# Aim for this many programs per SM before splitting the K (in_features) loop of shrink.
-_PROGRAMS_PER_SM = 2
-_MAX_SPLIT_K = 16
+_MAX_SPLIT_K = 16  # the most shrink's K (in_features) loop is split (server.core.triton_grid.k_split)
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -269,17 +267,6 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: Optional[int]) -> int:
-    if not torch.cuda.is_available():
-        return 1  # the interpreter runs programs one after another: no point splitting
-    return torch.cuda.get_device_properties(device_index or 0).multi_processor_count
-
-
-def _n_sms(t: torch.Tensor) -> int:
-    return _sm_count(t.device.index) if t.is_cuda else 1
-
-
 def _dot_in_f32(dtype: torch.dtype) -> bool:
     """Triton's CPU interpreter (3.x) computes bf16 tl.dot wrongly, so it gets fp32 operands there."""
     return dtype == torch.bfloat16 and _INTERPRETED
@@ -306,18 +293,10 @@ def pick_mode(seg: LoraSegments) -> str:
     return "bgmv" if n and tot < BGMV_MAX_AVG_SEGMENT * n else "sgmv"
 
 
-def _block_m(max_len: int) -> int:
-    return 16 if max_len <= 16 else (32 if max_len <= 32 else 64)
-
-
 def _split_k(programs: int, k_blocks: int, n_sms: int, split_k: Optional[int]) -> int:
     if split_k is not None:
         return max(1, min(int(split_k), k_blocks))
-    want = _PROGRAMS_PER_SM * n_sms
-    s = 1
-    while programs * s * 2 <= want and s * 2 <= min(_MAX_SPLIT_K, k_blocks):
-        s *= 2
-    return s
+    return triton_grid.k_split(programs, k_blocks, n_sms, _MAX_SPLIT_K)
 
 
 def _check_shrink(x: torch.Tensor, a: torch.Tensor, seg: LoraSegments) -> None:
@@ -363,17 +342,17 @@ def _shrink(x: torch.Tensor, a: torch.Tensor, a_strides: tuple[int, int, int, in
     mode = pick_mode(seg) if mode == "auto" else mode
     ieee = x.dtype == torch.float32
     if mode == "sgmv":
-        block_m = _block_m(seg.max_segment_len)
+        block_m = triton_grid.block_m(seg.max_segment_len)
         block_r = min(max(16, _pow2(R)), 64)
         block_k = 32 if ieee else 64
         m_tiles = triton.cdiv(seg.max_segment_len, block_m)
         r_tiles = triton.cdiv(R, block_r)
-        sk = _split_k(n_lora * m_tiles * r_tiles, triton.cdiv(K, block_k), _n_sms(x), split_k)
+        sk = _split_k(n_lora * m_tiles * r_tiles, triton.cdiv(K, block_k), triton_grid.sm_count(x), split_k)
     elif mode == "bgmv":
         block_r = min(_pow2(R), 64)
         block_k = max(32, min(256, 8192 // block_r))
         r_tiles = triton.cdiv(R, block_r)
-        sk = _split_k(T * r_tiles, triton.cdiv(K, block_k), _n_sms(x), split_k)
+        sk = _split_k(T * r_tiles, triton.cdiv(K, block_k), triton_grid.sm_count(x), split_k)
     else:
         raise ValueError(f"mode must be auto, sgmv or bgmv, not {mode!r}")
     # One partial per K split, fp32, zero where no program writes (slot 0, padding).
@@ -415,7 +394,7 @@ def _expand_launch(y: torch.Tensor, v: torch.Tensor, b: torch.Tensor, b_strides:
     page_table = pages if paged else seg.seg_slots  # an unread stand-in when not paged
     strides = (*v.stride(), *b_strides, *y.stride(), scales.stride(0), page_table.stride(0) if paged else 0)
     if mode == "sgmv":
-        block_m = _block_m(seg.max_segment_len)
+        block_m = triton_grid.block_m(seg.max_segment_len)
         block_n = 64 if max_out <= 2048 else 128
         block_r = min(max(16, _pow2(R)), 64)
         n_tiles = triton.cdiv(max_out, block_n)

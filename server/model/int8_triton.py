@@ -21,10 +21,11 @@ Under TRITON_INTERPRET=1 (CI on CPU) the kernel runs on CPU tensors, with bf16/f
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
+
+from server.core import triton_grid
 
 try:
     import triton
@@ -33,9 +34,7 @@ except ImportError:  # pragma: no cover - CPU installs without triton never rout
     triton = None
     tl = None
 
-# Aim for this many programs per SM on a decode-sized matmul before splitting K.
-_PROGRAMS_PER_SM = 2
-_MAX_SPLIT_K = 8
+_MAX_SPLIT_K = 8  # the most a decode-sized product's K loop is split (server.core.triton_grid.k_split)
 DECODE_MAX_ROWS = 64
 
 
@@ -82,25 +81,12 @@ else:  # pragma: no cover
     _INTERPRETED = False
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: Optional[int]) -> int:
-    if not torch.cuda.is_available():
-        return 1  # the interpreter runs programs one after another
-    return torch.cuda.get_device_properties(device_index or 0).multi_processor_count
-
-
 def tiles(m: int, n: int, k: int, n_sms: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K) for an [m, k] x [k, n] product; a function of the row band only."""
     if m > DECODE_MAX_ROWS:
         return 64, 128, 64, 1
-    bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-    bn, bk = 32, 128
-    programs = -(-m // bm) * -(-n // bn)
-    k_blocks = -(-k // bk)
-    split = 1
-    while programs * split * 2 <= _PROGRAMS_PER_SM * n_sms and split * 2 <= min(_MAX_SPLIT_K, k_blocks):
-        split *= 2
-    return bm, bn, bk, split
+    bm, bn, bk = triton_grid.block_m(m), 32, 128
+    return bm, bn, bk, triton_grid.k_split(-(-m // bm) * -(-n // bn), -(-k // bk), n_sms, _MAX_SPLIT_K)
 
 
 def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
@@ -125,8 +111,7 @@ def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
         return out
     if K == 0:
         return out.zero_()
-    n_sms = _sm_count(x.device.index) if x.is_cuda else 1
-    bm, bn, bk, split = tiles(M, N, K, n_sms)
+    bm, bn, bk, split = tiles(M, N, K, triton_grid.sm_count(x))
     if split_k is not None:
         split = max(1, min(int(split_k), triton.cdiv(K, bk)))
     # With a split, fp32 partials [split, M, N] are added in a fixed order afterwards, then scaled.
