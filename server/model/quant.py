@@ -225,6 +225,7 @@ class QuantLinear(nn.Module):
             self.kernel_dtype = dtype
         self.group_size = group_size if mode == "int4" else 0
         self._pw: Optional[int8_dynamic.PackedWeight] = None  # the dynamic kernel's weight, when it runs
+        self._int8_matmul = _triton_int8().int8_matmul if self.kernel == "triton" else None  # looked up once
         self.bias = None if bias is None else nn.Parameter(
             bias.detach().to(device=device, dtype=dtype), requires_grad=False)
         if self.kernel == "dynamic":
@@ -359,7 +360,7 @@ class QuantLinear(nn.Module):
 
     def _kernel_matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if self.kernel == "triton":
-            return _triton_int8().int8_matmul(x2, self.qweight, self.scale)
+            return self._int8_matmul(x2, self.qweight, self.scale)
         xk = x2.to(self.kernel_dtype)
         if self.padded_in != self.in_features:
             xk = F.pad(xk, (0, self.padded_in - self.in_features))
