@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import importlib.metadata
+import itertools
 import json
 import os
 import platform
@@ -333,23 +334,19 @@ def run_requests(engine, requests: Sequence[tuple[float, Any]]) -> list[dict[str
         r["ttft"] = (r["first"] if r["first"] is not None else r["end"]) - arrival
         r["e2e"] = r["end"] - arrival
 
-    ordered = sorted(requests, key=lambda p: p[0])
     i = 0
-    while i < len(ordered):
-        # Requests with one offset arrive together (a burst: the next step schedules them side by side).
-        j = i
-        while j < len(ordered) and ordered[j][0] == ordered[i][0]:
-            j += 1
-        delay = ordered[i][0] - (time.perf_counter() - t0)
+    # Requests with one offset arrive together (a burst: the next step schedules them side by side).
+    for offset, group in itertools.groupby(sorted(requests, key=lambda p: p[0]), key=lambda p: p[0]):
+        burst = [req for _, req in group]
+        delay = offset - (time.perf_counter() - t0)
         if delay > 0:
             time.sleep(delay)
         arrival = time.perf_counter() - t0
-        streams = engine.submit_many([req for _, req in ordered[i:j]])
-        for k, stream in enumerate(streams, start=i):
+        for k, stream in enumerate(engine.submit_many(burst), start=i):
             th = threading.Thread(target=collect, args=(k, stream, arrival), daemon=True)
             th.start()
             threads.append(th)
-        i = j
+        i += len(burst)
     for th in threads:
         th.join()
     return results
