@@ -295,18 +295,43 @@ static inline float hsumv(vf a) {  /* element access, so the sums stay in regist
 static __thread float* ws_buf;
 static __thread size_t ws_cap;
 
-/* Prompt rows on AMX (bf16 tiles, fp32 sums) where the CPU has it: see amx_layout_* and amx_rows_*. */
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
+/* Prompt rows as bf16 pairs (x and the rank values rounded to bf16, weights exact, fp32 sums), where the CPU
+   multiplies bf16 pairs: on AMX tiles (amx_rows_*) or with AVX-512 BF16's vdpbf16ps (dp_rows_*), both reading
+   one slot's rank rows as amx_layout_* lays them out. Prompt paths: 0 the vector FMA kernel (fp32 x), 1 bf16 dot
+   products, 2 AMX tiles; prompt_best is what this CPU has, prompt_path what serves (tests switch it). */
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define HAVE_BF16_PAIRS 1
+#define DP_S 8  /* dp_rows_*: tokens a shrink tile (one accumulator of 16 ranks each) */
+#define DP_T 4  /* tokens x */
+#define DP_C 4  /* vectors of 16 output columns an expand tile */
+#else
+#define HAVE_BF16_PAIRS 0
+#endif
+#if HAVE_BF16_PAIRS && defined(__AMX_BF16__) && defined(__AMX_TILE__)
 @AMX_TILES@
 #define HAVE_AMX_BF16 1
-static int amx_granted = 0, amx_on = 0;
+#else
+#define HAVE_AMX_BF16 0
+#endif
+static int prompt_best = 0, prompt_path = 0;
 
-int loraserve_amx_init(void) {
-  amx_granted = amx_request();
-  amx_on = amx_granted;
-  return amx_granted;
+/* The best prompt path this CPU grants (AMX needs Linux's leave for the tile state); it then serves. */
+int loraserve_prompt_init(void) {
+#if HAVE_AMX_BF16
+  if (amx_request()) prompt_best = 2;
+  else
+#endif
+  prompt_best = HAVE_BF16_PAIRS;
+  prompt_path = prompt_best;
+  return prompt_best;
 }
 
+/* Tests: a path below the best (0: the vector kernel), or the best again with a larger number. */
+void loraserve_set_prompt_path(int path) { prompt_path = path < 0 ? 0 : path > prompt_best ? prompt_best : path; }
+int loraserve_prompt_path(void) { return prompt_path; }
+
+#if HAVE_AMX_BF16
 /* Tiles 0-1: C, 16 tokens x 16 fp32 (rank values, or output columns read from y); 2-3: 16 tokens x 32 bf16
    of x; 4: 16 pairs of in values x 16 ranks (A^T, VNNI); 5-6: 16 tokens x 16 bf16 rank values; 7: 8 pairs of
    ranks x 16 output columns (B^T, VNNI). */
@@ -315,6 +340,9 @@ static void amx_prompt_tiles(void) {
   static const uint16_t colsb[8] = {64, 64, 64, 64, 64, 32, 32, 64};
   amx_load_tiles(rows, colsb);
 }
+#endif
+
+#if HAVE_BF16_PAIRS
 
 /* 16 rows of 16 dwords in registers, transposed in place (r[q] becomes column q). */
 static inline void transpose16(__m512i* r) {
@@ -374,18 +402,4 @@ static void amx_x_rows(int m, const float* x, long xs, int in, uint16_t* xb) {
       _mm512_storeu_si512(d + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(r + i + 16), _mm512_loadu_ps(r + i)));
   }
 }
-#else
-#define HAVE_AMX_BF16 0
-int loraserve_amx_init(void) { return 0; }
-static const int amx_on = 0;
 #endif
-
-/* Tests: the vector path for prompt rows on an AMX machine too (it stays the path elsewhere). */
-void loraserve_set_prompt_amx(int on) {
-#if HAVE_AMX_BF16
-  amx_on = on && amx_granted;
-#else
-  (void)on;
-#endif
-}
-int loraserve_prompt_amx(void) { return amx_on; }

@@ -46,8 +46,17 @@ rate the caches give; x and the rank values rounded to bf16 move a delta by abou
 rounding: about 1%). Laying a slot's rows out for the tiles was 16-27% of the kernel's time when it was done
 for every block of 32 rows; it is done once a span of up to PROMPT_SPAN (128) rows of one slot, the same bits:
 8 x 64 rows 32.1-38.0 ms against 35.4-41.0 ms (the two kernels alternating in one process, a slow host that
-day), one 544-row prompt 33.8-37.5 against 40.2-44.2 ms, 16 x 32 rows unchanged. `set_prompt_amx(False)` keeps
-the vector kernel (tests use it).
+day), one 544-row prompt 33.8-37.5 against 40.2-44.2 ms, 16 x 32 rows unchanged.
+
+Where the CPU has AVX-512 BF16 but no AMX (AMD Zen 4 and later, Intel Cooper Lake), the same layout feeds
+`vdpbf16ps` instead of tiles: a vector holds a pair of in values of 16 ranks (shrink) or a pair of ranks of 16
+output columns (expand), a token's pair of x or of rank values is broadcast to it, 32 products an instruction
+against the FMA kernel's 16, the same roundings as the tiles. Measured on an AMD EPYC (Zen 4) guest, 2 threads,
+8 x 64 prompt rows on 8 rank-16 adapters, int8 rows, 30 layers of SmolLM2, paths alternating in one process:
+the kernel alone 33-38 ms against 65-68 ms for the vector kernel, LoRA's share of that prefill in the engine
+25-32 ms against 57-65 ms. Of the rest, the expand is about two thirds: it reads and writes y (10.6 MB a layer
+at 512 rows) at about the memory's rate. The three prompt paths are `PROMPT_PATHS`; the best the CPU has serves,
+and `use_prompt_path` switches it (tests).
 
 Both read an adapter's ranks through the pool's page table (`server/lora/stacks.py`): rank j of slot
 s is row pages[s, j], one pointer per row of in or out values, so an adapter's rows may lie anywhere in
@@ -128,6 +137,8 @@ class _Target(ctypes.Structure):
 
 
 WEIGHT_DTYPES = (torch.bfloat16, torch.int8)  # what the kernels read; int8 rows carry one fp32 scale each
+# The prompt kernel's paths, by the C side's number: fp32 FMA, then the bf16 pair products (cpu_kernel.c).
+PROMPT_PATHS = ("vector FMA", "AVX-512 bf16 dot products", "AMX bf16 tiles")
 
 
 def _rows_contiguous(t: torch.Tensor) -> bool:
@@ -200,26 +211,33 @@ class CpuLoraKernel:
                 fn.argtypes = [i, p, p, i, i, i, p, lg, p, lg, i, p]
                 fn.restype = restype
                 table[dtype] = fn
-        self._set_prompt_amx = lib.loraserve_set_prompt_amx
-        self._set_prompt_amx.argtypes = [i]
-        self._prompt_amx = lib.loraserve_prompt_amx
-        self._prompt_amx.restype = i
-        lib.loraserve_amx_init.restype = i
-        lib.loraserve_amx_init()
-
-    @property
-    def prompt_amx(self) -> bool:
-        """Whether prompt rows go through AMX bf16 tiles (where the CPU has them and the shapes fit)."""
-        return bool(self._prompt_amx())
+        self._set_prompt_path = lib.loraserve_set_prompt_path
+        self._set_prompt_path.argtypes = [i]
+        self._prompt_path = lib.loraserve_prompt_path
+        self._prompt_path.restype = i
+        lib.loraserve_prompt_init.restype = i
+        self._best_path = lib.loraserve_prompt_init()
 
     @property
     def prompt_path(self) -> str:
-        """The prompt rows' path in words, for the start-up log and benchmark files."""
-        return "AMX bf16 tiles" if self.prompt_amx else "vector FMA"
+        """The prompt rows' path in words (one of PROMPT_PATHS), for the start-up log and benchmark files."""
+        return PROMPT_PATHS[self._prompt_path()]
 
-    def set_prompt_amx(self, on: bool) -> None:
-        """Tests: the vector path for prompt rows on an AMX machine too (on: AMX again where granted)."""
-        self._set_prompt_amx(int(on))
+    @property
+    def prompt_bf16(self) -> bool:
+        """Whether prompt rows go through bf16 pairs (x and rank values rounded to bf16: AMX or AVX-512 BF16)."""
+        return self._prompt_path() > 0
+
+    @property
+    def prompt_paths(self) -> tuple[str, ...]:
+        """The prompt paths this CPU has, best last (the best serves)."""
+        return PROMPT_PATHS[:self._best_path + 1]
+
+    def use_prompt_path(self, path: str) -> None:
+        """Tests: serve prompt rows on `path`, one of `prompt_paths` (the best again: the last)."""
+        if path not in self.prompt_paths:
+            raise ValueError(f"prompt path {path!r} is not one of this CPU's {self.prompt_paths}")
+        self._set_prompt_path(PROMPT_PATHS.index(path))
 
     def decode_function(self, dtype: torch.dtype) -> ctypes._CFuncPtr:
         """The decode call for rows of `dtype`, for the fused step driver (server/model/fused_decode.py)."""

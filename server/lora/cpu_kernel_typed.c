@@ -175,7 +175,7 @@ static void prompt_block_@SUF@(int m, const float* x, long xs, float* y, long ys
   }
 }
 
-#if HAVE_AMX_BF16
+#if HAVE_BF16_PAIRS
 /* 32 weights of a rank row from p on as bf16, in order (so its 16 pairs; exact: int8 and bf16 values are bf16). */
 #define ROW32_@SUF@(p) ((__m512i)_mm512_cvtne2ps_pbh(W16F((p) + 16), W16F(p)))
 
@@ -216,6 +216,77 @@ static void amx_layout_@SUF@(int r, int in, const lora_target* T, long s, const 
   }
 }
 
+/* Prompt rows of one slot (m <= 32 of them, x already bf16 in xb) for one target with AVX-512 BF16's bf16 pair
+   dot products (vdpbf16ps), its rank rows laid out in ws by amx_layout_* as for the tiles: the shrink in tiles of
+   DP_S tokens x 16 ranks (a vector of A^T's layout holds a pair of in values of 16 ranks; a token's pair of x is
+   broadcast to it), v scaled and rounded to bf16, then the expand in tiles of DP_T tokens x DP_C vectors of 16
+   output columns (a vector of B^T's layout holds a pair of ranks of 16 columns; a token's pair of rank values is
+   broadcast), from y and back. The numbers the tiles' are, in the order of a vector unit: each (token, rank) or
+   (token, column) sum is its own lane, fed pairs in one fixed order, so a token's numbers are the same in any
+   block or tile (rows past m alias row m - 1 and are never stored). */
+static void dp_rows_@SUF@(int m, const uint16_t* xb, float* y, long ys, int r, int in, const lora_target* T,
+                          char* ws) {
+  const long out = T->out;
+  const int rp = (r + 15) / 16 * 16, pairs = (r + 1) / 2, ip = in / 2;
+  const amx_ws w = amx_parts(ws, rp, in, out);
+  uint16_t* vb = w.vb;
+  for (int t0 = 0; t0 < m; t0 += DP_S) {
+    const uint32_t* xr[DP_S];
+    for (int k = 0; k < DP_S; k++) xr[k] = (const uint32_t*)(xb + (long)(t0 + k < m ? t0 + k : m - 1) * in);
+    for (int g = 0; g < rp / 16; g++) {
+      const uint32_t* atg = w.at + (long)g * ip * 16;
+      __m512 acc[DP_S];
+      for (int k = 0; k < DP_S; k++) acc[k] = _mm512_setzero_ps();
+      for (int q = 0; q < ip; q++) {
+        const __m512bh a = (__m512bh)_mm512_load_si512(atg + (long)q * 16);
+        for (int k = 0; k < DP_S; k++)
+          acc[k] = _mm512_dpbf16_ps(acc[k], (__m512bh)_mm512_set1_epi32((int)xr[k][q]), a);
+      }
+      const __m512 fr = _mm512_load_ps(w.fr + 16 * g);
+      for (int k = 0; k < DP_S && t0 + k < m; k++)
+        _mm256_store_si256((__m256i*)(vb + (long)(t0 + k) * rp + 16 * g),
+                           (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[k], fr)));
+    }
+  }
+  const uint32_t* bv = w.bv;
+  for (int t0 = 0; t0 < m; t0 += DP_T) {
+    const uint32_t* vr[DP_T];
+    float* yr[DP_T];
+    for (int k = 0; k < DP_T; k++) {
+      const long row = t0 + k < m ? t0 + k : m - 1;
+      vr[k] = (const uint32_t*)(vb + row * rp);
+      yr[k] = y + row * ys + T->y_off;
+    }
+    long o = 0;
+    for (; o + 16 * DP_C <= out; o += 16 * DP_C) {
+      __m512 c[DP_T][DP_C];
+      for (int k = 0; k < DP_T; k++)
+        for (int q = 0; q < DP_C; q++) c[k][q] = _mm512_loadu_ps(yr[k] + o + 16 * q);
+      for (int p = 0; p < pairs; p++) {
+        __m512bh b[DP_C];
+        for (int q = 0; q < DP_C; q++) b[q] = (__m512bh)_mm512_load_si512(bv + (long)p * out + o + 16 * q);
+        for (int k = 0; k < DP_T; k++) {
+          const __m512bh v = (__m512bh)_mm512_set1_epi32((int)vr[k][p]);
+          for (int q = 0; q < DP_C; q++) c[k][q] = _mm512_dpbf16_ps(c[k][q], v, b[q]);
+        }
+      }
+      for (int k = 0; k < DP_T && t0 + k < m; k++)
+        for (int q = 0; q < DP_C; q++) _mm512_storeu_ps(yr[k] + o + 16 * q, c[k][q]);
+    }
+    for (; o < out; o += 16) {  /* columns past the last full tile (out is a multiple of 16) */
+      __m512 c[DP_T];
+      for (int k = 0; k < DP_T; k++) c[k] = _mm512_loadu_ps(yr[k] + o);
+      for (int p = 0; p < pairs; p++) {
+        const __m512bh b = (__m512bh)_mm512_load_si512(bv + (long)p * out + o);
+        for (int k = 0; k < DP_T; k++) c[k] = _mm512_dpbf16_ps(c[k], (__m512bh)_mm512_set1_epi32((int)vr[k][p]), b);
+      }
+      for (int k = 0; k < DP_T && t0 + k < m; k++) _mm512_storeu_ps(yr[k] + o, c[k]);
+    }
+  }
+}
+#endif
+
+#if HAVE_AMX_BF16
 /* Prompt rows of one slot (m <= 32 of them, x already bf16 in xb, 32 rows) for one target on AMX tiles, its rank
    rows laid out in ws by amx_layout_*: the shrink v = x . A^T in tiles of 16 tokens x 16 ranks over in / 32
    steps; v scaled (fr) and rounded to bf16; then y += v . B^T in tiles of 16 tokens x 16 output columns, loaded
@@ -296,13 +367,13 @@ static void amx_rows_@SUF@(int m, const uint16_t* xb, float* y, long ys, int r, 
 #endif
 
 /* blocks[b] = (first row, rows m in 1..PROMPT_BLOCK, slot), rows of one slot each; slot 0 blocks are skipped.
-   AMX tiles where the CPU has them and the shapes fit (in a multiple of 32, every target's out of 16), the
-   vector kernel otherwise. Returns 0, or -1 when a thread's workspace could not be allocated (y then partly
+   As bf16 pairs where the CPU multiplies them (AMX tiles, else AVX-512 BF16 dot products: prompt_path) and the
+   shapes fit (in a multiple of 32, every target's out of 16), the vector kernel otherwise. Returns 0, or -1 when a thread's workspace could not be allocated (y then partly
    updated). */
 int loraserve_prompt_@SUF@(int nb, const int64_t* blocks, const int32_t* pages, int pages_stride, int r, int in,
                            const float* x, long x_stride, float* y, long y_stride, int nt, const lora_target* tg) {
   long out_max = 0;
-  int fits = amx_on && in % 32 == 0;
+  int fits = prompt_path > 0 && in % 32 == 0;
   for (int g = 0; g < nt; g++) {
     out_max = tg[g].out > out_max ? tg[g].out : out_max;
     fits = fits && tg[g].out % 16 == 0;
@@ -312,13 +383,18 @@ int loraserve_prompt_@SUF@(int nb, const int64_t* blocks, const int32_t* pages, 
   if (!spans) return -1;
   const int ns = prompt_spans(nb, blocks, spans);
   int failed = 0;
-#if HAVE_AMX_BF16
+#if HAVE_BF16_PAIRS
   if (fits) {
     const int rp16 = (r + 15) / 16 * 16;
     const size_t need = (size_t)(amx_ws_bytes(in, rp16, out_max) + 3) / 4;
+#if HAVE_AMX_BF16
+    const int tiles = prompt_path == 2;
+#endif
     #pragma omp parallel
     {
-      amx_prompt_tiles();
+#if HAVE_AMX_BF16
+      if (tiles) amx_prompt_tiles();
+#endif
       #pragma omp for schedule(dynamic, 1)
       for (int b = 0; b < ns; b++) {
         const long row = spans[3 * b], m = spans[3 * b + 1], s = spans[3 * b + 2];
@@ -332,12 +408,19 @@ int loraserve_prompt_@SUF@(int nb, const int64_t* blocks, const int32_t* pages, 
         char* w = align64(ws + AMX_X_BYTES(in));
         for (int g = 0; g < nt; g++) {
           amx_layout_@SUF@(rs, in, tg + g, s, pg, w);
-          for (long t = 0; t < m; t += 32)
-            amx_rows_@SUF@((int)(m - t < 32 ? m - t : 32), xb + t * in, y + (row + t) * y_stride, y_stride, rs, in,
-                           tg + g, w);
+          for (long t = 0; t < m; t += 32) {
+            const int mt = (int)(m - t < 32 ? m - t : 32);
+#if HAVE_AMX_BF16
+            if (tiles) amx_rows_@SUF@(mt, xb + t * in, y + (row + t) * y_stride, y_stride, rs, in, tg + g, w);
+            else
+#endif
+            dp_rows_@SUF@(mt, xb + t * in, y + (row + t) * y_stride, y_stride, rs, in, tg + g, w);
+          }
         }
       }
-      _tile_release();
+#if HAVE_AMX_BF16
+      if (tiles) _tile_release();
+#endif
     }
   } else
 #endif

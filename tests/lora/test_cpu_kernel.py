@@ -258,19 +258,54 @@ def test_int8_decode_tokens_get_the_same_bits_whoever_shares_their_adapter(kerne
                                                       bt.transpose(1, 2)[:, :, :rank], sc, seg)
         assert torch.allclose(together, want, rtol=1e-5, atol=1e-4)
 
+def _cpu_flags() -> set[str]:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return set()
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+
+
+@needs_cc
+def test_prompt_paths_follow_the_cpu(kernel):
+    """The bf16 pair paths are there exactly where the CPU multiplies bf16 pairs (a build that missed them would
+    quietly serve prompts at half the speed), and the best of them serves."""
+    flags = _cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags to compare with")
+    paths = kernel.prompt_paths
+    assert paths[0] == "vector FMA"
+    assert ("AVX-512 bf16 dot products" in paths) == ({"avx512_bf16", "avx512f"} <= flags)
+    if "AMX bf16 tiles" in paths:
+        assert {"amx_bf16", "amx_tile"} <= flags
+    assert kernel.prompt_path == paths[-1]
+
+
 @needs_cc
 @pytest.mark.parametrize("rank", [16, 5, 20])
 @pytest.mark.parametrize("rows", ["bf16", "int8"])
 @pytest.mark.parametrize("runs", ["long", "many"])
-def test_prompt_rows_on_amx_tiles_get_the_reference_to_bf16_activations(kernel, rank, rows, runs):
-    """On a CPU with AMX, prompt rows of shapes the tiles take (in a multiple of 32, outputs of 16) go through bf16
-    tiles: each row's delta within 1% of the reference's (x and the rank values rounded to bf16, the weights
-    exact), a row's numbers the same alone as in any block or span of blocks, and no row outside the blocks
-    touched, also where a block ends inside a tile of 16 rows."""
+@pytest.mark.parametrize("path", cpu_kernel.PROMPT_PATHS[1:])
+def test_prompt_rows_as_bf16_pairs_get_the_reference_to_bf16_activations(kernel, rank, rows, runs, path):
+    """On a CPU that multiplies bf16 pairs (AMX tiles, or AVX-512 BF16's dot products), prompt rows of shapes they
+    take (in a multiple of 32, outputs of 16) go through them: each row's delta within 1% of the reference's (x and
+    the rank values rounded to bf16, the weights exact), a row's numbers the same alone as in any block or span of
+    blocks, and no row outside the blocks touched, also where a block ends inside a tile of 16 rows."""
     from server.lora.stacks import quantize_rows
 
-    if not kernel.prompt_amx:
-        pytest.skip("this CPU has no AMX bf16 tiles (or Linux refused them): the vector path serves, tested above")
+    if path not in kernel.prompt_paths:
+        pytest.skip(f"this CPU has no {path} (or Linux refused them): {kernel.prompt_path} serves, tested above")
+    best = kernel.prompt_path
+    assert best == kernel.prompt_paths[-1], "the best path this CPU has serves"
+    kernel.use_prompt_path(path)
+    try:
+        _check_bf16_pair_prompt_rows(kernel, rank, rows, runs, quantize_rows)
+    finally:
+        kernel.use_prompt_path(best)
+    assert kernel.prompt_path == best
+
+
+def _check_bf16_pair_prompt_rows(kernel, rank, rows, runs, quantize_rows):
     torch.manual_seed(7)
     n, R, k, outs = 6, 32, 96, (48, 16, 32)
     offs = (0, 48, 64)
@@ -317,12 +352,8 @@ def test_prompt_rows_on_amx_tiles_get_the_reference_to_bf16_activations(kernel, 
         kernel.run_prompt(alone, x[row:row + 1], kernel.prompt_blocks(LoraSegments.from_token_slots([prompt[row - decode_rows]]), 0),
                           plan, rank)
         assert torch.equal(alone, y[row:row + 1]), row
-    kernel.set_prompt_amx(False)  # the vector path: fp32 activations, the reference's numbers to fp32 rounding
-    try:
-        assert not kernel.prompt_amx
-        vec = y0.clone()
-        kernel.run_prompt(vec, x, blocks, plan, rank)
-        assert torch.allclose(vec, want, rtol=1e-5, atol=1e-4)
-    finally:
-        kernel.set_prompt_amx(True)
-    assert kernel.prompt_amx
+    kernel.use_prompt_path("vector FMA")  # fp32 activations, the reference's numbers to fp32 rounding
+    assert not kernel.prompt_bf16
+    vec = y0.clone()
+    kernel.run_prompt(vec, x, blocks, plan, rank)
+    assert torch.allclose(vec, want, rtol=1e-5, atol=1e-4)
