@@ -95,6 +95,32 @@ static inline __attribute__((always_inline)) void axpyg_i8(float* const* y, cons
     for (int t = 0; t < G; t++) y[t][o] += v[t] * w;
   }
 }
+
+/* Four rank rows at once: each token's y vector loaded and stored once for the four (a rank at a time, y went
+   through the load and store ports once a rank), its four FMAs in rank order, so its bits are axpyg_i8's four
+   times over. */
+static inline __attribute__((always_inline)) void axpyg4_i8(float* const* y, float (*v)[DECODE_GROUP], int G,
+                                                           const int8_t* const* row, int out) {
+  __m512 vv[4][DECODE_GROUP];
+  for (int q = 0; q < 4; q++)
+    for (int t = 0; t < G; t++) vv[q][t] = _mm512_set1_ps(v[q][t]);
+  int o = 0;
+  for (; o + 16 <= out; o += 16) {
+    const __m512 w0 = i8x16(row[0] + o), w1 = i8x16(row[1] + o), w2 = i8x16(row[2] + o), w3 = i8x16(row[3] + o);
+    for (int t = 0; t < G; t++) {
+      __m512 a = _mm512_loadu_ps(y[t] + o);
+      a = _mm512_fmadd_ps(vv[0][t], w0, a);
+      a = _mm512_fmadd_ps(vv[1][t], w1, a);
+      a = _mm512_fmadd_ps(vv[2][t], w2, a);
+      _mm512_storeu_ps(y[t] + o, _mm512_fmadd_ps(vv[3][t], w3, a));
+    }
+  }
+  for (; o < out; o++)
+    for (int q = 0; q < 4; q++) {
+      const float w = (float)row[q][o];
+      for (int t = 0; t < G; t++) y[t][o] += v[q][t] * w;
+    }
+}
 #else
 /* As the AVX-512 one, with two accumulators of 8 a token. */
 static inline __attribute__((always_inline)) void dotg_i8(const int8_t* row, int in, const float* const* x, int G,
@@ -137,6 +163,28 @@ static inline __attribute__((always_inline)) void axpyg_i8(float* const* y, cons
     const float w = (float)row[o];
     for (int t = 0; t < G; t++) y[t][o] += v[t] * w;
   }
+}
+
+static inline __attribute__((always_inline)) void axpyg4_i8(float* const* y, float (*v)[DECODE_GROUP], int G,
+                                                           const int8_t* const* row, int out) {
+  int o = 0;
+  for (; o + 8 <= out; o += 8) {
+    const v8f w0 = i8x8(row[0] + o), w1 = i8x8(row[1] + o), w2 = i8x8(row[2] + o), w3 = i8x8(row[3] + o);
+    for (int t = 0; t < G; t++) {
+      v8f yv;
+      memcpy(&yv, y[t] + o, 32);
+      yv += v[0][t] * w0;
+      yv += v[1][t] * w1;
+      yv += v[2][t] * w2;
+      yv += v[3][t] * w3;
+      memcpy(y[t] + o, &yv, 32);
+    }
+  }
+  for (; o < out; o++)
+    for (int q = 0; q < 4; q++) {
+      const float w = (float)row[q][o];
+      for (int t = 0; t < G; t++) y[t][o] += v[q][t] * w;
+    }
 }
 
 #endif

@@ -126,6 +126,7 @@ _SOURCE = (C_GROW_BUFFER + _HEADER.replace("@PROMPT_BLOCK@", str(PROMPT_BLOCK)).
            + "#define RS_B(T, p) ((T)->bt_sc[p])\n#define W16F(p) i8x16(p)\n"
            + "#define DECODE_G DECODE_GROUP\n#define DOTG(row, in, x, G, acc) dotg_i8(row, in, x, G, acc)\n"
            + "#define AXPYG(y, v, G, row, out) axpyg_i8(y, v, G, row, out)\n"
+           + "#define AXPYG4(y, v, G, rows, out) axpyg4_i8(y, v, G, rows, out)\n"
            + _KERNELS.replace("@SUF@", "i8"))
 _F32 = torch.float32
 

@@ -31,7 +31,20 @@ static inline __attribute__((always_inline)) void expand_@SUF@(float (*v)[MAX_RA
                                                               const int32_t* pg, int r, float* const* y) {
   const WT* BT = (const WT*)T->bt;
   const int out = (int)T->out;
-  for (int j = 0; j < r; j++) {
+  int j = 0;
+#ifdef AXPYG4
+  for (; j + 4 <= r; j += 4) {
+    const WT* rows[4];
+    float vj[4][DECODE_GROUP];
+    for (int q = 0; q < 4; q++) {
+      rows[q] = BT + (long)pg[j + q] * T->bt_row;
+      if (j + q + PF_ROWS < r) prefetch_bytes(BT + (long)pg[j + q + PF_ROWS] * T->bt_row, out * (long)sizeof(WT));
+      for (int t = 0; t < G; t++) vj[q][t] = v[t][j + q] * RS_B(T, pg[j + q]);
+    }
+    AXPYG4(y, vj, G, rows, out);
+  }
+#endif
+  for (; j < r; j++) {
     const WT* row = BT + (long)pg[j] * T->bt_row;
     if (j + PF_ROWS < r) prefetch_bytes(BT + (long)pg[j + PF_ROWS] * T->bt_row, out * (long)sizeof(WT));
     float vj[DECODE_GROUP];
