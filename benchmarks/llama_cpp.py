@@ -169,12 +169,4 @@ class LlamaServer:
         return code
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-__all__ = ["LlamaCpp", "LlamaServer", "NotBuilt", "free_port"]
+__all__ = ["LlamaCpp", "LlamaServer", "NotBuilt"]

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from benchmarks.common import cpu_machine_info, cpu_seconds, machine_line, median, print_table, write_json
-from benchmarks.llama_cpp import LORA_OUTTYPE, MODEL_OUTTYPE, LlamaCpp, LlamaServer, NotBuilt, free_port
+from benchmarks.llama_cpp import LORA_OUTTYPE, MODEL_OUTTYPE, LlamaCpp, LlamaServer, NotBuilt
+from server.fleet.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "llama_server.json"

@@ -17,7 +17,8 @@ from server.api.gen.loraserve.v1 import adapters_pb2_grpc
 from server.client.admin import register
 from server.client.routing import routing_metadata
 from server.fleet.haproxy import AFFINITY, Haproxy
-from server.fleet.postgres import PostgresCluster, free_port
+from server.fleet.ports import free_port
+from server.fleet.postgres import PostgresCluster
 from server.fleet.replica import Replica, metric_value, parse_samples
 
 

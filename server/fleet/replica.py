@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.core.paths import HOME_ENV, KERNEL_CACHE_ENV
-from server.fleet.postgres import free_port
+from server.fleet.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 

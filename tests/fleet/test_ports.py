@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 
-from server.fleet.postgres import free_port
+from server.fleet.ports import free_port
 
 
 def test_no_port_is_handed_out_twice_even_when_the_kernel_offers_it_again(monkeypatch):
@@ -25,9 +25,9 @@ def test_no_port_is_handed_out_twice_even_when_the_kernel_offers_it_again(monkey
             return ("127.0.0.1", self.port)
 
     monkeypatch.setattr(socket, "socket", lambda *a, **k: Probe())
-    from server.fleet import postgres
+    from server.fleet import ports
 
-    monkeypatch.setattr(postgres, "_handed_out", set())
+    monkeypatch.setattr(ports, "_handed_out", set())
     assert [free_port(), free_port(), free_port()] == [41001, 41002, 41003]
 
 
