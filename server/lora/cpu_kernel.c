@@ -345,7 +345,7 @@ static __thread size_t ws_cap;
 
 /* Prompt rows as bf16 pairs (x and the rank values rounded to bf16, weights exact, fp32 sums), where the CPU
    multiplies bf16 pairs: on AMX tiles (amx_rows_*) or with AVX-512 BF16's vdpbf16ps (dp_rows_*), both reading
-   one slot's rank rows as amx_layout_* lays them out. Prompt paths: 0 the vector FMA kernel (fp32 x), 1 bf16 dot
+   one slot's rank rows as pair_layout_* lays them out. Prompt paths: 0 the vector FMA kernel (fp32 x), 1 bf16 dot
    products, 2 AMX tiles; prompt_best is what this CPU has, prompt_path what serves (tests switch it). */
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
@@ -416,20 +416,20 @@ static inline void transpose16(__m512i* r) {
   }
 }
 
-/* Bytes of the AMX path's workspace, 64-byte aligned parts (see amx_layout_* and amx_rows_*). */
-#define AMX_X_BYTES(in) ((long)PROMPT_SPAN * (in) * 2)
-static inline long amx_ws_bytes(int in, int rp16, long out_max) {
-  return AMX_X_BYTES(in) + (long)rp16 * in * 2 + (long)rp16 * out_max * 2 + 32L * rp16 * 4 + 32L * rp16 * 2
+/* Bytes of the bf16 pair paths' workspace, 64-byte aligned parts (see pair_layout_*, amx_rows_*, dp_rows_*). */
+#define PAIR_X_BYTES(in) ((long)PROMPT_SPAN * (in) * 2)
+static inline long pair_ws_bytes(int in, int rp16, long out_max) {
+  return PAIR_X_BYTES(in) + (long)rp16 * in * 2 + (long)rp16 * out_max * 2 + 32L * rp16 * 4 + 32L * rp16 * 2
          + 16 * 16 * 4 * 2 + (long)rp16 * 4 + 6 * 64;
 }
 static inline char* align64(char* p) { return (char*)(((uintptr_t)p + 63) & ~(uintptr_t)63); }
 
-/* The AMX path's workspace after x (ws from amx_layout_* on, 64-byte aligned parts): A^T and B^T of one slot and
+/* The bf16 pair paths' workspace after x (ws from pair_layout_* on, 64-byte aligned parts): A^T and B^T of one slot and
    target as the tiles read them, the rank values of 32 tokens in fp32 and bf16, two partial output tiles, and
    each rank's scale. */
-typedef struct { uint32_t* at; uint32_t* bv; float* v; uint16_t* vb; float* tmp; float* fr; } amx_ws;
-static inline amx_ws amx_parts(char* ws, int rp, int in, long out) {
-  amx_ws w;
+typedef struct { uint32_t* at; uint32_t* bv; float* v; uint16_t* vb; float* tmp; float* fr; } pair_ws;
+static inline pair_ws pair_parts(char* ws, int rp, int in, long out) {
+  pair_ws w;
   w.at = (uint32_t*)ws;                                                        /* [rp/16][in/2][16] */
   w.bv = (uint32_t*)align64((char*)(w.at + (long)rp / 16 * (in / 2) * 16));   /* [rp/2][out] */
   w.v = (float*)align64((char*)(w.bv + (long)rp / 2 * out));                   /* [32][rp] */
@@ -441,7 +441,7 @@ static inline amx_ws amx_parts(char* ws, int rp, int in, long out) {
 
 /* x rows t0..t0+m (m <= 32) as bf16 (round to nearest even), the rows past m up to the tiles' 16 or 32 zero;
    in a multiple of 32. */
-static void amx_x_rows(int m, const float* x, long xs, int in, uint16_t* xb) {
+static void pair_x_rows(int m, const float* x, long xs, int in, uint16_t* xb) {
   for (int t = 0; t < (m > 16 ? 32 : 16); t++) {
     uint16_t* d = xb + (long)t * in;
     if (t >= m) { memset(d, 0, (size_t)in * 2); continue; }

@@ -195,12 +195,12 @@ static void prompt_block_@SUF@(int m, const float* x, long xs, float* y, long ys
 /* One slot's rank rows of one target laid out for the tiles (weights exact in bf16): A^T in the B-tile layout
    (row q of a k-step holds pair q of every rank of a group of 16), B^T with ranks 2p and 2p + 1 of every output
    column interleaved in row p, and each rank's scale (the slot's, times the rows' own for int8 rows). */
-static void amx_layout_@SUF@(int r, int in, const lora_target* T, long s, const int32_t* pg, char* ws) {
+static void pair_layout_@SUF@(int r, int in, const lora_target* T, long s, const int32_t* pg, char* ws) {
   const WT* A = (const WT*)T->a;
   const WT* BT = (const WT*)T->bt;
   const long out = T->out;
   const int rp = (r + 15) / 16 * 16;
-  const amx_ws w = amx_parts(ws, rp, in, out);
+  const pair_ws w = pair_parts(ws, rp, in, out);
   for (int g = 0; g < rp / 16; g++) {
     const WT* rows[16];
     for (int n = 0; n < 16; n++) {
@@ -230,7 +230,7 @@ static void amx_layout_@SUF@(int r, int in, const lora_target* T, long s, const 
 }
 
 /* Prompt rows of one slot (m <= 32 of them, x already bf16 in xb) for one target with AVX-512 BF16's bf16 pair
-   dot products (vdpbf16ps), its rank rows laid out in ws by amx_layout_* as for the tiles: the shrink in tiles of
+   dot products (vdpbf16ps), its rank rows laid out in ws by pair_layout_* as for the tiles: the shrink in tiles of
    DP_S tokens x 16 ranks (a vector of A^T's layout holds a pair of in values of 16 ranks; a token's pair of x is
    broadcast to it), v scaled and rounded to bf16, then the expand in tiles of DP_T tokens x DP_C vectors of 16
    output columns (a vector of B^T's layout holds a pair of ranks of 16 columns; a token's pair of rank values is
@@ -241,7 +241,7 @@ static void dp_rows_@SUF@(int m, const uint16_t* xb, float* y, long ys, int r, i
                           char* ws) {
   const long out = T->out;
   const int rp = (r + 15) / 16 * 16, pairs = (r + 1) / 2, ip = in / 2;
-  const amx_ws w = amx_parts(ws, rp, in, out);
+  const pair_ws w = pair_parts(ws, rp, in, out);
   uint16_t* vb = w.vb;
   for (int t0 = 0; t0 < m; t0 += DP_S) {
     const uint32_t* xr[DP_S];
@@ -301,7 +301,7 @@ static void dp_rows_@SUF@(int m, const uint16_t* xb, float* y, long ys, int r, i
 
 #if HAVE_AMX_BF16
 /* Prompt rows of one slot (m <= 32 of them, x already bf16 in xb, 32 rows) for one target on AMX tiles, its rank
-   rows laid out in ws by amx_layout_*: the shrink v = x . A^T in tiles of 16 tokens x 16 ranks over in / 32
+   rows laid out in ws by pair_layout_*: the shrink v = x . A^T in tiles of 16 tokens x 16 ranks over in / 32
    steps; v scaled (fr) and rounded to bf16; then y += v . B^T in tiles of 16 tokens x 16 output columns, loaded
    from y and stored back. Weights enter as bf16 exactly; x and v are rounded to bf16 (about 0.2% of a delta, a
    fifth of int8 rows' own rounding), sums are fp32. A token's row of a tile never meets another's, so its numbers
@@ -310,7 +310,7 @@ static void amx_rows_@SUF@(int m, const uint16_t* xb, float* y, long ys, int r, 
                            char* ws) {
   const long out = T->out;
   const int rp = (r + 15) / 16 * 16, two = m > 16, m0 = m < 16 ? m : 16, m1 = m - 16;
-  const amx_ws w = amx_parts(ws, rp, in, out);
+  const pair_ws w = pair_parts(ws, rp, in, out);
   uint32_t* bv = w.bv;
   float* v = w.v;
   uint16_t* vb = w.vb;
@@ -381,8 +381,8 @@ static void amx_rows_@SUF@(int m, const uint16_t* xb, float* y, long ys, int r, 
 
 /* blocks[b] = (first row, rows m in 1..PROMPT_BLOCK, slot), rows of one slot each; slot 0 blocks are skipped.
    As bf16 pairs where the CPU multiplies them (AMX tiles, else AVX-512 BF16 dot products: prompt_path) and the
-   shapes fit (in a multiple of 32, every target's out of 16), the vector kernel otherwise. Returns 0, or -1 when a thread's workspace could not be allocated (y then partly
-   updated). */
+   shapes fit (in a multiple of 32, every target's out of 16), the vector kernel otherwise. Returns 0, or -1 when a
+   thread's workspace could not be allocated (y then partly updated). */
 int loraserve_prompt_@SUF@(int nb, const int64_t* blocks, const int32_t* pages, int pages_stride, int r, int in,
                            const float* x, long x_stride, float* y, long y_stride, int nt, const lora_target* tg) {
   long out_max = 0;
@@ -399,7 +399,7 @@ int loraserve_prompt_@SUF@(int nb, const int64_t* blocks, const int32_t* pages, 
 #if HAVE_BF16_PAIRS
   if (fits) {
     const int rp16 = (r + 15) / 16 * 16;
-    const size_t need = (size_t)(amx_ws_bytes(in, rp16, out_max) + 3) / 4;
+    const size_t need = (size_t)(pair_ws_bytes(in, rp16, out_max) + 3) / 4;
 #if HAVE_AMX_BF16
     const int tiles = prompt_path == 2;
 #endif
@@ -415,12 +415,12 @@ int loraserve_prompt_@SUF@(int nb, const int64_t* blocks, const int32_t* pages, 
         if (!ws) { failed = 1; continue; }
         uint16_t* xb = (uint16_t*)ws;
         for (long t = 0; t < m; t += 32)  /* each block's x once for all targets */
-          amx_x_rows((int)(m - t < 32 ? m - t : 32), x + (row + t) * x_stride, x_stride, in, xb + t * in);
+          pair_x_rows((int)(m - t < 32 ? m - t : 32), x + (row + t) * x_stride, x_stride, in, xb + t * in);
         const int32_t* pg = pages + s * pages_stride;
         const int rs = slot_rank(pg, r);
-        char* w = align64(ws + AMX_X_BYTES(in));
+        char* w = align64(ws + PAIR_X_BYTES(in));
         for (int g = 0; g < nt; g++) {
-          amx_layout_@SUF@(rs, in, tg + g, s, pg, w);
+          pair_layout_@SUF@(rs, in, tg + g, s, pg, w);
           for (long t = 0; t < m; t += 32) {
             const int mt = (int)(m - t < 32 ? m - t : 32);
 #if HAVE_AMX_BF16

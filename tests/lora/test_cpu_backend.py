@@ -47,10 +47,10 @@ def test_each_row_gets_its_own_adapters_delta_whatever_its_batch(backend, monkey
     for layer in range(TINY.num_layers):
         for targets in PROJECTIONS:
             projection = TINY.projection(targets)
-            # Prompt rows on AMX tiles round x and the rank values to bf16 (cpu_kernel.py): within 1% there.
-            amx = backend.kernel.prompt_bf16
+            # Prompt rows as bf16 pairs round x and the rank values to bf16 (cpu_kernel.py): within 1% there.
+            bf16 = backend.kernel.prompt_bf16
             x, y0, got = check_step(step, rows, by_slot, layer, projection, rtol=1e-4, atol=1e-3,
-                                    where=(layer, targets), rel_from=num_decode if amx else None, rel=1e-2)
+                                    where=(layer, targets), rel_from=num_decode if bf16 else None, rel=1e-2)
             for i in range(num_decode):  # a decode row alone: the same numbers, bit for bit
                 alone = backend.prepare([rows[i]], 1)
                 if alone is not None:
@@ -145,7 +145,7 @@ def test_int8_copies_give_each_row_its_adapters_delta_to_int8s_precision(kernel,
                 got = step.apply(y0.clone(), x, layer, projection) - y0
                 want = backend.reference.prepare(rows, 3).apply(y0.clone(), x, layer, projection) - y0
                 err = (got - want).norm(dim=1) / want.norm(dim=1).clamp(min=1e-6)
-                # bf16 copies round the weights to bf16; prompt rows on AMX tiles also x and the rank values
+                # bf16 copies round the weights to bf16; prompt rows as bf16 pairs also x and the rank values
                 bound = 2e-2 if copies == torch.int8 else 1e-2 if kernel.prompt_bf16 else 5e-3
                 assert (err[want.norm(dim=1) > 0] < bound).all(), (layer, targets, err)
                 assert not got[1].any()  # the base row

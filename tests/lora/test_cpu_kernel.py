@@ -258,19 +258,13 @@ def test_int8_decode_tokens_get_the_same_bits_whoever_shares_their_adapter(kerne
                                                       bt.transpose(1, 2)[:, :, :rank], sc, seg)
         assert torch.allclose(together, want, rtol=1e-5, atol=1e-4)
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = open("/proc/cpuinfo").read()
-    except OSError:
-        return set()
-    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
-
-
 @needs_cc
 def test_prompt_paths_follow_the_cpu(kernel):
     """The bf16 pair paths are there exactly where the CPU multiplies bf16 pairs (a build that missed them would
     quietly serve prompts at half the speed), and the best of them serves."""
-    flags = _cpu_flags()
+    from server.core.native import cpu_flags
+
+    flags = set(cpu_flags().partition(":")[2].split())
     if not flags:
         pytest.skip("no /proc/cpuinfo flags to compare with")
     paths = kernel.prompt_paths
@@ -291,21 +285,21 @@ def test_prompt_rows_as_bf16_pairs_get_the_reference_to_bf16_activations(kernel,
     take (in a multiple of 32, outputs of 16) go through them: each row's delta within 1% of the reference's (x and
     the rank values rounded to bf16, the weights exact), a row's numbers the same alone as in any block or span of
     blocks, and no row outside the blocks touched, also where a block ends inside a tile of 16 rows."""
-    from server.lora.stacks import quantize_rows
-
     if path not in kernel.prompt_paths:
         pytest.skip(f"this CPU has no {path} (or Linux refused them): {kernel.prompt_path} serves, tested above")
     best = kernel.prompt_path
     assert best == kernel.prompt_paths[-1], "the best path this CPU has serves"
     kernel.use_prompt_path(path)
     try:
-        _check_bf16_pair_prompt_rows(kernel, rank, rows, runs, quantize_rows)
+        _check_bf16_pair_prompt_rows(kernel, rank, rows, runs)
     finally:
         kernel.use_prompt_path(best)
     assert kernel.prompt_path == best
 
 
-def _check_bf16_pair_prompt_rows(kernel, rank, rows, runs, quantize_rows):
+def _check_bf16_pair_prompt_rows(kernel, rank, rows, runs):
+    from server.lora.stacks import quantize_rows
+
     torch.manual_seed(7)
     n, R, k, outs = 6, 32, 96, (48, 16, 32)
     offs = (0, 48, 64)
