@@ -29,6 +29,7 @@ from typing import Any, Optional, Sequence
 
 from benchmarks.common import cpu_machine_info, cpu_seconds, machine_line, median, print_table, write_json
 from benchmarks.llama_cpp import LORA_OUTTYPE, MODEL_OUTTYPE, LlamaCpp, LlamaServer, NotBuilt
+from server.client.sse import sse_data
 from server.fleet.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,10 +90,10 @@ async def _one(client: Any, target: Target, body: dict[str, Any]) -> dict[str, A
     async with client.stream("POST", f"{target.base_url}/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{target.system}: HTTP {r.status_code}: {(await r.aread())[:500]!r}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
+        async for data in sse_data(r):
+            if not data.startswith("{"):
                 continue
-            chunk = json.loads(line[6:])
+            chunk = json.loads(data)
             if "error" in chunk:
                 raise RuntimeError(f"{target.system}: stream error {chunk['error']}")
             if chunk.get("usage"):

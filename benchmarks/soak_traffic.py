@@ -29,6 +29,7 @@ from server.api.gen.loraserve.v1 import adapters_pb2 as apb
 from server.api.gen.loraserve.v1 import adapters_pb2_grpc as apb_grpc
 from server.api.gen.loraserve.v1 import inference_pb2 as ipb
 from server.api.gen.loraserve.v1 import inference_pb2_grpc as ipb_grpc
+from server.client.sse import sse_data
 from server.model.config import TARGET_MODULES, ModelConfig
 
 OK = grpc.StatusCode.OK
@@ -246,9 +247,9 @@ class Traffic:
                     if r.status_code != 200:
                         out.details = _http_message((await r.aread()).decode("utf-8", "replace"))
                     else:
-                        async for line in r.aiter_lines():
-                            if line.startswith("data: {"):
-                                self._http_chunk(out, json.loads(line[6:]))
+                        async for data in sse_data(r):
+                            if data.startswith("{"):
+                                self._http_chunk(out, json.loads(data))
             else:
                 r = await self.http.post(path, json=body, headers=headers)
                 out.http_status = r.status_code

@@ -182,6 +182,7 @@ class HttpSender:
         import httpx
 
         from server.client.routing import routing_headers
+        from server.client.sse import sse_data
 
         body = {"model": job.adapter or self.args.model, "prompt": job.prompt, "max_tokens": job.max_new_tokens,
                 "temperature": self.args.temperature, "seed": job.index, "ignore_eos": True, "stream": True,
@@ -193,10 +194,10 @@ class HttpSender:
                 if r.status_code != 200:
                     await r.aread()
                     return Result(False, f"HTTP_{r.status_code}", adapter=job.adapter)
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: {"):
+                async for data in sse_data(r):
+                    if not data.startswith("{"):
                         continue
-                    chunk: dict[str, Any] = json.loads(line[6:])
+                    chunk: dict[str, Any] = json.loads(data)
                     if "error" in chunk:
                         return Result(False, f"HTTP_{chunk['error'].get('code')}", adapter=job.adapter)
                     if chunk["choices"]:
