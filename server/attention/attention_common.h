@@ -30,14 +30,17 @@ static inline v16 vexp(v16 x) {
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
 
-static inline float hsum(v16 v) {  /* halves added in a fixed order */
-  v8 a, b;
-  memcpy(&a, &v, 32); memcpy(&b, (const char*)&v + 32, 32);
-  a += b;
+static inline float hsum8(v8 a) {  /* halves added in a fixed order */
   v4 c, d;
   memcpy(&c, &a, 16); memcpy(&d, (const char*)&a + 16, 16);
   c += d;
   return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+static inline float hsum(v16 v) {  /* the same order: halves first */
+  v8 a, b;
+  memcpy(&a, &v, 32); memcpy(&b, (const char*)&v + 32, 32);
+  return hsum8(a + b);
 }
 
 static inline v16 load16(const float* p) { v16 v; memcpy(&v, p, sizeof v); return v; }
@@ -47,3 +50,5 @@ static inline void prefetch_row(const float* row, int hd) {
   for (int l = 0; l < hd; l += 16) __builtin_prefetch(row + l);
 }
 static inline void store16(float* p, v16 v) { memcpy(p, &v, sizeof v); }
+static inline v8 load8(const float* p) { v8 v; memcpy(&v, p, sizeof v); return v; }
+static inline void store8(float* p, v8 v) { memcpy(p, &v, sizeof v); }

@@ -10,6 +10,7 @@ static inline __attribute__((always_inline)) void head_group(const int G, const 
     float scale, float* out) {
   const int nv = (n + 15) / 16;
   float s[G][nv * 16];
+#if defined(__AVX512F__)
   v16 qv[G][C];
   for (int h = 0; h < G; h++)
     for (int c = 0; c < C; c++) qv[h][c] = load16(q + (long)d * qs + (long)(g * G + h) * hd + 16 * c);
@@ -28,6 +29,26 @@ static inline __attribute__((always_inline)) void head_group(const int G, const 
       s[h][j] = hsum(a) * scale;
     }
   }
+#else
+  for (int h = 0; h < G; h++) {
+    const float* qh = q + (long)d * qs + (long)(g * G + h) * hd;
+    v8 qlo[C], qhi[C];
+    for (int c = 0; c < C; c++) { qlo[c] = load8(qh + 16 * c); qhi[c] = load8(qh + 16 * c + 8); }
+    for (int j = 0; j < n; j++) {
+      if (h == 0) {
+        if (j + PF < n) prefetch_row(kc + (rw[j + PF] * nkv + g) * hd, hd);
+        else if (j + PF - n < n) prefetch_row(vc + (rw[j + PF - n] * nkv + g) * hd, hd);
+      }
+      const float* kr = kc + (rw[j] * nkv + g) * hd;
+      v8 lo = qlo[0] * load8(kr), hi = qhi[0] * load8(kr + 8);
+      for (int c = 1; c < C; c++) {
+        lo += qlo[c] * load8(kr + 16 * c);
+        hi += qhi[c] * load8(kr + 16 * c + 8);
+      }
+      s[h][j] = hsum8(lo + hi) * scale;
+    }
+  }
+#endif
   float inv[MAXG];
   for (int h = 0; h < G; h++) {
     float m = s[h][0];
@@ -41,6 +62,7 @@ static inline __attribute__((always_inline)) void head_group(const int G, const 
     }
     inv[h] = hsum(sum);
   }
+#if defined(__AVX512F__)
   v16 acc[G][C];
   for (int h = 0; h < G; h++)
     for (int c = 0; c < C; c++) acc[h][c] = (v16){0};
@@ -56,6 +78,19 @@ static inline __attribute__((always_inline)) void head_group(const int G, const 
   }
   for (int h = 0; h < G; h++)
     for (int c = 0; c < C; c++) store16(out + ((long)d * nh + g * G + h) * hd + 16 * c, acc[h][c] / inv[h]);
+#else
+  for (int h = 0; h < G; h++) {
+    v8 acc[2 * C];
+    for (int c = 0; c < 2 * C; c++) acc[c] = (v8){0};
+    for (int j = 0; j < n; j++) {
+      if (h == 0 && j + PF < n) prefetch_row(vc + (rw[j + PF] * nkv + g) * hd, hd);
+      const float* vr = vc + (rw[j] * nkv + g) * hd;
+      const float p = s[h][j];
+      for (int c = 0; c < 2 * C; c++) acc[c] += p * load8(vr + 8 * c);
+    }
+    for (int c = 0; c < 2 * C; c++) store8(out + ((long)d * nh + g * G + h) * hd + 8 * c, acc[c] / inv[h]);
+  }
+#endif
 }
 
 /* out[d, h] for every decoding sequence d and query head h. q: [D, nh, hd], rows qs floats apart (a view
