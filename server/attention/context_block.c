@@ -51,11 +51,14 @@
       den[qi * G + h] = hsum(sum);
     }
   }
-  /* Values: each row read once for the block's query vectors, in key order. */
+  /* Values in key order: on AVX-512 each row read once for the block's query vectors; on AVX2 (16 registers,
+     where their accumulators went through the stack) one query vector a pass, in native 8-lane vectors, the
+     rows coming again from L2. Each output's sums run in the same order either way: the same bits. */
+  const int lmax = len[QN - 1];
+#if defined(__AVX512F__)
   v16 acc[G * QN][C];
   for (int v = 0; v < nv; v++)
     for (int c = 0; c < C; c++) acc[v][c] = (v16){0};
-  const int lmax = len[QN - 1];
   for (int j = 0; j < lmax; j++) {
     if (j + PF < lmax) prefetch_row(vc + (rw[j + PF] * nkv + g) * hd, hd);
     const float* vr = vc + (rw[j] * nkv + g) * hd;
@@ -70,3 +73,18 @@
     for (int h = 0; h < G; h++)
       for (int c = 0; c < C; c++)
         store16(out + ((long)(i0 + qi) * nh + g * G + h) * hd + 16 * c, acc[qi * G + h][c] / den[qi * G + h]);
+#else
+  for (int v = 0; v < nv; v++) {
+    v8 acc[2 * C];
+    for (int c = 0; c < 2 * C; c++) acc[c] = (v8){0};
+    const float* sv = s + (long)v * nbm * 16;
+    for (int j = 0; j < lmax; j++) {
+      if (v == 0 && j + PF < lmax) prefetch_row(vc + (rw[j + PF] * nkv + g) * hd, hd);
+      const float* vr = vc + (rw[j] * nkv + g) * hd;
+      const float p = sv[j];
+      for (int c = 0; c < 2 * C; c++) acc[c] += p * load8(vr + 8 * c);
+    }
+    const int qi = v / G, h = v % G;
+    for (int c = 0; c < 2 * C; c++) store8(out + ((long)(i0 + qi) * nh + g * G + h) * hd + 8 * c, acc[c] / den[v]);
+  }
+#endif
