@@ -12,11 +12,30 @@
   for (int b = 0; b < nbm; b++) {
     const float* kb = kt + (long)b * hd * 16;
     v16 acc[G * QN];
+#if defined(__AVX512F__)
     for (int v = 0; v < nv; v++) acc[v] = (v16){0};
     for (int c = 0; c < hd; c++) {
       const v16 kv = load16(kb + c * 16);
       for (int v = 0; v < nv; v++) acc[v] += qp[v][c] * kv;
     }
+#else
+    /* AVX2: three query vectors a pass in 8-lane halves (six of 16 lanes spilled), the same sums */
+    for (int v0 = 0; v0 < nv; v0 += 3) {
+      const int vn = nv - v0 < 3 ? nv - v0 : 3;
+      v8 lo[3] = {{0}}, hi[3] = {{0}};
+      for (int c = 0; c < hd; c++) {
+        const v8 kl = load8(kb + c * 16), kh = load8(kb + c * 16 + 8);
+        for (int v = 0; v < vn; v++) {
+          lo[v] += qp[v0 + v][c] * kl;
+          hi[v] += qp[v0 + v][c] * kh;
+        }
+      }
+      for (int v = 0; v < vn; v++) {
+        memcpy(&acc[v0 + v], &lo[v], sizeof lo[v]);
+        memcpy((char*)&acc[v0 + v] + sizeof lo[v], &hi[v], sizeof hi[v]);
+      }
+    }
+#endif
     const i16 key = lane + b * 16;
     for (int qi = 0; qi < QN; qi++) {
       const i16 seen = key < len[qi];
