@@ -11,6 +11,7 @@ aborts their engine requests) and the process exits 0. A second signal skips the
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -173,6 +174,11 @@ class LoraServer:
         self.state.engine = engine
         self.metrics.attach(engine.stats, registry.stats)
         self.metrics.registry.register(RouterMetrics(engine, qualify_tenants=bool(self.cfg.server.tenants)))
+        # What is loaded by now (model, tokenizer, modules: about 390,000 objects with SmolLM2) lives as long as
+        # the server: frozen out of the collector's generations, a full collection while serving no longer walks
+        # it (measured on SmolLM2 decode: 300 ms of collections in a run where one was full, 8.5 ms frozen).
+        await _in_thread(gc.collect)
+        gc.freeze()
         await self._set_health(SERVING)
         log.info(json.dumps({"event": "serving", "model": self.cfg.engine.model,
                              "fingerprint": self.state.model_fingerprint}))
