@@ -52,3 +52,20 @@ static inline void prefetch_row(const float* row, int hd) {
 static inline void store16(float* p, v16 v) { memcpy(p, &v, sizeof v); }
 static inline v8 load8(const float* p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store8(float* p, v8 v) { memcpy(p, &v, sizeof v); }
+
+/* out[0 .. 16C) = sum_j p[j] * V[rw[j]] (KV head g) / den over j < n, in key order, in 8-lane vectors: AVX2's
+   value pass of one query vector at a time (sixteen-lane accumulators for several went through the stack there).
+   Lane for lane the sums of the sixteen-lane passes, so the same bits. `prefetch`: ask for the rows PF ahead
+   (the first of a row's passes). */
+static inline __attribute__((always_inline)) void weighted_rows8(const int C, const float* p, int n, const float* vc,
+    const int64_t* rw, int nkv, int g, int hd, int prefetch, float den, float* out) {
+  v8 acc[2 * C];
+  for (int c = 0; c < 2 * C; c++) acc[c] = (v8){0};
+  for (int j = 0; j < n; j++) {
+    if (prefetch && j + PF < n) prefetch_row(vc + (rw[j + PF] * nkv + g) * hd, hd);
+    const float* vr = vc + (rw[j] * nkv + g) * hd;
+    const float pj = p[j];
+    for (int c = 0; c < 2 * C; c++) acc[c] += pj * load8(vr + 8 * c);
+  }
+  for (int c = 0; c < 2 * C; c++) store8(out + 8 * c, acc[c] / den);
+}

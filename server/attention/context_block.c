@@ -93,17 +93,7 @@
       for (int c = 0; c < C; c++)
         store16(out + ((long)(i0 + qi) * nh + g * G + h) * hd + 16 * c, acc[qi * G + h][c] / den[qi * G + h]);
 #else
-  for (int v = 0; v < nv; v++) {
-    v8 acc[2 * C];
-    for (int c = 0; c < 2 * C; c++) acc[c] = (v8){0};
-    const float* sv = s + (long)v * nbm * 16;
-    for (int j = 0; j < lmax; j++) {
-      if (v == 0 && j + PF < lmax) prefetch_row(vc + (rw[j + PF] * nkv + g) * hd, hd);
-      const float* vr = vc + (rw[j] * nkv + g) * hd;
-      const float p = sv[j];
-      for (int c = 0; c < 2 * C; c++) acc[c] += p * load8(vr + 8 * c);
-    }
-    const int qi = v / G, h = v % G;
-    for (int c = 0; c < 2 * C; c++) store8(out + ((long)(i0 + qi) * nh + g * G + h) * hd + 8 * c, acc[c] / den[v]);
-  }
+  for (int v = 0; v < nv; v++)
+    weighted_rows8(C, s + (long)v * nbm * 16, lmax, vc, rw, nkv, g, hd, v == 0, den[v],
+                   out + ((long)(i0 + v / G) * nh + g * G + v % G) * hd);
 #endif

@@ -79,17 +79,8 @@ static inline __attribute__((always_inline)) void head_group(const int G, const 
   for (int h = 0; h < G; h++)
     for (int c = 0; c < C; c++) store16(out + ((long)d * nh + g * G + h) * hd + 16 * c, acc[h][c] / inv[h]);
 #else
-  for (int h = 0; h < G; h++) {
-    v8 acc[2 * C];
-    for (int c = 0; c < 2 * C; c++) acc[c] = (v8){0};
-    for (int j = 0; j < n; j++) {
-      if (h == 0 && j + PF < n) prefetch_row(vc + (rw[j + PF] * nkv + g) * hd, hd);
-      const float* vr = vc + (rw[j] * nkv + g) * hd;
-      const float p = s[h][j];
-      for (int c = 0; c < 2 * C; c++) acc[c] += p * load8(vr + 8 * c);
-    }
-    for (int c = 0; c < 2 * C; c++) store8(out + ((long)d * nh + g * G + h) * hd + 8 * c, acc[c] / inv[h]);
-  }
+  for (int h = 0; h < G; h++)
+    weighted_rows8(C, s[h], n, vc, rw, nkv, g, hd, h == 0, inv[h], out + ((long)d * nh + g * G + h) * hd);
 #endif
 }
 
