@@ -45,7 +45,7 @@ serve: $(STAMP)
 
 # Everything (the 30 s soak included) but the 30 kill -9 restarts (`make reliability`): CI stays within 15 minutes.
 test: $(STAMP) tools
-	$(PY) -m pytest -q -ra -m "not long"
+	$(PY) -m pytest -q -ra -m "not long" --durations=15
 
 # The long fault runs: 30 kill -9 restarts and the 30 s soak (about 4 minutes on 2 cores), figures printed.
 reliability: $(STAMP)
