@@ -155,8 +155,11 @@ class LoraServer:
                              "metrics_tls": bool(self.tls is not None and s.metrics_tls),
                              "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0]}))
 
-    async def load(self) -> None:
-        """Load the model off the event loop (health stays answerable), then go SERVING."""
+    async def load(self, freeze_gc: bool = False) -> None:
+        """Load the model off the event loop (health stays answerable), then go SERVING.
+
+        `freeze_gc` (the server process's own `run`, not a server embedded in a longer-lived process): freeze
+        what is loaded by then out of the garbage collector, which would otherwise never collect it."""
         from server.engine.engine import Engine
 
         engine = await _in_thread(Engine.from_config, self.cfg.engine)
@@ -174,11 +177,13 @@ class LoraServer:
         self.state.engine = engine
         self.metrics.attach(engine.stats, registry.stats)
         self.metrics.registry.register(RouterMetrics(engine, qualify_tenants=bool(self.cfg.server.tenants)))
-        # What is loaded by now (model, tokenizer, modules: about 390,000 objects with SmolLM2) lives as long as
-        # the server: frozen out of the collector's generations, a full collection while serving no longer walks
-        # it (measured on SmolLM2 decode: 300 ms of collections in a run where one was full, 8.5 ms frozen).
-        await _in_thread(gc.collect)
-        gc.freeze()
+        if freeze_gc:
+            # What is loaded by now (model, tokenizer, modules: about 390,000 objects with SmolLM2) lives as long
+            # as the process: frozen out of the collector's generations, a full collection while serving no longer
+            # walks it (measured on SmolLM2 decode: 300 ms of collections in a run where one was full, 8.5 ms
+            # frozen).
+            await _in_thread(gc.collect)
+            gc.freeze()
         await self._set_health(SERVING)
         log.info(json.dumps({"event": "serving", "model": self.cfg.engine.model,
                              "fingerprint": self.state.model_fingerprint}))
@@ -231,7 +236,7 @@ class LoraServer:
         except StartupError as e:
             await self._stop_listeners()
             return _start_failure(e)
-        loader = asyncio.ensure_future(self.load())
+        loader = asyncio.ensure_future(self.load(freeze_gc=True))
         stopper = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait([loader, stopper], return_when=asyncio.FIRST_COMPLETED)
         if loader.done() and loader.exception() is not None:
