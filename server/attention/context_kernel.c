@@ -40,6 +40,29 @@ static void transpose_keys(const float* kc, const int64_t* rw, int L, int nkv, i
   }
 }
 
+/* AVX2: the scores of query vectors v0 .. v0+VN-1 (VN <= 3, a constant) for keys b*16 .. b*16+15, in 8-lane
+   halves (VN x 2 accumulators, two key loads), scaled, -inf past each query's own keys: s[v][b*16 + t]. */
+static inline __attribute__((always_inline)) void scores8(const int VN, const int G, const int hd, int v0,
+    const float* const* qp, const float* kb, int b, const int* len, float scale, float* s, int nbm) {
+  v8 lo[3], hi[3];
+  UNROLL for (int v = 0; v < VN; v++) lo[v] = hi[v] = (v8){0};
+  for (int c = 0; c < hd; c++) {
+    const v8 kl = load8(kb + c * 16), kh = load8(kb + c * 16 + 8);
+    UNROLL for (int v = 0; v < VN; v++) {
+      lo[v] += qp[v0 + v][c] * kl;
+      hi[v] += qp[v0 + v][c] * kh;
+    }
+  }
+  const i8 lane = {0, 1, 2, 3, 4, 5, 6, 7}, ninf = (i8)((v8){0} - INFINITY);
+  for (int v = 0; v < VN; v++) {
+    const int l = len[(v0 + v) / G];
+    const i8 seen_lo = lane + b * 16 < l, seen_hi = lane + (b * 16 + 8) < l;
+    float* sv = s + ((long)(v0 + v) * nbm + b) * 16;
+    store8(sv, (v8)((seen_lo & (i8)(lo[v] * scale)) | (~seen_lo & ninf)));
+    store8(sv + 8, (v8)((seen_hi & (i8)(hi[v] * scale)) | (~seen_hi & ninf)));
+  }
+}
+
 /* The blocks' functions, one per (G, C, QN) the models have, then one for any shape: generated below. */
 @BLOCKS@
 

@@ -54,13 +54,7 @@ static inline __attribute__((always_inline)) void head_group(const int G, const 
     float m = s[h][0];
     for (int j = 1; j < n; j++) m = s[h][j] > m ? s[h][j] : m;
     for (int j = n; j < nv * 16; j++) s[h][j] = -INFINITY;
-    v16 sum = {0};
-    for (int b = 0; b < nv; b++) {
-      const v16 e = vexp(load16(s[h] + 16 * b) - m);
-      store16(s[h] + 16 * b, e);
-      sum += e;
-    }
-    inv[h] = hsum(sum);
+    inv[h] = exp_sum(s[h], nv, m);
   }
 #if defined(__AVX512F__)
   v16 acc[G][C];
@@ -79,8 +73,17 @@ static inline __attribute__((always_inline)) void head_group(const int G, const 
   for (int h = 0; h < G; h++)
     for (int c = 0; c < C; c++) store16(out + ((long)d * nh + g * G + h) * hd + 16 * c, acc[h][c] / inv[h]);
 #else
-  for (int h = 0; h < G; h++)
-    weighted_rows8(C, s[h], n, vc, rw, nkv, g, hd, h == 0, inv[h], out + ((long)d * nh + g * G + h) * hd);
+  for (int h0 = 0; h0 < G; h0 += 3) {
+    const float* pv[3];
+    float* ov[3];
+    for (int h = h0; h < G && h < h0 + 3; h++) {
+      pv[h - h0] = s[h];
+      ov[h - h0] = out + ((long)d * nh + g * G + h) * hd;
+    }
+    if (G - h0 >= 3) weighted_rows8(C, 3, pv, n, vc, rw, nkv, g, hd, h0 == 0, inv + h0, ov);
+    else if (G - h0 == 2) weighted_rows8(C, 2, pv, n, vc, rw, nkv, g, hd, h0 == 0, inv + h0, ov);
+    else weighted_rows8(C, 1, pv, n, vc, rw, nkv, g, hd, h0 == 0, inv + h0, ov);
+  }
 #endif
 }
 
