@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from benchmarks.gpu_common import machine_info, print_table, write_json
+from server.core.native import cpu_flag_set, cpu_info
 
 __all__ = ["cpu_machine_info", "cpu_seconds", "machine_line", "median", "percentile", "print_table", "write_json"]
 
@@ -24,29 +25,10 @@ INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx51
                      "amx_bf16", "amx_int8", "amx_tile")
 
 
-def _cpuinfo() -> tuple[str, set[str]]:
-    """(model name, flags) from /proc/cpuinfo; ("unknown", {}) where it cannot be read."""
-    model, flags = "unknown", set()
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and model == "unknown":
-                    model = value.strip()
-                elif key == "flags" and not flags:
-                    flags = set(value.split())
-                if model != "unknown" and flags:
-                    break
-    except OSError:
-        pass
-    return model, flags
-
-
 def cpu_machine_info() -> dict[str, Any]:
     """The machine a CPU benchmark ran on, as JSON-ready values."""
     info = machine_info(torch.device("cpu"))
-    model, flags = _cpuinfo()
+    model, flags = cpu_info()[0], cpu_flag_set()
     try:
         affinity = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):

@@ -15,7 +15,7 @@ import torch
 from server.core import knobs
 from server.core.errors import InvalidRequestError
 from server.core.knobs import knob
-from server.core.native import cpu_flags
+from server.core.native import cpu_flag_set
 from server.core.paths import resolve_home, resolve_kernel_cache
 from server.core.sizes import parse_budget
 
@@ -141,4 +141,4 @@ class EngineConfig:
 
 def cpu_has_native_bf16() -> bool:
     """True where the CPU computes bf16 natively (AVX512-BF16 or AMX): there bf16 is 2-3x fp32."""
-    return bool(set(cpu_flags().split()) & {"avx512_bf16", "amx_bf16"})
+    return bool(cpu_flag_set() & {"avx512_bf16", "amx_bf16"})

@@ -12,6 +12,7 @@ refused (two runtimes would fight over the cores).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -80,13 +81,34 @@ def _private_fallback() -> Path:
     return directory
 
 
-def cpu_flags() -> str:
-    """This CPU's feature flags (/proc/cpuinfo), part of every cache key."""
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> tuple[str, str]:
+    """(model name, flags line) of this CPU from /proc/cpuinfo, ("unknown", "") where it cannot be read: the one
+    reader of it (kernel cache keys, the bf16 default, the benchmarks' machine line)."""
+    model, flags = "unknown", ""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            return next((line for line in f if line.startswith("flags")), "")
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "unknown":
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = line
+                if model != "unknown" and flags:
+                    break
     except OSError:
-        return ""
+        pass
+    return model, flags
+
+
+def cpu_flags() -> str:
+    """This CPU's feature-flags line (/proc/cpuinfo), part of every cache key."""
+    return cpu_info()[1]
+
+
+def cpu_flag_set() -> frozenset[str]:
+    """This CPU's feature flags (avx2, avx512_bf16, amx_tile, ...); empty where /proc/cpuinfo cannot be read."""
+    return frozenset(cpu_flags().partition(":")[2].split())
 
 
 def _openmp_runtimes() -> set[str]:

@@ -262,9 +262,9 @@ def test_int8_decode_tokens_get_the_same_bits_whoever_shares_their_adapter(kerne
 def test_prompt_paths_follow_the_cpu(kernel):
     """The bf16 pair paths are there exactly where the CPU multiplies bf16 pairs (a build that missed them would
     quietly serve prompts at half the speed), and the best of them serves."""
-    from server.core.native import cpu_flags
+    from server.core.native import cpu_flag_set
 
-    flags = set(cpu_flags().partition(":")[2].split())
+    flags = cpu_flag_set()
     if not flags:
         pytest.skip("no /proc/cpuinfo flags to compare with")
     paths = kernel.prompt_paths
