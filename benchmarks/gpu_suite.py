@@ -42,7 +42,7 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 WHEELS = ROOT / ".whl"
@@ -180,6 +180,18 @@ def child_env(step: Step, dry_run: bool) -> dict[str, str]:
     return env
 
 
+def _restore_sigint() -> None:  # in the child, before exec
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _sigint_preexec() -> Optional[Callable[[], None]]:
+    """What the child needs so that a budget's SIGINT reaches it. A shell starts a background job (`make gpu-suite
+    &`, nohup) with SIGINT ignored, children inherit that through exec, and Python then installs no
+    KeyboardInterrupt: the step would see nothing, write nothing, and be killed GRACE_S later. So where SIGINT
+    is ignored here, the child gets the default back (fork + exec then, instead of the faster spawn)."""
+    return _restore_sigint if signal.getsignal(signal.SIGINT) == signal.SIG_IGN else None
+
+
 def run_step(step: Step, results: Path, dry_run: bool, budget_scale: float = 1.0) -> dict[str, Any]:
     """Run one step in a child with its budget; never raises. Returns its record for the suite JSON."""
     argv = step.dry_argv if dry_run else step.gpu_argv
@@ -191,7 +203,7 @@ def run_step(step: Step, results: Path, dry_run: bool, budget_scale: float = 1.0
     t0 = time.perf_counter()
     try:
         with subprocess.Popen(argv, cwd=ROOT, env=child_env(step, dry_run), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) as proc:
+                              stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_preexec()) as proc:
             try:
                 stdout, stderr = proc.communicate(timeout=budget)
                 rec.update(rc=proc.returncode, status="ok" if proc.returncode == 0 else "failed")

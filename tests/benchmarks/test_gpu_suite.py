@@ -7,6 +7,7 @@ tiny CPU version end to end so that the suite cannot rot between GPU sessions.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 
 import pytest
@@ -57,8 +58,22 @@ def test_a_step_past_its_budget_is_interrupted_and_keeps_what_it_wrote(tmp_path)
     code = ("import json, time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
             f"    json.dump({{'cut': True}}, open({str(tmp_path / 'r.json')!r}, 'w'))\n    raise")
     rec = gpu_suite.run_step(_stand_in("cut", code, 3, "r.json"), tmp_path, dry_run=True)
-    assert rec["status"] == "timeout" and rec["result"] == {"cut": True}
+    assert rec["status"] == "timeout" and rec["result"] == {"cut": True}, rec
     assert rec["wall_s"] < 3 + gpu_suite.GRACE_S + 5
+
+
+def test_a_suite_started_in_the_background_still_interrupts_its_steps(tmp_path):
+    """A shell's background job (`make gpu-suite &`) runs with SIGINT ignored, which its children inherit: the
+    suite gives them the default back, so an over-budget step still writes what it has."""
+    code = ("import json, time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+            f"    json.dump({{'cut': True}}, open({str(tmp_path / 'r.json')!r}, 'w'))\n    raise")
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        rec = gpu_suite.run_step(_stand_in("cut", code, 3, "r.json"), tmp_path, dry_run=True)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert rec["status"] == "timeout" and rec["result"] == {"cut": True}, rec
+    assert rec["wall_s"] < 3 + gpu_suite.GRACE_S
 
 
 def test_results_go_under_out_where_it_is_set(monkeypatch, tmp_path):
