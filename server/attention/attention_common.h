@@ -145,3 +145,14 @@ static inline __attribute__((always_inline)) void weighted_rows8(const int C, co
   for (; c0 + 4 <= 2 * C; c0 += 4) weighted_cols8(VN, 4, p, n, vc, rw, nkv, g, hd, c0, prefetch && c0 == 0, den, out);
   if (2 * C - c0 == 2) weighted_cols8(VN, 2, p, n, vc, rw, nkv, g, hd, c0, prefetch && c0 == 0, den, out);
 }
+
+/* AVX2's whole value pass of one KV head: nv query vectors (weights p[v], sum den[v], output out[v]) three at a
+   time, the rows prefetched in the first pass. */
+static inline __attribute__((always_inline)) void weighted_rows8_all(const int C, int nv, const float* const* p,
+    int n, const float* vc, const int64_t* rw, int nkv, int g, int hd, const float* den, float* const* out) {
+  for (int v0 = 0; v0 < nv; v0 += 3) {
+    if (nv - v0 >= 3) weighted_rows8(C, 3, p + v0, n, vc, rw, nkv, g, hd, v0 == 0, den + v0, out + v0);
+    else if (nv - v0 == 2) weighted_rows8(C, 2, p + v0, n, vc, rw, nkv, g, hd, v0 == 0, den + v0, out + v0);
+    else weighted_rows8(C, 1, p + v0, n, vc, rw, nkv, g, hd, v0 == 0, den + v0, out + v0);
+  }
+}

@@ -66,15 +66,11 @@
       for (int c = 0; c < C; c++)
         store16(out + ((long)(i0 + qi) * nh + g * G + h) * hd + 16 * c, acc[qi * G + h][c] / den[qi * G + h]);
 #else
-  for (int v0 = 0; v0 < nv; v0 += 3) {
-    const float* pv[3];
-    float* ov[3];
-    for (int v = v0; v < nv && v < v0 + 3; v++) {
-      pv[v - v0] = s + (long)v * nbm * 16;
-      ov[v - v0] = out + ((long)(i0 + v / G) * nh + g * G + v % G) * hd;
-    }
-    if (nv - v0 >= 3) weighted_rows8(C, 3, pv, lmax, vc, rw, nkv, g, hd, v0 == 0, den + v0, ov);
-    else if (nv - v0 == 2) weighted_rows8(C, 2, pv, lmax, vc, rw, nkv, g, hd, v0 == 0, den + v0, ov);
-    else weighted_rows8(C, 1, pv, lmax, vc, rw, nkv, g, hd, v0 == 0, den + v0, ov);
+  const float* pv[G * QN];
+  float* ov[G * QN];
+  for (int v = 0; v < nv; v++) {
+    pv[v] = s + (long)v * nbm * 16;
+    ov[v] = out + ((long)(i0 + v / G) * nh + g * G + v % G) * hd;
   }
+  weighted_rows8_all(C, nv, pv, lmax, vc, rw, nkv, g, hd, den, ov);
 #endif

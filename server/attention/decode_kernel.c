@@ -73,17 +73,13 @@ static inline __attribute__((always_inline)) void head_group(const int G, const 
   for (int h = 0; h < G; h++)
     for (int c = 0; c < C; c++) store16(out + ((long)d * nh + g * G + h) * hd + 16 * c, acc[h][c] / inv[h]);
 #else
-  for (int h0 = 0; h0 < G; h0 += 3) {
-    const float* pv[3];
-    float* ov[3];
-    for (int h = h0; h < G && h < h0 + 3; h++) {
-      pv[h - h0] = s[h];
-      ov[h - h0] = out + ((long)d * nh + g * G + h) * hd;
-    }
-    if (G - h0 >= 3) weighted_rows8(C, 3, pv, n, vc, rw, nkv, g, hd, h0 == 0, inv + h0, ov);
-    else if (G - h0 == 2) weighted_rows8(C, 2, pv, n, vc, rw, nkv, g, hd, h0 == 0, inv + h0, ov);
-    else weighted_rows8(C, 1, pv, n, vc, rw, nkv, g, hd, h0 == 0, inv + h0, ov);
+  const float* pv[MAXG];
+  float* ov[MAXG];
+  for (int h = 0; h < G; h++) {
+    pv[h] = s[h];
+    ov[h] = out + ((long)d * nh + g * G + h) * hd;
   }
+  weighted_rows8_all(C, G, pv, n, vc, rw, nkv, g, hd, inv, ov);
 #endif
 }
 
