@@ -51,10 +51,8 @@ static inline __attribute__((always_inline)) void head_group(const int G, const 
 #endif
   float inv[MAXG];
   for (int h = 0; h < G; h++) {
-    float m = s[h][0];
-    for (int j = 1; j < n; j++) m = s[h][j] > m ? s[h][j] : m;
     for (int j = n; j < nv * 16; j++) s[h][j] = -INFINITY;
-    inv[h] = exp_sum(s[h], nv, m);
+    inv[h] = exp_sum(s[h], nv, row_max(s[h], nv));
   }
 #if defined(__AVX512F__)
   v16 acc[G][C];
