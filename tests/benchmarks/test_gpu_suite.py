@@ -53,10 +53,15 @@ def test_a_failing_or_hanging_step_keeps_what_finished(tmp_path, monkeypatch):
     assert goals["cold load p50 from host memory, rank 16 (s)"]["value"] is None  # not measured: never claimed
 
 
+def _writes_when_interrupted(path) -> str:
+    """A step's code that sleeps, and on KeyboardInterrupt writes {"cut": true} to `path` before ending."""
+    return ("import json, time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+            f"    json.dump({{'cut': True}}, open({str(path)!r}, 'w'))\n    raise")
+
+
 def test_a_step_past_its_budget_is_interrupted_and_keeps_what_it_wrote(tmp_path):
     """SIGINT first (pytest writes its report then; a benchmark's last rewrite stands), SIGKILL only after."""
-    code = ("import json, time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
-            f"    json.dump({{'cut': True}}, open({str(tmp_path / 'r.json')!r}, 'w'))\n    raise")
+    code = _writes_when_interrupted(tmp_path / "r.json")
     rec = gpu_suite.run_step(_stand_in("cut", code, 3, "r.json"), tmp_path, dry_run=True)
     assert rec["status"] == "timeout" and rec["result"] == {"cut": True}, rec
     assert rec["wall_s"] < 3 + gpu_suite.GRACE_S + 5
@@ -65,8 +70,7 @@ def test_a_step_past_its_budget_is_interrupted_and_keeps_what_it_wrote(tmp_path)
 def test_a_suite_started_in_the_background_still_interrupts_its_steps(tmp_path):
     """A shell's background job (`make gpu-suite &`) runs with SIGINT ignored, which its children inherit: the
     suite gives them the default back, so an over-budget step still writes what it has."""
-    code = ("import json, time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
-            f"    json.dump({{'cut': True}}, open({str(tmp_path / 'r.json')!r}, 'w'))\n    raise")
+    code = _writes_when_interrupted(tmp_path / "r.json")
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         rec = gpu_suite.run_step(_stand_in("cut", code, 3, "r.json"), tmp_path, dry_run=True)
