@@ -190,6 +190,7 @@ class RequestStream:
         self._pending: Optional[Delta] = None  # what arrived while the queue was full, merged
         self._final: Optional[Delta] = None    # the last delta, kept apart so an error follows the tokens
         self.merged = 0                       # deltas folded into a pending one (how far behind it fell)
+        self._drained = False                 # the consumer has taken the last delta (or the error)
 
     def put(self, delta: Delta, batch: Optional[DeltaBatch] = None) -> None:
         """Hand `delta` to the consumer; with `batch`, at the batch's flush (async consumers only)."""
@@ -252,9 +253,22 @@ class RequestStream:
     def finished(self) -> bool:
         return self._done.is_set()
 
+    def _take(self, d: Delta) -> Delta:
+        """Note that the consumer took `d`; the last one (or an error) ends the stream for good."""
+        if d.finished or d.error is not None:
+            self._drained = True
+        return d
+
+    def _check_readable(self) -> None:
+        """A stream has one consumer and is read once: reading it again after its end would wait forever."""
+        if self._drained:
+            raise RuntimeError(f"the stream of request {self.request_id!r} was already read to its end; "
+                               "a RequestStream is read once (keep the deltas, or use collect() once)")
+
     def __iter__(self) -> Iterator[Delta]:
+        self._check_readable()
         while True:
-            d = self._q.get()
+            d = self._take(self._q.get())
             if d.error is not None:
                 raise d.error
             yield d
@@ -263,8 +277,9 @@ class RequestStream:
 
     async def __aiter__(self) -> AsyncIterator[Delta]:
         assert self._aq is not None, "stream was created without an event loop"
+        self._check_readable()
         while True:
-            d = await self._next()
+            d = self._take(await self._next())
             if d.error is not None:
                 raise d.error
             yield d
@@ -292,17 +307,18 @@ class RequestStream:
     async def coalesced(self) -> AsyncIterator[Delta]:
         """Like `async for`, with the deltas already waiting merged into the one yielded."""
         assert self._aq is not None, "stream was created without an event loop"
+        self._check_readable()
         while True:
-            d = await self._next()
+            d = self._take(await self._next())
             failed: Optional[Delta] = None
             while d.error is None and not d.finished:
                 nxt = self._next_nowait()
                 if nxt is None:
                     break
                 if nxt.error is not None:
-                    failed = nxt
+                    failed = self._take(nxt)
                     break
-                d = merge_deltas(d, nxt)
+                d = self._take(merge_deltas(d, nxt))
             if d.error is not None:
                 raise d.error
             yield d

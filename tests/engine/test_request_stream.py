@@ -199,3 +199,34 @@ def test_a_stream_interval_hands_over_held_tokens_before_an_error():
         for d in s:
             seen.append(d.token_ids)
     assert seen == [[0], [1, 2]]
+
+
+def test_a_stream_read_to_its_end_says_so_when_read_again_instead_of_waiting_forever():
+    sync = RequestStream("r")
+    for i in range(3):
+        sync.put(_delta(i, i == 2))
+    assert sync.collect().token_ids == [0, 1, 2]
+    with pytest.raises(RuntimeError, match="'r' was already read to its end"):
+        list(sync)
+
+    async def main():
+        stream = RequestStream("r", asyncio.get_running_loop())
+        for i in range(3):
+            stream.put(_delta(i, i == 2))
+        await asyncio.sleep(0)
+        assert [t async for d in stream.coalesced() for t in d.token_ids] == [0, 1, 2]
+        for again in (stream.coalesced(), stream.__aiter__()):
+            with pytest.raises(RuntimeError, match="read once"):
+                await asyncio.wait_for(again.__anext__(), 1)
+
+    asyncio.run(main())
+
+
+def test_a_consumer_that_stops_early_reads_on_where_it_left_off():
+    stream = RequestStream("r")
+    for i in range(4):
+        stream.put(_delta(i, i == 3))
+    for d in stream:
+        assert d.token_ids == [0]
+        break
+    assert [t for d in stream for t in d.token_ids] == [1, 2, 3]
